@@ -1,0 +1,109 @@
+"""Configuration objects of the library (frozen dataclasses, validated on construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+TemplatesSpec = int | Literal["group_size"]
+
+
+@dataclass(frozen=True)
+class RecastConfig:
+    """How a model is rewritten into template banks + per-task coefficients.
+
+    Attributes:
+        targets: module patterns to template. Each is an exact module name, a ``.suffix``
+            (``"mlp.fc1"`` matches ``blocks.3.mlp.fc1``) or, with ``regex=True``, a regular
+            expression matched against the full name with ``re.fullmatch``.
+        exclude: patterns (same syntax) removed from the matches.
+        groups: G, the number of groups of consecutive layers per stack (paper eq. 1). Must
+            divide the number of targeted layers of every stack.
+        templates: n, templates per bank, or ``"group_size"`` for n = layers per group
+            (the paper's ResNet scheme: n = B - 1 per stage).
+        coef_sets: K, coefficient sets per module (paper eq. 2). Because eq. 2 is linear,
+            K > 1 adds no expressiveness, only an over-parameterised optimisation.
+        regex: interpret ``targets``/``exclude`` as regular expressions.
+        min_layer: layers with a smaller index inside their stack are left untouched (the
+            ResNet scheme keeps block 0 of every stage, with its stride/downsample, ordinary).
+        base_task: name of the task that holds the pretrained head and the reconstructed
+            coefficients every new task starts from.
+    """
+
+    targets: tuple[str, ...]
+    exclude: tuple[str, ...] = ()
+    groups: int = 6
+    templates: TemplatesSpec = 2
+    coef_sets: int = 2
+    regex: bool = False
+    min_layer: int = 0
+    base_task: str = "pretrained"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", (self.targets,))
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", (self.exclude,))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if not self.targets:
+            raise ValueError("RecastConfig.targets is empty: give at least one module pattern")
+        _check_int("groups", self.groups, minimum=1)
+        if self.templates != "group_size":
+            _check_int("templates", self.templates, minimum=1, hint="or 'group_size'")
+        _check_int("coef_sets", self.coef_sets, minimum=1)
+        _check_int("min_layer", self.min_layer, minimum=0)
+        if not self.base_task or not isinstance(self.base_task, str):
+            raise ValueError(f"RecastConfig.base_task must be a non-empty string, got {self.base_task!r}")
+
+
+@dataclass(frozen=True)
+class MimicryConfig:
+    """Neural Mimicry: reconstruct pretrained weights as templates x coefficients.
+
+    Attributes:
+        method: ``"closed_form"`` (SVD basis per bank: exact when n >= layers per group, best
+            rank-n Frobenius fit otherwise), ``"gradient"`` (the paper's procedure from the
+            paper's random init) or ``"refine"`` (gradient steps starting from the closed form).
+        loss: ``"smooth_l1"`` (paper, beta 1, mean reduction) or ``"mse"``.
+        role_weights: loss weight per module role suffix (e.g. ``{"conv1": 3.5}``); roles not
+            listed get ``default_weight`` (paper ViT: 2.0).
+        noise_std: std of Gaussian noise added to coefficients in each step (paper ViT: 1e-4).
+        lr, step_size, gamma, steps, grad_clip: RMSprop + StepLR schedule (paper ViT: 0.1,
+            200, 0.1, 1000, 1.0; ResNet: 0.2, 500, 0.1, 3000, 1.0).
+        seed: seed of the random init and the noise (a local generator; no global seeding).
+        progress: show a tqdm bar during gradient steps.
+    """
+
+    method: Literal["closed_form", "gradient", "refine"] = "closed_form"
+    loss: Literal["smooth_l1", "mse"] = "smooth_l1"
+    default_weight: float = 2.0
+    role_weights: dict[str, float] = field(default_factory=dict)
+    noise_std: float = 1e-4
+    lr: float = 0.1
+    step_size: int = 200
+    gamma: float = 0.1
+    steps: int = 1000
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, ("closed_form", "gradient", "refine"))
+        _check_choice("loss", self.loss, ("smooth_l1", "mse"))
+        _check_int("steps", self.steps, minimum=0)
+        _check_int("step_size", self.step_size, minimum=1)
+        for name in ("lr", "gamma", "noise_std", "default_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"MimicryConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+
+
+def _check_int(name: str, value: object, minimum: int, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        extra = f" {hint}" if hint else ""
+        raise ValueError(f"{name} must be an integer >= {minimum}{extra}, got {value!r}")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

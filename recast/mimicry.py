@@ -1,0 +1,266 @@
+"""Neural Mimicry: reconstruct pretrained weights as templates x coefficients (data-free).
+
+Three methods (``MimicryConfig.method``):
+
+- ``closed_form``: per bank, stack the group's m reference weights as rows of an (m, D) matrix
+  and take its SVD. The n templates are the top right-singular directions; the coefficients
+  are U*S. Exact when n >= m, the best rank-n Frobenius fit otherwise (Eckart-Young). Templates
+  are rescaled so the mean coefficient-vector norm is 1 (the paper initialises coefficients as
+  unit vectors), which keeps tuning learning rates comparable to the paper's. All K sets get
+  the same vector (their mean is what eq. 2 uses).
+- ``gradient``: the paper's procedure from its random init (kaiming templates, unit-vector
+  coefficients): weighted SmoothL1 (or MSE) between generated and reference weights, Gaussian
+  noise on the coefficients, RMSprop + StepLR, grad-norm clipping, best state kept.
+- ``refine``: the gradient procedure started from the closed form.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from recast.config import MimicryConfig
+from recast.model import RecastModel
+
+
+@dataclass
+class MimicryReport:
+    """Outcome of a reconstruction.
+
+    Attributes:
+        weight_cosine: per targeted module, cosine between generated and reference weight.
+        feature_cosine: per layer container (``blocks.3``), mean per-sample cosine of its
+            output between the reconstructed and the reference model on the given batch.
+        final_loss: mimicry loss of the kept state (gradient methods; 0 for closed form).
+    """
+
+    method: str
+    seconds: float
+    weight_cosine: dict[str, float]
+    feature_cosine: dict[str, float] = field(default_factory=dict)
+    final_loss: float = 0.0
+    steps: int = 0
+
+    @property
+    def min_weight_cosine(self) -> float:
+        return min(self.weight_cosine.values())
+
+    @property
+    def mean_weight_cosine(self) -> float:
+        return sum(self.weight_cosine.values()) / len(self.weight_cosine)
+
+    @property
+    def min_feature_cosine(self) -> float:
+        return min(self.feature_cosine.values()) if self.feature_cosine else float("nan")
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(min_weight_cosine=self.min_weight_cosine, mean_weight_cosine=self.mean_weight_cosine,
+                 min_feature_cosine=self.min_feature_cosine)
+        return d
+
+
+def _bank_members(rc: RecastModel) -> dict[str, list[str]]:
+    """Module names per bank, ordered by position inside the group."""
+    members: dict[str, list[tuple[int, str]]] = {}
+    for mp in rc.plan.modules:
+        members.setdefault(mp.bank, []).append((mp.position, mp.name))
+    return {k: [n for _, n in sorted(v)] for k, v in members.items()}
+
+
+@torch.no_grad()
+def closed_form(rc: RecastModel, seed: int = 0) -> None:
+    """Set banks and base-task coefficients to the SVD reconstruction of the reference weights."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = dict(rc.recast_layers())
+    base = rc.config.base_task
+    for key, names in _bank_members(rc).items():
+        bank = rc.banks[key]
+        n = bank.num_templates
+        ref = torch.stack([rc.reference_weights[nm].flatten() for nm in names]).double()  # (m, D)
+        m = ref.shape[0]
+        # SVD through the small (m, m) Gram matrix: ref = U S Vh, Vh = S^-1 U^T ref.
+        evals, evecs = torch.linalg.eigh(ref @ ref.T)  # ascending
+        order = torch.argsort(evals, descending=True)
+        s = evals[order].clamp_min(0).sqrt()
+        u = evecs[:, order]
+        k = min(n, m)
+        keep = s[:k] > s[0] * 1e-12 if s.numel() and s[0] > 0 else torch.zeros(k, dtype=torch.bool)
+        templates = torch.zeros(n, ref.shape[1], dtype=torch.float64)
+        coefs = torch.zeros(m, n, dtype=torch.float64)
+        for i in range(k):
+            if keep[i]:
+                templates[i] = (u[:, i] @ ref) / s[i]  # unit-norm right-singular vector (D,)
+                coefs[:, i] = u[:, i] * s[i]
+        # Unused directions (n > rank): random unit templates with zero coefficients.
+        for i in range(n):
+            if templates[i].norm() == 0:
+                t = torch.randn(ref.shape[1], generator=gen, dtype=torch.float64)
+                templates[i] = t / t.norm()
+        scale = coefs.norm(dim=1).mean().clamp_min(1e-12)  # mean coefficient-vector norm -> 1
+        templates *= scale
+        coefs /= scale
+        bank.templates.copy_(templates.view_as(bank.templates).to(bank.templates.dtype))
+        for row, nm in enumerate(names):
+            layer = layers[nm]
+            layer.coefs[base].copy_(coefs[row].to(layer.coefs[base].dtype).expand(layer.coef_sets, n))
+
+
+def _loss_fn(cfg: MimicryConfig):
+    if cfg.loss == "mse":
+        return lambda a, b: F.mse_loss(a, b, reduction="none")
+    return lambda a, b: F.smooth_l1_loss(a, b, reduction="none", beta=1.0)
+
+
+def _role_weight(cfg: MimicryConfig, role: str) -> float:
+    for suffix, w in cfg.role_weights.items():
+        if role == suffix or role.endswith("." + suffix) or role.endswith(suffix):
+            return w
+    return cfg.default_weight
+
+
+def gradient(rc: RecastModel, cfg: MimicryConfig) -> tuple[float, int]:
+    """The paper's gradient mimicry on the current banks/coefficients; returns (best loss, steps)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    layers = dict(rc.recast_layers())
+    base = rc.config.base_task
+    members = _bank_members(rc)
+    role = {b.key: b.role for b in rc.plan.banks}
+    device = next(iter(rc.banks.values())).templates.device
+    refs = {k: torch.stack([rc.reference_weights[n].flatten() for n in names]).to(device) for k, names in members.items()}
+    weights = {k: _role_weight(cfg, role[k]) for k in members}
+    templates = {k: rc.banks[k].templates.detach().clone().flatten(1).requires_grad_(True) for k in members}  # (n, D)
+    coefs = {k: torch.stack([layers[n].coefs[base].detach() for n in names]).clone().requires_grad_(True)
+             for k, names in members.items()}  # (m, K, n)
+    params = list(templates.values()) + list(coefs.values())
+    opt = torch.optim.RMSprop(params, lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    loss_fn = _loss_fn(cfg)
+
+    def total_loss(noise: bool) -> torch.Tensor:
+        loss = torch.zeros((), device=device)
+        for k in members:
+            c = coefs[k]
+            if noise and cfg.noise_std > 0:
+                c = c + cfg.noise_std * torch.randn(c.shape, generator=gen).to(device)
+            w = c.mean(dim=1) @ templates[k]  # (m, K, n) -> (m, n) @ (n, D) -> (m, D)
+            loss = loss + weights[k] * loss_fn(w, refs[k]).mean(dim=1).sum()  # mean per module, summed
+        return loss
+
+    best = (float("inf"), None)
+    bar = tqdm(range(cfg.steps), desc=f"mimicry[{cfg.method}]", disable=not cfg.progress, leave=False)
+    for _ in bar:
+        opt.zero_grad(set_to_none=True)
+        loss = total_loss(noise=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            clean = float(total_loss(noise=False))
+        if clean < best[0]:
+            best = (clean, ({k: t.detach().clone() for k, t in templates.items()},
+                            {k: c.detach().clone() for k, c in coefs.items()}))
+        bar.set_postfix(loss=f"{clean:.3e}", refresh=False)
+    if best[1] is None:
+        with torch.no_grad():
+            return float(total_loss(noise=False)), 0
+    with torch.no_grad():
+        best_t, best_c = best[1]
+        for k, names in members.items():
+            rc.banks[k].templates.copy_(best_t[k].view_as(rc.banks[k].templates))
+            for row, n in enumerate(names):
+                layers[n].coefs[base].copy_(best_c[k][row])
+    return best[0], cfg.steps
+
+
+@torch.no_grad()
+def weight_cosines(rc: RecastModel, task: str | None = None) -> dict[str, float]:
+    """Cosine between each generated weight and its reference weight."""
+    task = task or rc.config.base_task
+    return {
+        name: float(F.cosine_similarity(layer.task_weight(task).flatten().double(),
+                                        rc.reference_weights[name].flatten().double(), dim=0))
+        for name, layer in rc.recast_layers()
+    }
+
+
+def _layer_containers(rc: RecastModel) -> list[str]:
+    """Children ``stack.N`` of every targeted stack; the targeted modules if stacks are virtual."""
+    names = []
+    for stack in sorted({mp.stack for mp in rc.plan.modules}):
+        try:
+            module = rc.model.get_submodule(stack) if stack else rc.model
+        except AttributeError:
+            return [mp.name for mp in rc.plan.modules]
+        names += [f"{stack}.{child}" if stack else child for child, _ in module.named_children() if child.isdigit()]
+    return names or [mp.name for mp in rc.plan.modules]
+
+
+@torch.no_grad()
+def feature_cosines(reference: nn.Module, candidate: nn.Module, batch: torch.Tensor, layers: list[str]) -> dict[str, float]:
+    """Mean per-sample cosine of each listed layer's output between two models (eval, no grad)."""
+
+    def capture(model: nn.Module) -> dict[str, torch.Tensor]:
+        outs, hooks = {}, []
+        for name in layers:
+            mod = model.get_submodule(name)
+            hooks.append(mod.register_forward_hook(lambda m, i, o, name=name: outs.__setitem__(name, o)))
+        was_training = model.training
+        model.eval()
+        try:
+            model(batch)
+        finally:
+            model.train(was_training)
+            for h in hooks:
+                h.remove()
+        return outs
+
+    ref, cand = capture(reference), capture(candidate)
+    return {
+        n: float(F.cosine_similarity(ref[n].flatten(1).double(), cand[n].flatten(1).double(), dim=1).mean())
+        for n in layers
+    }
+
+
+def mimic(rc: RecastModel, cfg: MimicryConfig | None = None, batch: torch.Tensor | None = None,
+          feature_layers: list[str] | None = None) -> MimicryReport:
+    """Reconstruct the reference weights into ``rc``'s banks and base-task coefficients.
+
+    Args:
+        rc: a RecastModel that still holds its reference weights.
+        cfg: method and hyperparameters (default: closed form).
+        batch: optional input batch for the layer-wise feature cosine.
+        feature_layers: modules whose outputs are compared (default: every ``stack.N`` layer).
+    """
+    cfg = cfg or MimicryConfig()
+    if not rc.reference_weights:
+        raise RuntimeError("reference weights were dropped: mimicry needs them")
+    start = time.perf_counter()
+    loss, steps = 0.0, 0
+    if cfg.method in ("closed_form", "refine"):
+        closed_form(rc, seed=cfg.seed)
+    else:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        with torch.no_grad():
+            for bank in rc.banks.values():
+                bank.reset_parameters(gen)
+    if cfg.method in ("gradient", "refine"):
+        loss, steps = gradient(rc, cfg)
+    seconds = time.perf_counter() - start
+    report = MimicryReport(cfg.method, seconds, weight_cosines(rc), final_loss=loss, steps=steps)
+    if batch is not None:
+        task = rc.active_task
+        rc.set_task(rc.config.base_task, freeze=False)
+        try:
+            report.feature_cosine = feature_cosines(
+                rc.reference_model(), rc.model, batch, feature_layers or _layer_containers(rc))
+        finally:
+            rc.set_task(task, freeze=False)
+    return report

@@ -1,0 +1,85 @@
+"""Helpers shared by every stage: params loading/validation, atomic JSON writes, seeding."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
+
+M = TypeVar("M", bound="Section")
+
+
+class Section(BaseModel):
+    """Base class of a params.yaml section: unknown keys and wrong types are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class ParamsError(ValueError):
+    """A params.yaml value is invalid; the message names the key."""
+
+
+def read_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Read params.yaml (or ``path``) into a dict."""
+    path = Path(path or os.environ.get("RECAST_PARAMS", DEFAULT_PARAMS))
+    if not path.exists():
+        raise ParamsError(f"params file not found: {path}")
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def validate_section(name: str, model: type[M], data: dict[str, Any]) -> M:
+    """Validate ``data[name]`` against ``model``; errors name the full key (``section.key``)."""
+    if name not in data:
+        raise ParamsError(f"params: missing section '{name}'")
+    try:
+        return model.model_validate(data[name] or {})
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join([name, *(str(p) for p in e["loc"])])
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+        raise ParamsError("invalid params:\n  " + "\n  ".join(lines)) from None
+
+
+def load_section(name: str, model: type[M], path: str | os.PathLike | None = None) -> M:
+    """Read params.yaml and validate one section."""
+    return validate_section(name, model, read_params(path))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch; deterministic CPU kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to ``path`` through a temp file + rename so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """Resolve a params path relative to the repo root (absolute paths pass through)."""
+    p = Path(path)
+    return p if p.is_absolute() else (REPO_ROOT / p)
