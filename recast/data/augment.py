@@ -1,0 +1,121 @@
+"""Batched, vectorised image transforms on tensors (no per-image PIL work).
+
+Every random transform takes an optional ``torch.Generator`` so a loader seeded per epoch
+produces the same batches every time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from recast.data.manifest import AugmentPolicy
+
+
+def random_crop_padded(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop of the input size from ``x`` zero-padded by ``padding`` on each side.
+
+    Args:
+        x: images (B, C, H, W), any dtype.
+        padding: pixels of zero padding per side.
+        generator: source of the crop offsets.
+    """
+    b, _, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))  # (B, C, H+2p, W+2p)
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # (B, C, 2p+1, 2p+1, H, W), a view
+    oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    return windows[torch.arange(b), :, oy, ox]  # (B, C, H, W)
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each image left-right with probability 1/2."""
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def random_resized_crop(
+    x: torch.Tensor,
+    size: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    hflip: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Crop a random box of each image and resize it to ``size`` x ``size`` (bilinear).
+
+    Area fraction ~ U(scale), log aspect ratio ~ U(log ratio); a box wider or taller than the
+    image is clamped to it (instead of torchvision's rejection sampling). Optionally flips.
+
+    Args:
+        x: float images (B, C, H, W).
+        size: output side.
+        scale: range of the crop's area fraction.
+        ratio: range of the crop's aspect ratio (width / height).
+        hflip: also flip each crop left-right with probability 1/2.
+        generator: source of randomness.
+    """
+    b = x.shape[0]
+    area = torch.empty(b).uniform_(scale[0], scale[1], generator=generator)
+    log_r = torch.empty(b).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = torch.exp(log_r)
+    # Fractions of the image width / height covered by the crop.
+    fw = torch.sqrt(area * aspect).clamp(max=1.0)
+    fh = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = (torch.rand(b, generator=generator) * (1 - fw) + fw / 2) * 2 - 1  # centre in [-1, 1]
+    cy = (torch.rand(b, generator=generator) * (1 - fh) + fh / 2) * 2 - 1
+    sign = torch.ones(b)
+    if hflip:
+        sign = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = fw * sign
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = fh
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)  # (B, S, S, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize float images (B, C, H, W) to ``size`` x ``size`` (bilinear, antialiased when shrinking)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    shrink = size < x.shape[-2] or size < x.shape[-1]
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], scale: float = 1.0) -> torch.Tensor:
+    """(x * scale - mean) / std per channel, computed in place on a float ``x``."""
+    s = torch.tensor(std, dtype=torch.float64)
+    mul = (scale / s).to(x.dtype).view(1, -1, 1, 1)
+    sub = (torch.tensor(mean, dtype=torch.float64) / s).to(x.dtype).view(1, -1, 1, 1)
+    return x.mul_(mul).sub_(sub)
+
+
+def transform_batch(
+    images: torch.Tensor,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    policy: AugmentPolicy | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> normalised float32 (B, C, size, size), augmented if ``policy``."""
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"images must be uint8 (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    if policy is not None and policy.crop == "pad":
+        images = random_crop_padded(images, policy.padding, generator)
+    if policy is not None and policy.crop == "resized":
+        x = random_resized_crop(
+            images.float() / 255.0, size, (policy.scale_min, 1.0), hflip=policy.hflip, generator=generator
+        )
+    else:
+        if policy is not None and policy.hflip:
+            images = random_hflip(images, generator)
+        if images.shape[-2:] == (size, size):
+            return normalize(images.float(), mean, std, scale=1.0 / 255.0)
+        x = resize(images.float() / 255.0, size)
+    return normalize(x, mean, std)

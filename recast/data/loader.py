@@ -1,0 +1,162 @@
+"""Reading prepared tasks for training: a fast in-memory batch loader and a map-style Dataset.
+
+``BatchLoader`` holds a whole split as one uint8 tensor and builds each batch with a few
+vectorised tensor ops (gather, crop, flip, resize, normalise), so on 2 CPU cores it delivers
+images far faster than a small model trains on them. Shuffling and augmentation draw from a
+``torch.Generator`` seeded with (seed, epoch): iterating twice in the same epoch yields the
+same batches; call ``set_epoch`` to reshuffle.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from recast.data.augment import transform_batch
+from recast.data.manifest import SPLITS, AugmentPolicy, TaskManifest, read_manifest
+from recast.data.storage import read_split_file
+
+
+def _load(
+    task_dir: str | os.PathLike, split: str, limit: int | None, verify: bool
+) -> tuple[TaskManifest, torch.Tensor, torch.Tensor]:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; choose one of {SPLITS}")
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit={limit}; must be a positive number of examples or None")
+    manifest = read_manifest(task_dir, verify=False)
+    images, labels = read_split_file(Path(task_dir), manifest, split, verify=verify)
+    if limit is not None:
+        # Rows are stored in a seeded random order, so the first `limit` are a random subset.
+        images, labels = images[:limit], labels[:limit]
+    return manifest, images, labels
+
+
+class BatchLoader:
+    """Iterable of (float32 images (B, 3, S, S) normalised, int64 labels (B,)) over one split.
+
+    Args:
+        task_dir: a prepared task directory.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        batch_size: examples per batch.
+        image_size: output side S (images are resized from the stored size).
+        train: shuffle and augment (with the manifest's policy, or ``augment``).
+        seed: seed of shuffling and augmentation; combined with the epoch.
+        drop_last: drop the last incomplete batch.
+        limit: use only the first ``limit`` examples (a random subset; for tiny CI runs).
+        augment: override the manifest's augmentation policy (only used when ``train``).
+        verify: check the split file's sha256 against the manifest.
+    """
+
+    def __init__(
+        self,
+        task_dir: str | os.PathLike,
+        split: str,
+        batch_size: int,
+        image_size: int,
+        train: bool,
+        seed: int,
+        drop_last: bool = False,
+        limit: int | None = None,
+        augment: AugmentPolicy | None = None,
+        verify: bool = True,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size}; must be >= 1")
+        if image_size <= 0:
+            raise ValueError(f"image_size={image_size}; must be >= 1")
+        self.manifest: TaskManifest
+        self.manifest, self.images, self.labels = _load(task_dir, split, limit, verify)
+        self.split, self.batch_size, self.image_size = split, batch_size, image_size
+        self.train, self.seed, self.drop_last = train, seed, drop_last
+        self.policy = (augment or self.manifest.augment) if train else None
+        self.epoch = 0
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the task."""
+        return self.manifest.num_classes
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Class names of the task."""
+        return self.manifest.class_names
+
+    @property
+    def num_examples(self) -> int:
+        """Examples in the (possibly limited) split."""
+        return len(self.labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose shuffling/augmentation the next iteration uses."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n = self.num_examples
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        n = self.num_examples
+        order = torch.randperm(n, generator=generator) if self.train else torch.arange(n)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            x = transform_batch(
+                self.images[idx], self.image_size, self.manifest.mean, self.manifest.std, self.policy, generator
+            )
+            yield x, self.labels[idx]
+
+
+class TaskDataset(Dataset):
+    """Map-style Dataset over one split for a standard ``torch.utils.data.DataLoader``.
+
+    Items are (float32 image (3, S, S) normalised, int label). Training augmentation draws
+    from torch's global RNG (which DataLoader seeds per worker).
+
+    Args:
+        task_dir: a prepared task directory.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        image_size: output side S.
+        train: apply the augmentation policy.
+        limit: use only the first ``limit`` examples.
+        augment: override the manifest's augmentation policy.
+        verify: check the split file's sha256 against the manifest.
+    """
+
+    def __init__(
+        self,
+        task_dir: str | os.PathLike,
+        split: str,
+        image_size: int,
+        train: bool = False,
+        limit: int | None = None,
+        augment: AugmentPolicy | None = None,
+        verify: bool = True,
+    ) -> None:
+        if image_size <= 0:
+            raise ValueError(f"image_size={image_size}; must be >= 1")
+        self.manifest, self.images, self.labels = _load(task_dir, split, limit, verify)
+        self.image_size = image_size
+        self.policy = (augment or self.manifest.augment) if train else None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the task."""
+        return self.manifest.num_classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} examples")
+        index = index % len(self)
+        x = transform_batch(
+            self.images[index : index + 1], self.image_size, self.manifest.mean, self.manifest.std, self.policy
+        )
+        return x[0], int(self.labels[index])
