@@ -28,7 +28,7 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -47,7 +47,8 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: str | os.PathLike) -> Path:
+def save_tensors(tensors: dict[str, torch.Tensor], meta: dict, path: str | os.PathLike) -> Path:
+    """Write ``<path>.safetensors`` + ``<path>.json`` atomically (temp names, then rename)."""
     st, js = _paths(path)
     st.parent.mkdir(parents=True, exist_ok=True)
     tmp_st, tmp_js = st.with_name(st.name + ".tmp"), js.with_name(js.name + ".tmp")
@@ -73,7 +74,7 @@ def save_banks(rc: RecastModel, path: str | os.PathLike, extra: dict | None = No
         "banks": {b.key: {"shape": list(b.shape), "templates": b.templates, "modules": list(b.modules)} for b in rc.plan.banks},
         "bank_sha256": tensors_sha256(tensors), **(extra or {}),
     }
-    return _atomic_save(tensors, meta, path)
+    return save_tensors(tensors, meta, path)
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -116,7 +117,7 @@ def save_payload(rc: RecastModel, task: str, path: str | os.PathLike,
         "numel": int(sum(t.numel() for t in tensors.values())),
         "bytes": int(sum(t.numel() * t.element_size() for t in tensors.values())), **(extra or {}),
     }
-    return _atomic_save(tensors, meta, path)
+    return save_tensors(tensors, meta, path)
 
 
 def load_payload(rc: RecastModel, path: str | os.PathLike, task: str | None = None) -> dict[str, torch.Tensor]:

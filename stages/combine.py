@@ -1,0 +1,28 @@
+"""Stage ``combine``: adapters alone and combined with RECAST (paper eq. 6), through the same
+fan-out as ``tune`` (its training recipe, tasks and seeds come from the ``tune`` section)."""
+
+from __future__ import annotations
+
+import argparse
+
+from stages.common import read_params, validate_section
+from stages.tune import CombineParams, TuneParams, run
+
+
+def main(argv: list[str] | None = None) -> None:
+    from stages.runtime import RuntimeParams
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default=None)
+    args = ap.parse_args(argv)
+    data = read_params(args.params)
+    tune = validate_section("tune", TuneParams, data)
+    c = validate_section("combine", CombineParams, data)
+    rt = validate_section("runtime", RuntimeParams, data)
+    summary = run("combine", tune, c.methods, rt, c.out_dir, continual=False)
+    for k, v in summary.items():
+        print(f"{k:40s} avg test acc {v['avg_test_acc']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

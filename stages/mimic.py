@@ -1,0 +1,155 @@
+"""Stage ``mimic``: Neural Mimicry per architecture -> banks + base coefficients + report.
+
+Outputs ``outputs/mimic/<arch>/{banks,base}.safetensors`` (+ JSON sidecars), ``recast.json``
+(config) and ``report.json`` (per-module weight cosine, layer-wise feature cosine on a batch of
+real source images, accuracy of the reconstructed model vs the original, time).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from stages.common import ParamsError, Section, read_params, resolve, validate_section, write_json_atomic
+
+
+class MimicArch(Section):
+    """RECAST variant of one backbone: a preset name plus RecastConfig overrides."""
+
+    preset: Literal["recast_mlp", "recast_att", "recast_att_proj", "recast_att_mlp", "recast_resnet"]
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    mimicry: dict[str, Any] = Field(default_factory=dict)
+
+    def recast_config(self):
+        from recast.presets import preset
+
+        return preset(self.preset, **self.overrides)
+
+    @model_validator(mode="after")
+    def _check(self):
+        from recast.config import MimicryConfig
+
+        try:
+            self.recast_config()
+            MimicryConfig(**self.mimicry)
+        except (ValueError, TypeError) as err:
+            raise ValueError(str(err)) from None
+        return self
+
+
+class MimicParams(Section):
+    archs: dict[str, MimicArch]
+    pretrain_dir: str = "outputs/pretrain"
+    data_dir: str = "data/prepared/offline"
+    out_dir: str = "outputs/mimic"
+    feature_batch: int = Field(32, ge=1)
+    image_size: int = Field(32, ge=8)
+    eval_limit: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+def mimic_job(spec: dict) -> tuple[dict, dict]:
+    """Ray task: apply + mimic one backbone; returns (report, tensors)."""
+    import torch
+
+    import recast
+    from recast.config import MimicryConfig
+    from recast.training import evaluate
+    from stages.backbones import load_backbone
+
+    p = MimicParams(**spec["params"])
+    arch = spec["arch"]
+    a = p.archs[arch]
+    bb = load_backbone(arch, resolve(p.pretrain_dir))
+    plain = bb.plain().eval()
+    cfg = a.recast_config()
+    rc = recast.apply(plain, cfg, seed=p.seed)
+    src = resolve(p.data_dir) / "source"
+    batch, loader = None, None
+    if src.exists():
+        from recast.data import BatchLoader
+
+        loader = BatchLoader(src, "test", 256, p.image_size, train=False, seed=p.seed, limit=p.eval_limit)
+        batch = next(iter(BatchLoader(src, "val", p.feature_batch, p.image_size, train=False, seed=p.seed)))[0]
+    else:
+        batch = torch.randn(p.feature_batch, 3, p.image_size, p.image_size, generator=torch.Generator().manual_seed(p.seed))
+    mcfg = MimicryConfig(**{"seed": p.seed, "progress": False, **a.mimicry})
+    report = recast.mimic(rc, mcfg, batch=batch)
+    out: dict[str, Any] = {"arch": arch, **report.as_dict(), "counts": recast.count_parameters(rc).as_dict()}
+    if loader is not None:
+        rc.set_task(cfg.base_task, freeze=False)
+        out["acc_original"] = evaluate(plain, loader)
+        out["acc_reconstructed"] = evaluate(rc, loader)
+    out["template_diversity"] = recast.template_diversity(rc)
+    tensors = {f"banks.{k}": b.templates.detach() for k, b in rc.banks.items()}
+    tensors.update({f"base.{k}": v for k, v in rc.task_tensors(cfg.base_task).items()})
+    return out, tensors
+
+
+def run(p: MimicParams, rt) -> dict[str, dict]:
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    from recast.io import tensors_sha256
+    from stages.fanout import run_jobs
+    from stages.tracking import Tracker
+
+    for arch in p.archs:
+        if not (resolve(p.pretrain_dir) / f"{arch}.json").exists():
+            raise ParamsError(f"mimic.archs.{arch}: no pretrained backbone at {resolve(p.pretrain_dir)}/{arch}.json")
+    tracker = Tracker("mimic", rt.experiment, p.model_dump())
+    specs = [{"id": f"mimic/{arch}", "arch": arch, "params": p.model_dump(),
+              "backbone_sha": _sha(resolve(p.pretrain_dir) / f"{arch}.json")} for arch in p.archs]
+    summary = {}
+
+    def on_result(spec, result, cached):
+        meta, tensors = result
+        arch = spec["arch"]
+        d = resolve(p.out_dir) / arch
+        d.mkdir(parents=True, exist_ok=True)
+        banks = {k[len("banks."):]: v for k, v in tensors.items() if k.startswith("banks.")}
+        base = {k[len("base."):]: v for k, v in tensors.items() if k.startswith("base.")}
+        for name, part in (("banks", banks), ("base", base)):
+            tmp = d / f"{name}.safetensors.tmp"
+            save_file({k: v.contiguous() for k, v in part.items()}, str(tmp))
+            tmp.replace(d / f"{name}.safetensors")
+        cfg = asdict(p.archs[arch].recast_config())
+        write_json_atomic(d / "recast.json", {"config": {**cfg, "targets": list(cfg["targets"]), "exclude": list(cfg["exclude"])},
+                                              "apply_seed": p.seed, "bank_sha256": tensors_sha256(banks)})
+        clean = {k: v for k, v in meta.items() if not k.startswith("_")}
+        write_json_atomic(d / "report.json", clean)
+        summary[arch] = {k: clean[k] for k in ("min_weight_cosine", "mean_weight_cosine", "min_feature_cosine",
+                                               "seconds", "acc_original", "acc_reconstructed") if k in clean}
+        summary[arch].update(templates=clean["counts"]["templates"], coefficients_per_task=clean["counts"]["coefficients"])
+        tracker.child(spec["id"], {"arch": arch, **p.archs[arch].model_dump()}, summary[arch],
+                      artifacts=[d / "report.json", d / "recast.json"], tags={"cached": str(cached)})
+
+    run_jobs("mimic", mimic_job, specs, rt, on_result)
+    write_json_atomic(resolve("metrics/mimic.json"), summary)
+    tracker.finish()
+    return summary
+
+
+def _sha(path) -> str:
+    import json
+
+    return json.loads(path.read_text()).get("sha256", "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from stages.runtime import RuntimeParams
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default=None)
+    args = ap.parse_args(argv)
+    data = read_params(args.params)
+    p = validate_section("mimic", MimicParams, data)
+    rt = validate_section("runtime", RuntimeParams, data)
+    print(run(p, rt))
+
+
+if __name__ == "__main__":
+    main()

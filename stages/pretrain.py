@@ -1,0 +1,126 @@
+"""Stage ``pretrain``: the backbones every later stage starts from.
+
+``source: train`` (default suite, offline) trains each tiny timm model on the prepared
+``source`` set; ``source: timm`` (paper configuration) takes timm's pretrained weights, from
+the hub or from a local file (``checkpoint_file``, through ``pretrained_cfg_overlay``).
+Either way the result is ``outputs/pretrain/<arch>.safetensors`` + ``<arch>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from stages.common import ParamsError, Section, read_params, resolve, seed_everything, validate_section, write_json_atomic
+
+
+class ArchParams(Section):
+    """A backbone: timm model name (as timm spells it) and its create_model kwargs."""
+
+    model: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint_file: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        import timm
+
+        if not timm.is_model(v):
+            raise ValueError(f"unknown timm model {v!r}")
+        return v
+
+
+class PretrainParams(Section):
+    source: Literal["train", "timm"] = "train"
+    archs: dict[str, ArchParams]
+    data_dir: str = "data/prepared/offline"
+    out_dir: str = "outputs/pretrain"
+    epochs: int = Field(6, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    batch_size: int = Field(128, ge=1)
+    image_size: int = Field(32, ge=8)
+    limit: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+def pretrain_job(spec: dict) -> tuple[dict, dict]:
+    """Ray task: build (and train) one backbone; returns (meta, state_dict)."""
+    import timm
+    import torch
+
+    from recast.data import BatchLoader, read_manifest
+    from recast.training import TuneConfig, evaluate, fit
+
+    arch = ArchParams(**spec["arch"])
+    seed_everything(spec["seed"])
+    if spec["source"] == "timm":
+        overlay = {"file": str(resolve(arch.checkpoint_file))} if arch.checkpoint_file else None
+        model = timm.create_model(arch.model, pretrained=True, pretrained_cfg_overlay=overlay, **arch.kwargs)
+        return {"model": arch.model, "kwargs": arch.kwargs, "num_classes": model.num_classes,
+                "source": "timm"}, model.state_dict()
+    src = resolve(spec["data_dir"]) / "source"
+    manifest = read_manifest(src)
+    model = timm.create_model(arch.model, pretrained=False, num_classes=manifest.num_classes, **arch.kwargs)
+    loader = lambda split, train: BatchLoader(src, split, spec["batch_size"], spec["image_size"], train=train,
+                                              seed=spec["seed"], limit=spec["limit"])
+    cfg = TuneConfig(epochs=spec["epochs"], lr=spec["lr"], weight_decay=spec["weight_decay"],
+                     step_size=max(1, spec["epochs"] // 2 + 1), freeze_bn_stats=False, progress=False,
+                     device=spec["device"])
+    res = fit(model, list(model.parameters()), loader("train", True), loader("val", False), cfg, desc=f"pretrain {spec['id']}")
+    test_acc = evaluate(model, loader("test", False), cfg.device)
+    meta = {"model": arch.model, "kwargs": arch.kwargs, "num_classes": manifest.num_classes, "source": "train",
+            "val_acc": res.best_val_acc, "test_acc": test_acc, "epochs": spec["epochs"],
+            "seconds_per_step": res.seconds_per_step, "train_seconds": res.seconds}
+    return meta, {k: v.cpu() for k, v in model.state_dict().items()}
+
+
+def build_specs(p: PretrainParams, device: str) -> list[dict]:
+    return [{"id": f"pretrain/{name}", "arch": a.model_dump(), "source": p.source, "data_dir": p.data_dir,
+             "epochs": p.epochs, "lr": p.lr, "weight_decay": p.weight_decay, "batch_size": p.batch_size,
+             "image_size": p.image_size, "limit": p.limit, "seed": p.seed, "device": device}
+            for name, a in p.archs.items()]
+
+
+def run(p: PretrainParams, rt) -> dict[str, dict]:
+    from stages.backbones import save_pretrained
+    from stages.fanout import run_jobs
+    from stages.runtime import pick_device
+    from stages.tracking import Tracker
+
+    if p.source == "train" and not (resolve(p.data_dir) / "source").exists():
+        raise ParamsError(f"pretrain.data_dir: no 'source' set under {resolve(p.data_dir)}; run the prepare stage")
+    tracker = Tracker("pretrain", rt.experiment, p.model_dump())
+    specs = build_specs(p, pick_device(rt.device))
+    out = resolve(p.out_dir)
+
+    def on_result(spec, result, cached):
+        meta, state = result
+        arch = spec["id"].split("/", 1)[1]
+        save_pretrained(out, arch, state, meta)
+        tracker.child(spec["id"], {"arch": arch, **spec["arch"]}, meta, tags={"cached": str(cached)})
+
+    results = run_jobs("pretrain", pretrain_job, specs, rt, on_result)
+    summary = {sid.split("/", 1)[1]: {k: v for k, v in meta.items() if not k.startswith("_")} for sid, (meta, _) in results.items()}
+    write_json_atomic(resolve("metrics/pretrain.json"), summary)
+    tracker.finish()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    from stages.runtime import RuntimeParams
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default=None)
+    args = ap.parse_args(argv)
+    data = read_params(args.params)
+    p = validate_section("pretrain", PretrainParams, data)
+    rt = validate_section("runtime", RuntimeParams, data)
+    print(run(p, rt))
+
+
+if __name__ == "__main__":
+    main()
