@@ -1,0 +1,100 @@
+"""Elastic Weight Consolidation (Kirkpatrick et al., 2017), online variant (Schwarz et al., 2018)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from recast.baselines.common import TaskSpec, check_int, check_positive
+from recast.baselines.method import ContinualMethod, move
+
+
+@dataclass(frozen=True)
+class EWCConfig:
+    """EWC settings.
+
+    Attributes:
+        lam: penalty weight lambda in ``lam / 2 * sum_i F_i (theta_i - theta*_i)^2``.
+        gamma: decay of the accumulated Fisher, ``F <- gamma * F + F_task`` (1.0: plain sum
+            over tasks, equivalent to one penalty per task with a single anchor).
+        fisher_max_batches: batches used to estimate the Fisher (None: the whole train split).
+    """
+
+    lam: float = 5000.0
+    gamma: float = 1.0
+    fisher_max_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        check_positive("EWCConfig.lam", self.lam, allow_zero=True)
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"EWCConfig.gamma must be in [0, 1], got {self.gamma!r}")
+        if self.fisher_max_batches is not None:
+            check_int("EWCConfig.fisher_max_batches", self.fisher_max_batches, minimum=1)
+
+
+class EWC(ContinualMethod):
+    """Shared backbone + task heads; a quadratic penalty anchors the backbone to its values
+    after the previous tasks, weighted by a diagonal empirical Fisher.
+
+    Fisher of a task: over its training batches (eval mode, true labels), the squared gradient
+    of the batch-mean cross-entropy times the batch size, averaged over samples (the common
+    batch approximation of the per-sample empirical Fisher). Only backbone parameters are
+    penalised; old heads are not trained. Trainable per task: backbone + current head.
+    """
+
+    name = "ewc"
+
+    def __init__(self, backbone: nn.Module, cfg: EWCConfig | None = None) -> None:
+        super().__init__(backbone)
+        self.cfg = cfg or EWCConfig()
+        self.fisher: dict[str, Tensor] = {}
+        self.anchor: dict[str, Tensor] = {}
+
+    def penalty(self) -> Tensor:
+        """``lam / 2 * sum F (theta - theta*)^2`` (zero before the first task ends)."""
+        total = torch.zeros((), device=self.device)
+        for name, param in self.net.backbone.named_parameters():
+            if name in self.fisher:
+                total = total + (self.fisher[name] * (param - self.anchor[name]) ** 2).sum()
+        return 0.5 * self.cfg.lam * total
+
+    def training_loss(self, x: Tensor, y: Tensor, task: TaskSpec) -> Tensor:
+        return F.cross_entropy(self(x, task.name), y) + self.penalty()
+
+    def after_task(self, task: TaskSpec, train: Iterable[Any]) -> None:
+        fisher = self.estimate_fisher(task, train)
+        for name, value in fisher.items():
+            old = self.fisher.get(name)
+            self.fisher[name] = value if old is None else self.cfg.gamma * old + value
+        self.anchor = {n: p.detach().clone() for n, p in self.net.backbone.named_parameters()}
+
+    def estimate_fisher(self, task: TaskSpec, train: Iterable[Any]) -> dict[str, Tensor]:
+        """Diagonal empirical Fisher of the backbone parameters on ``train``."""
+        params = {n: p for n, p in self.net.backbone.named_parameters() if p.requires_grad}
+        fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+        was_training, samples = self.training, 0
+        self.eval()
+        for index, batch in enumerate(train):
+            if self.cfg.fisher_max_batches is not None and index >= self.cfg.fisher_max_batches:
+                break
+            x, y = move(batch, self.device)
+            self.zero_grad(set_to_none=True)
+            F.cross_entropy(self(x, task.name), y).backward()
+            for name, param in params.items():
+                if param.grad is not None:
+                    fisher[name] += param.grad.detach() ** 2 * y.numel()
+            samples += y.numel()
+        self.zero_grad(set_to_none=True)
+        self.train(was_training)
+        if samples == 0:
+            raise ValueError(f"task {task.name!r}: no training batches to estimate the Fisher")
+        return {n: f / samples for n, f in fisher.items()}
+
+    def training_state(self) -> dict[str, Tensor]:
+        return {**{f"fisher.{n}": t for n, t in self.fisher.items()},
+                **{f"anchor.{n}": t for n, t in self.anchor.items()}}

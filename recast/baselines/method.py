@@ -1,0 +1,163 @@
+"""Base class of the baselines and the shared training loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from recast.baselines.common import (MultiHeadNet, TaskSpec, TrainConfig, make_optimizer,
+                                     module_device, prefixed)
+
+
+def unique_parameters(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    """Parameters in order, each tensor once."""
+    seen: set[int] = set()
+    out = []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def count_parameters(params: Iterable[nn.Parameter]) -> int:
+    """Total numel of the distinct tensors."""
+    return sum(p.numel() for p in unique_parameters(params))
+
+
+def move(batch: Any, device: torch.device) -> Any:
+    """Move a tensor or a tuple/list of tensors to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    return type(batch)(move(b, device) for b in batch)
+
+
+class ContinualMethod(nn.Module):
+    """A method trained task after task on one backbone with a head per task.
+
+    The runner calls, per task: ``before_task(task)``, ``fit_task(task, cfg)`` (the loop below,
+    which calls ``training_loss`` on every batch), ``after_task(task, task.train)``; then
+    ``self(x, task_name)`` to evaluate. The method owns (and may freeze or copy) the backbone.
+
+    Args:
+        backbone: timm model created with ``num_classes=0``.
+    """
+
+    name: ClassVar[str] = "sequential"
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.net = MultiHeadNet(backbone)
+        self.tasks: list[str] = []
+        self.batch_index, self.num_batches = 0, None  # set by the loop (HAT anneals on them)
+
+    @property
+    def current_task(self) -> str:
+        """Name of the task being (or last) trained."""
+        if not self.tasks:
+            raise ValueError("no task started yet; call before_task first")
+        return self.tasks[-1]
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the method's parameters."""
+        return module_device(self)
+
+    def forward(self, x: Tensor, task: str) -> Tensor:
+        return self.net(x, task)
+
+    # ---- hooks -------------------------------------------------------------------------
+    def before_task(self, task: TaskSpec) -> None:
+        """Register the task and create its head."""
+        if task.name in self.tasks:
+            raise ValueError(f"task {task.name!r} already trained; tasks so far: {self.tasks}")
+        self.net.add_head(task.name, task.num_classes)
+        self.tasks.append(task.name)
+
+    def training_loss(self, x: Tensor, y: Tensor, task: TaskSpec) -> Tensor:
+        """Loss of one batch of the current task (plain cross-entropy here)."""
+        return F.cross_entropy(self(x, task.name), y)
+
+    def after_task(self, task: TaskSpec, train: Iterable[Any]) -> None:
+        """Work after a task was fitted (Fisher, masks, ...); nothing here."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters optimised for the current task: backbone + current head."""
+        return unique_parameters([*self.net.backbone.parameters(),
+                                  *self.net.head(self.current_task).parameters()])
+
+    def before_step(self) -> None:
+        """Called after ``backward`` and before clipping/step (gradient surgery)."""
+
+    def after_step(self) -> None:
+        """Called after the optimiser step."""
+
+    # ---- storage accounting ------------------------------------------------------------
+    def shared_state(self) -> dict[str, Tensor]:
+        """Tensors stored once for all tasks (here the shared backbone)."""
+        return prefixed("backbone", self.net.backbone)
+
+    def task_state(self, task: str) -> dict[str, Tensor]:
+        """Tensors needed only by ``task`` (here its head)."""
+        return prefixed(f"heads.{task}", self.net.head(task))
+
+    def training_state(self) -> dict[str, Tensor]:
+        """Tensors kept between tasks only to train later ones (none here)."""
+        return {}
+
+    # ---- training ----------------------------------------------------------------------
+    def fit_task(self, task: TaskSpec, cfg: TrainConfig, progress: bool = False) -> None:
+        """Train on ``task.train`` for ``cfg.epochs`` with ``training_loss``."""
+        train_epochs(self, task.train, lambda b: self.training_loss(b[0], b[1], task),
+                     self.trainable_parameters(), cfg, f"{self.name}:{task.name}", progress)
+
+
+def train_epochs(method: ContinualMethod, batches: Iterable[Any], loss_fn: Callable[[Any], Tensor],
+                 params: list[nn.Parameter], cfg: TrainConfig, desc: str = "",
+                 progress: bool = False) -> None:
+    """The training loop: epochs x batches of loss, backward, hooks, clip, step (+ StepLR).
+
+    Args:
+        method: module put in train mode; its ``before_step``/``after_step`` hooks are called
+            and ``batch_index``/``num_batches`` set before each ``loss_fn`` call.
+        batches: re-iterable of batches (tuples of tensors); ``set_epoch`` is called if present.
+        loss_fn: batch (already on the method's device) -> scalar loss.
+        params: optimised parameters.
+        cfg: optimiser, epochs, clipping and schedule.
+        desc: progress-bar label.
+        progress: show a tqdm bar over epochs.
+    """
+    if not params:
+        raise ValueError(f"{desc}: no trainable parameters")
+    optimizer = make_optimizer(params, cfg)
+    scheduler = (torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step_size, cfg.lr_gamma)
+                 if cfg.lr_step_size is not None else None)
+    device = method.device
+    method.num_batches = len(batches) if hasattr(batches, "__len__") else None
+    method.train()
+    bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
+    for epoch in bar:
+        if hasattr(batches, "set_epoch"):
+            batches.set_epoch(epoch)
+        loss = None
+        for index, batch in enumerate(batches):
+            method.batch_index = index
+            loss = loss_fn(move(batch, device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            method.before_step()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            method.after_step()
+        if loss is None:
+            raise ValueError(f"{desc}: the training batches are empty")
+        if scheduler is not None:
+            scheduler.step()
+        bar.set_postfix(loss=float(loss.detach()))
+    method.eval()

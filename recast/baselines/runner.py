@@ -1,0 +1,118 @@
+"""Run a method over a task sequence; build methods by name."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from recast.baselines.common import TaskSpec, TrainConfig, config_from_mapping, evaluate, state_bytes
+from recast.baselines.derpp import DERPP, DERPPConfig
+from recast.baselines.er_ace import ERACE, ReplayConfig
+from recast.baselines.ewc import EWC, EWCConfig
+from recast.baselines.finetune import FinetuneFull, FinetuneHead
+from recast.baselines.gdumb import GDumb, GDumbConfig
+from recast.baselines.hat import HAT, HATConfig
+from recast.baselines.l2p import L2P, L2PConfig
+from recast.baselines.lwf import LwF, LwFConfig
+from recast.baselines.method import ContinualMethod, count_parameters
+from recast.baselines.results import SequentialResult
+
+METHODS: dict[str, tuple[type[ContinualMethod], type | None]] = {
+    "finetune_head": (FinetuneHead, None),
+    "finetune_full": (FinetuneFull, None),
+    "ewc": (EWC, EWCConfig),
+    "lwf": (LwF, LwFConfig),
+    "gdumb": (GDumb, GDumbConfig),
+    "er_ace": (ERACE, ReplayConfig),
+    "derpp": (DERPP, DERPPConfig),
+    "hat": (HAT, HATConfig),
+    "l2p": (L2P, L2PConfig),
+}
+
+
+def make_method(name: str, backbone: nn.Module, cfg: Any = None) -> ContinualMethod:
+    """Build a method by name.
+
+    Args:
+        name: one of ``METHODS``.
+        backbone: timm model created with ``num_classes=0`` (the method takes ownership).
+        cfg: the method's config object, a mapping of its fields, or None for the defaults
+            (methods without settings accept only None or an empty mapping).
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {sorted(METHODS)}")
+    cls, cfg_cls = METHODS[name]
+    if cfg_cls is None:
+        if cfg is not None and not (isinstance(cfg, Mapping) and not cfg):
+            raise ValueError(f"method {name!r} takes no config, got {cfg!r}")
+        return cls(backbone)
+    if isinstance(cfg, Mapping):
+        cfg = config_from_mapping(cfg_cls, cfg)
+    elif cfg is not None and not isinstance(cfg, cfg_cls):
+        raise TypeError(f"method {name!r} takes a {cfg_cls.__name__}, got {type(cfg).__name__}")
+    return cls(backbone, cfg)  # type: ignore[call-arg]
+
+
+def _check_tasks(tasks: list[TaskSpec]) -> None:
+    if not tasks:
+        raise ValueError("run_sequential needs at least one task")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique, got {names}")
+
+
+def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TrainConfig,
+                   progress: bool = True) -> SequentialResult:
+    """Train ``method`` on ``tasks`` in order; after each task test every task seen so far.
+
+    Randomness of the run (heads, buffers, task embeddings, dropout) comes from torch's RNG
+    seeded with ``cfg.seed`` inside ``torch.random.fork_rng``, so the caller's RNG state is left
+    untouched. Data order is the loaders' own. The same backbone weights, loaders and config give
+    the same result (on CPU; CUDA kernels may add nondeterminism).
+
+    Args:
+        method: a fresh method (see ``make_method``).
+        tasks: the sequence; names must be unique.
+        cfg: optimisation settings and seed.
+        progress: tqdm bars per task.
+    """
+    _check_tasks(tasks)
+    device = torch.device(cfg.device)
+    size = len(tasks)
+    acc: list[list[float | None]] = []
+    val_acc: list[float | None] = []
+    trainable: list[int] = []
+    train_bytes: list[int] = []
+    wall: list[float] = []
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(cfg.seed)
+        method.to(device)
+        for i, task in enumerate(tasks):
+            _sync(device)
+            start = time.perf_counter()
+            method.before_task(task)
+            method.to(device)
+            trainable.append(count_parameters(method.trainable_parameters()))
+            method.fit_task(task, cfg, progress)
+            method.after_task(task, task.train)
+            _sync(device)
+            wall.append(time.perf_counter() - start)
+            val_acc.append(evaluate(method, task.name, task.val, device) if task.val is not None else None)
+            row: list[float | None] = [evaluate(method, t.name, t.test, device) for t in tasks[:i + 1]]
+            acc.append(row + [None] * (size - i - 1))
+            train_bytes.append(state_bytes(method.training_state()))
+    return SequentialResult(
+        method=method.name, task_names=[t.name for t in tasks], acc_matrix=acc, val_acc=val_acc,
+        trainable_params=trainable, shared_bytes=state_bytes(method.shared_state()),
+        task_bytes=[state_bytes(method.task_state(t.name)) for t in tasks],
+        training_state_bytes=train_bytes, wall_time_s=wall)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
