@@ -1,0 +1,47 @@
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from recast.adapters import (
+    adapter_parameters, adapter_payload_bytes, adapter_preset, adapter_state, add_adapters, load_adapter_state,
+)
+
+from adapter_helpers import perturb
+
+
+@pytest.mark.parametrize("name", ["melo", "dora", "rosa", "adaptformer"])
+def test_state_roundtrip_through_safetensors(vit, x, tmp_path, name):
+    fresh = copy.deepcopy(vit)
+    add_adapters(vit, adapter_preset(name))
+    add_adapters(fresh, adapter_preset(name, seed=1))  # another random init (and RoSA support)
+    perturb(adapter_parameters(vit))
+    state = adapter_state(vit)
+    assert all(".base." not in k for k in state)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "t.safetensors"))
+    load_adapter_state(fresh, load_file(str(tmp_path / "t.safetensors")))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), vit(x))
+
+
+def test_rosa_state_has_its_support_and_payload_bytes(vit):
+    add_adapters(vit, adapter_preset("rosa_spa_mlp"))
+    state = adapter_state(vit)
+    assert set(state) == {f"blocks.{i}.mlp.{fc}.{t}" for i in range(6) for fc in ("fc1", "fc2")
+                          for t in ("sparse_index", "sparse_values")}
+    assert sum(v.numel() for k, v in state.items() if k.endswith("values")) == 144
+    assert adapter_payload_bytes(vit) == 144 * 4 + 144 * 8  # float32 values + int64 indices
+
+
+def test_load_rejects_a_state_of_another_structure(vit, resnet):
+    add_adapters(vit, adapter_preset("lora"))
+    state = adapter_state(vit)
+    other = copy.deepcopy(vit)
+    add_adapters(resnet, adapter_preset("clr"))
+    with pytest.raises(ValueError, match="missing .*unexpected"):
+        load_adapter_state(resnet, state)
+    bad = dict(state)
+    bad["blocks.0.attn.qkv.lora_A.0"] = torch.zeros(3, 64)
+    with pytest.raises(ValueError, match=r"blocks.0.attn.qkv.lora_A.0' has shape \(3, 64\)"):
+        load_adapter_state(other, bad)
