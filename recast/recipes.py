@@ -28,13 +28,14 @@ class Backbone:
 
     Attributes:
         model_name: timm model name, exactly as timm spells it; model_kwargs: its kwargs.
-        state: the plain pretrained state_dict (with the source head).
+        state: the plain pretrained state_dict (with the source head of ``num_classes``).
         recast_config, banks, base: RECAST form after mimicry (None before).
     """
 
     model_name: str
     model_kwargs: dict[str, Any]
     state: dict[str, torch.Tensor]
+    num_classes: int | None = None
     recast_config: RecastConfig | None = None
     banks: dict[str, torch.Tensor] | None = None
     base: dict[str, torch.Tensor] | None = None
@@ -42,7 +43,10 @@ class Backbone:
 
     def plain(self) -> nn.Module:
         """A fresh plain model with the pretrained weights."""
-        model = timm.create_model(self.model_name, pretrained=False, **self.model_kwargs)
+        kwargs = dict(self.model_kwargs)
+        if self.num_classes is not None:
+            kwargs["num_classes"] = self.num_classes
+        model = timm.create_model(self.model_name, pretrained=False, **kwargs)
         model.load_state_dict(self.state)
         return model
 

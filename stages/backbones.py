@@ -37,7 +37,7 @@ def load_backbone(arch: str, pretrain_dir: Path, mimic_dir: Path | None = None) 
     """The Backbone of ``arch`` from the stage outputs (with its RECAST form if ``mimic_dir``)."""
     meta = pretrained_meta(pretrain_dir, arch)
     state = load_file(str(pretrain_dir / f"{arch}.safetensors"))
-    bb = Backbone(meta["model"], dict(meta["kwargs"]), state)
+    bb = Backbone(meta["model"], dict(meta["kwargs"]), state, num_classes=meta.get("num_classes"))
     if mimic_dir is not None:
         rdir = mimic_dir / arch
         rmeta = json.loads((rdir / "recast.json").read_text())

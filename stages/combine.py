@@ -25,4 +25,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run from the importable module, not __main__, so Ray pickles job functions by reference.
+    from stages.combine import main as _main
+
+    _main()

@@ -72,7 +72,7 @@ def _execute(fn: Callable[[dict], Result], spec: dict, threads: int) -> tuple[di
     _maybe_fault(spec["id"])
     start = time.perf_counter()
     meta, tensors = fn(spec)
-    meta = {**meta, "wall_time_s": time.perf_counter() - start, "host": os.uname().nodename}
+    meta = {**meta, "job_wall_s": time.perf_counter() - start, "host": os.uname().nodename}
     return meta, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 

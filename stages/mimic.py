@@ -152,4 +152,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run from the importable module, not __main__, so Ray pickles job functions by reference.
+    from stages.mimic import main as _main
+
+    _main()

@@ -22,6 +22,8 @@ class ArchParams(Section):
     model: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint_file: str | None = None
+    epochs: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
 
     @field_validator("model")
     @classmethod
@@ -67,13 +69,14 @@ def pretrain_job(spec: dict) -> tuple[dict, dict]:
     model = timm.create_model(arch.model, pretrained=False, num_classes=manifest.num_classes, **arch.kwargs)
     loader = lambda split, train: BatchLoader(src, split, spec["batch_size"], spec["image_size"], train=train,
                                               seed=spec["seed"], limit=spec["limit"])
-    cfg = TuneConfig(epochs=spec["epochs"], lr=spec["lr"], weight_decay=spec["weight_decay"],
-                     step_size=max(1, spec["epochs"] // 2 + 1), freeze_bn_stats=False, progress=False,
+    epochs, lr = arch.epochs or spec["epochs"], arch.lr or spec["lr"]
+    cfg = TuneConfig(epochs=epochs, lr=lr, weight_decay=spec["weight_decay"],
+                     step_size=max(1, (2 * epochs) // 3), freeze_bn_stats=False, progress=False,
                      device=spec["device"])
     res = fit(model, list(model.parameters()), loader("train", True), loader("val", False), cfg, desc=f"pretrain {spec['id']}")
     test_acc = evaluate(model, loader("test", False), cfg.device)
     meta = {"model": arch.model, "kwargs": arch.kwargs, "num_classes": manifest.num_classes, "source": "train",
-            "val_acc": res.best_val_acc, "test_acc": test_acc, "epochs": spec["epochs"],
+            "val_acc": res.best_val_acc, "test_acc": test_acc, "epochs": epochs,
             "seconds_per_step": res.seconds_per_step, "train_seconds": res.seconds}
     return meta, {k: v.cpu() for k, v in model.state_dict().items()}
 
@@ -123,4 +126,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run from the importable module, not __main__, so Ray pickles job functions by reference.
+    from stages.pretrain import main as _main
+
+    _main()

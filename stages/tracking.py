@@ -1,6 +1,6 @@
 """MLflow logging for the stages: one parent run per stage, a child run per job, and the
 coefficient registry (MLflow model registry: one registered model per arch/task, one version
-per payload, aliases ``latest`` and ``best``).
+per payload, aliases ``current`` and ``best``).
 
 Only the driver writes to MLflow. Writes are retried with backoff, and for the default sqlite
 store serialised across processes with a file lock, so concurrent stages or drivers never fail
@@ -142,7 +142,7 @@ def registry_name(arch: str, task: str, method: str) -> str:
 
 def register_payload(run_id: str, arch: str, task: str, method: str, tags: dict[str, str],
                      accuracy: float | None = None) -> str:
-    """Register the payload logged under ``run_id`` as a new version; alias it ``latest``
+    """Register the payload logged under ``run_id`` as a new version; alias it ``current``
     (and ``best`` when it beats the current best test accuracy). Returns the version."""
     uri = tracking_uri()
     client = MlflowClient(uri)
@@ -156,7 +156,7 @@ def register_payload(run_id: str, arch: str, task: str, method: str, tags: dict[
                 raise
         run = client.get_run(run_id)
         mv = client.create_model_version(name, f"{run.info.artifact_uri}/payload", run_id=run_id, tags=tags)
-        client.set_registered_model_alias(name, "latest", mv.version)
+        client.set_registered_model_alias(name, "current", mv.version)
         best = None
         try:
             best = client.get_model_version_by_alias(name, "best")
@@ -181,7 +181,7 @@ def list_registered(prefix: str = "recast.") -> list[dict[str, Any]]:
     return sorted(out, key=lambda d: d["name"])
 
 
-def download_payload(arch: str, task: str, method: str = "recast", alias: str = "latest") -> Path:
+def download_payload(arch: str, task: str, method: str = "recast", alias: str = "current") -> Path:
     """Download a registered payload's files; returns the local directory."""
     client = MlflowClient(tracking_uri())
     mv = client.get_model_version_by_alias(registry_name(arch, task, method), alias)

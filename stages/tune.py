@@ -10,6 +10,7 @@ with its own method list (adapters alone and + RECAST). Every finished job write
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 from typing import Any, Literal
@@ -90,8 +91,8 @@ class CombineParams(Section):
 def task_names(p: TuneParams) -> list[str]:
     """The tasks to run: ``tune.tasks`` or every prepared task (except the source set)."""
     root = resolve(p.data_dir)
-    available = sorted(d.name for d in root.iterdir() if (d / "manifest.json").exists() and d.name != "source") \
-        if root.exists() else []
+    suite = root / "suite.json"
+    available = sorted(json.loads(suite.read_text())["tasks"]) if suite.exists() else []
     if p.tasks is None:
         if not available:
             raise ParamsError(f"tune.data_dir: no prepared tasks under {root}; run the prepare stage")
@@ -162,11 +163,11 @@ def continual_job(spec: dict) -> tuple[dict, dict]:
                                                                 seed=spec["seed"], limit=limit)
         tasks.append(TaskSpec(name, read_manifest(tdir).num_classes, mk("train", True, tr.limit_train),
                               mk("val", False, tr.limit_eval), mk("test", False, tr.limit_eval)))
-    cfg = TrainConfig(epochs=spec["epochs"], lr=spec["lr"], seed=spec["seed"], device=spec["device"])
-    method = make_method(spec["method_name"], backbone, cfg, **spec.get("options", {}))
-    result = run_sequential(method, tasks, cfg, progress=False)
-    out = result.to_json() if hasattr(result, "to_json") else dict(result.__dict__)
-    return {"arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"], "sequential": True, **out}, {}
+    cfg = TrainConfig(epochs=spec["epochs"], lr=spec["lr"], seed=spec["seed"], device=spec["device"],
+                      grad_clip=tr.grad_clip)
+    method = make_method(spec["method_name"], backbone, spec.get("options") or None)
+    out = run_sequential(method, tasks, cfg, progress=False).to_json()
+    return {**out, "arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"], "sequential": True}, {}
 
 
 def _peak_rss_mb() -> float:
@@ -246,10 +247,11 @@ def summarise(results: list[dict]) -> dict[str, Any]:
     for r in results:
         if r.get("sequential"):
             key = f"{r['arch']}/{r['method']}"
-            out[key] = {k: r[k] for k in ("avg_acc", "avg_forgetting", "final_acc", "forgetting", "acc_matrix",
-                                          "trainable_params", "bytes_per_task", "wall_time_s") if k in r}
-            if "avg_acc" in out[key]:
-                out[key]["avg_test_acc"] = out[key]["avg_acc"]
+            out[key] = {k: r[k] for k in ("avg_forgetting", "forgetting", "acc_matrix", "task_names") if k in r}
+            out[key].update(avg_test_acc=r["avg_acc"], test_acc=dict(zip(r["task_names"], r["final_acc"])),
+                            trainable_params=statistics.mean(r["trainable_params"]),
+                            bytes=statistics.mean(r["bytes_per_task"]) if isinstance(r["bytes_per_task"], list)
+                            else r["bytes_per_task"], train_seconds=sum(r["wall_time_s"]), sequential=True)
     return out
 
 
@@ -315,4 +317,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run from the importable module, not __main__, so Ray pickles job functions by reference.
+    from stages.tune import main as _main
+
+    _main()
