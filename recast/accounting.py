@@ -46,15 +46,7 @@ def count_parameters(rc: RecastModel, task: str | None = None, bytes_per_param: 
     head = sum(p.numel() for p in heads.heads[task].parameters()) if heads is not None and task in heads.heads else 0
     templates = sum(b.templates.numel() for b in rc.banks.values())
     replaced = sum(math.prod(b.shape) * len(b.modules) for b in rc.plan.banks)
-    # original model: everything that is not a bank or a coefficient, plus the replaced weights,
-    # with the base head only.
-    base_head = sum(p.numel() for p in heads.parameters()) - sum(
-        p.numel() for t, h in heads.heads.items() if t != rc.config.base_task for p in h.parameters()
-    ) if heads is not None else 0
-    other = sum(p.numel() for n, p in rc.model.named_parameters()
-                if ".coefs." not in n and not n.startswith(f"{rc.head_name}.")) if rc.head_name else \
-        sum(p.numel() for n, p in rc.model.named_parameters() if ".coefs." not in n)
-    original_total = other + replaced + base_head
+    original_total = rc.original_param_count
     return ParameterCount(
         coefficients=coefficients, effective_coefficients=effective, head=head,
         trainable=coefficients + head, templates=templates, replaced=replaced,

@@ -78,12 +78,14 @@ class RecastModel(nn.Module):
             for b in self.plan.banks
         })
         self.reference_weights: dict[str, torch.Tensor] = {}
+        self.original_param_count = sum(p.numel() for p in model.parameters())
         base = config.base_task
         for mp in self.plan.modules:
             original = modules[mp.name]
             self.reference_weights[mp.name] = original.weight.detach().clone()
             layer = make_recast_layer(original, self.banks[mp.bank], config.coef_sets)
             layer.add_task(base, random_unit_coefficients(config.coef_sets, self.banks[mp.bank].num_templates, gen))
+            layer.recast_name = mp.name  # stable name even when an adapter later wraps the layer
             parent, child = _get_parent(model, mp.name)
             setattr(parent, child, layer)
         self.head_name = head_name if head_name is not None else _find_head_name(model)
@@ -103,10 +105,11 @@ class RecastModel(nn.Module):
 
     # ----------------------------------------------------------------- structure
     def recast_layers(self) -> Iterator[tuple[str, nn.Module]]:
-        """(name, layer) of every RecastLinear/RecastConv2d, names as in the original model."""
-        for name, module in self.model.named_modules():
+        """(name, layer) of every RecastLinear/RecastConv2d, named as in the original model
+        (also when an adapter wraps the layer, so task payloads do not depend on adapters)."""
+        for module in self.model.modules():
             if isinstance(module, RECAST_LAYERS):
-                yield name, module
+                yield module.recast_name, module
 
     @property
     def task_heads(self) -> TaskHeads | None:
@@ -246,9 +249,9 @@ class RecastModel(nn.Module):
         for b in self.banks.values():
             memo[id(b.templates)] = b.templates
         model = copy.deepcopy(self.model, memo)
-        for name, layer in dict(self.recast_layers()).items():
-            parent, child = _get_parent(model, name)
-            setattr(parent, child, make_plain(name, layer))
+        for path, layer in [(n, m) for n, m in self.model.named_modules() if isinstance(m, RECAST_LAYERS)]:
+            parent, child = _get_parent(model, path)
+            setattr(parent, child, make_plain(layer.recast_name, layer))
         if self.head_name is not None:
             heads = self.task_heads
             head = heads.heads[task] if task in heads.heads else heads.heads[self.config.base_task]

@@ -43,7 +43,8 @@ def role_of(name: str, key: LayerKey | None) -> str:
     return name[len(prefix):] if name.startswith(prefix) else name
 
 
-def _matches(name: str, pattern: str, regex: bool) -> bool:
+def matches_pattern(name: str, pattern: str, regex: bool = False) -> bool:
+    """PEFT-style match: exact name, ``.suffix`` / trailing path, or ``re.fullmatch`` if ``regex``."""
     if regex:
         return re.fullmatch(pattern, name) is not None
     if pattern.startswith("."):
@@ -66,9 +67,9 @@ def match_modules(
     """
     names = []
     for name, module in model.named_modules():
-        if not name or not any(_matches(name, p, regex) for p in targets):
+        if not name or not any(matches_pattern(name, p, regex) for p in targets):
             continue
-        if any(_matches(name, p, regex) for p in exclude):
+        if any(matches_pattern(name, p, regex) for p in exclude):
             continue
         if not isinstance(module, types):
             allowed = ", ".join(t.__name__ for t in types)
@@ -192,3 +193,4 @@ def build_plan(model: nn.Module, config: RecastConfig, layer_key: LayerKeyFn | N
         n = len(mods) if config.templates == "group_size" else config.templates
         banks.append(BankPlan(key, first.stack, first.role, first.group, n, shapes.pop(), tuple(mods)))
     return Plan(tuple(module_plans), tuple(banks), config.coef_sets)
+

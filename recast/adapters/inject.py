@@ -12,7 +12,7 @@ from recast.adapters.branches import AdaptFormerMLP, CLRConv2d
 from recast.adapters.config import AdapterConfig
 from recast.adapters.lowrank import DoRALinear, LoRALinear, RoSALinear
 from recast.adapters.masks import PiggybackConv2d, PiggybackLinear
-from recast.targets import _matches
+from recast.targets import matches_pattern as _matches
 
 
 def _is_linear(m: nn.Module) -> bool:

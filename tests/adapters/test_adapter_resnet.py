@@ -79,7 +79,11 @@ def test_one_step_on_recast_trains_adapter_and_coefficients(rc_resnet, x, name, 
     rc = rc_resnet
     add_adapters(rc.model, adapter_preset(name))
     coefs = {n: layer.coefs["t"].detach().clone() for n, layer in rc.recast_layers()}
-    assert all(".base" in n for n in coefs)  # every templated conv is under an adapter
+    from recast.layers import RECAST_LAYERS
+
+    paths = [n for n, m in rc.model.named_modules() if isinstance(m, RECAST_LAYERS)]
+    assert paths and all(n.endswith(".base") for n in paths)  # every templated conv is under an adapter
+    assert not any(".base" in n for n in coefs)  # payload names do not depend on adapters
     adapters = adapter_parameters(rc.model)
     before = [p.detach().clone() for p in adapters]
     opt = torch.optim.AdamW([p for p in rc.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
