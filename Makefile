@@ -1,0 +1,30 @@
+# Two entry points: `make pipeline` (set up + dvc repro) and `make test` (set up + the test suite).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup pipeline test test-fast bench clean-outputs
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+pipeline: setup
+	. $(BIN)/activate && dvc repro
+
+test: setup
+	. $(BIN)/activate && python -m pytest -q -rs
+
+test-fast: setup
+	. $(BIN)/activate && python -m pytest -q -m "not slow"
+
+bench: setup
+	. $(BIN)/activate && python -m benchmarks.bench_mimicry && python -m benchmarks.bench_speed
+
+clean-outputs:
+	rm -rf outputs metrics reports data/prepared mlflow.db mlartifacts dvc.lock
