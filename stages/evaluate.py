@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default=None)
     args = ap.parse_args(argv)
     data = read_params(args.params)
+    from stages.validate import validate_all
+
+    validate_all(data)  # every section, before any compute
     p = validate_section("evaluate", EvaluateParams, data)
     p_tune = validate_section("tune", TuneParams, data)
     rt = validate_section("runtime", RuntimeParams, data)

@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from stages.common import ParamsError, Section, load_section, resolve, seed_everything, write_json_atomic
+from stages.common import ParamsError, Section, read_params, resolve, seed_everything, validate_section, write_json_atomic
 
 
 class PrepareParams(Section):
@@ -118,7 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=None, help="params file (default: params.yaml at the repo root)")
     args = parser.parse_args(argv)
-    params = load_section("prepare", PrepareParams, args.params)
+    data = read_params(args.params)
+    if {"pretrain", "mimic", "tune"} <= set(data):  # a full pipeline params file: check it all first
+        from stages.validate import validate_all
+
+        validate_all(data)
+    params = validate_section("prepare", PrepareParams, data)
     validate(params)
     seed_everything(params.seed)  # the library seeds its own generators; this guards anything else
     suite_dir = run(params)

@@ -66,11 +66,25 @@ def retry(fn: Callable[[], T], attempts: int = 8, uri: str | None = None) -> T:
             with _store_lock(uri):
                 return fn()
         except Exception as err:  # noqa: BLE001 - re-raised after the last attempt
-            transient = any(s in str(err).lower() for s in ("locked", "busy", "timed out", "503", "502", "connection"))
+            msg = str(err).lower()
+            transient = any(s in msg for s in ("locked", "busy", "timed out", "503", "502", "connection", "duplicate column"))
             if not transient or i == attempts - 1:
                 raise
             time.sleep(min(5.0, 0.2 * 2**i) * (0.5 + random.random()))
     raise AssertionError("unreachable")
+
+
+def make_client(uri: str | None = None) -> MlflowClient:
+    """An MlflowClient whose store is opened under the lock: a fresh sqlite store runs its schema
+    migrations on first open, which must not happen in two processes at once."""
+    uri = uri or tracking_uri()
+
+    def open_client() -> MlflowClient:
+        client = MlflowClient(uri)
+        client._tracking_client.store  # noqa: B018 - force the store (and its migrations) now
+        return client
+
+    return retry(open_client, uri=uri)
 
 
 class Tracker:
@@ -79,7 +93,7 @@ class Tracker:
     def __init__(self, stage: str, experiment: str, params: dict[str, Any] | None = None):
         self.uri = tracking_uri()
         mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
+        self.client = make_client(self.uri)
         self.experiment_id = retry(lambda: self._experiment(experiment), uri=self.uri)
         run = retry(lambda: self.client.create_run(self.experiment_id, run_name=stage,
                                                    tags={"stage": stage, "kind": "stage"}), uri=self.uri)
@@ -145,7 +159,7 @@ def register_payload(run_id: str, arch: str, task: str, method: str, tags: dict[
     """Register the payload logged under ``run_id`` as a new version; alias it ``current``
     (and ``best`` when it beats the current best test accuracy). Returns the version."""
     uri = tracking_uri()
-    client = MlflowClient(uri)
+    client = make_client(uri)
     name = registry_name(arch, task, method)
 
     def create() -> str:
@@ -172,7 +186,7 @@ def register_payload(run_id: str, arch: str, task: str, method: str, tags: dict[
 
 def list_registered(prefix: str = "recast.") -> list[dict[str, Any]]:
     """Registered payloads: name, arch, task, method, latest version, aliases."""
-    client = MlflowClient(tracking_uri())
+    client = make_client()
     out = []
     for rm in client.search_registered_models(max_results=1000):
         if not rm.name.startswith(prefix):
@@ -183,7 +197,7 @@ def list_registered(prefix: str = "recast.") -> list[dict[str, Any]]:
 
 def download_payload(arch: str, task: str, method: str = "recast", alias: str = "current") -> Path:
     """Download a registered payload's files; returns the local directory."""
-    client = MlflowClient(tracking_uri())
+    client = make_client()
     mv = client.get_model_version_by_alias(registry_name(arch, task, method), alias)
     dst = Path(tempfile.mkdtemp(prefix="recast-payload-"))
     return Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="payload", dst_path=str(dst)))

@@ -60,10 +60,9 @@ class TrainParams(Section):
 
 
 class ContinualParams(Section):
-    """Sequential continual-learning baselines (recast.baselines)."""
+    """Sequential continual-learning baselines (recast.baselines): methods per architecture."""
 
-    methods: list[str] = Field(default_factory=list)
-    archs: list[str] | None = None
+    methods: dict[str, list[str]] = Field(default_factory=dict)
     epochs: int = Field(3, ge=1)
     lr: float = Field(1e-3, gt=0)
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -203,9 +202,7 @@ def build_specs(stage: str, p: TuneParams, methods: dict[str, MethodParams], dev
                                   "task_sha": _manifest_sha(data / task), **common})
         if continual:
             c = p.continual
-            if c.archs is not None and arch not in c.archs:
-                continue
-            for name in c.methods:
+            for name in c.methods.get(arch, []):
                 for seed in p.seeds:
                     specs.append({"id": f"{stage}/{arch}/{name}/sequential/s{seed}", "kind": "continual", "arch": arch,
                                   "method_name": name, "seed": seed, "epochs": c.epochs, "lr": c.lr,
@@ -309,6 +306,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default=None)
     args = ap.parse_args(argv)
     data = read_params(args.params)
+    from stages.validate import validate_all
+
+    validate_all(data)  # every section, before any compute
     p = validate_section("tune", TuneParams, data)
     rt = validate_section("runtime", RuntimeParams, data)
     summary = run("tune", p, p.methods, rt, p.out_dir, continual=True)

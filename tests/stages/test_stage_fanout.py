@@ -1,0 +1,60 @@
+"""Ray fan-out: a worker killed mid-task is retried and the stage completes; a re-run resumes
+from the job cache instead of recomputing."""
+
+import os
+
+import pytest
+import torch
+
+from stages.fanout import FAULT_ENV, run_jobs, spec_key
+from stages.runtime import RuntimeParams
+
+
+def square_job(spec):
+    """A job: returns metrics and a tensor."""
+    x = torch.full((3,), float(spec["x"]))
+    return {"y": spec["x"] ** 2, "pid": os.getpid()}, {"x": x}
+
+
+@pytest.fixture(scope="module")
+def ray_with_faults(tmp_path_factory):
+    fault_dir = tmp_path_factory.mktemp("faults")
+    os.environ[FAULT_ENV] = str(fault_dir)
+    import sys
+
+    import ray
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
+    if ray.is_initialized():
+        ray.shutdown()
+    yield fault_dir
+    ray.shutdown()
+    os.environ.pop(FAULT_ENV, None)
+
+
+@pytest.mark.timeout(600)
+def test_killed_workers_are_retried_and_rerun_resumes(ray_with_faults, tmp_path):
+    rt = RuntimeParams(num_cpus=2, cpus_per_task=1, max_retries=2, cache_dir=str(tmp_path / "cache"), progress=False)
+    specs = [{"id": f"sq/{i}", "x": i} for i in range(4)]
+    seen = []
+    results = run_jobs("sq", square_job, specs, rt, on_result=lambda s, r, cached: seen.append((s["id"], cached)))
+    assert {k: v[0]["y"] for k, v in results.items()} == {f"sq/{i}": i * i for i in range(4)}
+    assert torch.equal(results["sq/3"][1]["x"], torch.full((3,), 3.0))
+    killed = sorted(p.name for p in ray_with_faults.iterdir())
+    assert killed == [f"sq_{i}.killed" for i in range(4)]  # every job lost its worker once
+    assert sorted(seen) == [(f"sq/{i}", False) for i in range(4)]  # each reported exactly once
+    assert all((tmp_path / "cache" / "sq" / f"{spec_key(s)}.json").exists() for s in specs)
+
+    # a re-run (e.g. after the stage was killed) takes every finished job from the cache
+    seen.clear()
+    again = run_jobs("sq", square_job, specs + [{"id": "sq/new", "x": 7}], rt,
+                     on_result=lambda s, r, cached: seen.append((s["id"], cached)))
+    assert sorted(seen) == sorted([(f"sq/{i}", True) for i in range(4)] + [("sq/new", False)])
+    assert again["sq/new"][0]["y"] == 49
+
+
+def test_duplicate_ids_rejected(tmp_path):
+    rt = RuntimeParams(cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="duplicate"):
+        run_jobs("d", square_job, [{"id": "a", "x": 1}, {"id": "a", "x": 2}], rt)

@@ -1,0 +1,72 @@
+"""Bad params fail before any compute, with the key named; the paper config passes the dry run."""
+
+import copy
+
+import pytest
+import yaml
+
+from stages.common import REPO_ROOT, ParamsError
+from stages.validate import validate_all
+
+
+@pytest.fixture(scope="module")
+def default_params():
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+
+def _mutate(params, path, value, delete=False):
+    p = copy.deepcopy(params)
+    node = p
+    for key in path[:-1]:
+        node = node[key]
+    if delete:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return p
+
+
+@pytest.mark.parametrize("path, value, expected", [
+    (("tune", "trian"), {}, "tune.trian"),                                   # unknown key
+    (("tune", "train", "epochs"), "ten", "tune.train.epochs"),               # wrong type
+    (("tune", "train", "epochs"), 0, "tune.train.epochs"),                   # out of range
+    (("pretrain", "archs", "vit", "model"), "vit_nonexistent_9", "pretrain.archs.vit.model"),  # unknown timm model
+    (("tune", "tasks"), ["mnist_lo5", "imagenet"], "tune.tasks"),           # unknown task
+    (("mimic", "archs", "vit", "overrides"), {"groups": 4}, "mimic.archs.vit"),  # G does not divide depth 6
+    (("mimic", "archs", "vit", "preset"), "recast_everything", "mimic.archs.vit.preset"),
+    (("runtime", "device"), "tpu", "runtime.device"),
+    (("tune", "methods", "bad"), {"kind": "adapter", "adapter": "nope"}, "tune.methods.bad"),
+    (("tune", "continual", "methods"), {"vit": ["ewc", "sgd_magic"]}, "tune.continual.methods.vit"),
+    (("prepare", "val_fraction"), 0.9, "prepare.val_fraction"),
+])
+def test_bad_params_name_the_key(default_params, path, value, expected):
+    with pytest.raises(ParamsError) as err:
+        validate_all(_mutate(default_params, path, value))
+    assert expected in str(err.value)
+
+
+def test_missing_and_unknown_sections(default_params):
+    with pytest.raises(ParamsError, match="tune"):
+        validate_all(_mutate(default_params, ("tune",), None, delete=True))
+    with pytest.raises(ParamsError, match="tunes"):
+        validate_all({**default_params, "tunes": {}})
+
+
+def test_default_plan(default_params):
+    plan = validate_all(default_params)
+    assert plan["suite"] == "offline" and len(plan["tasks"]) == 5
+    assert plan["mimic"]["vit"]["coefficients_per_task"] == 6 * 3 * 2 * 2
+    assert plan["jobs"]["tune"] == 5 * 5 + 2  # (vit: 3 methods, resnet: 2) x 5 tasks + ewc + lwf on vit
+
+
+def test_paper_config_dry_run():
+    """The paper configuration validates and plans without downloads (models on meta device)."""
+    params = yaml.safe_load((REPO_ROOT / "configs" / "paper.yaml").read_text())
+    plan = validate_all(params)
+    assert plan["tasks"] == ["flowers102", "aircraft", "indoor67", "cifar100", "cifar10", "cub200"]
+    assert plan["mimic"]["vit"] == {"model": "vit_small_patch16_224", "banks": 12, "coefficients_per_task": 96,
+                                    "template_params": 14_155_776}
+    assert plan["mimic"]["resnet"]["coefficients_per_task"] == 168
+    assert plan["mimic"]["resnet"]["template_params"] == 16_367_616
+    assert plan["tune"]["vit/recast"] == 6 * 3  # six tasks x three seeds
+    assert plan["device"] == "cuda"
