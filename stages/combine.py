@@ -3,22 +3,14 @@ fan-out as ``tune`` (its training recipe, tasks and seeds come from the ``tune``
 
 from __future__ import annotations
 
-import argparse
-
-from stages.common import read_params, validate_section
+from stages.common import stage_params, validate_section
 from stages.tune import CombineParams, TuneParams, run
 
 
 def main(argv: list[str] | None = None) -> None:
     from stages.runtime import RuntimeParams
 
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default=None)
-    args = ap.parse_args(argv)
-    data = read_params(args.params)
-    from stages.validate import validate_all
-
-    validate_all(data)  # every section, before any compute
+    data = stage_params(argv, __doc__)
     tune = validate_section("tune", TuneParams, data)
     c = validate_section("combine", CombineParams, data)
     rt = validate_section("runtime", RuntimeParams, data)

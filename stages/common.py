@@ -83,3 +83,17 @@ def resolve(path: str | os.PathLike) -> Path:
     """Resolve a params path relative to the repo root (absolute paths pass through)."""
     p = Path(path)
     return p if p.is_absolute() else (REPO_ROOT / p)
+
+
+def stage_params(argv: list[str] | None, description: str | None) -> dict[str, Any]:
+    """Parse ``--params`` and validate EVERY section before the stage computes anything."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--params", default=None, help="params file (default: params.yaml at the repo root)")
+    args = ap.parse_args(argv)
+    data = read_params(args.params)
+    from stages.validate import validate_all  # imports every stage's section model
+
+    validate_all(data)
+    return data

@@ -11,13 +11,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
 from typing import Any
 
-from stages.common import Section, read_params, resolve, validate_section, write_json_atomic
+from stages.common import Section, resolve, stage_params, validate_section, write_json_atomic
 
 
 class EvaluateParams(Section):
@@ -174,13 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     from stages.runtime import RuntimeParams
     from stages.tune import CombineParams, TuneParams
 
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default=None)
-    args = ap.parse_args(argv)
-    data = read_params(args.params)
-    from stages.validate import validate_all
-
-    validate_all(data)  # every section, before any compute
+    data = stage_params(argv, __doc__)
     p = validate_section("evaluate", EvaluateParams, data)
     p_tune = validate_section("tune", TuneParams, data)
     rt = validate_section("runtime", RuntimeParams, data)

@@ -7,12 +7,11 @@ real source images, accuracy of the reconstructed model vs the original, time).
 
 from __future__ import annotations
 
-import argparse
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from stages.common import ParamsError, Section, read_params, resolve, validate_section, write_json_atomic
+from stages.common import ParamsError, Section, resolve, stage_params, validate_section, write_json_atomic
 
 
 class MimicArch(Section):
@@ -142,13 +141,7 @@ def _sha(path) -> str:
 def main(argv: list[str] | None = None) -> None:
     from stages.runtime import RuntimeParams
 
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default=None)
-    args = ap.parse_args(argv)
-    data = read_params(args.params)
-    from stages.validate import validate_all
-
-    validate_all(data)  # every section, before any compute
+    data = stage_params(argv, __doc__)
     p = validate_section("mimic", MimicParams, data)
     rt = validate_section("runtime", RuntimeParams, data)
     print(run(p, rt))

@@ -8,12 +8,11 @@ Either way the result is ``outputs/pretrain/<arch>.safetensors`` + ``<arch>.json
 
 from __future__ import annotations
 
-import argparse
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from stages.common import ParamsError, Section, read_params, resolve, seed_everything, validate_section, write_json_atomic
+from stages.common import ParamsError, Section, resolve, seed_everything, stage_params, validate_section, write_json_atomic
 
 
 class ArchParams(Section):
@@ -52,7 +51,6 @@ class PretrainParams(Section):
 def pretrain_job(spec: dict) -> tuple[dict, dict]:
     """Ray task: build (and train) one backbone; returns (meta, state_dict)."""
     import timm
-    import torch
 
     from recast.data import BatchLoader, read_manifest
     from recast.training import TuneConfig, evaluate, fit
@@ -116,13 +114,7 @@ def run(p: PretrainParams, rt) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> None:
     from stages.runtime import RuntimeParams
 
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default=None)
-    args = ap.parse_args(argv)
-    data = read_params(args.params)
-    from stages.validate import validate_all
-
-    validate_all(data)  # every section, before any compute
+    data = stage_params(argv, __doc__)
     p = validate_section("pretrain", PretrainParams, data)
     rt = validate_section("runtime", RuntimeParams, data)
     print(run(p, rt))

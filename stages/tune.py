@@ -9,7 +9,6 @@ with its own method list (adapters alone and + RECAST). Every finished job write
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from stages.common import ParamsError, Section, read_params, resolve, validate_section, write_json_atomic
+from stages.common import ParamsError, Section, resolve, stage_params, validate_section, write_json_atomic
 
 
 class MethodParams(Section):
@@ -302,13 +301,7 @@ def run(stage: str, p: TuneParams, methods: dict[str, MethodParams], rt, out_dir
 def main(argv: list[str] | None = None) -> None:
     from stages.runtime import RuntimeParams
 
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default=None)
-    args = ap.parse_args(argv)
-    data = read_params(args.params)
-    from stages.validate import validate_all
-
-    validate_all(data)  # every section, before any compute
+    data = stage_params(argv, __doc__)
     p = validate_section("tune", TuneParams, data)
     rt = validate_section("runtime", RuntimeParams, data)
     summary = run("tune", p, p.methods, rt, p.out_dir, continual=True)

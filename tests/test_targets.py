@@ -1,5 +1,4 @@
 import pytest
-import torch
 from torch import nn
 
 from recast import RecastConfig, build_plan, default_layer_key, match_modules
