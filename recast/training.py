@@ -137,7 +137,7 @@ def fit(
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             step_time += time.perf_counter() - t0
-            total_loss += float(loss)
+            total_loss += float(loss.detach())
             batches += 1
             steps += 1
         sched.step()
