@@ -100,6 +100,14 @@ class Tracker:
         self.parent_id = run.info.run_id
         if params:
             self.log_params(self.parent_id, params)
+        self._monitor = None
+        try:  # CPU/RAM/GPU of the driver's machine, sampled into the parent run (needs psutil)
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.parent_id, sampling_interval=5, tracking_uri=self.uri)
+            self._monitor.start()
+        except Exception:  # noqa: BLE001 - system metrics are optional
+            self._monitor = None
 
     def _experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -141,6 +149,8 @@ class Tracker:
         return rid
 
     def finish(self, metrics: dict[str, float] | None = None, status: str = "FINISHED") -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
         if metrics:
             ts = int(time.time() * 1000)
             ms = [mlflow.entities.Metric(k, float(v), ts, 0) for k, v in metrics.items() if _is_number(v)]
