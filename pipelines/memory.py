@@ -1,0 +1,48 @@
+"""Peak memory of one trial or phase inside a long-lived process (a reused Ray worker).
+
+``reset_peak_memory`` clears the resident-set high-water mark (Linux ``/proc/self/clear_refs``,
+value 5) and the CUDA peak; ``peak_memory`` then reads the peak since that reset (``VmHWM``), so a
+worker's earlier, larger trials do not inflate a later one. Where the reset is not possible the
+process-lifetime peak (``ru_maxrss``) is reported instead.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+from pathlib import Path
+
+import torch
+
+
+def reset_peak_memory(device: str = "cpu") -> None:
+    """Reset this process's peak RSS (Linux ``clear_refs``) and the CUDA peak, where possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass  # not Linux or not permitted: peak_memory falls back to the process lifetime peak
+    if device == "cuda" and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        found = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(found.group(1)) / 1024.0 if found else None
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now (MiB; 0 where /proc is missing)."""
+    return _status_mb("VmRSS") or 0.0
+
+
+def peak_memory(device: str = "cpu") -> dict[str, float]:
+    """Peak resident memory since ``reset_peak_memory`` (MiB), and peak CUDA memory on GPU."""
+    hwm = _status_mb("VmHWM")
+    out = {"peak_rss_mb": hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if device == "cuda" and torch.cuda.is_available():
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out

@@ -1,0 +1,71 @@
+"""Sweep configs: the shipped YAMLs validate and expand into the expected trials; bad keys and
+bad RECAST variants fail early, naming the key or the variant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import SWEEP_NAMES, GnSweep, load_config, runtime_params
+from pipelines.specs import build_specs
+from pipelines.sweep import preflight, sweep_key
+from stages.common import ParamsError
+
+EXPECTED_TRIALS = {"gn": 6, "k": 4, "targets": 6, "budget": 11, "order": 4, "seeds": 9}
+
+
+@pytest.mark.parametrize("sweep", SWEEP_NAMES)
+def test_shipped_configs_expand_to_trials(stage_outputs, sweep: str) -> None:
+    cfg = load_config(sweep)
+    specs = build_specs(sweep, cfg, "cpu")
+    assert len(specs) == EXPECTED_TRIALS[sweep]
+    assert len({s["id"] for s in specs}) == len(specs)
+    assert all(Path(s["pretrain_dir"]).is_absolute() and s["backbone_sha"] for s in specs)
+    preflight(specs, cfg)  # every RECAST variant fits test_vit (6 blocks)
+
+
+def test_gn_pairs_keep_template_parameters_constant(stage_outputs) -> None:
+    specs = build_specs("gn", load_config("gn"), "cpu")
+    products = {(s["point"]["G"], s["point"]["n"]): s["point"]["G_times_n"] for s in specs}
+    assert products == {(1, 2): 2, (2, 1): 2, (1, 6): 6, (2, 3): 6, (3, 2): 6, (6, 1): 6}
+    assert all(s["method"]["recast"]["overrides"]["coef_sets"] == 2 for s in specs)
+
+
+def test_order_sweep_runs_every_permutation(stage_outputs) -> None:
+    specs = build_specs("order", load_config("order"), "cpu")
+    assert sorted((s["kind"], s["task"]) for s in specs) == [
+        ("continual", "mnist_hi5_inv>mnist_lo5"), ("continual", "mnist_lo5>mnist_hi5_inv"),
+        ("recast_sequence", "mnist_hi5_inv>mnist_lo5"), ("recast_sequence", "mnist_lo5>mnist_hi5_inv")]
+    continual = next(s for s in specs if s["kind"] == "continual")
+    assert list(continual["task_dirs"]) == continual["order"]  # continual_job trains in dict order
+
+
+def test_unknown_and_ill_typed_keys_are_named(tmp_path: Path) -> None:
+    bad = tmp_path / "gn.yaml"
+    bad.write_text("pairs: [[1, 2]]\nepochs: 3\n")
+    with pytest.raises(ParamsError, match=r"gn\.epochs: Extra inputs are not permitted"):
+        load_config("gn", bad)
+    bad.write_text("pairs: [[1, 2]]\nruntime: {num_cpu: 2}\n")
+    with pytest.raises(ParamsError, match=r"num_cpu"):
+        load_config("gn", bad)
+    bad.write_text("pairs: [[1, 2]]\nrecast: {preset: recast_att, overrides: {groups: 2}}\n")
+    with pytest.raises(ParamsError, match=r"recast.overrides sets \['groups'\]"):
+        load_config("gn", bad)
+    with pytest.raises(ValueError, match="unknown sweep 'lr'"):
+        load_config("lr")
+
+
+def test_preflight_names_a_variant_that_does_not_fit(stage_outputs) -> None:
+    cfg = GnSweep(pairs=[(4, 1)])  # 4 groups do not divide 6 blocks
+    with pytest.raises(ValueError, match=r"recast_att_mlp with .*'groups': 4.* does not fit arch 'vit'"):
+        preflight(build_specs("gn", cfg, "cpu"), cfg)
+
+
+def test_runtime_overrides_and_sweep_identity(stage_outputs) -> None:
+    cfg = load_config("k")
+    rt = runtime_params(cfg.model_copy(update={"runtime": {"cache_dir": "/tmp/x"}}), num_cpus=1)
+    assert (rt.cache_dir, rt.num_cpus) == ("/tmp/x", 1)
+    specs = build_specs("k", cfg, "cpu")
+    assert sweep_key("k", specs) == sweep_key("k", list(reversed(specs)))
+    assert sweep_key("k", specs) != sweep_key("k", specs[:-1])

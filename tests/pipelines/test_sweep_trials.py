@@ -1,0 +1,70 @@
+"""Trial functions, run in-process on the pipeline's tiny backbone: parameter accounting of each
+sweep point, closed-form mimicry quality, RECAST's order invariance and per-trial peak memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.config import BudgetSweep, GnSweep, OrderSweep, TrialMethod
+from pipelines.memory import current_rss_mb, peak_memory, reset_peak_memory
+from pipelines.specs import build_specs
+from pipelines.trials import run_trial
+
+ROLE = 64 * 192  # test_vit: qkv, fc1 and fc2 weights each hold 12,288 values
+
+
+def _specs(sweep, cfg):
+    return {s["name"]: s for s in build_specs(sweep, cfg, "cpu")}
+
+
+def test_gn_points_count_templates_and_coefficients(stage_outputs, tiny_train) -> None:
+    specs = _specs("gn", GnSweep(pairs=[(1, 2), (2, 1), (6, 1)], train=tiny_train))
+    metas = {name: run_trial(spec)[0] for name, spec in specs.items()}
+    for name in ("G1-n2", "G2-n1"):  # G*n = 2: the same template parameters, a third of the weights
+        assert metas[name]["templates"] == 2 * 3 * ROLE
+        assert metas[name]["template_ratio"] == pytest.approx(1 / 3)
+        assert metas[name]["min_weight_cosine"] < 0.9  # a rank-n fit of 6/G layers per group
+    assert metas["G6-n1"]["templates"] == metas["G6-n1"]["replaced"] == 6 * 3 * ROLE
+    assert metas["G6-n1"]["min_weight_cosine"] == pytest.approx(1.0, abs=1e-9)  # one template per layer: exact
+    counts = {name: (m["coefficients"], m["effective_coefficients"]) for name, m in metas.items()}
+    assert counts == {"G1-n2": (18 * 2 * 2, 18 * 2), "G2-n1": (18 * 2 * 1, 18), "G6-n1": (18 * 2 * 1, 18)}
+    for meta in metas.values():
+        assert meta["task_params"] == meta["coefficients"] and meta["head_params"] == 64 * 5 + 5
+        assert 0.0 <= meta["test_acc"] <= 1.0 and meta["steps"] == 1 and meta["peak_rss_mb"] >= meta["rss_start_mb"]
+
+
+def test_budget_rows_count_lora_and_recast_lora(stage_outputs, tiny_train) -> None:
+    recast = {"preset": "recast_att_mlp", "overrides": {"groups": 3}}
+    cfg = BudgetSweep(train=tiny_train, methods={
+        "lora": TrialMethod(adapter={"preset": "lora_tiny"}),
+        "recast_lora": TrialMethod(recast=recast, adapter={"preset": "lora_tiny"})})
+    specs = _specs("budget", cfg)
+    assert (specs["lora"]["family"], specs["recast_lora"]["family"]) == ("lora", "recast+lora")
+    lora, _ = run_trial(specs["lora"])
+    both, _ = run_trial(specs["recast_lora"])
+    assert lora["adapter_params"] == lora["task_params"] == 64 + 192  # r=1 on blocks.0.attn.qkv
+    assert both["coefficients"] == 72 and both["task_params"] == 72 + 256
+    assert both["stored_params"] == both["trainable_params"] == 72 + 256 + 325
+
+
+def test_recast_sequence_is_order_invariant(stage_outputs, tiny_train) -> None:
+    cfg = OrderSweep(tasks=["mnist_lo5", "mnist_hi5_inv"], continual=[], train=tiny_train)
+    metas = [run_trial(s)[0] for s in build_specs("order", cfg, "cpu")]
+    assert [m["task_names"] for m in metas] == [["mnist_lo5", "mnist_hi5_inv"], ["mnist_hi5_inv", "mnist_lo5"]]
+    assert metas[0]["final_acc"] == metas[1]["final_acc"]  # exactly: same start, same seed per task
+    for m in metas:
+        assert m["avg_forgetting"] == 0.0
+        assert m["acc_matrix"][0][0] == m["acc_matrix"][1][0]  # the first task is untouched by the second
+        assert m["coefficients"] == 72
+
+
+def test_peak_memory_is_per_trial() -> None:
+    reset_peak_memory()
+    before = peak_memory()["peak_rss_mb"]
+    block = bytearray(200 * 2**20)  # touch 200 MiB
+    block[:: 4096] = b"x" * len(block[:: 4096])
+    grown = peak_memory()["peak_rss_mb"]
+    del block
+    reset_peak_memory()
+    assert grown - before > 150
+    assert peak_memory()["peak_rss_mb"] < grown - 150 and current_rss_mb() > 0
