@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
@@ -34,16 +33,8 @@ class SweepTracker(Tracker):
         experiment_id = retry(lambda: self._experiment_id(client, experiment), uri=uri)
         found = retry(lambda: self._find_parent(client, experiment_id), uri=uri) if experiment_id else None
         self.resumed = found is not None
-        if found is None:
-            super().__init__(f"sweep/{sweep}", experiment, params)
-            for key, value in {"kind": "sweep", "sweep": sweep, "sweep_key": sweep_key}.items():
-                retry(lambda k=key, v=value: self.client.set_tag(self.parent_id, k, v), uri=self.uri)
-        else:
-            # Tracker.__init__ always opens a new parent run: reattach to the old one instead.
-            mlflow.set_tracking_uri(uri)
-            self.uri, self.client, self.experiment_id, self.parent_id = uri, client, experiment_id, found
-            self._monitor = None  # no driver system metrics on a resumed parent
-            retry(lambda: self.client.update_run(found, status="RUNNING"), uri=uri)
+        tags = {"kind": "sweep", "sweep": sweep, "sweep_key": sweep_key}
+        super().__init__(f"sweep/{sweep}", experiment, params, tags=tags, run_id=found)
         self.logged = retry(self._finished_children, uri=self.uri)
 
     @staticmethod

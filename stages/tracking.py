@@ -90,16 +90,23 @@ def make_client(uri: str | None = None) -> MlflowClient:
 class Tracker:
     """The stage's MLflow parent run and its child runs."""
 
-    def __init__(self, stage: str, experiment: str, params: dict[str, Any] | None = None):
+    def __init__(self, stage: str, experiment: str, params: dict[str, Any] | None = None,
+                 tags: dict[str, str] | None = None, run_id: str | None = None):
+        """Open a new parent run, or reattach to ``run_id`` (a resumed sweep); ``tags`` go on it."""
         self.uri = tracking_uri()
         mlflow.set_tracking_uri(self.uri)
         self.client = make_client(self.uri)
         self.experiment_id = retry(lambda: self._experiment(experiment), uri=self.uri)
-        run = retry(lambda: self.client.create_run(self.experiment_id, run_name=stage,
-                                                   tags={"stage": stage, "kind": "stage"}), uri=self.uri)
-        self.parent_id = run.info.run_id
-        if params:
-            self.log_params(self.parent_id, params)
+        if run_id is None:
+            run = retry(lambda: self.client.create_run(self.experiment_id, run_name=stage,
+                                                       tags={"stage": stage, "kind": "stage", **(tags or {})}),
+                        uri=self.uri)
+            self.parent_id = run.info.run_id
+            if params:
+                self.log_params(self.parent_id, params)
+        else:
+            self.parent_id = run_id
+            retry(lambda: self.client.update_run(run_id, status="RUNNING"), uri=self.uri)
         self._monitor = None
         try:  # CPU/RAM/GPU of the driver's machine, sampled into the parent run (needs psutil)
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor

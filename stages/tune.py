@@ -155,7 +155,8 @@ def continual_job(spec: dict) -> tuple[dict, dict]:
     backbone = bb.plain()
     backbone.reset_classifier(0)
     tasks = []
-    for name, tdir in spec["task_dirs"].items():
+    for name in spec["task_order"]:
+        tdir = spec["task_dirs"][name]
         tdir = Path(tdir)
         mk = lambda split, train, limit, tdir=tdir: BatchLoader(tdir, split, tr.batch_size, tr.image_size, train=train,
                                                                 seed=spec["seed"], limit=limit)
@@ -206,7 +207,7 @@ def build_specs(stage: str, p: TuneParams, methods: dict[str, MethodParams], dev
                     specs.append({"id": f"{stage}/{arch}/{name}/sequential/s{seed}", "kind": "continual", "arch": arch,
                                   "method_name": name, "seed": seed, "epochs": c.epochs, "lr": c.lr,
                                   "options": c.options.get(name, {}), "backbone_sha": bb_sha,
-                                  "task_dirs": {t: str(data / t) for t in tasks},
+                                  "task_dirs": {t: str(data / t) for t in tasks}, "task_order": list(tasks),
                                   "task_sha": {t: _manifest_sha(data / t) for t in tasks}, **common})
     return specs
 
