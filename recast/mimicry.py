@@ -11,7 +11,9 @@ Three methods (``MimicryConfig.method``):
 - ``gradient``: the paper's procedure from its random init (kaiming templates, unit-vector
   coefficients): weighted SmoothL1 (or MSE) between generated and reference weights, Gaussian
   noise on the coefficients, RMSprop + StepLR, grad-norm clipping, best state kept.
-- ``refine``: the gradient procedure started from the closed form.
+- ``refine``: the gradient procedure started from the closed form (use a small lr, e.g. 1e-4:
+  the paper's lr 0.1 first step moves far from an exact fit; the best state, the start
+  included, is kept, so refine never ends worse than the closed form).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recast.config import MimicryConfig
+from recast.layers import random_unit_coefficients
 from recast.model import RecastModel
 
 
@@ -152,7 +155,9 @@ def gradient(rc: RecastModel, cfg: MimicryConfig) -> tuple[float, int]:
             loss = loss + weights[k] * loss_fn(w, refs[k]).mean(dim=1).sum()  # mean per module, summed
         return loss
 
-    best = (float("inf"), None)
+    with torch.no_grad():  # the starting state is a candidate too: refine never ends worse
+        best = (float(total_loss(noise=False)), ({k: t.detach().clone() for k, t in templates.items()},
+                                                 {k: c.detach().clone() for k, c in coefs.items()}))
     bar = tqdm(range(cfg.steps), desc=f"mimicry[{cfg.method}]", disable=not cfg.progress, leave=False)
     for _ in bar:
         opt.zero_grad(set_to_none=True)
@@ -168,9 +173,6 @@ def gradient(rc: RecastModel, cfg: MimicryConfig) -> tuple[float, int]:
             best = (clean, ({k: t.detach().clone() for k, t in templates.items()},
                             {k: c.detach().clone() for k, c in coefs.items()}))
         bar.set_postfix(loss=f"{clean:.3e}", refresh=False)
-    if best[1] is None:
-        with torch.no_grad():
-            return float(total_loss(noise=False)), 0
     with torch.no_grad():
         best_t, best_c = best[1]
         for k, names in members.items():
@@ -248,9 +250,12 @@ def mimic(rc: RecastModel, cfg: MimicryConfig | None = None, batch: torch.Tensor
         closed_form(rc, seed=cfg.seed)
     else:
         gen = torch.Generator().manual_seed(cfg.seed)
-        with torch.no_grad():
+        with torch.no_grad():  # the paper's init: kaiming templates, unit-vector coefficient sets
             for bank in rc.banks.values():
                 bank.reset_parameters(gen)
+            for _, layer in rc.recast_layers():
+                layer.coefs[rc.config.base_task].copy_(
+                    random_unit_coefficients(layer.coef_sets, layer.bank.num_templates, gen))
     if cfg.method in ("gradient", "refine"):
         loss, steps = gradient(rc, cfg)
     seconds = time.perf_counter() - start

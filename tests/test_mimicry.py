@@ -60,3 +60,21 @@ def test_bad_mimicry_config():
         MimicryConfig(method="vae")
     with pytest.raises(ValueError, match="steps"):
         MimicryConfig(steps=-1)
+
+
+def test_refine_with_paper_lr_never_ends_worse(tiny_vit):
+    rc = recast.apply(tiny_vit, preset("recast_mlp", groups=3))  # exact closed form (n = 2 layers/group)
+    rep = recast.mimic(rc, MimicryConfig(method="refine", steps=5, lr=0.1, progress=False))
+    assert rep.min_weight_cosine > 0.999999  # the exact starting state is kept as the best
+
+
+def test_gradient_starts_from_random_init_even_after_closed_form(tiny_vit):
+    rc = recast.apply(tiny_vit, preset("recast_mlp", groups=3))
+    recast.mimic(rc)
+    before = {n: layer.coefs["pretrained"].detach().clone() for n, layer in rc.recast_layers()}
+    recast.mimic(rc, MimicryConfig(method="gradient", steps=1, lr=1e-6, progress=False))
+    after = dict(rc.recast_layers())
+    for n, c in before.items():
+        got = after[n].coefs["pretrained"].detach()
+        assert not torch.allclose(got, c, atol=1e-3)
+        assert torch.allclose(got.norm(dim=1), torch.ones(2), atol=1e-3)  # unit-vector sets
