@@ -26,9 +26,10 @@ session_pids() {
 # Dies on a SID that is not a positive integer or that is the caller's own session.
 session_runs() {
     local sid="$1" text="$2" own_sid pids args
-    [[ "$sid" =~ ^[0-9]+$ ]] && ((sid > 1)) || die "invalid session id '$sid'"
+    # The own-session check comes first: in a container the caller's session id can read as 0.
     own_sid="$(ps -o sid= -p $$ | tr -d ' ')"
     [[ "$sid" != "$own_sid" ]] || die "refusing to touch the caller's own session $sid"
+    [[ "$sid" =~ ^[0-9]+$ ]] && ((sid > 1)) || die "invalid session id '$sid'"
     pids="$(session_pids "$sid")"
     [[ -n "$pids" ]] || return 1
     # shellcheck disable=SC2086  # word splitting of the pid list is intended

@@ -1,4 +1,7 @@
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import timm
@@ -8,6 +11,30 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+GENERATED = ("outputs/", "data/", "metrics/", "reports/", "mlflow.db", "mlartifacts/")
+
+
+def copy_source_tree(dst: Path) -> Path:
+    """Copy the repo's source files (tracked + untracked, not ignored) into ``dst``, without any
+    stage output and without dvc.lock: what a fresh clone has. ``dst`` becomes a git repo."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split("\n")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file() and not rel.startswith(GENERATED):
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    (dst / "dvc.lock").unlink(missing_ok=True)
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def source_tree():
+    """``source_tree(dst)`` copies the repo as a fresh clone would have it (see copy_source_tree)."""
+    return copy_source_tree
 
 
 @pytest.fixture

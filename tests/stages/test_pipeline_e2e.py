@@ -3,7 +3,6 @@ Ray and a real (sqlite) MLflow store; then a no-op `dvc repro` that skips every 
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -11,27 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from stages.common import REPO_ROOT
-
 STAGES = ["prepare", "pretrain", "mimic", "tune", "combine", "evaluate"]
 
 
-def _copy_tree(dst: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT, check=True,
-                           capture_output=True, text=True).stdout.split("\n")
-    for rel in filter(None, files):
-        src = REPO_ROOT / rel
-        if src.is_file() and not rel.startswith(("outputs/", "data/", "metrics/", "reports/")):
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
-    (dst / "dvc.lock").unlink(missing_ok=True)
-    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
-
-
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+def pipeline(tmp_path_factory, source_tree):
     root = tmp_path_factory.mktemp("repo")
-    _copy_tree(root)
+    source_tree(root)
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RECAST_PARAMS")}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     env.update(TQDM_DISABLE="1", RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true")
