@@ -97,7 +97,7 @@ def _phase(device: str, fn) -> dict[str, Any]:
     """Run ``fn() -> dict`` with memory peaks reset; add wall time and memory."""
     import torch
 
-    from pipelines.memory import current_rss_mb, peak_memory, reset_peak_memory
+    from stages.memory import current_rss_mb, peak_memory, reset_peak_memory
 
     reset_peak_memory(device)
     start_rss = current_rss_mb()

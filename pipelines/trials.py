@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from pipelines.memory import current_rss_mb, peak_memory, reset_peak_memory
+from stages.memory import current_rss_mb, peak_memory, reset_peak_memory
 
 Result = tuple[dict[str, Any], dict[str, torch.Tensor]]
 

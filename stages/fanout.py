@@ -67,12 +67,19 @@ def _maybe_fault(job_id: str) -> None:
         os._exit(1)  # simulate a worker lost mid-task
 
 
+def _ray_node() -> str:
+    """Id of the Ray node running this job ("" when it runs inline, outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 def _execute(fn: Callable[[dict], Result], spec: dict, threads: int) -> tuple[dict, dict]:
     torch.set_num_threads(max(1, threads))
     _maybe_fault(spec["id"])
     start = time.perf_counter()
     meta, tensors = fn(spec)
-    meta = {**meta, "job_wall_s": time.perf_counter() - start, "host": os.uname().nodename}
+    meta = {**meta, "job_wall_s": time.perf_counter() - start, "host": os.uname().nodename, "ray_node": _ray_node()}
     return meta, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 

@@ -140,10 +140,13 @@ class Tracker:
 
     def child(self, name: str, params: dict[str, Any], metrics: dict[str, float],
               artifacts: list[Path] = (), tags: dict[str, str] | None = None) -> str:
-        """One finished job as a child run (params, metrics, artifacts); returns its run id."""
+        """One finished job as a child run (params, metrics, artifacts); returns its run id.
+
+        Numeric metrics are logged as metrics; the job's ``host`` and ``ray_node`` become tags."""
+        where = {k: str(metrics[k]) for k in ("host", "ray_node") if metrics.get(k)}
         run = retry(lambda: self.client.create_run(
             self.experiment_id, run_name=name,
-            tags={"mlflow.parentRunId": self.parent_id, "job": name, **(tags or {})}), uri=self.uri)
+            tags={"mlflow.parentRunId": self.parent_id, "job": name, **where, **(tags or {})}), uri=self.uri)
         rid = run.info.run_id
         self.log_params(rid, params)
         ts = int(time.time() * 1000)

@@ -103,14 +103,15 @@ def task_names(p: TuneParams) -> list[str]:
 
 def tune_job(spec: dict) -> tuple[dict, dict]:
     """Ray task: train one method on one task; returns (metrics, payload tensors)."""
-    import torch
-
     from recast.data import BatchLoader, read_manifest
     from recast.recipes import MethodSpec, build_method
     from recast.training import TuneConfig, evaluate, fit
     from stages.backbones import load_backbone
     from stages.common import seed_everything
+    from stages.memory import current_rss_mb, peak_memory, reset_peak_memory
 
+    reset_peak_memory(spec["device"])  # a reused Ray worker's earlier jobs must not count
+    rss_start = current_rss_mb()
     seed_everything(spec["seed"])
     tr = TrainParams(**spec["train"])
     m = MethodParams(**spec["method"])
@@ -135,10 +136,8 @@ def tune_job(spec: dict) -> tuple[dict, dict]:
         "bytes": int(sum(t.numel() * t.element_size() for t in payload.values())),
         "seconds_per_step": res.seconds_per_step, "train_seconds": res.seconds, "steps": res.steps,
         "num_classes": manifest.num_classes, "recast": needs_recast,
-        "peak_rss_mb": _peak_rss_mb(),
+        "rss_start_mb": rss_start, **peak_memory(cfg.device),
     }
-    if torch.cuda.is_available() and cfg.device == "cuda":
-        meta["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return meta, payload
 
 
@@ -167,12 +166,6 @@ def continual_job(spec: dict) -> tuple[dict, dict]:
     method = make_method(spec["method_name"], backbone, spec.get("options") or None)
     out = run_sequential(method, tasks, cfg, progress=False).to_json()
     return {**out, "arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"], "sequential": True}, {}
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def build_specs(stage: str, p: TuneParams, methods: dict[str, MethodParams], device: str,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.config import BudgetSweep, GnSweep, OrderSweep, TrialMethod
-from pipelines.memory import current_rss_mb, peak_memory, reset_peak_memory
+from stages.memory import current_rss_mb, peak_memory, reset_peak_memory
 from pipelines.specs import build_specs
 from pipelines.trials import run_trial
 

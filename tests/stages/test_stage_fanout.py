@@ -41,6 +41,10 @@ def test_killed_workers_are_retried_and_rerun_resumes(ray_with_faults, tmp_path)
     results = run_jobs("sq", square_job, specs, rt, on_result=lambda s, r, cached: seen.append((s["id"], cached)))
     assert {k: v[0]["y"] for k, v in results.items()} == {f"sq/{i}": i * i for i in range(4)}
     assert torch.equal(results["sq/3"][1]["x"], torch.full((3,), 3.0))
+    import ray
+
+    nodes = {n["NodeID"] for n in ray.nodes()}
+    assert {v[0]["ray_node"] for v in results.values()} <= nodes and all(v[0]["host"] for v in results.values())
     killed = sorted(p.name for p in ray_with_faults.iterdir())
     assert killed == [f"sq_{i}.killed" for i in range(4)]  # every job lost its worker once
     assert sorted(seen) == [(f"sq/{i}", False) for i in range(4)]  # each reported exactly once

@@ -12,7 +12,7 @@ def _worker(uri: str, idx: int, n: int) -> None:
 
     tr = Tracker(f"stage{idx}", "concurrency")
     for j in range(n):
-        rid = tr.child(f"job{idx}-{j}", {"i": idx, "j": j}, {"acc": 0.5 + 0.01 * j})
+        rid = tr.child(f"job{idx}-{j}", {"i": idx, "j": j}, {"acc": 0.5 + 0.01 * j, "host": f"h{idx}", "ray_node": ""})
         register_payload(rid, "vit", f"task{j}", "recast", {"test_acc": f"{0.5 + 0.01 * idx:.3f}"},
                          accuracy=0.5 + 0.01 * idx)
     tr.finish({"done": 1.0})
@@ -44,6 +44,9 @@ def test_concurrent_writers_lose_nothing(tmp_path, monkeypatch):
     assert all(r.info.status == "FINISHED" for r in runs)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     assert len(children) == n_proc * n_runs
+    for r in children:  # the job's host is a tag, not a (non-numeric) metric; an empty node id is left out
+        assert r.data.tags["host"] == f"h{r.data.params['i']}" and "ray_node" not in r.data.tags
+        assert set(r.data.metrics) == {"acc"}
     registered = list_registered()
     assert [r["name"] for r in registered] == [f"recast.vit.recast.task{j}" for j in range(n_runs)]
     versions = client.search_model_versions("name='recast.vit.recast.task0'")
