@@ -35,6 +35,7 @@ class AdapterWrapper(nn.Module):
     """
 
     mergeable: ClassVar[bool] = False
+    frozen_prefixes: ClassVar[tuple[str, ...]] = ("base.",)
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -53,10 +54,14 @@ class AdapterWrapper(nn.Module):
             plain.weight.copy_(self.weight)
         return plain
 
+    def own_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """This adapter's parameters (not those of ``base`` or of other frozen parts it holds)."""
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith(self.frozen_prefixes)]
+
     def own_named_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """This adapter's parameters and persistent buffers (not those of ``base``)."""
-        own = [(n, p) for n, p in self.named_parameters() if not n.startswith("base.")]
-        own += [(n, b) for n, b in self.named_buffers() if not n.startswith("base.")]
+        own: list[tuple[str, torch.Tensor]] = list(self.own_named_parameters())
+        own += [(n, b) for n, b in self.named_buffers() if not n.startswith(self.frozen_prefixes)]
         return own
 
 

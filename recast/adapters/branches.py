@@ -43,22 +43,32 @@ def _io_features(module: nn.Module) -> tuple[int, int]:
 
 
 class AdaptFormerMLP(AdapterWrapper):
-    """AdaptFormer (Chen et al., 2022): ``mlp(x) + s * up(relu(down(x)))``, up zero-initialised.
+    """AdaptFormer (Chen et al., 2022): a parallel bottleneck ``s * up(relu(down(.)))`` added to
+    the MLP's output, ``up`` zero-initialised so the model starts unchanged.
 
-    Differs from the AdaptFormer code in one point: the branch reads the MLP's input (after the
-    block's norm2) because it wraps the MLP module; AdaptFormer feeds it the pre-norm residual.
+    As in AdaptFormer's code, the branch reads the block's residual stream, before the norm that
+    precedes the MLP: with ``norm`` given (taken out of the block, whose ``norm2`` becomes an
+    Identity) this module computes ``mlp(norm(x)) + s * up(relu(down(x)))`` on the residual
+    ``x``. Without ``norm`` the branch reads the MLP's own input. In both cases the branch's
+    output passes through the block's LayerScale / DropPath with the MLP's (identities for the
+    paper's ViTs when fine-tuning).
 
     Args:
         base: the MLP module (timm Mlp: fc1 -> act -> fc2).
         bottleneck: hidden width r (paper: 64 on ViT-S/B).
         scale: s (AdaptFormer: 0.1).
         generator: for the kaiming-uniform init of ``down``.
+        norm: the block's pre-MLP norm (frozen with the backbone, not part of the payload).
     """
 
-    def __init__(self, base: nn.Module, bottleneck: int, scale: float = 0.1, generator: torch.Generator | None = None):
+    frozen_prefixes = ("base.", "norm.")
+
+    def __init__(self, base: nn.Module, bottleneck: int, scale: float = 0.1, generator: torch.Generator | None = None,
+                 norm: nn.Module | None = None):
         super().__init__(base)
         self.in_dim, self.out_dim = _io_features(base)
         self.bottleneck, self.scale = bottleneck, float(scale)
+        self.norm = norm
         ref = next(iter(base.parameters()))
         self.down = nn.Linear(self.in_dim, bottleneck)
         self.up = nn.Linear(bottleneck, self.out_dim)
@@ -71,7 +81,9 @@ class AdaptFormerMLP(AdapterWrapper):
         self.up.to(device=ref.device, dtype=ref.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.scale * self.up(torch.relu(self.down(x)))
+        hidden = self.norm(x) if self.norm is not None else x
+        return self.base(hidden) + self.scale * self.up(torch.relu(self.down(x)))
 
     def extra_repr(self) -> str:
-        return f"dim={self.in_dim}->{self.out_dim}, bottleneck={self.bottleneck}, scale={self.scale:g}"
+        branch = "residual" if self.norm is not None else "mlp input"
+        return f"dim={self.in_dim}->{self.out_dim}, bottleneck={self.bottleneck}, scale={self.scale:g}, branch input={branch}"

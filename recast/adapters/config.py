@@ -32,6 +32,9 @@ class AdapterConfig:
         alpha: LoRA alpha; the delta is scaled by alpha / rank. None: alpha = rank (scale 1).
         bottleneck: AdaptFormer hidden width (paper: 64 on ViT-S/B).
         scale: AdaptFormer output scale s (AdaptFormer paper: 0.1).
+        branch_input: AdaptFormer branch input: ``residual`` (AdaptFormer's code: the block's
+            residual stream before its pre-MLP norm; needs a timm-style ``x + mlp(norm2(x))``
+            block) or ``mlp`` (the MLP's own input, after the norm; any MLP module).
         num_sparse: ``rosa``: sparse entries in total over all wrapped modules (split evenly).
         sparsity: ``rosa``: fraction of each module's weights that is sparse-trainable
             (alternative to ``num_sparse``; at most one of them is non-zero).
@@ -49,6 +52,7 @@ class AdapterConfig:
     alpha: float | None = None
     bottleneck: int = 8
     scale: float = 0.1
+    branch_input: Literal["residual", "mlp"] = "residual"
     num_sparse: int = 0
     sparsity: float = 0.0
     mask_init: float = 1e-2
@@ -77,6 +81,8 @@ class AdapterConfig:
                 f"AdapterConfig: give num_sparse ({self.num_sparse}) or sparsity ({self.sparsity}), not both")
         if self.kind == "rosa" and self.rank == 0 and not (self.num_sparse or self.sparsity):
             raise ValueError("AdapterConfig(kind='rosa') with rank=0 needs num_sparse > 0 or sparsity > 0")
+        if self.branch_input not in ("residual", "mlp"):
+            raise ValueError(f"AdapterConfig.branch_input must be 'residual' or 'mlp', got {self.branch_input!r}")
         if not math.isfinite(self.scale):
             raise ValueError(f"AdapterConfig.scale must be finite, got {self.scale!r}")
         if not (0.0 <= self.threshold < self.mask_init):

@@ -59,7 +59,20 @@ def logical_modules(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
     return out
 
 
-def _make(cfg: AdapterConfig, module: nn.Module, num_sparse: int, gen: torch.Generator) -> AdapterWrapper:
+def _take_pre_norm(parent: nn.Module, child: str, name: str) -> nn.Module:
+    """Detach the norm a pre-norm block applies before its MLP (timm ``Block``:
+    ``x + mlp(norm2(x))``), leaving an Identity in its place; returns the norm."""
+    norm = getattr(parent, "norm2", None)
+    if child != "mlp" or not isinstance(norm, nn.Module):
+        raise ValueError(f"AdaptFormer with branch_input='residual' needs a pre-norm block computing "
+                         f"x + mlp(norm2(x)); '{name}' is not the 'mlp' of a module with a 'norm2'. "
+                         f"Use branch_input='mlp' to feed the branch the MLP's own input")
+    parent.norm2 = nn.Identity()
+    return norm
+
+
+def _make(cfg: AdapterConfig, module: nn.Module, num_sparse: int, gen: torch.Generator,
+          norm: nn.Module | None = None) -> AdapterWrapper:
     if cfg.kind == "lora":
         return LoRALinear(module, cfg.rank, cfg.alpha, generator=gen)
     if cfg.kind == "melo":
@@ -76,7 +89,7 @@ def _make(cfg: AdapterConfig, module: nn.Module, num_sparse: int, gen: torch.Gen
         return cls(module, cfg.mask_init, cfg.threshold)
     if cfg.kind == "clr":
         return CLRConv2d(module)
-    return AdaptFormerMLP(module, cfg.bottleneck, cfg.scale, generator=gen)
+    return AdaptFormerMLP(module, cfg.bottleneck, cfg.scale, generator=gen, norm=norm)
 
 
 def _sparse_counts(cfg: AdapterConfig, modules: list[nn.Module]) -> list[int]:
@@ -127,7 +140,10 @@ def add_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     for (logical, real, module), k in zip(chosen, _sparse_counts(cfg, [m for _, _, m in chosen])):
         parent_name, _, child = real.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _make(cfg, module, k, gen))
+        norm = None
+        if cfg.kind == "adaptformer" and cfg.branch_input == "residual":
+            norm = _take_pre_norm(parent, child, logical)
+        setattr(parent, child, _make(cfg, module, k, gen, norm))
     return [logical for logical, _, _ in chosen]
 
 
@@ -140,9 +156,8 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The adapters' own parameters (not their bases'), each once."""
     seen: dict[int, nn.Parameter] = {}
     for _, wrapper in adapter_modules(model):
-        for n, p in wrapper.named_parameters():
-            if not n.startswith("base."):
-                seen.setdefault(id(p), p)
+        for _, p in wrapper.own_named_parameters():
+            seen.setdefault(id(p), p)
     return list(seen.values())
 
 
@@ -155,7 +170,7 @@ def adapter_counts(model: nn.Module) -> dict[str, int]:
     """Trainable adapter scalars per adapter class (e.g. ``{"LoRALinear": 6144}``)."""
     counts: dict[str, int] = {}
     for _, wrapper in adapter_modules(model):
-        own = sum(t.numel() for n, t in wrapper.named_parameters() if not n.startswith("base."))
+        own = sum(t.numel() for _, t in wrapper.own_named_parameters())
         counts[type(wrapper).__name__] = counts.get(type(wrapper).__name__, 0) + own
     return counts
 

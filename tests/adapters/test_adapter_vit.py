@@ -144,3 +144,40 @@ def test_stacking_lora_inside_adaptformer_keeps_original_names(vit, x):
     assert isinstance(vit.blocks[0].mlp.base.fc1, LoRALinear)
     assert count_adapter_parameters(vit) == VIT_COUNTS["adaptformer"] + 6 * 2 * (64 + 192)
     assert adapter_counts(vit) == {"AdaptFormerMLP": VIT_COUNTS["adaptformer"], "LoRALinear": 6 * 2 * (64 + 192)}
+
+
+@pytest.mark.parametrize("branch_input", ["residual", "mlp"])
+def test_adaptformer_branch_reads_the_residual_stream_like_adaptformer(vit, x, branch_input):
+    block = copy.deepcopy(vit.blocks[2])
+    add_adapters(vit, adapter_preset("adaptformer", branch_input=branch_input))
+    wrapper = vit.blocks[2].mlp
+    torch.manual_seed(1)
+    with torch.no_grad():
+        wrapper.up.weight.normal_()
+        wrapper.up.bias.normal_()
+    tokens = torch.randn(3, 17, 64)
+    with torch.no_grad():
+        got = vit.blocks[2](tokens)
+        h = tokens + block.attn(block.norm1(tokens))  # the attention half is untouched
+        branch_in = h if branch_input == "residual" else block.norm2(h)
+        branch = wrapper.scale * wrapper.up(torch.relu(wrapper.down(branch_in)))
+        want = h + block.mlp(block.norm2(h)) + branch
+    assert (got - want).abs().max() < 1e-5
+    moved = branch_input == "residual"
+    assert isinstance(vit.blocks[2].norm2, torch.nn.Identity) == moved and (wrapper.norm is not None) == moved
+    # the moved norm is frozen backbone, not payload: counts and state are the branch's only
+    assert count_adapter_parameters(vit) == VIT_COUNTS["adaptformer"]
+    from recast.adapters import adapter_state
+
+    assert not [k for k in adapter_state(vit) if ".norm." in k]
+
+
+def test_adaptformer_residual_input_needs_a_pre_norm_block():
+    mlp_only = torch.nn.Sequential()
+    mlp_only.add_module("mlp", torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8)))
+    with pytest.raises(ValueError, match="branch_input='mlp'"):
+        add_adapters(copy.deepcopy(mlp_only), AdapterConfig("adaptformer", ("mlp",)))
+    add_adapters(mlp_only, AdapterConfig("adaptformer", ("mlp",), branch_input="mlp"))
+    assert mlp_only(torch.randn(2, 8)).shape == (2, 8)
+    with pytest.raises(ValueError, match="branch_input must be"):
+        AdapterConfig("adaptformer", ("mlp",), branch_input="pre")
