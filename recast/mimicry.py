@@ -159,7 +159,7 @@ def gradient(rc: RecastModel, cfg: MimicryConfig) -> tuple[float, int]:
         best = (float(total_loss(noise=False)), ({k: t.detach().clone() for k, t in templates.items()},
                                                  {k: c.detach().clone() for k, c in coefs.items()}))
     bar = tqdm(range(cfg.steps), desc=f"mimicry[{cfg.method}]", disable=not cfg.progress, leave=False)
-    for _ in bar:
+    for step in bar:
         opt.zero_grad(set_to_none=True)
         loss = total_loss(noise=True)
         loss.backward()
@@ -167,6 +167,8 @@ def gradient(rc: RecastModel, cfg: MimicryConfig) -> tuple[float, int]:
             nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
+        if (step + 1) % cfg.eval_every and step + 1 < cfg.steps:
+            continue
         with torch.no_grad():
             clean = float(total_loss(noise=False))
         if clean < best[0]:
