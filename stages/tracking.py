@@ -80,7 +80,7 @@ def make_client(uri: str | None = None) -> MlflowClient:
     uri = uri or tracking_uri()
 
     def open_client() -> MlflowClient:
-        client = MlflowClient(uri)
+        client = MlflowClient(uri, registry_uri=uri)  # the registry lives in the same store
         client._tracking_client.store  # noqa: B018 - force the store (and its migrations) now
         return client
 
@@ -93,8 +93,7 @@ class Tracker:
     def __init__(self, stage: str, experiment: str, params: dict[str, Any] | None = None,
                  tags: dict[str, str] | None = None, run_id: str | None = None):
         """Open a new parent run, or reattach to ``run_id`` (a resumed sweep); ``tags`` go on it."""
-        self.uri = tracking_uri()
-        mlflow.set_tracking_uri(self.uri)
+        self.uri = tracking_uri()  # every call names it: no process-wide mlflow.set_tracking_uri
         self.client = make_client(self.uri)
         self.experiment_id = retry(lambda: self._experiment(experiment), uri=self.uri)
         if run_id is None:
@@ -216,11 +215,14 @@ def list_registered(prefix: str = "recast.") -> list[dict[str, Any]]:
 
 
 def download_payload(arch: str, task: str, method: str = "recast", alias: str = "current") -> Path:
-    """Download a registered payload's files; returns the local directory."""
-    client = make_client()
+    """Download a registered payload's files from the current store (MLFLOW_TRACKING_URI or
+    the embedded one); returns the local directory."""
+    uri = tracking_uri()
+    client = make_client(uri)
     mv = client.get_model_version_by_alias(registry_name(arch, task, method), alias)
     dst = Path(tempfile.mkdtemp(prefix="recast-payload-"))
-    return Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="payload", dst_path=str(dst)))
+    return Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="payload", dst_path=str(dst),
+                                                    tracking_uri=uri, registry_uri=uri))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

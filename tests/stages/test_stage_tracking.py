@@ -53,3 +53,29 @@ def test_concurrent_writers_lose_nothing(tmp_path, monkeypatch):
     assert len(versions) == n_proc
     best = client.get_model_version_by_alias("recast.vit.recast.task0", "best")
     assert best.tags["test_acc"] == f"{0.5 + 0.01 * (n_proc - 1):.3f}"  # highest accuracy wins "best"
+
+
+def test_download_payload_reads_the_configured_store(tmp_path, monkeypatch):
+    """A stale process-wide store in mlflow (an earlier ``mlflow.set_tracking_uri`` in the same
+    process, with MLFLOW_TRACKING_URI set again since) must not redirect the download."""
+    import mlflow
+
+    from stages.tracking import Tracker, download_payload, register_payload
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    payload = tmp_path / "mnist_rot-s42.json"
+    payload.write_text('{"numel": 3}')
+    tr = Tracker("tune", "download")
+    rid = tr.child("tune/vit/recast/mnist_rot", {"task": "mnist_rot"}, {"test_acc": 0.9}, artifacts=[payload])
+    register_payload(rid, "vit", "mnist_rot", "recast", {"test_acc": "0.9"}, accuracy=0.9)
+    tr.finish()
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/elsewhere.db")  # sets mlflow's global and the variable
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the variable is ours again; mlflow's global is not
+    try:
+        folder = download_payload("vit", "mnist_rot", "recast", alias="best")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert [p.name for p in folder.iterdir()] == ["mnist_rot-s42.json"]
+    assert (folder / "mnist_rot-s42.json").read_text() == '{"numel": 3}'
