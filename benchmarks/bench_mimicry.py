@@ -172,6 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
     p.add_argument("--steps", type=int, default=1000, help="gradient mimicry steps (paper: 1000); 0 skips it")
+    p.add_argument("--eval-every", type=int, default=10, help="noise-free best-state check every N steps (1: every step)")
     p.add_argument("--refine-steps", type=int, default=100, help="refine steps from the closed form; 0 skips it")
     p.add_argument("--refine-lr", type=float, default=0.1, help="RMSprop lr of the refine steps (paper: 0.1)")
     p.add_argument("--vit-model", default="vit_small_patch16_224")
@@ -209,11 +210,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     case("vit_all4_closed", args.vit_model, vit, all4, closed, "closed form", time_target=True)
     if args.steps > 0:
-        grad = recast.MimicryConfig(method="gradient", steps=args.steps, seed=args.seed, progress=progress)
-        case("vit_all4_gradient", args.vit_model, vit, all4, grad, f"gradient, {args.steps} steps (minutes on CPU)")
+        grad = recast.MimicryConfig(method="gradient", steps=args.steps, seed=args.seed, eval_every=args.eval_every,
+                                    progress=progress)
+        case("vit_all4_gradient", args.vit_model, vit, all4, grad,
+             f"gradient, {args.steps} steps, best-state check every {args.eval_every} (minutes on CPU)")
     if args.refine_steps > 0:
         refine = recast.MimicryConfig(method="refine", steps=args.refine_steps, lr=args.refine_lr, seed=args.seed,
-                                      progress=progress)
+                                      eval_every=args.eval_every, progress=progress)
         case("vit_all4_refine", args.vit_model, vit, all4, refine,
              f"refine, {args.refine_steps} steps, lr {args.refine_lr}")
     if args.lowrank_groups > 0:
