@@ -3,7 +3,8 @@
 Runs one shipped sweep (default ``gn``: 6 trials) twice through ``pipelines.sweep.main``, with
 ``--num-cpus 1`` and then ``--num-cpus N`` (one CPU per trial), each time with an empty job cache,
 its own output folder and its own sqlite MLflow store, so nothing is reused between the two
-runs. Both wall times include Ray's start, MLflow logging and the report: what a user waits for.
+runs, each in a fresh process. Both wall times include the imports, Ray's start, MLflow logging
+and the report: what a user waits for; the fan-out time is the trials alone.
 Needs the outputs of the prepare, pretrain and mimic stages (``dvc repro mimic``).
 
     python -m benchmarks.bench_sweep_workers [--sweep gn] [--workers 2] [--epochs 3]
@@ -15,6 +16,8 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,22 +28,20 @@ BENCH_DIR = Path(__file__).resolve().parent
 
 
 def run_once(sweep: str, config: dict, workers: int, scratch: Path) -> dict:
-    import ray
-
-    from pipelines.sweep import main as sweep_main
-
+    """One sweep in a fresh Python process (both runs pay the same imports and Ray start)."""
     cfg = {**config, "out_dir": str(scratch / f"out{workers}"),
            "runtime": {"cache_dir": str(scratch / f"cache{workers}"), "experiment": f"bench-sweep-{workers}",
                        "progress": False, "cpus_per_task": 1}}
     path = scratch / f"{sweep}-{workers}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / f'mlflow{workers}.db'}"
-    if ray.is_initialized():
-        ray.shutdown()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{scratch / f'mlflow{workers}.db'}", TQDM_DISABLE="1")
     t0 = time.perf_counter()
-    summary = sweep_main(["--sweep", sweep, "--config", str(path), "--num-cpus", str(workers)])
+    subprocess.run([sys.executable, "-m", "pipelines.sweep", "--sweep", sweep, "--config", str(path),
+                    "--num-cpus", str(workers)], cwd=BENCH_DIR.parent, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
-    ray.shutdown()
+    summary = json.loads((scratch / f"out{workers}" / sweep / "summary.json").read_text())
     return {"wall_s": wall, "fanout_s": summary["wall_s"], "trials": summary["trials"],
             "computed": summary["computed"], "trial_seconds_total": summary["trial_seconds_total"]}
 
@@ -52,27 +53,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sweep", default="gn", choices=SWEEP_NAMES)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=None, help="override the config's train.epochs")
+    ap.add_argument("--limit-train", type=int, default=None, help="override the config's train.limit_train")
     ap.add_argument("--json-out", default=str(BENCH_DIR / "results" / "sweep_workers.json"))
     args = ap.parse_args(argv)
     if args.workers < 2:
         ap.error("--workers must be at least 2 (it is compared with 1)")
     config = yaml.safe_load((BENCH_DIR.parent / "pipelines" / "configs" / f"{args.sweep}.yaml").read_text())
-    if args.epochs:
-        config["train"] = {**config.get("train", {}), "epochs": args.epochs}
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("limit_train", args.limit_train)) if v}
+    config["train"] = {**config.get("train", {}), **overrides}
     scratch = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         one = run_once(args.sweep, config, 1, scratch)
         many = run_once(args.sweep, config, args.workers, scratch)
     finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
         shutil.rmtree(scratch, ignore_errors=True)
     if one["computed"] != one["trials"] or many["computed"] != many["trials"]:
         raise RuntimeError(f"a run reused cached trials: {one}, {many}")
-    out = {"sweep": args.sweep, "trials": one["trials"], "cpu_count": os.cpu_count(), "workers": args.workers,
+    out = {"sweep": args.sweep, "trials": one["trials"], "train": config["train"], "cpu_count": os.cpu_count(),
+           "workers": args.workers,
            "load_avg_1m_at_end": os.getloadavg()[0], "one_worker": one, "n_workers": many,
            "speedup_wall": one["wall_s"] / many["wall_s"], "speedup_fanout": one["fanout_s"] / many["fanout_s"]}
     print(f"| sweep | trials | 1 worker (s) | {args.workers} workers (s) | speedup (wall) | speedup (fan-out) |\n"
