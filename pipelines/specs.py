@@ -2,7 +2,7 @@
 
 A spec holds everything its trial needs (absolute paths, the method, the recipe) and the hashes
 of its inputs (backbone, task manifest, banks), so its ``stages.fanout.spec_key`` changes
-whenever a result would. ``point`` holds the sweep coordinates that land in the table.
+whenever a result would (the key also hashes the code). ``point`` holds the sweep coordinates that land in the table.
 """
 
 from __future__ import annotations

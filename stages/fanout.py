@@ -9,7 +9,9 @@ Ray retries a task whose worker dies (``max_retries``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import time
@@ -28,9 +30,30 @@ Result = tuple[dict[str, Any], dict[str, torch.Tensor]]
 FAULT_ENV = "RECAST_FAULT_ONCE_DIR"  # tests: a job whose marker is absent kills its worker once
 
 
+CODE_PACKAGES = ("recast", "stages", "pipelines")
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """sha256 of the Python source of the packages jobs run (``CODE_PACKAGES``).
+
+    Part of every job's cache key: after a code change (which makes DVC re-run the stage) no job
+    reuses a result the old code computed; a stage killed and re-run with the same code resumes.
+    """
+    digest = hashlib.sha256()
+    for package in CODE_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            for path in sorted(Path(root).rglob("*.py")):
+                digest.update(f"{package}/{path.relative_to(root).as_posix()}\0".encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def spec_key(spec: dict[str, Any]) -> str:
-    """Stable hash of a job spec (its cache key)."""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    """Stable hash of a job spec and of the code that runs it (the job's cache key)."""
+    keyed = {"spec": spec, "code": code_fingerprint()}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def init_ray(rt: RuntimeParams):

@@ -1,6 +1,7 @@
 """Ray fan-out: a worker killed mid-task is retried and the stage completes; a re-run resumes
 from the job cache instead of recomputing."""
 
+import copy
 import os
 
 import pytest
@@ -62,3 +63,32 @@ def test_duplicate_ids_rejected(tmp_path):
     rt = RuntimeParams(cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match="duplicate"):
         run_jobs("d", square_job, [{"id": "a", "x": 1}, {"id": "a", "x": 2}], rt)
+
+
+def test_cache_key_covers_the_code(monkeypatch, tmp_path):
+    """A result computed by other code is never reused: the key hashes recast/, stages/, pipelines/."""
+    import stages.fanout as fanout
+
+    spec = {"id": "sq/1", "x": 1}
+    key = spec_key(spec)
+    assert key == spec_key(dict(spec)) and len(fanout.code_fingerprint()) == 16
+    fake = tmp_path / "stages"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("# another version of the code\n")
+    real_find_spec = fanout.importlib.util.find_spec
+
+    def find_spec(name):
+        found = real_find_spec(name)
+        if name == "stages":  # a copy: find_spec hands out the imported module's own spec
+            found = copy.copy(found)
+            found.submodule_search_locations = [str(fake)]
+        return found
+
+    monkeypatch.setattr(fanout.importlib.util, "find_spec", find_spec)
+    fanout.code_fingerprint.cache_clear()
+    try:
+        assert spec_key(spec) != key
+    finally:
+        monkeypatch.undo()
+        fanout.code_fingerprint.cache_clear()
+    assert spec_key(spec) == key
