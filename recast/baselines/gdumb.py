@@ -6,10 +6,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from recast.baselines.buffer import ClassBalancedBuffer, replay_cross_entropy
+from recast.baselines.buffer import ClassBalancedBuffer, grouped_logits
 from recast.baselines.common import TaskSpec, TrainConfig, check_int
 from recast.baselines.method import ContinualMethod, train_epochs, unique_parameters
 
@@ -21,14 +23,49 @@ class GDumbConfig:
     Attributes:
         memory_size: samples held in the class-balanced memory (M).
         batch_size: batch size when training on the memory.
+        cutmix_prob: probability that a memory batch is cutmixed (GDumb: 0.5; 0 turns it off).
+        cutmix_alpha: Beta(alpha, alpha) of the pasted area fraction (GDumb: 1.0).
     """
 
     memory_size: int = 500
     batch_size: int = 32
+    cutmix_prob: float = 0.5
+    cutmix_alpha: float = 1.0
 
     def __post_init__(self) -> None:
         check_int("GDumbConfig.memory_size", self.memory_size, minimum=1)
         check_int("GDumbConfig.batch_size", self.batch_size, minimum=1)
+        if not 0.0 <= self.cutmix_prob <= 1.0:
+            raise ValueError(f"GDumbConfig.cutmix_prob must be in [0, 1], got {self.cutmix_prob!r}")
+        if not self.cutmix_alpha > 0:
+            raise ValueError(f"GDumbConfig.cutmix_alpha must be > 0, got {self.cutmix_alpha!r}")
+
+
+def cutmix_within_tasks(images: Tensor, task_ids: Tensor, alpha: float,
+                        gen: torch.Generator) -> tuple[Tensor, Tensor, float]:
+    """CutMix (Yun et al., 2019) as GDumb trains with it, with partners drawn inside each task.
+
+    One box per batch, the kept fraction drawn from Beta(alpha, alpha), the box clipped to the
+    image; every sample gets the box cut from a partner of the SAME task (a permutation within
+    each task), so both labels live in one task head.
+
+    Returns:
+        (mixed images, partner index per sample, lam = the fraction of each image kept).
+    """
+    partner = torch.arange(len(images), device=images.device)
+    for task_id in torch.unique(task_ids).tolist():
+        idx = (task_ids == task_id).nonzero(as_tuple=True)[0]
+        partner[idx] = idx[torch.randperm(len(idx), generator=gen).to(idx.device)]
+    keep = float(np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen))).beta(alpha, alpha))
+    h, w = images.shape[-2:]
+    ch, cw = int(h * (1 - keep) ** 0.5), int(w * (1 - keep) ** 0.5)  # box area about 1 - keep
+    cy, cx = (int(torch.randint(n, (1,), generator=gen)) for n in (h, w))
+    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    mixed = images.clone()
+    mixed[..., y0:y1, x0:x1] = images[partner][..., y0:y1, x0:x1]
+    lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+    return mixed, partner, lam
 
 
 class _MemoryBatches:
@@ -49,7 +86,8 @@ class GDumb(ContinualMethod):
     """The stream only fills the memory (one pass over each task's training batches, no
     training on it). After each task the backbone is reset to its initial weights, all heads
     are re-initialised, and the network is trained for ``cfg.epochs`` on the memory alone,
-    every sample through its own task head. Cutmix and SGDR of the paper are not used.
+    every sample through its own task head, with GDumb's cutmix (partners inside each task).
+    GDumb's SGDR schedule is not used: the runner's optimiser and StepLR schedule are.
 
     Trainable per task: backbone + every head seen so far. Training state: the memory and the
     initial backbone.
@@ -62,12 +100,14 @@ class GDumb(ContinualMethod):
         self.cfg = cfg or GDumbConfig()
         self.initial_backbone = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
         self.buffer: ClassBalancedBuffer | None = None
+        self.gen = torch.Generator().manual_seed(0)  # reseeded from the global RNG at the first task
 
     def before_task(self, task: TaskSpec) -> None:
         super().before_task(task)
         if self.buffer is None:
             seed = int(torch.randint(2**62, (1,)))
             self.buffer = ClassBalancedBuffer(self.cfg.memory_size, torch.Generator().manual_seed(seed))
+            self.gen = torch.Generator().manual_seed(seed + 1)  # cutmix draws
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return unique_parameters(self.net.parameters())
@@ -93,10 +133,18 @@ class GDumb(ContinualMethod):
                      f"{self.name}:{task.name}", progress)
 
     def memory_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        """Cross-entropy of a memory batch through each sample's task head."""
+        """Cross-entropy of a memory batch through each sample's task head; with probability
+        ``cutmix_prob`` the batch is cutmixed within tasks and the loss mixes both labels."""
         images, labels, task_ids = batch
-        return replay_cross_entropy(self.net, {"images": images, "labels": labels,
-                                               "task_ids": task_ids}, self.tasks)
+        partner, lam = None, 1.0
+        if self.training and self.cfg.cutmix_prob > 0 and float(torch.rand((), generator=self.gen)) < self.cfg.cutmix_prob:
+            images, partner, lam = cutmix_within_tasks(images, task_ids, self.cfg.cutmix_alpha, self.gen)
+        total = images.new_zeros(())
+        for idx, logits in grouped_logits(self.net, images, task_ids, self.tasks):
+            total = total + lam * F.cross_entropy(logits, labels[idx], reduction="sum")
+            if partner is not None:
+                total = total + (1.0 - lam) * F.cross_entropy(logits, labels[partner[idx]], reduction="sum")
+        return total / labels.numel()
 
     def training_state(self) -> dict[str, Tensor]:
         memory = self.buffer.tensors() if self.buffer is not None else {}

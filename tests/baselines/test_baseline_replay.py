@@ -119,3 +119,32 @@ def test_gdumb_retrains_from_initial_backbone_on_memory(vit, tasks):
     state = m.training_state()
     assert state["memory.images"].shape == (10, 3, 32, 32)
     assert state["initial_backbone.pos_embed"].shape == vit.pos_embed.shape
+
+
+def test_gdumb_cutmix_pairs_inside_tasks_and_mixes_the_loss(vit, tasks):
+    from recast.baselines.gdumb import cutmix_within_tasks
+
+    gen = torch.Generator().manual_seed(3)
+    images = torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand(8, 3, 32, 32).contiguous()
+    task_ids = torch.tensor([0, 0, 0, 1, 1, 1, 1, 0])
+    for _ in range(20):
+        mixed, partner, lam = cutmix_within_tasks(images, task_ids, 1.0, gen)
+        assert torch.equal(task_ids[partner], task_ids)  # both labels live in one head
+        assert sorted(partner.tolist()) == list(range(8))  # a permutation
+        for i in range(8):  # each image is itself outside the box and its partner inside it
+            own = (mixed[i] == images[i, 0, 0, 0]).float().mean().item()
+            if partner[i] != i:
+                assert own == pytest.approx(lam, abs=1e-6)
+                assert torch.all((mixed[i] == images[i, 0, 0, 0]) | (mixed[i] == images[partner[i], 0, 0, 0]))
+        assert 0.0 <= lam <= 1.0
+    m = make_method("gdumb", vit, {"memory_size": 10, "batch_size": 5, "cutmix_prob": 0.0})
+    m.before_task(tasks[0])
+    m.fill_memory(tasks[0].train)
+    batch = next(iter(m.buffer.batches(10)))
+    m.train()
+    plain = m.memory_loss((batch["images"], batch["labels"], batch["task_ids"]))
+    m.cfg = type(m.cfg)(memory_size=10, batch_size=5, cutmix_prob=1.0)
+    mixed_loss = m.memory_loss((batch["images"], batch["labels"], batch["task_ids"]))
+    assert torch.isfinite(mixed_loss) and float(mixed_loss.detach()) != pytest.approx(float(plain.detach()))
+    with pytest.raises(ValueError, match="cutmix_prob"):
+        make_method("gdumb", vit, {"cutmix_prob": 1.5})
