@@ -79,3 +79,26 @@ def test_download_payload_reads_the_configured_store(tmp_path, monkeypatch):
         mlflow.set_tracking_uri(previous)
     assert [p.name for p in folder.iterdir()] == ["mnist_rot-s42.json"]
     assert (folder / "mnist_rot-s42.json").read_text() == '{"numel": 3}'
+
+
+def test_registry_cli_lists_and_fetches(tmp_path, monkeypatch, capsys):
+    from stages.registry import main
+    from stages.tracking import Tracker, register_payload
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    tr = Tracker("tune", "cli")
+    for task, acc in (("mnist_rot", 0.9), ("uci_digits", 0.7)):
+        payload = tmp_path / f"{task}-s42.json"
+        payload.write_text(f'{{"task": "{task}"}}')
+        rid = tr.child(f"tune/vit/recast/{task}", {"task": task}, {"test_acc": acc}, artifacts=[payload])
+        register_payload(rid, "vit", task, "recast", {"test_acc": str(acc)}, accuracy=acc)
+    tr.finish()
+    assert main(["list", "--arch", "vit"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[2:] == ["| recast.vit.recast.mnist_rot | vit | recast | mnist_rot | 1 | 1 |",
+                         "| recast.vit.recast.uci_digits | vit | recast | uci_digits | 1 | 1 |"]
+    assert main(["list", "--arch", "resnet"]) == 0 and len(capsys.readouterr().out.splitlines()) == 2
+    assert main(["fetch", "vit", "uci_digits", "--out", str(tmp_path / "device")]) == 0
+    assert (tmp_path / "device" / "uci_digits-s42.json").read_text() == '{"task": "uci_digits"}'
+    assert main(["fetch", "vit", "cifar10", "--out", str(tmp_path / "device")]) == 1
+    assert "no payload 'best' for arch=vit task=cifar10" in capsys.readouterr().err
