@@ -81,6 +81,7 @@ def validate_all(data: dict[str, Any]) -> dict[str, Any]:
         bad = [m for m in names if m not in METHODS]
         if bad:
             raise ParamsError(f"tune.continual.methods.{arch}: unknown {bad}; valid: {sorted(METHODS)}")
+    _check_continual_options(tune.continual.options, {m for ms in tune.continual.methods.values() for m in ms})
 
     plan: dict[str, Any] = {"suite": prep.suite, "tasks": tasks, "device": rt.device}
     plan["mimic"] = {a: _plan_recast(a, pre, mim) for a in mim.archs}
@@ -110,3 +111,22 @@ if __name__ == "__main__":
     from stages.validate import main as _main
 
     _main()
+
+
+def _check_continual_options(options: dict[str, dict[str, Any]], used: set[str]) -> None:
+    """Each ``tune.continual.options.<method>`` builds that method's config (keys and values)."""
+    from recast.baselines import METHODS
+    from recast.baselines.common import config_from_mapping
+
+    for name, values in options.items():
+        if name not in used:
+            raise ParamsError(f"tune.continual.options.{name}: not a method of tune.continual.methods {sorted(used)}")
+        cfg_cls = METHODS[name][1]
+        if cfg_cls is None:
+            if values:
+                raise ParamsError(f"tune.continual.options.{name}: method {name!r} takes no options, got {values}")
+            continue
+        try:
+            config_from_mapping(cfg_cls, values)
+        except (TypeError, ValueError) as err:
+            raise ParamsError(f"tune.continual.options.{name}: {err}") from None

@@ -23,6 +23,11 @@ class L2PConfig:
         top_k: prompts selected per image (N).
         key_loss_weight: weight lambda of the surrogate key-matching loss.
         init_range: prompts and keys start uniform in ``[-init_range, init_range]``.
+        diversify: L2P's optional diversified selection, for task-incremental streams of
+            dissimilar tasks: while training task t > 1, each prompt's key distance
+            ``1 - cos`` is multiplied by its normalised usage frequency over the earlier tasks'
+            training, so prompts the earlier tasks leaned on are chosen less (inference is
+            unchanged).
     """
 
     pool_size: int = 10
@@ -30,6 +35,7 @@ class L2PConfig:
     top_k: int = 5
     key_loss_weight: float = 0.1
     init_range: float = 1.0
+    diversify: bool = False
 
     def __post_init__(self) -> None:
         check_int("L2PConfig.pool_size", self.pool_size, minimum=1)
@@ -50,7 +56,8 @@ class L2P(ContinualMethod):
     the mean of the prompt tokens after ``blocks`` and ``norm``. Loss: CE + lambda * mean over
     the batch of ``sum_selected (1 - cos(query, key))``. Trainable per task: prompts
     ``P * L_p * D`` + keys ``P * D`` + the task head. The pool is shared by all tasks, so it
-    is where forgetting happens. Batch-wise prompt-frequency balancing is not used.
+    is where forgetting happens. ``cfg.diversify`` turns on L2P's frequency-penalised selection
+    during training; the batch-wise majority vote of some L2P code bases is not used.
     """
 
     name = "l2p"
@@ -66,6 +73,13 @@ class L2P(ContinualMethod):
         self.prompts = nn.Parameter(torch.empty(
             self.cfg.pool_size, self.cfg.prompt_length, dim, device=device).uniform_(-r, r))
         self.keys = nn.Parameter(torch.empty(self.cfg.pool_size, dim, device=device).uniform_(-r, r))
+        self.register_buffer("usage", torch.zeros(self.cfg.pool_size, device=device))  # earlier tasks
+        self.register_buffer("task_usage", torch.zeros(self.cfg.pool_size, device=device))  # current task
+
+    def before_task(self, task: TaskSpec) -> None:
+        self.usage += self.task_usage  # the finished task's selections become history
+        self.task_usage.zero_()
+        super().before_task(task)
 
     def train(self, mode: bool = True) -> L2P:
         super().train(mode)
@@ -77,7 +91,13 @@ class L2P(ContinualMethod):
         with torch.no_grad():
             query = F.normalize(self.net.backbone(x), dim=1)  # (B, D)
         sim = query @ F.normalize(self.keys, dim=1).T  # (B, P)
-        idx = sim.detach().topk(self.cfg.top_k, dim=1).indices  # (B, k)
+        score = sim.detach()
+        if self.training and self.cfg.diversify and self.usage.sum() > 0:
+            distance = (1 - score) * (self.usage / self.usage.sum())  # frequent prompts look farther
+            score = -distance
+        idx = score.topk(self.cfg.top_k, dim=1).indices  # (B, k)
+        if self.training:
+            self.task_usage += torch.bincount(idx.flatten(), minlength=self.cfg.pool_size).to(self.task_usage)
         key_loss = (1 - sim.gather(1, idx)).sum(dim=1).mean()
         return idx, key_loss
 

@@ -39,6 +39,30 @@ def test_l2p_step_changes_only_prompts_keys_and_head(vit, tasks, fit_one_batch, 
     m = make_method("l2p", vit)
     before = snapshot(m)
     fit_one_batch(m, tasks[0], lr=0.5)
-    assert changed(before, m) == {"prompts", "keys", "net.heads.a.weight", "net.heads.a.bias"}
+    # learned: prompts, keys, the head; counted: the current task's prompt usage (a buffer)
+    assert changed(before, m) == {"prompts", "keys", "net.heads.a.weight", "net.heads.a.bias", "task_usage"}
     shared = m.shared_state()
     assert shared["prompts"].shape == (10, 5, 64) and "backbone.pos_embed" in shared
+
+
+def test_l2p_diversified_selection_avoids_prompts_earlier_tasks_used(vit, tasks):
+    m = make_method("l2p", vit, L2PConfig(pool_size=4, prompt_length=2, top_k=2, diversify=True))
+    x = torch.randn(6, 3, 32, 32)
+    m.before_task(tasks[0])
+    m.train()
+    with torch.no_grad():
+        query = vit(x)
+        m.keys[0] = query.mean(0)  # prompts 0 and 1 are the closest keys for every sample
+        m.keys[1] = query.mean(0) + 0.01 * query[0]
+        first, _ = m.select(x)  # no history yet: plain nearest keys
+    assert sorted(set(first.flatten().tolist())) == [0, 1]
+    assert m.task_usage.tolist() == [6.0, 6.0, 0.0, 0.0] and m.usage.sum() == 0
+    m.before_task(tasks[1])  # task a's selections become history
+    assert m.usage.tolist() == [6.0, 6.0, 0.0, 0.0] and m.task_usage.sum() == 0
+    with torch.no_grad():
+        second, _ = m.select(x)
+    assert set(second.flatten().tolist()) == {2, 3}  # zero-frequency prompts win while training
+    m.eval()
+    with torch.no_grad():
+        evaluated, _ = m.select(x)
+    assert torch.equal(evaluated, first) and m.task_usage.tolist() == [0.0, 0.0, 6.0, 6.0]  # eval counts nothing

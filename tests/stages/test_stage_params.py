@@ -38,6 +38,8 @@ def _mutate(params, path, value, delete=False):
     (("tune", "methods", "bad"), {"kind": "adapter", "adapter": "nope"}, "tune.methods.bad"),
     (("tune", "continual", "methods"), {"vit": ["ewc", "sgd_magic"]}, "tune.continual.methods.vit"),
     (("prepare", "val_fraction"), 0.9, "prepare.val_fraction"),
+    (("tune", "continual", "options"), {"ewc": {"lamda": 1.0}}, "tune.continual.options.ewc"),  # typo in a key
+    (("tune", "continual", "options"), {"hat": {}}, "tune.continual.options.hat"),  # method not in the run
 ])
 def test_bad_params_name_the_key(default_params, path, value, expected):
     with pytest.raises(ParamsError) as err:
