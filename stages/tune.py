@@ -147,7 +147,10 @@ def continual_job(spec: dict) -> tuple[dict, dict]:
     from recast.data import BatchLoader, read_manifest
     from stages.backbones import load_backbone
     from stages.common import seed_everything
+    from stages.memory import current_rss_mb, peak_memory, reset_peak_memory
 
+    reset_peak_memory(spec["device"])
+    rss_start = current_rss_mb()
     seed_everything(spec["seed"])
     tr = TrainParams(**spec["train"])
     bb = load_backbone(spec["arch"], Path(spec["pretrain_dir"]))
@@ -165,7 +168,8 @@ def continual_job(spec: dict) -> tuple[dict, dict]:
                       grad_clip=tr.grad_clip)
     method = make_method(spec["method_name"], backbone, spec.get("options") or None)
     out = run_sequential(method, tasks, cfg, progress=False).to_json()
-    return {**out, "arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"], "sequential": True}, {}
+    return {**out, "arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"], "sequential": True,
+            "rss_start_mb": rss_start, **peak_memory(spec["device"])}, {}
 
 
 def build_specs(stage: str, p: TuneParams, methods: dict[str, MethodParams], device: str,

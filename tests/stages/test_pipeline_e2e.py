@@ -54,8 +54,8 @@ def test_clean_run_produces_sane_metrics(pipeline):
     assert (root / "reports" / "params_vs_acc.png").stat().st_size > 10_000
     payloads = list((root / "outputs" / "tune" / "payloads" / "vit" / "recast").glob("*.safetensors"))
     assert len(payloads) == 5
-    rows = [r for r in json.loads((root / "outputs" / "tune" / "results.json").read_text()) if "peak_rss_mb" in r]
-    assert len(rows) == 25  # per-task jobs: their peak is measured from the job's own start
+    rows = json.loads((root / "outputs" / "tune" / "results.json").read_text())
+    assert len(rows) == 25 + 2  # per-task jobs and the two sequential baselines; each measures its own peak
     assert all(0 < r["rss_start_mb"] <= r["peak_rss_mb"] < 8192 and r["ray_node"] for r in rows)
 
 
