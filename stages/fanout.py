@@ -98,11 +98,18 @@ def _ray_node() -> str:
 
 
 def _execute(fn: Callable[[dict], Result], spec: dict, threads: int) -> tuple[dict, dict]:
+    from stages.memory import current_rss_mb, peak_memory, reset_peak_memory
+
     torch.set_num_threads(max(1, threads))
     _maybe_fault(spec["id"])
+    device = spec.get("device", "cpu")
+    reset_peak_memory(device)  # a reused Ray worker's earlier jobs must not count
+    rss_start = current_rss_mb()
     start = time.perf_counter()
     meta, tensors = fn(spec)
-    meta = {**meta, "job_wall_s": time.perf_counter() - start, "host": os.uname().nodename, "ray_node": _ray_node()}
+    measured = {"rss_start_mb": rss_start, **peak_memory(device)}  # a job's own finer measurement wins
+    meta = {**measured, **meta, "job_wall_s": time.perf_counter() - start, "host": os.uname().nodename,
+            "ray_node": _ray_node()}
     return meta, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 

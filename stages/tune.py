@@ -108,10 +108,7 @@ def tune_job(spec: dict) -> tuple[dict, dict]:
     from recast.training import TuneConfig, evaluate, fit
     from stages.backbones import load_backbone
     from stages.common import seed_everything
-    from stages.memory import current_rss_mb, peak_memory, reset_peak_memory
 
-    reset_peak_memory(spec["device"])  # a reused Ray worker's earlier jobs must not count
-    rss_start = current_rss_mb()
     seed_everything(spec["seed"])
     tr = TrainParams(**spec["train"])
     m = MethodParams(**spec["method"])
@@ -136,7 +133,6 @@ def tune_job(spec: dict) -> tuple[dict, dict]:
         "bytes": int(sum(t.numel() * t.element_size() for t in payload.values())),
         "seconds_per_step": res.seconds_per_step, "train_seconds": res.seconds, "steps": res.steps,
         "num_classes": manifest.num_classes, "recast": needs_recast,
-        "rss_start_mb": rss_start, **peak_memory(cfg.device),
     }
     return meta, payload
 
@@ -147,10 +143,7 @@ def continual_job(spec: dict) -> tuple[dict, dict]:
     from recast.data import BatchLoader, read_manifest
     from stages.backbones import load_backbone
     from stages.common import seed_everything
-    from stages.memory import current_rss_mb, peak_memory, reset_peak_memory
 
-    reset_peak_memory(spec["device"])
-    rss_start = current_rss_mb()
     seed_everything(spec["seed"])
     tr = TrainParams(**spec["train"])
     bb = load_backbone(spec["arch"], Path(spec["pretrain_dir"]))
@@ -168,8 +161,7 @@ def continual_job(spec: dict) -> tuple[dict, dict]:
                       grad_clip=tr.grad_clip)
     method = make_method(spec["method_name"], backbone, spec.get("options") or None)
     out = run_sequential(method, tasks, cfg, progress=False).to_json()
-    return {**out, "arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"], "sequential": True,
-            "rss_start_mb": rss_start, **peak_memory(spec["device"])}, {}
+    return {**out, "arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"], "sequential": True}, {}
 
 
 def build_specs(stage: str, p: TuneParams, methods: dict[str, MethodParams], device: str,

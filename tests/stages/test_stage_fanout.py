@@ -46,6 +46,8 @@ def test_killed_workers_are_retried_and_rerun_resumes(ray_with_faults, tmp_path)
 
     nodes = {n["NodeID"] for n in ray.nodes()}
     assert {v[0]["ray_node"] for v in results.values()} <= nodes and all(v[0]["host"] for v in results.values())
+    # every job's peak memory is measured from its own start (reset per job, whatever the worker ran before)
+    assert all(0 < v[0]["rss_start_mb"] <= v[0]["peak_rss_mb"] for v in results.values())
     killed = sorted(p.name for p in ray_with_faults.iterdir())
     assert killed == [f"sq_{i}.killed" for i in range(4)]  # every job lost its worker once
     assert sorted(seen) == [(f"sq/{i}", False) for i in range(4)]  # each reported exactly once
