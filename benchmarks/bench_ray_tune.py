@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 
 from stages.common import REPO_ROOT, read_params, validate_section
-from stages.runtime import RuntimeParams, pick_device
-from stages.tune import TuneParams, build_specs, dispatch
+from stages.jobs import dispatch
+from stages.params import RuntimeParams, TuneParams
+from stages.runtime import pick_device
+from stages.specs import method_specs
 
 
 def measure(workers: int, specs: list[dict], rt: RuntimeParams) -> float:
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tasks:
         p = p.model_copy(update={"tasks": args.tasks})
     methods = {k: v for k, v in p.methods.items() if args.methods is None or k in args.methods}
-    specs = build_specs("tune", p, methods, pick_device(rt.device), continual=False)
+    specs = method_specs("tune", p, methods, pick_device(rt.device))
     t1 = measure(1, specs, rt)
     tn = measure(args.workers, specs, rt)
     out = {"jobs": len(specs), "wall_1_worker_s": t1, f"wall_{args.workers}_workers_s": tn, "speedup": t1 / tn}

@@ -17,13 +17,12 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from stages.common import ParamsError, Section, read_params, validate_section
-from stages.mimic import MimicArch
-from stages.runtime import RuntimeParams
-from stages.tune import MethodParams, TrainParams
+from stages.params import MimicArch
+from stages.params import RuntimeParams
+from stages.params import MethodParams, TrainParams
 
 SweepName = Literal["gn", "k", "targets", "budget", "order", "seeds"]
 SWEEP_NAMES: tuple[str, ...] = ("gn", "k", "targets", "budget", "order", "seeds")
-PresetName = Literal["recast_mlp", "recast_att", "recast_att_proj", "recast_att_mlp", "recast_resnet"]
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # Tiny tuning recipe shared by the default sweep configs: a few epochs on a few hundred images.
@@ -148,7 +147,7 @@ class KSweep(SweepBase):
 class TargetsSweep(SweepBase):
     """Attention vs MLP targets: one RECAST preset per trial, with shared overrides."""
 
-    presets: list[PresetName] = Field(min_length=1)
+    presets: list[str] = Field(min_length=1)
     overrides: dict[str, Any] = Field(default_factory=dict)
     mimicry: dict[str, Any] = Field(default_factory=dict)
 

@@ -35,8 +35,8 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from stages.common import Section, read_params, resolve, validate_section, write_json_atomic
-from stages.mimic import MimicArch
-from stages.runtime import RuntimeParams
+from stages.params import MimicArch
+from stages.params import RuntimeParams
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "resources.yaml"
 

@@ -23,7 +23,7 @@ from pipelines.config import (
     TrialMethod,
 )
 from stages.common import ParamsError, resolve
-from stages.mimic import MimicArch
+from stages.params import MimicArch
 
 
 def _manifest_sha(task_dir: Path) -> str:

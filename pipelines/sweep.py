@@ -19,7 +19,7 @@ from typing import Any
 
 from pipelines.config import SWEEP_NAMES, SweepBase, load_config, runtime_params
 from stages.common import resolve
-from stages.runtime import RuntimeParams
+from stages.params import RuntimeParams
 
 
 def sweep_key(sweep: str, specs: list[dict]) -> str:

@@ -88,7 +88,7 @@ def tune_trial(spec: dict) -> Result:
     from recast.training import evaluate, fit
     from stages.backbones import load_backbone
     from stages.common import seed_everything
-    from stages.tune import TrainParams
+    from stages.params import TrainParams
 
     seed_everything(spec["seed"])
     tr = TrainParams(**spec["train"])
@@ -141,8 +141,8 @@ def recast_sequence_trial(spec: dict) -> Result:
     from recast.training import evaluate, fit
     from stages.backbones import load_backbone
     from stages.common import seed_everything
-    from stages.mimic import MimicArch
-    from stages.tune import TrainParams
+    from stages.params import MimicArch
+    from stages.params import TrainParams
 
     tr = TrainParams(**spec["train"])
     order = list(spec["order"])
@@ -181,7 +181,7 @@ def recast_sequence_trial(spec: dict) -> Result:
 
 def continual_trial(spec: dict) -> Result:
     """``stages.tune.continual_job`` over the spec's order, final accuracies keyed by task."""
-    from stages.tune import continual_job
+    from stages.sequential import continual_job
 
     meta, tensors = continual_job(spec)
     meta["final_acc"] = dict(zip(meta["task_names"], meta["final_acc"], strict=True))
@@ -190,7 +190,7 @@ def continual_trial(spec: dict) -> Result:
 
 def stage_tune_trial(spec: dict) -> Result:
     """The tune stage's per-task job, unchanged."""
-    from stages.tune import tune_job
+    from stages.jobs import tune_job
 
     meta, _ = tune_job(spec)
     return meta, {}  # the sweep keeps metrics only; the tune stage stores payloads

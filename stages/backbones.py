@@ -1,29 +1,30 @@
-"""Files of the pretrain and mimic stages, and turning them back into a Backbone."""
+"""Files of the pretrain and mimic stages, and turning them back into a Backbone.
+
+``<pretrain_dir>/<arch>.{safetensors,json}``: the pretrained state dict and its metadata
+(model name, kwargs, metrics, sha256). ``<mimic_dir>/<arch>/``: ``banks`` and ``base``
+(safetensors + JSON sidecar each), ``recast.json`` (RecastConfig, apply seed, bank sha256).
+Every file is written through ``recast.io.save_tensors`` (temp file + rename).
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from recast.config import RecastConfig
-from recast.io import tensors_sha256
+from recast.io import save_tensors, tensors_sha256
 from recast.recipes import Backbone
 from stages.common import write_json_atomic
 
 
 def save_pretrained(out_dir: Path, arch: str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """``<out_dir>/<arch>.safetensors`` + ``<arch>.json`` (model name, kwargs, metrics, sha256)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{arch}.safetensors"
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    tmp.replace(path)
-    write_json_atomic(out_dir / f"{arch}.json", {**meta, "sha256": tensors_sha256(state)})
-    return path
+    return save_tensors(state, {**meta, "sha256": tensors_sha256(state)}, out_dir / arch)
 
 
 def pretrained_meta(pretrain_dir: Path, arch: str) -> dict[str, Any]:
@@ -31,6 +32,25 @@ def pretrained_meta(pretrain_dir: Path, arch: str) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"no pretrained backbone for arch '{arch}' at {path}: run the pretrain stage")
     return json.loads(path.read_text())
+
+
+def save_mimicked(out_dir: Path, arch: str, config: RecastConfig, apply_seed: int,
+                  banks: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> str:
+    """Write ``<out_dir>/<arch>/{banks,base}`` and ``recast.json``; returns the bank sha256."""
+    d = out_dir / arch
+    bank_sha = tensors_sha256(banks)
+    save_tensors(banks, {"kind": "recast-banks", "bank_sha256": bank_sha}, d / "banks")
+    save_tensors(base, {"kind": "recast-base", "sha256": tensors_sha256(base), "bank_sha256": bank_sha}, d / "base")
+    cfg = asdict(config)
+    write_json_atomic(d / "recast.json", {"config": {**cfg, "targets": list(cfg["targets"]), "exclude": list(cfg["exclude"])},
+                                          "apply_seed": apply_seed, "bank_sha256": bank_sha})
+    return bank_sha
+
+
+def bank_meta(mimic_dir: Path, arch: str) -> dict[str, Any]:
+    """``<mimic_dir>/<arch>/recast.json``, or {} when the arch was not mimicked."""
+    path = mimic_dir / arch / "recast.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def load_backbone(arch: str, pretrain_dir: Path, mimic_dir: Path | None = None) -> Backbone:

@@ -1,4 +1,5 @@
-"""Helpers shared by every stage: params loading/validation, atomic JSON writes, seeding."""
+"""Helpers shared by every stage: reading and validating params sections, atomic JSON writes,
+seeding, repo-relative paths. The section models are in ``stages.params``."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ M = TypeVar("M", bound="Section")
 class Section(BaseModel):
     """Base class of a params.yaml section: unknown keys and wrong types are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
 
 
 class ParamsError(ValueError):
@@ -83,17 +84,3 @@ def resolve(path: str | os.PathLike) -> Path:
     """Resolve a params path relative to the repo root (absolute paths pass through)."""
     p = Path(path)
     return p if p.is_absolute() else (REPO_ROOT / p)
-
-
-def stage_params(argv: list[str] | None, description: str | None) -> dict[str, Any]:
-    """Parse ``--params`` and validate EVERY section before the stage computes anything."""
-    import argparse
-
-    ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--params", default=None, help="params file (default: params.yaml at the repo root)")
-    args = ap.parse_args(argv)
-    data = read_params(args.params)
-    from stages.validate import validate_all  # imports every stage's section model
-
-    validate_all(data)
-    return data

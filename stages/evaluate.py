@@ -16,24 +16,29 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from stages.common import Section, resolve, stage_params, validate_section, write_json_atomic
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from recast.baselines.results import forgetting_per_task  # noqa: E402
+from recast.data import BatchLoader  # noqa: E402
+from recast.training import evaluate  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from stages.backbones import load_backbone  # noqa: E402
+from stages.cli import entry, stage_params  # noqa: E402
+from stages.common import resolve, validate_section, write_json_atomic  # noqa: E402
+from stages.params import CombineParams, EvaluateParams, RuntimeParams, TuneParams  # noqa: E402
+from stages.specs import task_names  # noqa: E402
+from stages.tracking import Tracker  # noqa: E402
 
 
-class EvaluateParams(Section):
-    report_dir: str = "reports"
-    forgetting_archs: list[str] = []
-    forgetting_method: str = "recast"
-
-
-def recast_forgetting(arch: str, tune_dir: Path, results: list[dict], p_tune) -> dict[str, Any]:
+def recast_forgetting(arch: str, tune_dir: Path, results: list[dict], p_tune: TuneParams,
+                      method: str = "recast") -> dict[str, Any]:
     """Sequentially load every task's RECAST payload into one model; re-evaluate earlier tasks."""
-    from safetensors.torch import load_file
-
-    from recast.data import BatchLoader
-    from recast.training import evaluate
-    from stages.backbones import load_backbone
-
-    rows = [r for r in results if r["arch"] == arch and r["method"] == "recast" and r["seed"] == p_tune.seeds[0]]
+    order = {t: i for i, t in enumerate(task_names(p_tune))}
+    rows = sorted((r for r in results if r["arch"] == arch and r["method"] == method and r["seed"] == p_tune.seeds[0]),
+                  key=lambda r: order.get(r["task"], len(order)))
     tasks = [r["task"] for r in rows]
     if not tasks:
         return {}
@@ -43,7 +48,7 @@ def recast_forgetting(arch: str, tune_dir: Path, results: list[dict], p_tune) ->
     data = resolve(p_tune.data_dir)
     matrix: list[list[float | None]] = []
     for i, task in enumerate(tasks):
-        tensors = load_file(str(tune_dir / "payloads" / arch / "recast" / f"{task}-s{p_tune.seeds[0]}.safetensors"))
+        tensors = load_file(str(tune_dir / "payloads" / arch / method / f"{task}-s{p_tune.seeds[0]}.safetensors"))
         rc.load_task_tensors(task, {k: v for k, v in tensors.items() if not k.startswith("extra.")},
                              num_classes=rows[i]["num_classes"])
         row: list[float | None] = []
@@ -56,18 +61,13 @@ def recast_forgetting(arch: str, tune_dir: Path, results: list[dict], p_tune) ->
                                                 limit=tr.limit_eval)))
         matrix.append(row)
     final = matrix[-1]
-    forgetting = [max(matrix[k][j] for k in range(j, len(tasks))) - final[j] for j in range(len(tasks) - 1)]
+    forgetting = [f for f in forgetting_per_task(matrix) if f is not None]
     standalone = {r["task"]: r["test_acc"] for r in rows}
     return {"tasks": tasks, "acc_matrix": matrix, "avg_forgetting": statistics.mean(forgetting) if forgetting else 0.0,
             "max_abs_diff_vs_standalone": max(abs(final[j] - standalone[t]) for j, t in enumerate(tasks))}
 
 
 def plot_params_vs_acc(summary: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     archs = sorted({k.split("/")[0] for k in summary})
     fig, axes = plt.subplots(1, len(archs), figsize=(5.5 * len(archs), 4.2), squeeze=False)
     for ax, arch in zip(axes[0], archs):
@@ -92,7 +92,8 @@ def plot_params_vs_acc(summary: dict[str, dict], path: Path) -> None:
     tmp.replace(path)
 
 
-def markdown(summary: dict[str, dict], results: list[dict], forgetting: dict[str, dict], mimic: dict) -> str:
+def markdown(summary: dict[str, dict], results: list[dict], forgetting: dict[str, dict], mimic: dict,
+             task_order: list[str] | None = None) -> str:
     lines = ["# RECAST report", ""]
     if mimic:
         lines += ["## Neural Mimicry", "", "| arch | min weight cos | min feature cos | acc original | acc reconstructed | templates | coefs/task | seconds |",
@@ -104,7 +105,8 @@ def markdown(summary: dict[str, dict], results: list[dict], forgetting: dict[str
         lines.append("")
     archs = sorted({k.split("/")[0] for k in summary})
     for arch in archs:
-        tasks = sorted({r["task"] for r in results if r["arch"] == arch and not r.get("sequential")})
+        present = {r["task"] for r in results if r["arch"] == arch and not r.get("sequential")}
+        tasks = [t for t in (task_order or []) if t in present] + sorted(present - set(task_order or []))
         lines += [f"## {arch}: task-wise test accuracy (%)", "",
                   "| method | " + " | ".join(tasks) + " | avg | forgetting | trainable/task | bytes/task | wall s |",
                   "|---" * (len(tasks) + 6) + "|"]
@@ -135,9 +137,7 @@ def markdown(summary: dict[str, dict], results: list[dict], forgetting: dict[str
     return "\n".join(lines)
 
 
-def run(p: EvaluateParams, p_tune, rt, combine_dir: str = "outputs/combine") -> dict[str, Any]:
-    from stages.tracking import Tracker
-
+def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: str = "outputs/combine") -> dict[str, Any]:
     results, summary = [], {}
     for stage, out_dir in (("tune", p_tune.out_dir), ("combine", combine_dir)):
         path = resolve(out_dir) / "results.json"
@@ -148,10 +148,10 @@ def run(p: EvaluateParams, p_tune, rt, combine_dir: str = "outputs/combine") -> 
             summary.update(json.loads(mpath.read_text()))
     mimic = json.loads(resolve("metrics/mimic.json").read_text()) if resolve("metrics/mimic.json").exists() else {}
     forgetting = {arch: f for arch in p.forgetting_archs
-                  if (f := recast_forgetting(arch, resolve(p_tune.out_dir), results, p_tune))}
+                  if (f := recast_forgetting(arch, resolve(p_tune.out_dir), results, p_tune, p.forgetting_method))}
     report_dir = resolve(p.report_dir)
     plot_params_vs_acc(summary, report_dir / "params_vs_acc.png")
-    md = markdown(summary, results, forgetting, mimic)
+    md = markdown(summary, results, forgetting, mimic, task_names(p_tune))
     (report_dir / "report.md").write_text(md + "\n")
     metrics = {}
     for key, v in summary.items():
@@ -170,9 +170,6 @@ def run(p: EvaluateParams, p_tune, rt, combine_dir: str = "outputs/combine") -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from stages.runtime import RuntimeParams
-    from stages.tune import CombineParams, TuneParams
-
     data = stage_params(argv, __doc__)
     p = validate_section("evaluate", EvaluateParams, data)
     p_tune = validate_section("tune", TuneParams, data)
@@ -182,8 +179,4 @@ def main(argv: list[str] | None = None) -> None:
     print((resolve(p.report_dir) / "report.md").read_text())
 
 
-if __name__ == "__main__":
-    # Run from the importable module, not __main__, so Ray pickles job functions by reference.
-    from stages.evaluate import main as _main
-
-    _main()
+entry(__name__, __spec__)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from stages.common import REPO_ROOT, resolve, write_json_atomic
-from stages.runtime import RuntimeParams
+from stages.params import RuntimeParams
 
 Result = tuple[dict[str, Any], dict[str, torch.Tensor]]
 FAULT_ENV = "RECAST_FAULT_ONCE_DIR"  # tests: a job whose marker is absent kills its worker once

@@ -7,57 +7,26 @@ real source images, accuracy of the reconstructed model vs the original, time).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from pathlib import Path
+from typing import Any
 
-from pydantic import Field, model_validator
+import torch
 
-from stages.common import ParamsError, Section, resolve, stage_params, validate_section, write_json_atomic
-
-
-class MimicArch(Section):
-    """RECAST variant of one backbone: a preset name plus RecastConfig overrides."""
-
-    preset: Literal["recast_mlp", "recast_att", "recast_att_proj", "recast_att_mlp", "recast_resnet"]
-    overrides: dict[str, Any] = Field(default_factory=dict)
-    mimicry: dict[str, Any] = Field(default_factory=dict)
-
-    def recast_config(self):
-        from recast.presets import preset
-
-        return preset(self.preset, **self.overrides)
-
-    @model_validator(mode="after")
-    def _check(self):
-        from recast.config import MimicryConfig
-
-        try:
-            self.recast_config()
-            MimicryConfig(**self.mimicry)
-        except (ValueError, TypeError) as err:
-            raise ValueError(str(err)) from None
-        return self
-
-
-class MimicParams(Section):
-    archs: dict[str, MimicArch]
-    pretrain_dir: str = "outputs/pretrain"
-    data_dir: str = "data/prepared/offline"
-    out_dir: str = "outputs/mimic"
-    feature_batch: int = Field(32, ge=1)
-    image_size: int = Field(32, ge=8)
-    eval_limit: int | None = Field(None, ge=1)
-    seed: int = 0
+import recast
+from recast.config import MimicryConfig
+from recast.data import BatchLoader
+from recast.training import evaluate
+from stages.backbones import load_backbone, save_mimicked
+from stages.cli import entry, stage_params
+from stages.common import ParamsError, resolve, validate_section, write_json_atomic
+from stages.fanout import run_jobs
+from stages.params import MimicParams, RuntimeParams
+from stages.tracking import Tracker
 
 
 def mimic_job(spec: dict) -> tuple[dict, dict]:
     """Ray task: apply + mimic one backbone; returns (report, tensors)."""
-    import torch
-
-    import recast
-    from recast.config import MimicryConfig
-    from recast.training import evaluate
-    from stages.backbones import load_backbone
-
     p = MimicParams(**spec["params"])
     arch = spec["arch"]
     a = p.archs[arch]
@@ -68,8 +37,6 @@ def mimic_job(spec: dict) -> tuple[dict, dict]:
     src = resolve(p.data_dir) / "source"
     batch, loader = None, None
     if src.exists():
-        from recast.data import BatchLoader
-
         loader = BatchLoader(src, "test", 256, p.image_size, train=False, seed=p.seed, limit=p.eval_limit)
         batch = next(iter(BatchLoader(src, "val", p.feature_batch, p.image_size, train=False, seed=p.seed)))[0]
     else:
@@ -87,15 +54,7 @@ def mimic_job(spec: dict) -> tuple[dict, dict]:
     return out, tensors
 
 
-def run(p: MimicParams, rt) -> dict[str, dict]:
-    from dataclasses import asdict
-
-    from safetensors.torch import save_file
-
-    from recast.io import tensors_sha256
-    from stages.fanout import run_jobs
-    from stages.tracking import Tracker
-
+def run(p: MimicParams, rt: RuntimeParams) -> dict[str, dict]:
     for arch in p.archs:
         if not (resolve(p.pretrain_dir) / f"{arch}.json").exists():
             raise ParamsError(f"mimic.archs.{arch}: no pretrained backbone at {resolve(p.pretrain_dir)}/{arch}.json")
@@ -108,16 +67,9 @@ def run(p: MimicParams, rt) -> dict[str, dict]:
         meta, tensors = result
         arch = spec["arch"]
         d = resolve(p.out_dir) / arch
-        d.mkdir(parents=True, exist_ok=True)
         banks = {k[len("banks."):]: v for k, v in tensors.items() if k.startswith("banks.")}
         base = {k[len("base."):]: v for k, v in tensors.items() if k.startswith("base.")}
-        for name, part in (("banks", banks), ("base", base)):
-            tmp = d / f"{name}.safetensors.tmp"
-            save_file({k: v.contiguous() for k, v in part.items()}, str(tmp))
-            tmp.replace(d / f"{name}.safetensors")
-        cfg = asdict(p.archs[arch].recast_config())
-        write_json_atomic(d / "recast.json", {"config": {**cfg, "targets": list(cfg["targets"]), "exclude": list(cfg["exclude"])},
-                                              "apply_seed": p.seed, "bank_sha256": tensors_sha256(banks)})
+        save_mimicked(resolve(p.out_dir), arch, p.archs[arch].recast_config(), p.seed, banks, base)
         clean = {k: v for k, v in meta.items() if not k.startswith("_")}
         write_json_atomic(d / "report.json", clean)
         summary[arch] = {k: clean[k] for k in ("min_weight_cosine", "mean_weight_cosine", "min_feature_cosine",
@@ -132,23 +84,15 @@ def run(p: MimicParams, rt) -> dict[str, dict]:
     return summary
 
 
-def _sha(path) -> str:
-    import json
-
+def _sha(path: Path) -> str:
     return json.loads(path.read_text()).get("sha256", "")
 
 
 def main(argv: list[str] | None = None) -> None:
-    from stages.runtime import RuntimeParams
-
     data = stage_params(argv, __doc__)
     p = validate_section("mimic", MimicParams, data)
     rt = validate_section("runtime", RuntimeParams, data)
     print(run(p, rt))
 
 
-if __name__ == "__main__":
-    # Run from the importable module, not __main__, so Ray pickles job functions by reference.
-    from stages.mimic import main as _main
-
-    _main()
+entry(__name__, __spec__)

@@ -10,58 +10,18 @@ Usage: ``python -m stages.prepare [--params params.yaml]``
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field, field_validator
+from tqdm import tqdm
 
-from stages.common import ParamsError, Section, read_params, resolve, seed_everything, validate_section, write_json_atomic
-
-
-class PrepareParams(Section):
-    """The ``prepare`` section of params.yaml."""
-
-    suite: Literal["offline", "paper"] = "offline"
-    out_dir: str = "data/prepared"
-    data_root: str | None = None
-    tasks: list[str] | None = None
-    seed: int = 0
-    val_fraction: float = 0.1
-    image_size: int = Field(32, ge=8)
-    download: bool = False
-
-    @field_validator("val_fraction")
-    @classmethod
-    def _val_fraction(cls, v: float) -> float:
-        if not 0.0 < v < 0.5:
-            raise ValueError(f"must be in (0, 0.5), got {v}")
-        return v
-
-
-def suite_tasks(params: PrepareParams) -> list[str]:
-    """The tasks to build; unknown names raise ParamsError naming ``prepare.tasks``."""
-    from recast.data import OFFLINE_TASKS, PAPER_TASKS
-
-    available = OFFLINE_TASKS if params.suite == "offline" else PAPER_TASKS
-    if params.tasks is None:
-        return list(available)
-    unknown = [t for t in params.tasks if t not in available]
-    if unknown:
-        raise ParamsError(
-            f"prepare.tasks: unknown task(s) {unknown} for suite {params.suite!r}; choose from {list(available)}"
-        )
-    if len(set(params.tasks)) != len(params.tasks):
-        raise ParamsError(f"prepare.tasks: {params.tasks} lists a task twice")
-    if not params.tasks:
-        raise ParamsError("prepare.tasks: empty list; use null for every task of the suite")
-    return list(params.tasks)
+from recast.data import DataError, build_offline_suite, locate, prepare_paper_task, read_manifest
+from stages.cli import entry, stage_params
+from stages.common import ParamsError, resolve, seed_everything, validate_section, write_json_atomic
+from stages.params import PrepareParams, suite_tasks
 
 
 def validate(params: PrepareParams) -> list[str]:
     """Every check that needs no compute: task names, data root, data presence."""
-    from recast.data import DataError, locate
-
     tasks = suite_tasks(params)
     if params.suite == "paper":
         if params.data_root is None:
@@ -77,10 +37,6 @@ def validate(params: PrepareParams) -> list[str]:
 
 def run(params: PrepareParams) -> Path:
     """Build the suite; return ``<out_dir>/<suite>``."""
-    from tqdm import tqdm
-
-    from recast.data import build_offline_suite, prepare_paper_task, read_manifest
-
     tasks = validate(params)
     suite_dir = resolve(params.out_dir) / params.suite
     if params.suite == "offline":
@@ -115,14 +71,7 @@ def run(params: PrepareParams) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=None, help="params file (default: params.yaml at the repo root)")
-    args = parser.parse_args(argv)
-    data = read_params(args.params)
-    if {"pretrain", "mimic", "tune"} <= set(data):  # a full pipeline params file: check it all first
-        from stages.validate import validate_all
-
-        validate_all(data)
+    data = stage_params(argv, __doc__.splitlines()[0], partial_ok=True)
     params = validate_section("prepare", PrepareParams, data)
     validate(params)
     seed_everything(params.seed)  # the library seeds its own generators; this guards anything else
@@ -130,8 +79,4 @@ def main(argv: list[str] | None = None) -> None:
     print(f"prepared suite {params.suite!r} in {suite_dir}")
 
 
-if __name__ == "__main__":
-    # Run from the importable module, not __main__, so Ray pickles job functions by reference.
-    from stages.prepare import main as _main
-
-    _main()
+entry(__name__, __spec__)

@@ -8,53 +8,21 @@ Either way the result is ``outputs/pretrain/<arch>.safetensors`` + ``<arch>.json
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import timm
 
-from pydantic import Field, field_validator
-
-from stages.common import ParamsError, Section, resolve, seed_everything, stage_params, validate_section, write_json_atomic
-
-
-class ArchParams(Section):
-    """A backbone: timm model name (as timm spells it) and its create_model kwargs."""
-
-    model: str
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    checkpoint_file: str | None = None
-    epochs: int | None = Field(None, ge=1)
-    lr: float | None = Field(None, gt=0)
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, v: str) -> str:
-        import timm
-
-        if not timm.is_model(v):
-            raise ValueError(f"unknown timm model {v!r}")
-        return v
-
-
-class PretrainParams(Section):
-    source: Literal["train", "timm"] = "train"
-    archs: dict[str, ArchParams]
-    data_dir: str = "data/prepared/offline"
-    out_dir: str = "outputs/pretrain"
-    epochs: int = Field(6, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    batch_size: int = Field(128, ge=1)
-    image_size: int = Field(32, ge=8)
-    limit: int | None = Field(None, ge=1)
-    seed: int = 0
+from recast.data import BatchLoader, read_manifest
+from recast.training import TuneConfig, evaluate, fit
+from stages.backbones import save_pretrained
+from stages.cli import entry, stage_params
+from stages.common import ParamsError, resolve, seed_everything, validate_section, write_json_atomic
+from stages.fanout import run_jobs
+from stages.params import ArchParams, PretrainParams, RuntimeParams
+from stages.runtime import pick_device
+from stages.tracking import Tracker
 
 
 def pretrain_job(spec: dict) -> tuple[dict, dict]:
     """Ray task: build (and train) one backbone; returns (meta, state_dict)."""
-    import timm
-
-    from recast.data import BatchLoader, read_manifest
-    from recast.training import TuneConfig, evaluate, fit
-
     arch = ArchParams(**spec["arch"])
     seed_everything(spec["seed"])
     if spec["source"] == "timm":
@@ -86,12 +54,7 @@ def build_specs(p: PretrainParams, device: str) -> list[dict]:
             for name, a in p.archs.items()]
 
 
-def run(p: PretrainParams, rt) -> dict[str, dict]:
-    from stages.backbones import save_pretrained
-    from stages.fanout import run_jobs
-    from stages.runtime import pick_device
-    from stages.tracking import Tracker
-
+def run(p: PretrainParams, rt: RuntimeParams) -> dict[str, dict]:
     if p.source == "train" and not (resolve(p.data_dir) / "source").exists():
         raise ParamsError(f"pretrain.data_dir: no 'source' set under {resolve(p.data_dir)}; run the prepare stage")
     tracker = Tracker("pretrain", rt.experiment, p.model_dump())
@@ -112,16 +75,10 @@ def run(p: PretrainParams, rt) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from stages.runtime import RuntimeParams
-
     data = stage_params(argv, __doc__)
     p = validate_section("pretrain", PretrainParams, data)
     rt = validate_section("runtime", RuntimeParams, data)
     print(run(p, rt))
 
 
-if __name__ == "__main__":
-    # Run from the importable module, not __main__, so Ray pickles job functions by reference.
-    from stages.pretrain import main as _main
-
-    _main()
+entry(__name__, __spec__)

@@ -14,19 +14,17 @@ import shutil
 import sys
 from pathlib import Path
 
+from stages.tracking import download_payload, list_registered
+
 
 def list_table(arch: str | None = None, method: str | None = None) -> list[dict]:
     """Registered payloads, filtered by arch and method, one row each."""
-    from stages.tracking import list_registered
-
     return [r for r in list_registered()
             if (arch is None or r.get("arch") == arch) and (method is None or r.get("method") == method)]
 
 
 def fetch(arch: str, task: str, method: str, alias: str, out: Path) -> list[Path]:
     """Copy one registered payload's files into ``out``; returns their paths."""
-    from stages.tracking import download_payload
-
     folder = download_payload(arch, task, method, alias=alias)
     out.mkdir(parents=True, exist_ok=True)
     copied = []

@@ -81,7 +81,7 @@ def make_client(uri: str | None = None) -> MlflowClient:
 
     def open_client() -> MlflowClient:
         client = MlflowClient(uri, registry_uri=uri)  # the registry lives in the same store
-        client._tracking_client.store  # noqa: B018 - force the store (and its migrations) now
+        client.search_experiments(max_results=1)  # opens the store (and runs its migrations) now
         return client
 
     return retry(open_client, uri=uri)

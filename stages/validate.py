@@ -10,23 +10,26 @@ downloads nothing: models are built on the meta device.
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
+import timm
+import torch
+
+from recast.baselines import METHODS
+from recast.baselines.common import config_from_mapping
+from recast.targets import build_plan
 from stages.common import ParamsError, read_params, validate_section
+from stages.params import SECTIONS, suite_tasks
 
 
 def _plan_recast(arch_name: str, pre, mim) -> dict[str, Any]:
-    import timm
-    import torch
-
-    import recast
-
     arch = pre.archs[arch_name]
     kwargs = dict(arch.kwargs)
     with torch.device("meta"):
         model = timm.create_model(arch.model, pretrained=False, **kwargs)
     try:
-        plan = recast.build_plan(model, mim.archs[arch_name].recast_config())
+        plan = build_plan(model, mim.archs[arch_name].recast_config())
     except ValueError as err:
         raise ParamsError(f"mimic.archs.{arch_name}: {err}") from None
     return {"model": arch.model, "banks": len(plan.banks), "coefficients_per_task": plan.coefficients_per_task,
@@ -35,24 +38,12 @@ def _plan_recast(arch_name: str, pre, mim) -> dict[str, Any]:
 
 def validate_all(data: dict[str, Any]) -> dict[str, Any]:
     """Validate all sections; returns the stage plan. Raises ParamsError naming the bad key."""
-    from stages.evaluate import EvaluateParams
-    from stages.mimic import MimicParams
-    from stages.prepare import PrepareParams, suite_tasks
-    from stages.pretrain import PretrainParams
-    from stages.runtime import RuntimeParams
-    from stages.tune import CombineParams, TuneParams
-
-    known = {"runtime", "prepare", "pretrain", "mimic", "tune", "combine", "evaluate"}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
-        raise ParamsError(f"params: unknown section(s) {unknown}; valid: {sorted(known)}")
-    rt = validate_section("runtime", RuntimeParams, data)
-    prep = validate_section("prepare", PrepareParams, data)
-    pre = validate_section("pretrain", PretrainParams, data)
-    mim = validate_section("mimic", MimicParams, data)
-    tune = validate_section("tune", TuneParams, data)
-    comb = validate_section("combine", CombineParams, data)
-    validate_section("evaluate", EvaluateParams, data)
+        raise ParamsError(f"params: unknown section(s) {unknown}; valid: {sorted(SECTIONS)}")
+    v = {name: validate_section(name, model, data) for name, model in SECTIONS.items()}
+    rt, prep, pre, mim, tune, comb = (v[k] for k in ("runtime", "prepare", "pretrain", "mimic", "tune", "combine"))
+    ev = v["evaluate"]
 
     tasks = suite_tasks(prep)
     if tune.tasks is not None:
@@ -66,15 +57,16 @@ def validate_all(data: dict[str, Any]) -> dict[str, Any]:
             raise ParamsError(f"{section}: {missing} not defined in pretrain.archs {sorted(pre.archs)}")
     for section, methods in (("tune.methods", tune.methods), ("combine.methods", comb.methods)):
         for name, m in methods.items():
-            if m.kind == "recast" or m.recast:
+            if m.needs_recast:
                 missing = [a for a in (m.archs or tune.archs) if a not in mim.archs]
                 if missing:
                     raise ParamsError(f"{section}.{name}: needs RECAST banks for {missing}; add them to mimic.archs")
             for a in m.archs or []:
                 if a not in pre.archs:
                     raise ParamsError(f"{section}.{name}.archs: unknown arch {a!r}; defined: {sorted(pre.archs)}")
-    from recast.baselines import METHODS
-
+    bad = [a for a in ev.forgetting_archs if a not in tune.archs]
+    if bad:
+        raise ParamsError(f"evaluate.forgetting_archs: {bad} not in tune.archs {tune.archs}")
     for arch, names in tune.continual.methods.items():
         if arch not in tune.archs:
             raise ParamsError(f"tune.continual.methods.{arch}: not one of tune.archs {tune.archs}")
@@ -97,8 +89,6 @@ def validate_all(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import json
-
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default=None)
     args = ap.parse_args(argv)
@@ -107,17 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     print("params OK")
 
 
-if __name__ == "__main__":
-    from stages.validate import main as _main
-
-    _main()
-
-
 def _check_continual_options(options: dict[str, dict[str, Any]], used: set[str]) -> None:
     """Each ``tune.continual.options.<method>`` builds that method's config (keys and values)."""
-    from recast.baselines import METHODS
-    from recast.baselines.common import config_from_mapping
-
     for name, values in options.items():
         if name not in used:
             raise ParamsError(f"tune.continual.options.{name}: not a method of tune.continual.methods {sorted(used)}")
@@ -130,3 +111,7 @@ def _check_continual_options(options: dict[str, dict[str, Any]], used: set[str])
             config_from_mapping(cfg_cls, values)
         except (TypeError, ValueError) as err:
             raise ParamsError(f"tune.continual.options.{name}: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,8 @@ import yaml
 
 from recast.data import read_manifest
 from stages.common import ParamsError
-from stages.prepare import PrepareParams, main, run
+from stages.params import PrepareParams
+from stages.prepare import main, run
 
 
 def _params_file(tmp_path, **prepare):

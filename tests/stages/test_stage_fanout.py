@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stages.fanout import FAULT_ENV, run_jobs, spec_key
-from stages.runtime import RuntimeParams
+from stages.params import RuntimeParams
 
 
 def square_job(spec):

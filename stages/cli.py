@@ -1,0 +1,42 @@
+"""Command-line entry of the stages: ``--params``, validation of every section before any
+compute, and running a stage module from its importable name.
+
+``python -m stages.tune`` executes ``stages/tune.py`` as ``__main__``; Ray pickles functions by
+module name, so a job function defined in ``__main__`` could not be found on a worker. Every
+stage therefore ends with ``entry(__name__, __spec__)``, which re-imports the module under its
+real name and calls that copy's ``main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Any
+
+from stages.common import read_params
+from stages.params import SECTIONS
+from stages.validate import validate_all
+
+
+def stage_params(argv: list[str] | None, description: str | None, partial_ok: bool = False) -> dict[str, Any]:
+    """Parse ``--params`` and validate EVERY section before the stage computes anything.
+
+    With ``partial_ok`` (the prepare stage, which needs only its own section) a file holding
+    only some sections is returned as is; the stage validates its own section."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--params", default=None, help="params file (default: params.yaml at the repo root)")
+    args = ap.parse_args(argv)
+    data = read_params(args.params)
+    if not partial_ok or set(SECTIONS) <= set(data):
+        validate_all(data)
+    return data
+
+
+def entry(name: str, spec) -> None:
+    """When ``name`` is ``__main__``, run ``main()`` of the module ``spec`` names (see above)."""
+    if name != "__main__":
+        return
+    module = importlib.import_module(spec.name if spec is not None else name)
+    result = module.main()
+    sys.exit(result if isinstance(result, int) else 0)

@@ -1,0 +1,275 @@
+"""Every section of params.yaml as a pydantic model, in one place.
+
+``SECTIONS`` maps each section name onto its model. Unknown keys, wrong types, booleans where a
+number is expected and non-finite floats (``.inf``, ``.nan``) are errors that name the key
+(``stages.common.validate_section``). Cross-section checks and the stage plan live in
+``stages.validate``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, StrictInt, field_validator, model_validator
+
+from recast.adapters import adapter_preset
+from recast.config import MimicryConfig
+from recast.data import OFFLINE_TASKS, PAPER_TASKS
+from recast.presets import PRESETS, preset
+from recast.training import TuneConfig
+from stages.common import ParamsError, Section
+
+PosInt = Annotated[StrictInt, Field(ge=1)]
+NonNegInt = Annotated[StrictInt, Field(ge=0)]
+
+
+def _unique(v: list | None) -> list | None:
+    if v is not None and len(set(v)) != len(v):
+        dup = sorted({x for x in v if v.count(x) > 1})
+        raise ValueError(f"lists {dup} more than once")
+    return v
+
+
+# ----------------------------------------------------------------------------- runtime
+class RuntimeParams(Section):
+    """``runtime``: Ray resources, retries, device, MLflow experiment, job cache.
+
+    Ray is local unless RAY_ADDRESS is set (then ``num_cpus`` is ignored: the cluster's count);
+    MLflow uses an sqlite store under the repo unless MLFLOW_TRACKING_URI is set.
+    """
+
+    num_cpus: PosInt = 2
+    cpus_per_task: float = Field(1.0, gt=0)
+    gpus_per_task: float = Field(0.0, ge=0)
+    max_retries: NonNegInt = 2
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    experiment: str = "recast"
+    cache_dir: str = "outputs/.jobcache"
+    progress: bool = True
+
+
+# ----------------------------------------------------------------------------- prepare
+class PrepareParams(Section):
+    """``prepare``: which suite to build, from where, at what size."""
+
+    suite: Literal["offline", "paper"] = "offline"
+    out_dir: str = "data/prepared"
+    data_root: str | None = None
+    tasks: list[str] | None = None
+    seed: StrictInt = 0
+    val_fraction: float = 0.1
+    image_size: Annotated[StrictInt, Field(ge=8)] = 32
+    download: bool = False
+
+    @field_validator("val_fraction")
+    @classmethod
+    def _val_fraction(cls, v: float) -> float:
+        if not 0.0 < v < 0.5:
+            raise ValueError(f"must be in (0, 0.5), got {v}")
+        return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_unique(cls, v: list[str] | None) -> list[str] | None:
+        return _unique(v)
+
+
+def suite_tasks(params: PrepareParams) -> list[str]:
+    """The tasks to build, in the configured order; unknown names raise ParamsError naming ``prepare.tasks``."""
+    available = OFFLINE_TASKS if params.suite == "offline" else PAPER_TASKS
+    if params.tasks is None:
+        return list(available)
+    if not params.tasks:
+        raise ParamsError("prepare.tasks: empty list; use null for every task of the suite")
+    unknown = [t for t in params.tasks if t not in available]
+    if unknown:
+        raise ParamsError(
+            f"prepare.tasks: unknown task(s) {unknown} for suite {params.suite!r}; choose from {list(available)}"
+        )
+    return list(params.tasks)
+
+
+# ----------------------------------------------------------------------------- pretrain
+class ArchParams(Section):
+    """A backbone: timm model name (as timm spells it) and its create_model kwargs."""
+
+    model: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint_file: str | None = None
+    epochs: PosInt | None = None
+    lr: float | None = Field(None, gt=0)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        import timm  # noqa: PLC0415 - timm's model registry costs ~1 s; only a pretrain section needs it
+
+        if not timm.is_model(v):
+            raise ValueError(f"unknown timm model {v!r}")
+        return v
+
+
+class PretrainParams(Section):
+    """``pretrain``: train the tiny backbones on the source set, or take timm's weights."""
+
+    source: Literal["train", "timm"] = "train"
+    archs: dict[str, ArchParams]
+    data_dir: str = "data/prepared/offline"
+    out_dir: str = "outputs/pretrain"
+    epochs: PosInt = 6
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    batch_size: PosInt = 128
+    image_size: Annotated[StrictInt, Field(ge=8)] = 32
+    limit: PosInt | None = None
+    seed: StrictInt = 0
+
+
+# ----------------------------------------------------------------------------- mimic
+class MimicArch(Section):
+    """RECAST variant of one backbone: a preset name plus RecastConfig overrides."""
+
+    preset: str
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    mimicry: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"unknown RECAST preset {v!r}; choose from {list(PRESETS)}")
+        return v
+
+    def recast_config(self):
+        return preset(self.preset, **self.overrides)
+
+    @model_validator(mode="after")
+    def _check(self):
+        try:
+            self.recast_config()
+            MimicryConfig(**self.mimicry)
+        except (ValueError, TypeError) as err:
+            raise ValueError(str(err)) from None
+        return self
+
+
+class MimicParams(Section):
+    """``mimic``: Neural Mimicry per architecture."""
+
+    archs: dict[str, MimicArch]
+    pretrain_dir: str = "outputs/pretrain"
+    data_dir: str = "data/prepared/offline"
+    out_dir: str = "outputs/mimic"
+    feature_batch: PosInt = 32
+    image_size: Annotated[StrictInt, Field(ge=8)] = 32
+    eval_limit: PosInt | None = None
+    seed: StrictInt = 0
+
+
+# ----------------------------------------------------------------------------- tune / combine
+class MethodParams(Section):
+    """One method row (see ``recast.recipes.MethodSpec``)."""
+
+    kind: Literal["head_only", "full", "recast", "adapter"]
+    adapter: str | None = None
+    recast: bool = False
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    lr: float | None = Field(None, gt=0)
+    archs: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kind != "adapter":
+            given = [k for k in ("adapter", "recast", "overrides") if getattr(self, k)]
+            if given:
+                raise ValueError(f"{given} only apply to kind 'adapter', not {self.kind!r}")
+            return self
+        if not self.adapter:
+            raise ValueError("kind 'adapter' needs 'adapter: <preset>'")
+        try:
+            adapter_preset(self.adapter, **self.overrides)
+        except (ValueError, TypeError) as err:
+            raise ValueError(str(err)) from None
+        return self
+
+    @property
+    def needs_recast(self) -> bool:
+        """Whether the method runs on the RECAST form of the backbone (needs the mimic outputs)."""
+        return self.kind == "recast" or self.recast
+
+
+class TrainParams(Section):
+    """Per-task training recipe (paper: 100 epochs, AdamW 2e-3, wd 1e-6, StepLR 33/0.1, clip 1)."""
+
+    epochs: PosInt = 100
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-6, ge=0)
+    step_size: PosInt = 33
+    gamma: float = Field(0.1, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    batch_size: PosInt = 128
+    image_size: Annotated[StrictInt, Field(ge=8)] = 32
+    limit_train: PosInt | None = None
+    limit_eval: PosInt | None = None
+
+    def recipe(self, device: str, lr: float | None = None) -> TuneConfig:
+        """The ``recast.training.TuneConfig`` of this recipe (``lr`` overrides the recipe's)."""
+        return TuneConfig(epochs=self.epochs, lr=lr or self.lr, weight_decay=self.weight_decay,
+                          step_size=self.step_size, gamma=self.gamma, grad_clip=self.grad_clip,
+                          device=device, progress=False)
+
+
+class ContinualParams(Section):
+    """Sequential continual-learning baselines (recast.baselines): methods per architecture."""
+
+    methods: dict[str, list[str]] = Field(default_factory=dict)
+    epochs: PosInt = 3
+    lr: float = Field(1e-3, gt=0)
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class TuneParams(Section):
+    """``tune``: every method on every task and seed, plus the sequential baselines."""
+
+    archs: list[str] = Field(min_length=1)
+    tasks: list[str] | None = Field(None, min_length=1)
+    seeds: list[StrictInt] = Field(default_factory=lambda: [42], min_length=1)
+    methods: dict[str, MethodParams]
+    train: TrainParams = TrainParams()
+    continual: ContinualParams = ContinualParams()
+    data_dir: str = "data/prepared/offline"
+    pretrain_dir: str = "outputs/pretrain"
+    mimic_dir: str = "outputs/mimic"
+    out_dir: str = "outputs/tune"
+
+    @field_validator("archs", "tasks", "seeds")
+    @classmethod
+    def _unique_lists(cls, v: list | None) -> list | None:
+        return _unique(v)
+
+
+class CombineParams(Section):
+    """``combine``: adapters alone and with RECAST (eq. 6); recipe, tasks and seeds from ``tune``."""
+
+    methods: dict[str, MethodParams]
+    out_dir: str = "outputs/combine"
+
+
+# ----------------------------------------------------------------------------- evaluate
+class EvaluateParams(Section):
+    """``evaluate``: the report and the continual-learning forgetting check."""
+
+    report_dir: str = "reports"
+    forgetting_archs: list[str] = Field(default_factory=list)
+    forgetting_method: Literal["recast"] = "recast"
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "runtime": RuntimeParams,
+    "prepare": PrepareParams,
+    "pretrain": PretrainParams,
+    "mimic": MimicParams,
+    "tune": TuneParams,
+    "combine": CombineParams,
+    "evaluate": EvaluateParams,
+}
