@@ -199,7 +199,7 @@ class OrderSweep(SweepBase):
 
 
 class SeedsSweep(SweepBase):
-    """Seeds: the standard per-task methods of the tune stage (``stages.tune.tune_job``)."""
+    """Seeds: the standard per-task methods of the tune stage (``stages.jobs.tune_job``)."""
 
     seeds: list[int] = Field(default_factory=lambda: [42, 1998, 3142592], min_length=1)
     methods: dict[str, MethodParams] = Field(min_length=1)

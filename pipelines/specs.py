@@ -103,7 +103,7 @@ def order_specs(cfg: OrderSweep, device: str) -> list[dict]:
                 specs.append({**base, "id": f"order/{cfg.arch}/recast/{label}/s{seed}", "kind": "recast_sequence",
                               "name": "recast", "family": "recast", "recast": cfg.recast.model_dump()})
             for method in cfg.continual:
-                # the keys stages.tune.continual_job reads
+                # the keys stages.sequential.continual_job reads
                 specs.append({**base, "id": f"order/{cfg.arch}/{method}/{label}/s{seed}", "kind": "continual",
                               "name": method, "family": method, "method_name": method,
                               "epochs": cfg.continual_epochs, "lr": cfg.continual_lr,
@@ -112,7 +112,7 @@ def order_specs(cfg: OrderSweep, device: str) -> list[dict]:
 
 
 def seeds_specs(cfg: SeedsSweep, device: str) -> list[dict]:
-    """The keys ``stages.tune.tune_job`` reads, plus the sweep's own."""
+    """The keys ``stages.jobs.tune_job`` reads, plus the sweep's own."""
     common = _common("seeds", cfg, device)
     data = resolve(cfg.data_dir)
     mimic_dir = resolve(cfg.mimic_dir)

@@ -5,11 +5,11 @@ Kinds (``spec["kind"]``):
 - ``tune``: build the trial's RecastConfig, ``recast.apply`` + closed-form ``recast.mimic`` on the
   pretrained backbone, then tune one task with ``recast.recipes.build_method`` (RECAST,
   an adapter alone, both by eq. 6, or head only) and ``recast.training.fit``.
-- ``stage_tune``: the tune stage's own job (``stages.tune.tune_job``).
+- ``stage_tune``: the tune stage's own job (``stages.jobs.tune_job``).
 - ``recast_sequence``: one RecastModel trained task after task in the spec's order; every earlier
   task is re-evaluated after each new one (its accuracy matrix shows zero forgetting, and the
   final accuracies do not depend on the order).
-- ``continual``: a sequential baseline over the order (``stages.tune.continual_job``).
+- ``continual``: a sequential baseline over the order (``stages.sequential.continual_job``).
 
 Every kind reports the peak memory of the trial itself (the worker's resident-set high-water
 mark is reset first), so reused Ray workers do not inflate it.
@@ -180,7 +180,7 @@ def recast_sequence_trial(spec: dict) -> Result:
 
 
 def continual_trial(spec: dict) -> Result:
-    """``stages.tune.continual_job`` over the spec's order, final accuracies keyed by task."""
+    """``stages.sequential.continual_job`` over the spec's order, final accuracies keyed by task."""
     from stages.sequential import continual_job
 
     meta, tensors = continual_job(spec)

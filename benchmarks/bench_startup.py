@@ -1,0 +1,86 @@
+"""Start-up cost of the stages and the wall time of a clean default pipeline.
+
+    python -m benchmarks.bench_startup [--keep DIR] [--json-out benchmarks/results/startup.json]
+
+In a fresh copy of the source tree (what a clone has, no outputs), it measures, each in its own
+process so nothing is warm:
+
+- ``import``: ``import stages.<stage>`` (the stage module and everything it imports);
+- ``ray_init``: a local ``ray.init`` with the runtime's CPUs, then shutdown;
+- ``mlflow``: opening a fresh sqlite store and creating the stage's parent run (``Tracker``);
+- ``stage``: ``python -m stages.<stage>`` on the copy, in pipeline order (a clean run).
+
+It prints a Markdown table and writes JSON. Run it on an idle machine: the figures are seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("prepare", "pretrain", "mimic", "tune", "combine", "evaluate")
+
+
+def _copy_tree(dst: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split("\n")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file() and not rel.startswith(("outputs/", "data/", "metrics/", "reports/", "mlflow", "mlartifacts/")):
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+
+
+def _timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--keep", type=Path, default=None, help="run in this folder and keep it")
+    ap.add_argument("--json-out", type=Path, default=REPO / "benchmarks" / "results" / "startup.json")
+    args = ap.parse_args(argv)
+    root = args.keep or Path(tempfile.mkdtemp(prefix="bench-startup-"))
+    root.mkdir(parents=True, exist_ok=True)
+    _copy_tree(root)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RECAST_PARAMS")}
+    env.update(TQDM_DISABLE="1", RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true", PYTHONPATH=str(root))
+    py = sys.executable
+    rows: dict[str, dict[str, float]] = {}
+    ray_init = _timed([py, "-c", "import ray; ray.init(num_cpus=2, include_dashboard=False); ray.shutdown()"], root, env)
+    mlflow = _timed([py, "-c", "from stages.tracking import Tracker; Tracker('bench', 'bench-startup').finish()"],
+                    root, env)
+    for stage in STAGES:
+        rows[stage] = {"import": _timed([py, "-c", f"import stages.{stage}"], root, env)}
+    load = os.getloadavg()[0]
+    for stage in STAGES:
+        rows[stage]["stage"] = _timed([py, "-m", f"stages.{stage}"], root, env)
+    total = sum(r["stage"] for r in rows.values())
+    print(f"| stage | import s | stage wall s |\n|---|---|---|")
+    for stage, r in rows.items():
+        print(f"| {stage} | {r['import']:.1f} | {r['stage']:.1f} |")
+    print(f"\nray.init + shutdown {ray_init:.1f} s; MLflow store + parent run {mlflow:.1f} s; "
+          f"clean pipeline {total:.0f} s ({total / 60:.1f} min); load average at start {load:.2f}")
+    out = {"stages": rows, "ray_init_s": ray_init, "mlflow_s": mlflow, "total_s": total, "loadavg_1min": load,
+           "cpus": os.cpu_count()}
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(out, indent=2) + "\n")
+    if args.keep is None:
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
