@@ -28,6 +28,9 @@ class RecastConfig:
             ResNet scheme keeps block 0 of every stage, with its stride/downsample, ordinary).
         base_task: name of the task that holds the pretrained head and the reconstructed
             coefficients every new task starts from.
+        fan_out_roles: module roles (``attn.qkv``, or a suffix of the role) whose templates get
+            kaiming-normal init with fan_out; every other bank uses fan_in. The default follows
+            the authors' code: fan_out for the fused qkv, fan_in for MLP and conv templates.
     """
 
     targets: tuple[str, ...]
@@ -38,8 +41,12 @@ class RecastConfig:
     regex: bool = False
     min_layer: int = 0
     base_task: str = "pretrained"
+    fan_out_roles: tuple[str, ...] = ("attn.qkv",)
 
     def __post_init__(self) -> None:
+        if isinstance(self.fan_out_roles, str):
+            object.__setattr__(self, "fan_out_roles", (self.fan_out_roles,))
+        object.__setattr__(self, "fan_out_roles", tuple(self.fan_out_roles))
         if isinstance(self.targets, str):
             object.__setattr__(self, "targets", (self.targets,))
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -64,7 +71,9 @@ class MimicryConfig:
     Attributes:
         method: ``"closed_form"`` (SVD basis per bank: exact when n >= layers per group, best
             rank-n Frobenius fit otherwise), ``"gradient"`` (the paper's procedure from the
-            paper's random init) or ``"refine"`` (gradient steps starting from the closed form).
+            paper's random init), ``"refine"`` (gradient steps starting from the closed form) or
+            ``"vae"`` (the paper's reconstructor ablation: an encoder maps each reference weight
+            to its coefficients, the bank decodes them; see ``recast.mimicry_vae``).
         loss: ``"smooth_l1"`` (paper, beta 1, mean reduction) or ``"mse"``.
         role_weights: loss weight per module role suffix (e.g. ``{"conv1": 3.5}``); roles not
             listed get ``default_weight`` (paper ViT: 2.0).
@@ -72,13 +81,24 @@ class MimicryConfig:
         lr, step_size, gamma, steps, grad_clip: RMSprop + StepLR schedule (paper ViT: 0.1,
             200, 0.1, 1000, 1.0; ResNet: 0.2, 500, 0.1, 3000, 1.0).
         seed: seed of the random init and the noise (a local generator; no global seeding).
-        eval_every: the best state is chosen on the noise-free loss, evaluated every this many
-            steps and after the last one (1: every step, which costs about a sixth more time
-            and a copy of the templates per improvement).
+        eval_every: with ``best_state="clean"``, the noise-free loss is evaluated every this
+            many steps and after the last one (1: every step, which costs about a sixth more
+            time and a copy of the templates per improvement).
+        best_state: which state gradient mimicry keeps. ``"clean"`` (default): the lowest
+            noise-free loss among the start and the states checked every ``eval_every`` steps.
+            ``"noisy"`` (the authors' code): the lowest noisy training loss, compared at every
+            step on the state before that step's update; the state after the last update is
+            never a candidate, and ``eval_every`` is not used.
+        vae_hidden: ``"vae"``: width of the encoder's two hidden layers (authors' code: 8).
+            The ``"vae"`` method uses ``loss``, ``lr`` (authors: 2e-3), ``steps`` (authors:
+            2500), ``grad_clip`` and ``seed`` with RMSprop and cosine annealing over ``steps``;
+            it ignores ``role_weights``, ``default_weight``, ``noise_std``, ``step_size``,
+            ``gamma``, ``eval_every`` and ``best_state`` (it keeps the state of highest mean
+            weight cosine).
         progress: show a tqdm bar during gradient steps.
     """
 
-    method: Literal["closed_form", "gradient", "refine"] = "closed_form"
+    method: Literal["closed_form", "gradient", "refine", "vae"] = "closed_form"
     loss: Literal["smooth_l1", "mse"] = "smooth_l1"
     default_weight: float = 2.0
     role_weights: dict[str, float] = field(default_factory=dict)
@@ -90,11 +110,15 @@ class MimicryConfig:
     grad_clip: float | None = 1.0
     seed: int = 0
     eval_every: int = 10
+    best_state: Literal["clean", "noisy"] = "clean"
+    vae_hidden: int = 8
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _check_choice("method", self.method, ("closed_form", "gradient", "refine"))
+        _check_choice("method", self.method, ("closed_form", "gradient", "refine", "vae"))
         _check_int("eval_every", self.eval_every, minimum=1)
+        _check_choice("best_state", self.best_state, ("clean", "noisy"))
+        _check_int("vae_hidden", self.vae_hidden, minimum=1)
         _check_choice("loss", self.loss, ("smooth_l1", "mse"))
         _check_int("steps", self.steps, minimum=0)
         _check_int("step_size", self.step_size, minimum=1)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+FanMode = Literal["fan_in", "fan_out"]
 
 
 class TemplateBank(nn.Module):
@@ -14,18 +17,34 @@ class TemplateBank(nn.Module):
 
     The bank is owned by the RecastModel (``RecastModel.banks``); layers only hold a reference
     to it that is not registered, so the state_dict stores every template once.
+
+    Args:
+        num_templates: n.
+        shape: the shape of one template (the module's weight shape).
+        generator: for the init (a local generator; no global seeding).
+        fan_mode: kaiming-normal init with the fan of one template: ``"fan_in"`` (in * kernel;
+            the authors' code for MLP and conv templates) or ``"fan_out"`` (out * kernel; the
+            authors' code for the fused qkv). std = sqrt(2 / fan) (ReLU gain) in both cases.
     """
 
-    def __init__(self, num_templates: int, shape: tuple[int, ...], generator: torch.Generator | None = None):
+    def __init__(self, num_templates: int, shape: tuple[int, ...], generator: torch.Generator | None = None,
+                 fan_mode: FanMode = "fan_in"):
         super().__init__()
+        if fan_mode not in ("fan_in", "fan_out"):
+            raise ValueError(f"fan_mode must be 'fan_in' or 'fan_out', got {fan_mode!r}")
+        self.fan_mode = fan_mode
         self.templates = nn.Parameter(torch.empty(num_templates, *shape))  # (n, *weight_shape)
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Kaiming-normal templates (paper init), fan_in of a single template."""
+        """Kaiming-normal templates (paper init) with ``fan_mode``'s fan of a single template."""
         shape = self.templates.shape[1:]
-        fan_in = shape[1] * math.prod(shape[2:]) if len(shape) > 1 else shape[0]
-        std = math.sqrt(2.0 / fan_in)
+        receptive = math.prod(shape[2:])
+        if len(shape) == 1:
+            fan = shape[0]
+        else:
+            fan = (shape[1] if self.fan_mode == "fan_in" else shape[0]) * receptive
+        std = math.sqrt(2.0 / fan)
         with torch.no_grad():
             self.templates.normal_(0.0, std, generator=generator)
 

@@ -14,6 +14,12 @@ Three methods (``MimicryConfig.method``):
 - ``refine``: the gradient procedure started from the closed form (use a small lr, e.g. 1e-4:
   the paper's lr 0.1 first step moves far from an exact fit; the best state, the start
   included, is kept, so refine never ends worse than the closed form).
+- ``vae``: the paper's reconstructor ablation (``recast.mimicry_vae``): an encoder maps each
+  reference weight to its coefficients, the bank decodes them.
+
+Best state of ``gradient``/``refine`` (``MimicryConfig.best_state``): ``"clean"`` (default)
+keeps the lowest noise-free loss, the start included; ``"noisy"`` is the authors' rule, the
+lowest noisy training loss at every step, scored on the state before that step's update.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from tqdm.auto import tqdm
 
 from recast.config import MimicryConfig
 from recast.layers import random_unit_coefficients
+from recast.mimicry_vae import vae
 from recast.model import RecastModel
 
 
@@ -128,7 +135,11 @@ def _role_weight(cfg: MimicryConfig, role: str) -> float:
 
 
 def gradient(rc: RecastModel, cfg: MimicryConfig) -> tuple[float, int]:
-    """The paper's gradient mimicry on the current banks/coefficients; returns (best loss, steps)."""
+    """The paper's gradient mimicry on the current banks/coefficients; returns (best loss, steps).
+
+    The best loss is noise-free with ``cfg.best_state="clean"`` and the noisy training loss of
+    the kept state with ``"noisy"`` (see ``MimicryConfig.best_state``).
+    """
     gen = torch.Generator().manual_seed(cfg.seed)
     layers = dict(rc.recast_layers())
     base = rc.config.base_task
@@ -155,26 +166,35 @@ def gradient(rc: RecastModel, cfg: MimicryConfig) -> tuple[float, int]:
             loss = loss + weights[k] * loss_fn(w, refs[k]).mean(dim=1).sum()  # mean per module, summed
         return loss
 
-    with torch.no_grad():  # the starting state is a candidate too: refine never ends worse
-        best = (float(total_loss(noise=False)), ({k: t.detach().clone() for k, t in templates.items()},
-                                                 {k: c.detach().clone() for k, c in coefs.items()}))
+    def snapshot() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return ({k: t.detach().clone() for k, t in templates.items()}, {k: c.detach().clone() for k, c in coefs.items()})
+
+    noisy_best = cfg.best_state == "noisy" and cfg.steps > 0
+    with torch.no_grad():  # "clean": the starting state is a candidate too, so refine never ends worse
+        best = (float("inf"), None) if noisy_best else (float(total_loss(noise=False)), snapshot())
     bar = tqdm(range(cfg.steps), desc=f"mimicry[{cfg.method}]", disable=not cfg.progress, leave=False)
     for step in bar:
         opt.zero_grad(set_to_none=True)
         loss = total_loss(noise=True)
+        if noisy_best:  # the authors' rule: this step's noisy loss scores the state before the update
+            noisy = float(loss.detach())
+            if noisy < best[0]:
+                best = (noisy, snapshot())
+            bar.set_postfix(loss=f"{noisy:.3e}", refresh=False)
         loss.backward()
         if cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
-        if (step + 1) % cfg.eval_every and step + 1 < cfg.steps:
+        if noisy_best or ((step + 1) % cfg.eval_every and step + 1 < cfg.steps):
             continue
         with torch.no_grad():
             clean = float(total_loss(noise=False))
         if clean < best[0]:
-            best = (clean, ({k: t.detach().clone() for k, t in templates.items()},
-                            {k: c.detach().clone() for k, c in coefs.items()}))
+            best = (clean, snapshot())
         bar.set_postfix(loss=f"{clean:.3e}", refresh=False)
+    if best[1] is None:
+        raise RuntimeError(f"gradient mimicry: the training loss was never finite in {cfg.steps} steps")
     with torch.no_grad():
         best_t, best_c = best[1]
         for k, names in members.items():
@@ -250,6 +270,8 @@ def mimic(rc: RecastModel, cfg: MimicryConfig | None = None, batch: torch.Tensor
     loss, steps = 0.0, 0
     if cfg.method in ("closed_form", "refine"):
         closed_form(rc, seed=cfg.seed)
+    elif cfg.method == "vae":
+        loss, steps = vae(rc, cfg)
     else:
         gen = torch.Generator().manual_seed(cfg.seed)
         with torch.no_grad():  # the paper's init: kaiming templates, unit-vector coefficient sets

@@ -12,7 +12,7 @@ from torch import nn
 
 from recast.config import RecastConfig
 from recast.layers import RECAST_LAYERS, TemplateBank, make_recast_layer, random_unit_coefficients
-from recast.targets import LayerKeyFn, Plan, build_plan
+from recast.targets import LayerKeyFn, Plan, build_plan, template_fan_mode
 
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -74,7 +74,8 @@ class RecastModel(nn.Module):
         modules = dict(model.named_modules())
         first = next(iter(model.parameters()))
         self.banks = nn.ModuleDict({
-            b.key: TemplateBank(b.templates, b.shape, generator=gen).to(first.device, first.dtype)
+            b.key: TemplateBank(b.templates, b.shape, generator=gen, fan_mode=template_fan_mode(config, b.role))
+            .to(first.device, first.dtype)
             for b in self.plan.banks
         })
         self.reference_weights: dict[str, torch.Tensor] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
 
@@ -194,3 +195,8 @@ def build_plan(model: nn.Module, config: RecastConfig, layer_key: LayerKeyFn | N
         banks.append(BankPlan(key, first.stack, first.role, first.group, n, shapes.pop(), tuple(mods)))
     return Plan(tuple(module_plans), tuple(banks), config.coef_sets)
 
+
+def template_fan_mode(config: RecastConfig, role: str) -> Literal["fan_in", "fan_out"]:
+    """Kaiming fan of a bank's templates: ``fan_out`` for roles in ``config.fan_out_roles``
+    (exact or suffix match, as in ``matches_pattern``), ``fan_in`` otherwise."""
+    return "fan_out" if any(matches_pattern(role, r) for r in config.fan_out_roles) else "fan_in"
