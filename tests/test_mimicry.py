@@ -57,7 +57,7 @@ def test_mimicry_is_deterministic(tiny_vit):
 
 def test_bad_mimicry_config():
     with pytest.raises(ValueError, match="method"):
-        MimicryConfig(method="vae")
+        MimicryConfig(method="svd")
     with pytest.raises(ValueError, match="steps"):
         MimicryConfig(steps=-1)
 
