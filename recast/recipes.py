@@ -8,12 +8,13 @@ parameters to train and a function giving the per-task payload tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from recast.config import RecastConfig
@@ -87,14 +88,28 @@ class MethodSpec:
             raise ValueError("method kind 'adapter' needs adapter=<preset name>")
 
 
+def _no_prepare(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: str | torch.device | None = None) -> None:
+    """Nothing to set up from data."""
+
+
 @dataclass
 class BuiltMethod:
-    """A per-task model ready to train."""
+    """A per-task model ready to train.
+
+    Attributes:
+        prepare: ``prepare(train_batches, device=None)``, data-dependent set-up to call once
+            before training: RoSA with ``support="gradient"`` moves its sparse support to the
+            entries of largest |dL/dW| of the cross-entropy on the first training batch (model
+            in eval mode, so BatchNorm statistics are not touched; on ``device`` if given).
+            A no-op for every other method. ``payload()`` raises if a required ``prepare``
+            was skipped.
+    """
 
     model: nn.Module
     trainable: list[nn.Parameter]
     payload: Callable[[], dict[str, torch.Tensor]]
     stored_params: Callable[[], int]
+    prepare: Callable[..., None] = _no_prepare
 
 
 def _head_of(model: nn.Module) -> nn.Module:
@@ -127,20 +142,52 @@ def build_method(spec: MethodSpec, backbone: Backbone, task: str, num_classes: i
             return {f"head.{k}": v.detach() for k, v in _head_of(model).state_dict().items()}
 
     adapter_params: list[nn.Parameter] = []
+    prepare: Callable[..., None] = _no_prepare
     if spec.kind == "adapter":
         from recast.adapters import adapter_parameters, adapter_preset, adapter_state, add_adapters
 
-        add_adapters(root, adapter_preset(spec.adapter, **spec.overrides))
+        cfg = adapter_preset(spec.adapter, **spec.overrides)
+        add_adapters(root, cfg)
         adapter_params = adapter_parameters(root)
         for p in adapter_params:
             p.requires_grad_(True)
+        needs_support = cfg.kind == "rosa" and cfg.support == "gradient"
+        prepared = [False]
 
         def payload() -> dict[str, torch.Tensor]:
+            if needs_support and not prepared[0]:
+                raise RuntimeError(f"adapter preset {spec.adapter!r} has support='gradient' but prepare() was never "
+                                   "called: call BuiltMethod.prepare(train_batches) before training")
             out = base_payload()
             out.update({f"extra.adapter.{k}": v.detach() for k, v in adapter_state(root).items()})
             return out
+
+        if needs_support:
+            def prepare(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: str | torch.device | None = None) -> None:
+                _select_support(model, root, batches, device)
+                prepared[0] = True
     else:
         payload = base_payload
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return BuiltMethod(model, trainable, payload, lambda: sum(t.numel() for t in payload().values()))
+    return BuiltMethod(model, trainable, payload, lambda: sum(t.numel() for t in payload().values()), prepare)
+
+
+def _select_support(model: nn.Module, root: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    device: str | torch.device | None) -> None:
+    """RoSA's gradient support: largest |dL/dW| of the cross-entropy on the first batch."""
+    from recast.adapters import select_rosa_support
+
+    if device is not None:
+        model.to(device)
+    first = next(iter(batches), None)
+    if first is None:
+        raise ValueError("prepare: the training batches are empty; RoSA's gradient support needs one batch")
+    ref = next(model.parameters())
+    x, y = first[0].to(ref.device), first[1].to(ref.device)
+    was_training = model.training
+    model.eval()
+    try:
+        select_rosa_support(root, lambda _: F.cross_entropy(model(x), y))
+    finally:
+        model.train(was_training)

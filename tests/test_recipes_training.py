@@ -69,3 +69,31 @@ def test_tune_config_errors():
         TuneConfig(epochs=0)
     with pytest.raises(ValueError, match="optimizer"):
         TuneConfig(optimizer="lion")
+
+
+@pytest.mark.parametrize("recast_on", [False, True])
+def test_rosa_gradient_support_through_build_method(backbone, recast_on):
+    """The RoSA presets choose their support by gradient; build_method's prepare does it on the
+    first training batch, and the payload refuses to exist before."""
+    from recast.adapters import RoSALinear, adapter_preset
+
+    assert (adapter_preset("rosa").targets, adapter_preset("rosa").rank) == (("attn.qkv",), 1)  # RoSA (Full-Att.)
+    assert adapter_preset("rosa").support == adapter_preset("rosa_spa_mlp").support == "gradient"
+    built = build_method(MethodSpec("adapter", adapter="rosa", recast=recast_on), backbone, "t", 3)
+    with pytest.raises(RuntimeError, match="prepare"):
+        built.payload()
+    wrapper = next(m for m in built.model.modules() if isinstance(m, RoSALinear))
+    random_support = wrapper.sparse_index.clone()
+    x, y = _batches()[0]
+    seen = {}
+    hook = wrapper.register_forward_hook(lambda m, inputs, out: seen.update(x=inputs[0], out=out))
+    built.model.eval()
+    g_out = torch.autograd.grad(torch.nn.functional.cross_entropy(built.model(x), y), seen["out"])[0]
+    hook.remove()
+    grad = torch.einsum("bto,bti->oi", g_out, seen["x"])  # dL/dW of the wrapped qkv: (B, T, out) x (B, T, in)
+    built.prepare(_batches())
+    expected = set(grad.abs().flatten().topk(wrapper.num_sparse).indices.tolist())
+    assert set(wrapper.sparse_index.tolist()) == expected != set(random_support.tolist())
+    payload = built.payload()
+    key = next(k for k in payload if k.endswith("sparse_index"))
+    assert torch.equal(payload[key], wrapper.sparse_index)  # the chosen support travels with the task

@@ -55,7 +55,8 @@ class AdaptFormerMLP(AdapterWrapper):
 
     Args:
         base: the MLP module (timm Mlp: fc1 -> act -> fc2).
-        bottleneck: hidden width r (paper: 64 on ViT-S/B).
+        bottleneck: hidden width r (configs/paper.yaml: 64, the AdaptFormer paper's ViT
+            setting; a choice, the RECAST paper does not give it).
         scale: s (AdaptFormer: 0.1).
         generator: for the kaiming-uniform init of ``down``.
         norm: the block's pre-MLP norm (frozen with the backbone, not part of the payload).

@@ -30,7 +30,7 @@ class AdapterConfig:
             ``downsample`` Sequential) instead of raising.
         rank: r of the low-rank kinds (``rosa`` allows 0: sparse only).
         alpha: LoRA alpha; the delta is scaled by alpha / rank. None: alpha = rank (scale 1).
-        bottleneck: AdaptFormer hidden width (paper: 64 on ViT-S/B).
+        bottleneck: AdaptFormer hidden width (configs/paper.yaml: 64, a choice; see the preset).
         scale: AdaptFormer output scale s (AdaptFormer paper: 0.1).
         branch_input: AdaptFormer branch input: ``residual`` (AdaptFormer's code: the block's
             residual stream before its pre-MLP norm; needs a timm-style ``x + mlp(norm2(x))``
@@ -40,6 +40,10 @@ class AdapterConfig:
             (alternative to ``num_sparse``; at most one of them is non-zero).
         mask_init: ``piggyback`` real-valued mask init (Mallya et al. 2018: 1e-2).
         threshold: ``piggyback`` binarisation threshold (Mallya et al. 2018: 5e-3).
+        support: ``rosa``: how the sparse support is chosen. ``"random"``: a uniform draw from
+            ``seed`` at wrap time. ``"gradient"`` (the RoSA paper): the entries of largest
+            |dL/dW| on the task's training data, chosen by ``select_rosa_support`` before
+            training; ``recast.recipes.build_method`` does this in ``BuiltMethod.prepare``.
         seed: seed of the adapters' random init and of RoSA's random support (local generator).
     """
 
@@ -57,6 +61,7 @@ class AdapterConfig:
     sparsity: float = 0.0
     mask_init: float = 1e-2
     threshold: float = 5e-3
+    support: Literal["random", "gradient"] = "random"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -81,6 +86,8 @@ class AdapterConfig:
                 f"AdapterConfig: give num_sparse ({self.num_sparse}) or sparsity ({self.sparsity}), not both")
         if self.kind == "rosa" and self.rank == 0 and not (self.num_sparse or self.sparsity):
             raise ValueError("AdapterConfig(kind='rosa') with rank=0 needs num_sparse > 0 or sparsity > 0")
+        if self.support not in ("random", "gradient"):
+            raise ValueError(f"AdapterConfig.support must be 'random' or 'gradient', got {self.support!r}")
         if self.branch_input not in ("residual", "mlp"):
             raise ValueError(f"AdapterConfig.branch_input must be 'residual' or 'mlp', got {self.branch_input!r}")
         if not math.isfinite(self.scale):
@@ -116,14 +123,21 @@ _PRESETS: dict[str, AdapterConfig] = {
     "melo": AdapterConfig("melo", ("attn.qkv",), rank=1),
     # DoRA on q, k, v = on the fused qkv (one magnitude per output row).
     "dora": AdapterConfig("dora", ("attn.qkv",), rank=4),
-    # AdaptFormer around every block MLP; the paper uses bottleneck 64 on ViT-S/B,
-    # 8 keeps the ratio sensible for the tiny test models.
+    # AdaptFormer around every block MLP. The width is a choice: configs/paper.yaml sets 64 with
+    # scale 0.1 (the AdaptFormer paper's ViT setting); the RECAST paper says "rank=1" for its
+    # LoRA-style methods and the authors' code defaults to width 2 with scale alpha // r = 2.
+    # The preset's 8 suits the 64-wide tiny test models.
     "adaptformer": AdapterConfig("adaptformer", ("mlp",), bottleneck=8, scale=0.1),
-    # RoSA: rank-4 LoRA + 0.5 % sparse entries on the MLP weights.
-    "rosa": AdapterConfig("rosa", _MLP, rank=4, sparsity=0.005),
-    # The paper's RoSA "SpA MLP": sparse deltas only, 144 (< 150) entries over the whole model.
-    "rosa_spa_mlp": AdapterConfig("rosa", _MLP, rank=0, num_sparse=144),
+    # The paper's "RoSA (Full-Att.)": rank-1 LoRA + sparse entries (0.5 % of each weight; the
+    # paper gives no density for this variant) on the fused qkv, support by gradient (RoSA paper).
+    "rosa": AdapterConfig("rosa", ("attn.qkv",), rank=1, sparsity=0.005, support="gradient"),
+    # The paper's RoSA "SpA MLP": sparse deltas only, 144 (< 150) entries over the whole model,
+    # support by gradient.
+    "rosa_spa_mlp": AdapterConfig("rosa", _MLP, rank=0, num_sparse=144, support="gradient"),
     # Piggyback: a mask on every conv of the residual stages (downsample projections included).
+    # The stem conv (``conv1``) gets no mask and stays the frozen pretrained conv: a choice, not
+    # from the paper (which does not list the masked layers). To mask it too, add ``conv1`` to
+    # the targets: targets=(r"conv1|layer\d+\.\d+\.(conv\d+|downsample\.\d+)",).
     "piggyback": AdapterConfig("piggyback", _RESNET_CONVS, regex=True, skip_unsupported=True),
     # CLR: a depthwise 3x3 after every conv of the residual stages.
     "clr": AdapterConfig("clr", _RESNET_CONVS, regex=True, skip_unsupported=True),

@@ -18,7 +18,7 @@ VIT_COUNTS = {
     "melo": 6 * 2 * 1 * (64 + 64),  # q and v: two rank-1 pairs of (64 in, 64 rows)
     "dora": 6 * (4 * (64 + 192) + 192),  # + one magnitude per qkv row
     "adaptformer": 6 * (64 * 8 + 8 + 8 * 64 + 64),
-    "rosa": 12 * 4 * (64 + 192) + 12 * 61,  # 61 = round(0.005 * 64 * 192) sparse per MLP weight
+    "rosa": 6 * 1 * (64 + 192) + 6 * 61,  # rank 1 on each qkv; 61 = round(0.005 * 64 * 192) sparse per qkv
     "rosa_spa_mlp": 144,
 }
 # the trainable tensors a first AdamW step must move (the others start with a zero gradient,
@@ -126,7 +126,7 @@ def test_counts_on_vit_small(vit_small):
     expected = {
         "lora": 12 * 4 * (384 + 1152), "melo": 12 * 2 * (384 + 384), "dora": 12 * (4 * (384 + 1152) + 1152),
         "adaptformer": 12 * (2 * 384 * 8 + 8 + 384),
-        "rosa": 24 * 4 * (384 + 1536) + 24 * 2949,  # 2949 = round(0.005 * 384 * 1536)
+        "rosa": 12 * 1 * (384 + 1152) + 12 * 2212,  # Full-Att.: rank 1 on qkv; 2212 = round(0.005 * 384 * 1152)
     }
     for name, count in expected.items():
         model = copy.deepcopy(vit_s)
