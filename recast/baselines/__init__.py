@@ -17,6 +17,7 @@ from recast.baselines.ewc import EWC, EWCConfig
 from recast.baselines.finetune import FinetuneFull, FinetuneHead
 from recast.baselines.gdumb import GDumb, GDumbConfig
 from recast.baselines.hat import HAT, HATConfig
+from recast.baselines.inflora import InfLoRA, InfLoRAConfig, InfLoRALinear
 from recast.baselines.l2p import L2P, L2PConfig
 from recast.baselines.lwf import LwF, LwFConfig
 from recast.baselines.method import ContinualMethod
@@ -25,7 +26,8 @@ from recast.baselines.runner import METHODS, make_method, run_sequential
 
 __all__ = [
     "DERPP", "DERPPConfig", "ERACE", "EWC", "EWCConfig", "ClassBalancedBuffer", "ContinualMethod",
-    "FinetuneFull", "FinetuneHead", "GDumb", "GDumbConfig", "HAT", "HATConfig", "L2P", "L2PConfig",
+    "FinetuneFull", "FinetuneHead", "GDumb", "GDumbConfig", "HAT", "HATConfig", "InfLoRA", "InfLoRAConfig",
+    "InfLoRALinear", "L2P", "L2PConfig",
     "LwF", "LwFConfig", "METHODS", "MultiHeadNet", "ReplayConfig", "SequentialResult", "TaskSpec",
     "TensorBatches", "TrainConfig", "evaluate", "forgetting_per_task", "make_method",
     "run_sequential",

@@ -16,6 +16,7 @@ from recast.baselines.ewc import EWC, EWCConfig
 from recast.baselines.finetune import FinetuneFull, FinetuneHead
 from recast.baselines.gdumb import GDumb, GDumbConfig
 from recast.baselines.hat import HAT, HATConfig
+from recast.baselines.inflora import InfLoRA, InfLoRAConfig
 from recast.baselines.l2p import L2P, L2PConfig
 from recast.baselines.lwf import LwF, LwFConfig
 from recast.baselines.method import ContinualMethod, count_parameters
@@ -31,6 +32,7 @@ METHODS: dict[str, tuple[type[ContinualMethod], type | None]] = {
     "derpp": (DERPP, DERPPConfig),
     "hat": (HAT, HATConfig),
     "l2p": (L2P, L2PConfig),
+    "inflora": (InfLoRA, InfLoRAConfig),
 }
 
 

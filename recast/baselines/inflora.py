@@ -1,0 +1,212 @@
+"""InfLoRA: interference-free low-rank adaptation (Liang & Li, CVPR 2024), task-incremental.
+
+Per task, every target Linear gets a low-rank branch ``W + B A`` (here A = ``down``, the
+dimensionality-reduction matrix the InfLoRA paper calls B, and B = ``up``). A is designed
+before training and stays fixed: its rows are the top-r eigenvectors of the covariance of the
+layer's inputs on the current task, restricted to the orthogonal complement of a feature
+memory M that spans the earlier tasks' inputs. Only B (zero-initialised) and the task head are
+trained, so the update B A moves the weight only along directions orthogonal to the old inputs.
+After the task the branch is merged into W, and M grows GPM-style: the top eigenvectors of the
+current task's input covariance outside M are added until M holds a ``threshold`` fraction of
+the task's input energy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from recast.baselines.common import TaskSpec, check_int
+from recast.baselines.method import ContinualMethod, move
+from recast.targets import match_modules
+
+
+@dataclass(frozen=True)
+class InfLoRAConfig:
+    """InfLoRA settings.
+
+    Attributes:
+        targets: Linear modules that get a branch, as in ``recast.targets.match_modules``
+            (exact name or suffix); default the fused ``attn.qkv`` of every ViT block.
+        rows: ``"kv"``: the branch updates only the key and value rows of a fused qkv (as
+            InfLoRA does); ``"all"``: every output row.
+        rank: r of each branch; per target r * rows parameters are trained per task.
+        threshold: fraction of each task's input energy (squared Frobenius norm of the
+            features) the memory must capture after the task (GPM's epsilon).
+        feature_batches: training batches used for the input covariances (None: all).
+    """
+
+    targets: tuple[str, ...] = ("attn.qkv",)
+    rows: Literal["kv", "all"] = "kv"
+    rank: int = 10
+    threshold: float = 0.95
+    feature_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", (self.targets,) if isinstance(self.targets, str) else tuple(self.targets))
+        if not self.targets:
+            raise ValueError("InfLoRAConfig.targets is empty: give at least one Linear module pattern")
+        if self.rows not in ("kv", "all"):
+            raise ValueError(f"InfLoRAConfig.rows must be 'kv' or 'all', got {self.rows!r}")
+        check_int("InfLoRAConfig.rank", self.rank, minimum=1)
+        if not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold <= 1.0):
+            raise ValueError(f"InfLoRAConfig.threshold must be in (0, 1], got {self.threshold!r}")
+        if self.feature_batches is not None:
+            check_int("InfLoRAConfig.feature_batches", self.feature_batches, minimum=1)
+
+
+class InfLoRALinear(nn.Module):
+    """``base(x)`` plus ``B A x`` on the rows ``rows``; A (``down``) is a fixed buffer.
+
+    Args:
+        base: the frozen nn.Linear.
+        down: A, (r, in) with orthonormal rows.
+        rows: output rows the branch writes (1-D index tensor).
+    """
+
+    def __init__(self, base: nn.Linear, down: Tensor, rows: Tensor) -> None:
+        super().__init__()
+        self.base = base
+        w = base.weight
+        self.register_buffer("down", down.to(device=w.device, dtype=w.dtype))  # (r, in)
+        self.register_buffer("rows", rows.to(w.device))  # (R,)
+        self.up = nn.Parameter(torch.zeros(rows.numel(), down.shape[0], device=w.device, dtype=w.dtype))  # (R, r)
+
+    def delta_weight(self) -> Tensor:
+        """B A placed on ``rows`` of an (out, in) zero matrix."""
+        full = self.base.weight.new_zeros(self.base.out_features, self.base.in_features)
+        return full.index_add(0, self.rows, self.up @ self.down)  # (R, r) @ (r, in) -> (R, in)
+
+    def forward(self, x: Tensor) -> Tensor:
+        branch = nn.functional.linear(nn.functional.linear(x, self.down), self.up)  # (..., in) -> (..., r) -> (..., R)
+        return self.base(x).index_add(-1, self.rows, branch)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """The base Linear with ``W + B A`` written into its weight (in place)."""
+        self.base.weight.add_(self.delta_weight())
+        return self.base
+
+
+class InfLoRA(ContinualMethod):
+    """Frozen backbone, one InfLoRA branch per target and task, merged after the task.
+
+    Trainable per task: every branch's B (``rank * rows`` per target) and the task head. The
+    shared state is the merged backbone; the feature memories are training state.
+    """
+
+    name = "inflora"
+
+    def __init__(self, backbone: nn.Module, cfg: InfLoRAConfig | None = None) -> None:
+        super().__init__(backbone)
+        self.cfg = cfg or InfLoRAConfig()
+        backbone.requires_grad_(False)
+        self.target_names = match_modules(backbone, self.cfg.targets, types=(nn.Linear,))
+        self.memory: dict[str, Tensor] = {}  # name -> (in, k) orthonormal basis of earlier tasks' inputs
+        self.branches: dict[str, InfLoRALinear] = {}
+
+    # ---- features -----------------------------------------------------------------------
+    @torch.no_grad()
+    def input_covariances(self, train: Iterable[Any]) -> dict[str, Tensor]:
+        """Per target, ``sum x x^T`` over every token of the training inputs, (in, in) float64."""
+        modules = dict(self.net.backbone.named_modules())
+        cov: dict[str, Tensor] = {}
+
+        def hook(name: str):
+            def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+                x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()  # (..., in) -> (tokens, in)
+                cov[name] = cov.get(name, 0) + x.T @ x
+            return record
+
+        handles = [modules[n].register_forward_hook(hook(n)) for n in self.target_names]
+        was_training = self.training
+        self.eval()
+        try:
+            for index, batch in enumerate(train):
+                if self.cfg.feature_batches is not None and index >= self.cfg.feature_batches:
+                    break
+                self.net.features(move(batch, self.device)[0])
+        finally:
+            for h in handles:
+                h.remove()
+            self.train(was_training)
+        if len(cov) != len(self.target_names):
+            raise ValueError("InfLoRA: no training batches to compute input features from")
+        return cov
+
+    def _complement(self, name: str, dim: int, device: torch.device) -> Tensor:
+        """Orthonormal basis (in, in - k) of the complement of the memory of ``name``."""
+        memory = self.memory.get(name)
+        if memory is None or memory.shape[1] == 0:
+            return torch.eye(dim, dtype=torch.float64, device=device)
+        proj = torch.eye(dim, dtype=torch.float64, device=device) - memory @ memory.T  # (in, in)
+        evals, evecs = torch.linalg.eigh(proj)  # eigenvalues 0 (memory) and 1 (complement)
+        return evecs[:, evals > 0.5]
+
+    # ---- hooks --------------------------------------------------------------------------
+    def before_task(self, task: TaskSpec) -> None:
+        """Design every target's A from the task's inputs outside the memory; wrap the target."""
+        super().before_task(task)
+        covariances = self.input_covariances(task.train)
+        for name in self.target_names:
+            base = self.net.backbone.get_submodule(name)
+            cov = covariances[name]
+            free = self._complement(name, cov.shape[0], cov.device)  # (in, f)
+            if free.shape[1] < self.cfg.rank:
+                raise ValueError(f"InfLoRA: the feature memory of '{name}' leaves {free.shape[1]} free input "
+                                 f"directions, fewer than rank={self.cfg.rank}; lower the threshold or the rank")
+            evals, evecs = torch.linalg.eigh(free.T @ cov @ free)  # (f, f), ascending
+            top = evecs[:, torch.argsort(evals, descending=True)[: self.cfg.rank]]  # (f, r)
+            down = (free @ top).T  # (r, in): orthonormal rows orthogonal to the memory
+            wrapper = InfLoRALinear(base, down, self._rows(name, base))
+            self.branches[name] = wrapper
+            _set_submodule(self.net.backbone, name, wrapper)
+
+    def _rows(self, name: str, base: nn.Linear) -> Tensor:
+        out = base.out_features
+        if self.cfg.rows == "all":
+            return torch.arange(out)
+        if out % 3:
+            raise ValueError(f"InfLoRA rows='kv' needs a fused qkv Linear (out_features divisible by 3); "
+                             f"'{name}' has out_features={out}")
+        return torch.arange(out // 3, out)  # the k and v row blocks
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [*(b.up for b in self.branches.values()), *self.net.head(self.current_task).parameters()]
+
+    def after_task(self, task: TaskSpec, train: Iterable[Any]) -> None:
+        """Merge every branch into its Linear, then add the task's input directions to the memory."""
+        for name, wrapper in self.branches.items():
+            _set_submodule(self.net.backbone, name, wrapper.merged())
+        self.branches = {}
+        covariances = self.input_covariances(train)
+        for name, cov in covariances.items():
+            self.memory[name] = self._grown_memory(name, cov)
+
+    def _grown_memory(self, name: str, cov: Tensor) -> Tensor:
+        """GPM update: add the fewest top directions outside the memory so that the memory holds
+        ``threshold`` of the task's input energy ``trace(cov)``."""
+        memory = self.memory.get(name, cov.new_zeros(cov.shape[0], 0))
+        total = float(torch.trace(cov))
+        held = float(torch.trace(memory.T @ cov @ memory)) if memory.shape[1] else 0.0
+        if total <= 0 or held >= self.cfg.threshold * total:
+            return memory
+        free = self._complement(name, cov.shape[0], cov.device)  # (in, f)
+        evals, evecs = torch.linalg.eigh(free.T @ cov @ free)
+        order = torch.argsort(evals, descending=True)
+        captured = held + torch.cumsum(evals[order].clamp_min(0), 0)  # energy held after adding 1, 2, ... directions
+        k = int((captured < self.cfg.threshold * total).sum()) + 1
+        k = min(k, free.shape[1])
+        return torch.cat([memory, free @ evecs[:, order[:k]]], dim=1)  # (in, k_old + k)
+
+    def training_state(self) -> dict[str, Tensor]:
+        return {f"memory.{n}": m for n, m in self.memory.items()}
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
