@@ -86,7 +86,9 @@ def ref_mimicry(init_t: dict, init_c: dict, members: dict, refs: dict, weights: 
         return ({b: t.detach().clone() for b, t in templates.items()},
                 {m: [c.detach().flatten().clone() for c in cs] for m, cs in sets.items()})
 
-    best = (math.inf, None) if cfg.best_state == "noisy" else (float(loss_of(False)), snapshot())
+    with torch.no_grad():
+        start = float(loss_of(False))
+    best = (math.inf, None) if cfg.best_state == "noisy" else (start, snapshot())
     for _ in range(cfg.steps):
         opt.zero_grad()
         loss = loss_of(True)

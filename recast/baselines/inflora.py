@@ -34,7 +34,9 @@ class InfLoRAConfig:
             (exact name or suffix); default the fused ``attn.qkv`` of every ViT block.
         rows: ``"kv"``: the branch updates only the key and value rows of a fused qkv (as
             InfLoRA does); ``"all"``: every output row.
-        rank: r of each branch; per target r * rows parameters are trained per task.
+        rank: r of each branch; per target r * rows parameters are trained per task. When the
+            feature memory leaves fewer than r free input directions, the branch gets that many
+            (none once the memory spans the whole input space; the task then trains its head only).
         threshold: fraction of each task's input energy (squared Frobenius norm of the
             features) the memory must capture after the task (GPM's epsilon).
         feature_batches: training batches used for the input covariances (None: all).
@@ -108,6 +110,7 @@ class InfLoRA(ContinualMethod):
         self.target_names = match_modules(backbone, self.cfg.targets, types=(nn.Linear,))
         self.memory: dict[str, Tensor] = {}  # name -> (in, k) orthonormal basis of earlier tasks' inputs
         self.branches: dict[str, InfLoRALinear] = {}
+        self.ranks: dict[str, int] = {}  # the current task's rank per target (below cfg.rank once the memory fills)
 
     # ---- features -----------------------------------------------------------------------
     @torch.no_grad()
@@ -156,11 +159,12 @@ class InfLoRA(ContinualMethod):
             base = self.net.backbone.get_submodule(name)
             cov = covariances[name]
             free = self._complement(name, cov.shape[0], cov.device)  # (in, f)
-            if free.shape[1] < self.cfg.rank:
-                raise ValueError(f"InfLoRA: the feature memory of '{name}' leaves {free.shape[1]} free input "
-                                 f"directions, fewer than rank={self.cfg.rank}; lower the threshold or the rank")
+            rank = min(self.cfg.rank, free.shape[1])
+            self.ranks[name] = rank
+            if rank == 0:  # the memory spans every input direction: no interference-free branch
+                continue
             evals, evecs = torch.linalg.eigh(free.T @ cov @ free)  # (f, f), ascending
-            top = evecs[:, torch.argsort(evals, descending=True)[: self.cfg.rank]]  # (f, r)
+            top = evecs[:, torch.argsort(evals, descending=True)[:rank]]  # (f, r)
             down = (free @ top).T  # (r, in): orthonormal rows orthogonal to the memory
             wrapper = InfLoRALinear(base, down, self._rows(name, base))
             self.branches[name] = wrapper

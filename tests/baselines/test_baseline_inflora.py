@@ -90,3 +90,13 @@ def test_config_errors_name_the_field(vit, resnet):
     with pytest.raises(ValueError, match="divisible by 3"):
         make_method("inflora", vit, {"targets": ("attn.proj",)}).before_task(
             TaskSpec("a", 2, [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))], None, []))
+
+
+def test_a_full_memory_leaves_no_branch_instead_of_failing(vit, tasks):
+    m = make_method("inflora", vit, {"rank": 4, "threshold": 1.0})  # the memory must hold all of task a's inputs
+    m.before_task(tasks[0])
+    m.after_task(tasks[0], tasks[0].train)
+    free = {n: 64 - mem.shape[1] for n, mem in m.memory.items()}
+    m.before_task(tasks[1])
+    assert m.ranks == {n: min(4, f) for n, f in free.items()}
+    assert {n: b.down.shape[0] for n, b in _branches(m).items()} == {n: r for n, r in m.ranks.items() if r}
