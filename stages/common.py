@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,7 +53,13 @@ def validate_section(name: str, model: type[M], data: dict[str, Any]) -> M:
         lines = []
         for e in err.errors():
             key = ".".join([name, *(str(p) for p in e["loc"])])
-            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+            msg = e["msg"].removeprefix("Value error, ")
+            if re.match(r"[\w.\[\]]+: ", msg):  # a model check naming its own sub-key
+                lines.append(f"{key}.{msg}")
+            elif isinstance(e.get("input"), dict):
+                lines.append(f"{key}: {msg}")
+            else:
+                lines.append(f"{key}: {msg} (got {e.get('input')!r})")
         raise ParamsError("invalid params:\n  " + "\n  ".join(lines)) from None
 
 

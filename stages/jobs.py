@@ -28,6 +28,7 @@ def tune_job(spec: dict) -> tuple[dict, dict]:
         return BatchLoader(task_dir, split, tr.batch_size, tr.image_size, train=train, seed=spec["seed"], limit=limit)
 
     cfg = tr.recipe(spec["device"], m.lr)
+    built.prepare(loader("train", True, tr.limit_train), cfg.device)  # e.g. RoSA's gradient-chosen support
     res = fit(built.model, built.trainable, loader("train", True, tr.limit_train), loader("val", False, tr.limit_eval),
               cfg, desc=spec["id"])
     test_acc = evaluate(built.model, loader("test", False, tr.limit_eval), cfg.device)

@@ -49,9 +49,25 @@ def mimic_job(spec: dict) -> tuple[dict, dict]:
         out["acc_original"] = evaluate(plain, loader)
         out["acc_reconstructed"] = evaluate(rc, loader)
     out["template_diversity"] = recast.template_diversity(rc)
+    out["ablations"] = {name: _ablation(bb, cfg, p.seed, {**a.mimicry, **m}, batch, loader)
+                        for name, m in a.ablations.items()}
     tensors = {f"banks.{k}": b.templates.detach() for k, b in rc.banks.items()}
     tensors.update({f"base.{k}": v for k, v in rc.task_tensors(cfg.base_task).items()})
     return out, tensors
+
+
+def _ablation(bb, cfg, seed: int, mimicry: dict[str, Any], batch, loader) -> dict[str, Any]:
+    """Another reconstruction of the same backbone (e.g. the paper's gradient mimicry or the VAE
+    reconstructor) from a fresh ``recast.apply``, reported beside the main one; tuning never
+    uses it. Its template diversity is the paper's Fig. 8/9 analysis."""
+    plain = bb.plain().eval()
+    rc = recast.apply(plain, cfg, seed=seed)
+    report = recast.mimic(rc, MimicryConfig(**{"seed": seed, "progress": False, **mimicry}), batch=batch)
+    out: dict[str, Any] = {**report.as_dict(), "mimicry": mimicry, "template_diversity": recast.template_diversity(rc)}
+    if loader is not None:
+        rc.set_task(cfg.base_task, freeze=False)
+        out["acc_reconstructed"] = evaluate(rc, loader)
+    return out
 
 
 def run(p: MimicParams, rt: RuntimeParams) -> dict[str, dict]:
@@ -75,6 +91,10 @@ def run(p: MimicParams, rt: RuntimeParams) -> dict[str, dict]:
         summary[arch] = {k: clean[k] for k in ("min_weight_cosine", "mean_weight_cosine", "min_feature_cosine",
                                                "seconds", "acc_original", "acc_reconstructed") if k in clean}
         summary[arch].update(templates=clean["counts"]["templates"], coefficients_per_task=clean["counts"]["coefficients"])
+        for name, ab in clean.get("ablations", {}).items():
+            summary[arch][f"ablation.{name}"] = {k: ab[k] for k in ("min_weight_cosine", "mean_weight_cosine",
+                                                                   "min_feature_cosine", "seconds", "acc_reconstructed")
+                                                 if k in ab}
         tracker.child(spec["id"], {"arch": arch, **p.archs[arch].model_dump()}, summary[arch],
                       artifacts=[d / "report.json", d / "recast.json"], tags={"cached": str(cached)})
 

@@ -132,6 +132,7 @@ class MimicArch(Section):
     preset: str
     overrides: dict[str, Any] = Field(default_factory=dict)
     mimicry: dict[str, Any] = Field(default_factory=dict)
+    ablations: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("preset")
     @classmethod
@@ -150,6 +151,11 @@ class MimicArch(Section):
             MimicryConfig(**self.mimicry)
         except (ValueError, TypeError) as err:
             raise ValueError(str(err)) from None
+        for name, m in self.ablations.items():
+            try:
+                MimicryConfig(**{**self.mimicry, **m})
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"ablations.{name}: {err}") from None
         return self
 
 
@@ -236,6 +242,7 @@ class TuneParams(Section):
     seeds: list[StrictInt] = Field(default_factory=lambda: [42], min_length=1)
     methods: dict[str, MethodParams]
     train: TrainParams = TrainParams()
+    train_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     continual: ContinualParams = ContinualParams()
     data_dir: str = "data/prepared/offline"
     pretrain_dir: str = "outputs/pretrain"
@@ -246,6 +253,25 @@ class TuneParams(Section):
     @classmethod
     def _unique_lists(cls, v: list | None) -> list | None:
         return _unique(v)
+
+    @model_validator(mode="after")
+    def _check_overrides(self):
+        for arch, values in self.train_overrides.items():
+            if arch not in self.archs:
+                raise ValueError(f"train_overrides.{arch}: not one of archs {self.archs}")
+            self.train_for(arch)
+        return self
+
+    def train_for(self, arch: str) -> TrainParams:
+        """The training recipe of ``arch``: ``train`` with ``train_overrides.<arch>`` applied
+        (e.g. the paper's ResNet batch size 64)."""
+        values = self.train_overrides.get(arch)
+        if not values:
+            return self.train
+        try:
+            return TrainParams.model_validate({**self.train.model_dump(), **values})
+        except ValueError as err:
+            raise ValueError(f"train_overrides.{arch}: {err}") from None
 
 
 class CombineParams(Section):

@@ -27,7 +27,7 @@ def continual_specs(stage: str, p: TuneParams, device: str) -> list[dict]:
                               "method_name": name, "seed": seed, "epochs": c.epochs, "lr": c.lr,
                               "options": c.options.get(name, {}), "backbone_sha": bb_sha,
                               "task_dirs": {t: str(data / t) for t in tasks}, "task_order": list(tasks),
-                              "task_sha": {t: manifest_sha(data / t) for t in tasks}, **common_fields(p, device)})
+                              "task_sha": {t: manifest_sha(data / t) for t in tasks}, **common_fields(p, arch, device)})
     return specs
 
 

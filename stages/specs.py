@@ -34,9 +34,9 @@ def manifest_sha(task_dir: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else ""
 
 
-def common_fields(p: TuneParams, device: str) -> dict:
-    """Fields every job of the tune/combine stages carries."""
-    return {"train": p.train.model_dump(), "pretrain_dir": str(resolve(p.pretrain_dir)),
+def common_fields(p: TuneParams, arch: str, device: str) -> dict:
+    """Fields every job of the tune/combine stages carries (the recipe is the arch's own)."""
+    return {"train": p.train_for(arch).model_dump(), "pretrain_dir": str(resolve(p.pretrain_dir)),
             "mimic_dir": str(resolve(p.mimic_dir)), "device": device}
 
 
@@ -44,9 +44,9 @@ def method_specs(stage: str, p: TuneParams, methods: dict[str, MethodParams], de
     """One job per arch x method x task x seed (a method's ``archs`` limits where it runs)."""
     tasks = task_names(p)
     data = resolve(p.data_dir)
-    common = common_fields(p, device)
     specs = []
     for arch in p.archs:
+        common = common_fields(p, arch, device)
         bb_sha = pretrained_meta(resolve(p.pretrain_dir), arch).get("sha256", "")
         bank_sha = bank_meta(resolve(p.mimic_dir), arch).get("bank_sha256", "")
         for name, m in methods.items():

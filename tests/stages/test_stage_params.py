@@ -58,7 +58,7 @@ def test_default_plan(default_params):
     plan = validate_all(default_params)
     assert plan["suite"] == "offline" and len(plan["tasks"]) == 5
     assert plan["mimic"]["vit"]["coefficients_per_task"] == 6 * 3 * 2 * 2
-    assert plan["jobs"]["tune"] == 5 * 5 + 2  # (vit: 3 methods, resnet: 2) x 5 tasks + ewc + lwf on vit
+    assert plan["jobs"]["tune"] == 5 * 5 + 3  # (vit: 3 methods, resnet: 2) x 5 tasks + ewc, lwf, inflora on vit
 
 
 def test_paper_config_dry_run():
@@ -72,3 +72,23 @@ def test_paper_config_dry_run():
     assert plan["mimic"]["resnet"]["template_params"] == 16_367_616
     assert plan["tune"]["vit/recast"] == 6 * 3  # six tasks x three seeds
     assert plan["device"] == "cuda"
+
+
+def test_train_overrides_give_the_arch_its_own_recipe(default_params):
+    """``tune.train_overrides.<arch>`` reaches that arch's jobs only (paper: ResNet batch 64)."""
+    from stages.params import TuneParams
+
+    tune = {**default_params["tune"], "train_overrides": {"resnet": {"batch_size": 64}}}
+    p = TuneParams.model_validate(tune)
+    assert p.train_for("resnet").batch_size == 64 and p.train_for("vit").batch_size == p.train.batch_size == 128
+    with pytest.raises(ParamsError, match=r"tune\.train_overrides.*not one of archs"):
+        validate_all({**default_params, "tune": {**tune, "train_overrides": {"deit": {"batch_size": 64}}}})
+    with pytest.raises(ParamsError, match=r"tune\.train_overrides.*batch_size"):
+        validate_all({**default_params, "tune": {**tune, "train_overrides": {"resnet": {"batch_size": 0}}}})
+
+
+def test_mimic_ablations_are_validated_naming_the_ablation(default_params):
+    mimic = default_params["mimic"]
+    bad = {**mimic, "archs": {**mimic["archs"], "vit": {**mimic["archs"]["vit"], "ablations": {"g": {"method": "svd"}}}}}
+    with pytest.raises(ParamsError, match=r"mimic\.archs\.vit.*ablations\.g"):
+        validate_all({**default_params, "mimic": bad})
