@@ -104,7 +104,8 @@ def load_banks(rc: RecastModel, path: str | os.PathLike) -> dict:
 
 def save_payload(rc: RecastModel, task: str, path: str | os.PathLike,
                  extra_tensors: dict[str, torch.Tensor] | None = None, extra: dict | None = None) -> Path:
-    """Write one task's payload: its coefficients + head (+ ``extra_tensors``, e.g. BN stats)."""
+    """Write one task's payload: ``rc.task_tensors(task)`` (coefficients, head and what the task
+    owns: biases, norms, BatchNorm statistics) + ``extra_tensors`` (e.g. adapter tensors)."""
     tensors = rc.task_tensors(task)
     for k, v in (extra_tensors or {}).items():
         tensors[f"extra.{k}"] = v
