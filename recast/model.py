@@ -278,8 +278,8 @@ class RecastModel(nn.Module):
         heads = self.task_heads
         if heads is not None and task in heads.heads:
             out.update({f"head.{k}": v.detach() for k, v in heads.heads[task].state_dict().items()})
-        for kind in self.task_state.owned_kinds(task):
-            out.update({k: v.detach() for k, v in self._task_values(task, kind).items()})
+        for kind in self.task_state.owned_kinds(task):  # copies: live tensors change with set_task
+            out.update({k: v.detach().clone() for k, v in self._task_values(task, kind).items()})
         return out
 
     def load_task_tensors(self, task: str, tensors: dict[str, torch.Tensor], num_classes: int | None = None) -> None:
