@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from recast.model import RecastModel
+from recast.task_state import PREFIX
 
 
 @dataclass(frozen=True)
@@ -14,18 +15,27 @@ class ParameterCount:
 
     Attributes:
         coefficients: stored per-task coefficients, sum over modules of K*n (paper's count).
-        effective_coefficients: after averaging the K sets, sum of n (eq. 2 is linear).
+        effective_coefficients: after averaging the K sets, sum of n (eq. 2 is linear; the K
+            sets only matter through their mean).
         head: parameters of the task's classifier (dim*C + C).
-        trainable: coefficients + head (what RECAST-FT trains per task).
+        biases: the task's own copies of templated-layer biases (``train_biases``; else 0).
+        norms: the task's own norm affine parameters (``train_norms``; else 0).
+        bn_stats: the task's own BatchNorm statistics (``bn_stats="per_task"``; else 0): running
+            means and variances plus one batch counter per BatchNorm layer.
+        trainable: coefficients + head + biases + norms (what RECAST-FT trains per task).
         templates: parameters of all template banks (shared by every task).
         replaced: parameters of the original weights the banks replace.
         original_total: parameters of the whole original model (with its head).
-        bytes_per_task: float32 bytes of the per-task payload (coefficients + head).
+        bytes_per_task: bytes of the per-task payload (``task_tensors``): ``bytes_per_param``
+            per float value, 8 per integer (the BatchNorm batch counters).
     """
 
     coefficients: int
     effective_coefficients: int
     head: int
+    biases: int
+    norms: int
+    bn_stats: int
     trainable: int
     templates: int
     replaced: int
@@ -37,18 +47,22 @@ class ParameterCount:
 
 
 def count_parameters(rc: RecastModel, task: str | None = None, bytes_per_param: int = 4) -> ParameterCount:
-    """Parameter accounting of ``task`` (default: the active task)."""
+    """Parameter accounting of ``task`` (default: the active task), from its payload."""
     task = task or rc.active_task or rc.config.base_task
-    layers = dict(rc.recast_layers())
-    coefficients = sum(layer.coefs[task].numel() for layer in layers.values())
-    effective = sum(layer.bank.num_templates for layer in layers.values())
-    heads = rc.task_heads
-    head = sum(p.numel() for p in heads.heads[task].parameters()) if heads is not None and task in heads.heads else 0
+    tensors = rc.task_tensors(task)
+
+    def numel(prefix: str) -> int:
+        return sum(t.numel() for k, t in tensors.items() if k.startswith(prefix))
+
+    coefficients, head = numel("coefs."), numel("head.")
+    biases, norms, bn_stats = numel(PREFIX["biases"]), numel(PREFIX["norms"]), numel(PREFIX["bn_stats"])
+    effective = sum(layer.bank.num_templates for _, layer in rc.recast_layers())
     templates = sum(b.templates.numel() for b in rc.banks.values())
     replaced = sum(math.prod(b.shape) * len(b.modules) for b in rc.plan.banks)
-    original_total = rc.original_param_count
+    payload_bytes = sum(t.numel() * (bytes_per_param if t.is_floating_point() else t.element_size())
+                        for t in tensors.values())
     return ParameterCount(
-        coefficients=coefficients, effective_coefficients=effective, head=head,
-        trainable=coefficients + head, templates=templates, replaced=replaced,
-        original_total=original_total, bytes_per_task=(coefficients + head) * bytes_per_param,
+        coefficients=coefficients, effective_coefficients=effective, head=head, biases=biases, norms=norms,
+        bn_stats=bn_stats, trainable=coefficients + head + biases + norms, templates=templates,
+        replaced=replaced, original_total=rc.original_param_count, bytes_per_task=payload_bytes,
     )

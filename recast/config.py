@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 TemplatesSpec = int | Literal["group_size"]
+BatchNormStats = Literal["frozen", "per_task"]
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,15 @@ class RecastConfig:
             divide the number of targeted layers of every stack.
         templates: n, templates per bank, or ``"group_size"`` for n = layers per group
             (the paper's ResNet scheme: n = B - 1 per stage).
-        coef_sets: K, coefficient sets per module (paper eq. 2). Because eq. 2 is linear,
-            K > 1 adds no expressiveness, only an over-parameterised optimisation.
+        coef_sets: K, coefficient sets per module (paper eq. 2). Eq. 2 averages them, so only
+            their mean reaches the weight and K > 1 adds no expressiveness. Every set gets the
+            same gradient (1/K of the mean's); sets that start equal (closed-form mimicry, the
+            ``copy`` init of ``add_task``) stay equal, and under Adam/AdamW/RMSprop (invariant
+            to the scale of each parameter's gradient) even sets that start apart move their
+            mean as K=1 would, up to the optimiser's epsilon. K therefore changes only the
+            initial mean (the paper's init averages K random unit vectors), the mimicry noise
+            on the mean (std / sqrt(K)) and the gradient norm that clipping sees (1/sqrt(K)
+            of K=1's for the coefficients). Under plain SGD it divides the mean's step by K.
         regex: interpret ``targets``/``exclude`` as regular expressions.
         min_layer: layers with a smaller index inside their stack are left untouched (the
             ResNet scheme keeps block 0 of every stage, with its stride/downsample, ordinary).
@@ -31,6 +39,15 @@ class RecastConfig:
         fan_out_roles: module roles (``attn.qkv``, or a suffix of the role) whose templates get
             kaiming-normal init with fan_out; every other bank uses fan_in. The default follows
             the authors' code: fan_out for the fused qkv, fan_in for MLP and conv templates.
+        bn_stats: what happens to BatchNorm running statistics (models without BatchNorm are
+            not affected). ``"frozen"`` (default): the model keeps every BatchNorm layer in
+            eval mode whatever ``RecastModel.train()`` says, so BatchNorm always normalises
+            with the pretrained statistics and no task can change them. ``"per_task"``: every
+            task owns a copy of the statistics (running mean, running variance and the batch
+            counter), switched by ``set_task``, updated in train mode for the active task only,
+            stored in the task's payload and counted in its bytes. The authors' code tunes
+            ResNet tasks in train mode, so their statistics change per task without being
+            stored or counted; neither option here does that.
     """
 
     targets: tuple[str, ...]
@@ -42,6 +59,7 @@ class RecastConfig:
     min_layer: int = 0
     base_task: str = "pretrained"
     fan_out_roles: tuple[str, ...] = ("attn.qkv",)
+    bn_stats: BatchNormStats = "frozen"
 
     def __post_init__(self) -> None:
         if isinstance(self.fan_out_roles, str):
@@ -62,6 +80,7 @@ class RecastConfig:
         _check_int("min_layer", self.min_layer, minimum=0)
         if not self.base_task or not isinstance(self.base_task, str):
             raise ValueError(f"RecastConfig.base_task must be a non-empty string, got {self.base_task!r}")
+        _check_choice("bn_stats", self.bn_stats, ("frozen", "per_task"))
 
 
 @dataclass(frozen=True)
@@ -77,7 +96,9 @@ class MimicryConfig:
         loss: ``"smooth_l1"`` (paper, beta 1, mean reduction) or ``"mse"``.
         role_weights: loss weight per module role suffix (e.g. ``{"conv1": 3.5}``); roles not
             listed get ``default_weight`` (paper ViT: 2.0).
-        noise_std: std of Gaussian noise added to coefficients in each step (paper ViT: 1e-4).
+        noise_std: std of Gaussian noise added to every coefficient set in each step (paper
+            ViT: 1e-4); the mean of K independent sets, which is what eq. 2 uses, gets
+            std / sqrt(K).
         lr, step_size, gamma, steps, grad_clip: RMSprop + StepLR schedule (paper ViT: 0.1,
             200, 0.1, 1000, 1.0; ResNet: 0.2, 500, 0.1, 3000, 1.0).
         seed: seed of the random init and the noise (a local generator; no global seeding).

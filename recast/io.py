@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from recast.model import RecastModel
@@ -77,6 +78,14 @@ def save_banks(rc: RecastModel, path: str | os.PathLike, extra: dict | None = No
     return save_tensors(tensors, meta, path)
 
 
+def _load_tensors(st: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; an unreadable file is a ValueError naming it."""
+    try:
+        return load_file(str(st))
+    except SafetensorError as e:
+        raise ValueError(f"{st}: not a readable safetensors file ({e})") from e
+
+
 def read_meta(path: str | os.PathLike) -> dict:
     """The JSON sidecar of a bank or payload file."""
     _, js = _paths(path)
@@ -89,7 +98,7 @@ def load_banks(rc: RecastModel, path: str | os.PathLike) -> dict:
     """Load banks into ``rc``; shapes and sha256 are checked. Returns the metadata."""
     st, _ = _paths(path)
     meta = read_meta(path)
-    tensors = load_file(str(st))
+    tensors = _load_tensors(st)
     if tensors_sha256(tensors) != meta.get("bank_sha256"):
         raise ValueError(f"{st}: content does not match the sha256 in its sidecar (corrupt or edited file)")
     if set(tensors) != set(rc.banks):
@@ -104,7 +113,8 @@ def load_banks(rc: RecastModel, path: str | os.PathLike) -> dict:
 
 def save_payload(rc: RecastModel, task: str, path: str | os.PathLike,
                  extra_tensors: dict[str, torch.Tensor] | None = None, extra: dict | None = None) -> Path:
-    """Write one task's payload: its coefficients + head (+ ``extra_tensors``, e.g. BN stats)."""
+    """Write one task's payload: ``rc.task_tensors(task)`` (coefficients, head and what the task
+    owns: biases, norms, BatchNorm statistics) + ``extra_tensors`` (e.g. adapter tensors)."""
     tensors = rc.task_tensors(task)
     for k, v in (extra_tensors or {}).items():
         tensors[f"extra.{k}"] = v
@@ -124,7 +134,8 @@ def load_payload(rc: RecastModel, path: str | os.PathLike, task: str | None = No
     """Load a payload onto ``rc`` as ``task`` (default: its own name). Returns its extra tensors.
 
     Raises:
-        ValueError: the payload was made against different banks, or its file is corrupt.
+        ValueError: the payload was made against different banks, its file is corrupt or
+            unreadable, or its tensors do not fit ``rc`` (see ``RecastModel.load_task_tensors``).
     """
     st, _ = _paths(path)
     meta = read_meta(path)
@@ -136,7 +147,7 @@ def load_payload(rc: RecastModel, path: str | os.PathLike, task: str | None = No
             f"{st}: payload of task '{meta['task']}' was trained against banks {meta['bank_sha256'][:12]}, "
             f"this model's banks are {mine[:12]}; load the matching banks first"
         )
-    tensors = load_file(str(st))
+    tensors = _load_tensors(st)
     if tensors_sha256(tensors) != meta["payload_sha256"]:
         raise ValueError(f"{st}: content does not match the sha256 in its sidecar (corrupt or edited file)")
     extras = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}

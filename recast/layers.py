@@ -118,13 +118,13 @@ class RecastLinear(_RecastMixin, nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def to_plain(self, task: str) -> nn.Linear:
-        """A plain nn.Linear holding ``task``'s generated weight."""
+        """A plain nn.Linear (the templates' dtype) holding ``task``'s generated weight and the live bias."""
         layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         with torch.no_grad():
             layer.weight.copy_(self.task_weight(task))
             if self.bias is not None:
                 layer.bias.copy_(self.bias)
-        return layer.to(self.bank.templates.device)
+        return layer.to(device=self.bank.templates.device, dtype=self.bank.templates.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, n={self.bank.num_templates}, K={self.coef_sets}, task={self.task}"
@@ -151,7 +151,7 @@ class RecastConv2d(_RecastMixin, nn.Module):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def to_plain(self, task: str) -> nn.Conv2d:
-        """A plain nn.Conv2d holding ``task``'s generated weight."""
+        """A plain nn.Conv2d (the templates' dtype) holding ``task``'s generated weight and the live bias."""
         conv = nn.Conv2d(
             self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
             self.dilation, self.groups, bias=self.bias is not None,
@@ -160,7 +160,7 @@ class RecastConv2d(_RecastMixin, nn.Module):
             conv.weight.copy_(self.task_weight(task))
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
-        return conv.to(self.bank.templates.device)
+        return conv.to(device=self.bank.templates.device, dtype=self.bank.templates.dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

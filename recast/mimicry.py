@@ -7,10 +7,18 @@ Three methods (``MimicryConfig.method``):
   are U*S. Exact when n >= m, the best rank-n Frobenius fit otherwise (Eckart-Young). Templates
   are rescaled so the mean coefficient-vector norm is 1 (the paper initialises coefficients as
   unit vectors), which keeps tuning learning rates comparable to the paper's. All K sets get
-  the same vector (their mean is what eq. 2 uses).
+  the same vector (their mean is what eq. 2 uses). Identical sets get identical gradients, so
+  they stay identical through any later training: after closed form, K only changes what
+  gradient clipping sees.
 - ``gradient``: the paper's procedure from its random init (kaiming templates, unit-vector
   coefficients): weighted SmoothL1 (or MSE) between generated and reference weights, Gaussian
-  noise on the coefficients, RMSprop + StepLR, grad-norm clipping, best state kept.
+  noise on the coefficients, RMSprop + StepLR, grad-norm clipping, best state kept. Here the K
+  random sets differ; their mean starts shorter than a unit vector (about 1/sqrt(K) of it) and
+  receives noise of std noise_std/sqrt(K). RMSprop, like Adam, moves each set by the same
+  step whatever K is, so apart from these and clipping the mean moves as one set would.
+
+Mimicry rewrites the shared banks and the base task's coefficients; ``mimic`` refuses to run
+once other tasks exist (they were tuned against the current banks) unless ``force=True``.
 - ``refine``: the gradient procedure started from the closed form (use a small lr, e.g. 1e-4:
   the paper's lr 0.1 first step moves far from an exact fit; the best state, the start
   included, is kept, so refine never ends worse than the closed form).
@@ -254,7 +262,7 @@ def feature_cosines(reference: nn.Module, candidate: nn.Module, batch: torch.Ten
 
 
 def mimic(rc: RecastModel, cfg: MimicryConfig | None = None, batch: torch.Tensor | None = None,
-          feature_layers: list[str] | None = None) -> MimicryReport:
+          feature_layers: list[str] | None = None, force: bool = False) -> MimicryReport:
     """Reconstruct the reference weights into ``rc``'s banks and base-task coefficients.
 
     Args:
@@ -262,10 +270,19 @@ def mimic(rc: RecastModel, cfg: MimicryConfig | None = None, batch: torch.Tensor
         cfg: method and hyperparameters (default: closed form).
         batch: optional input batch for the layer-wise feature cosine.
         feature_layers: modules whose outputs are compared (default: every ``stack.N`` layer).
+        force: run even though tasks other than the base task exist (their outputs change).
+
+    Raises:
+        RuntimeError: the reference weights were dropped, or other tasks exist and not ``force``.
     """
     cfg = cfg or MimicryConfig()
     if not rc.reference_weights:
         raise RuntimeError("reference weights were dropped: mimicry needs them")
+    others = [t for t in rc.tasks if t != rc.config.base_task]
+    if others and not force:
+        raise RuntimeError(
+            f"tasks {others} exist: mimicry rewrites the shared banks they were tuned against, so their "
+            "outputs would change; run mimicry before add_task, or pass force=True")
     start = time.perf_counter()
     loss, steps = 0.0, 0
     if cfg.method in ("closed_form", "refine"):
@@ -292,4 +309,5 @@ def mimic(rc: RecastModel, cfg: MimicryConfig | None = None, batch: torch.Tensor
                 rc.reference_model(), rc.model, batch, feature_layers or _layer_containers(rc))
         finally:
             rc.set_task(task, freeze=False)
+            rc.train(rc.training)  # feature_cosines restored rc.model's mode, bypassing rc.train
     return report

@@ -1,5 +1,12 @@
 """RecastModel: a network whose targeted layers read shared template banks, with per-task
-coefficient sets and heads (``apply``, ``add_task``, ``set_task``, ``materialize``)."""
+coefficient sets and heads (``apply``, ``add_task``, ``set_task``, ``materialize``).
+
+Isolation: whatever training a task changes belongs to that task. With ``set_task(task)``
+only its coefficients and head are trainable; biases (``train_biases``) and norm parameters
+(``train_norms``) that a task trains become its own copies; BatchNorm running statistics are
+frozen by the model or kept per task (``RecastConfig.bn_stats``). The templates are shared
+and frozen; ``recast.mimic`` refuses to rewrite them once other tasks exist.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +20,11 @@ from torch import nn
 from recast.config import RecastConfig
 from recast.layers import RECAST_LAYERS, TemplateBank, make_recast_layer, random_unit_coefficients
 from recast.targets import LayerKeyFn, Plan, build_plan, template_fan_mode
+from recast.task_state import KINDS, PREFIX, Kind, Live, TaskState
 
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+_BATCH_NORM = nn.modules.batchnorm._BatchNorm
 
 
 class TaskHeads(nn.Module):
@@ -61,6 +71,8 @@ class RecastModel(nn.Module):
             and its classifier (if any) by TaskHeads.
         banks: the template banks, stored once (layers reference them without registering).
         plan: the grouping plan; config: the RecastConfig.
+        task_state: per-task copies of biases, norm parameters and BatchNorm statistics (the
+            tasks that own them); the network holds the active task's values.
         reference_weights: the original weights of the targeted modules (not in the
             state_dict), the target of Neural Mimicry; dropped by ``drop_reference()``.
     """
@@ -100,9 +112,15 @@ class RecastModel(nn.Module):
             parent, child = _get_parent(model, self.head_name)
             setattr(parent, child, heads)
         self.model = model
+        self.task_state = TaskState()
         self.tasks: list[str] = [base]
         self.active_task: str | None = None
+        self._frozen = False
+        if config.bn_stats == "per_task":
+            live = self._live("bn_stats")
+            self.task_state.set_values(base, "bn_stats", live, live, None)
         self.set_task(base, freeze=False)
+        self._freeze_batch_norm()
 
     # ----------------------------------------------------------------- structure
     def recast_layers(self) -> Iterator[tuple[str, nn.Module]]:
@@ -119,6 +137,47 @@ class RecastModel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
+    def train(self, mode: bool = True) -> "RecastModel":
+        """``nn.Module.train``; with ``bn_stats="frozen"`` BatchNorm layers stay in eval mode."""
+        super().train(mode)
+        self._freeze_batch_norm()
+        return self
+
+    def _freeze_batch_norm(self) -> None:
+        if self.config.bn_stats == "frozen":
+            for m in self.model.modules():
+                if isinstance(m, _BATCH_NORM):
+                    m.eval()
+
+    def _ordinary_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        """(path, module) of the network outside the task heads."""
+        head = self.head_name
+        for path, m in self.model.named_modules():
+            if head is None or (path != head and not path.startswith(head + ".")):
+                yield path, m
+
+    def _live(self, kind: Kind) -> Live:
+        """The network's tensors of ``kind``, keyed by payload key (``bias.<module>``,
+        ``norm.<module>.<param>``, ``bn.<module>.<buffer>``)."""
+        prefix = PREFIX[kind]
+        if kind == "biases":
+            return {f"{prefix}{name}": layer.bias for name, layer in self.recast_layers() if layer.bias is not None}
+        out: Live = {}
+        for path, m in self._ordinary_modules():
+            if kind == "norms" and isinstance(m, NORM_LAYERS):
+                out.update({f"{prefix}{path}.{n}": p for n, p in m.named_parameters(recurse=False)})
+            elif kind == "bn_stats" and isinstance(m, _BATCH_NORM):
+                out.update({f"{prefix}{path}.{n}": b for n, b in m.named_buffers(recurse=False)})
+        return out
+
+    def _task_values(self, task: str, kind: Kind) -> Live:
+        return self.task_state.values(task, kind, self._live(kind), self.active_task)
+
+    def _new_tensor_trainable(self, task: str) -> bool:
+        """requires_grad of tensors created for ``task``: after ``set_task(..., freeze=True)``
+        only the active task's are trainable."""
+        return not self._frozen or task == self.active_task
+
     # ----------------------------------------------------------------- tasks
     def add_task(self, task: str, num_classes: int | None = None, init_from: str | None = None,
                  init: str = "copy", generator: torch.Generator | None = None) -> None:
@@ -128,7 +187,8 @@ class RecastModel(nn.Module):
             task: name ([A-Za-z0-9_-]+).
             num_classes: size of the new head; None keeps no head of its own.
             init_from: task whose coefficients are copied (default: the base task, i.e. the
-                reconstructed backbone every task starts from).
+                reconstructed backbone every task starts from); the new task also starts from
+                its own copy of whatever this task owns (biases, norms, BatchNorm statistics).
             init: ``"copy"`` or ``"random"`` (paper init: random unit vectors).
         """
         if not isinstance(task, str) or not _TASK_NAME.match(task):
@@ -140,86 +200,164 @@ class RecastModel(nn.Module):
             raise ValueError(f"init_from='{src}' is not a known task; known: {self.tasks}")
         if init not in ("copy", "random"):
             raise ValueError(f"init must be 'copy' or 'random', got {init!r}")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if num_classes is not None and (self.task_heads is None or self.num_features is None):
+            raise ValueError("this model has no classifier to replace; pass head_name= to recast.apply")
+        trainable = self._new_tensor_trainable(task)
         for _, layer in self.recast_layers():
             if init == "copy":
                 layer.add_task(task, layer.coefs[src].detach())
             else:
                 layer.add_task(task, random_unit_coefficients(layer.coef_sets, layer.bank.num_templates, generator))
+            layer.coefs[task].requires_grad_(trainable)
         if num_classes is not None:
-            if not isinstance(num_classes, int) or num_classes < 1:
-                raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-            if self.task_heads is None or self.num_features is None:
-                raise ValueError("this model has no classifier to replace; pass head_name= to recast.apply")
-            device = self.banks[next(iter(self.banks))].templates.device
-            self.task_heads.heads[task] = nn.Linear(self.num_features, num_classes).to(device)
+            like = self._like()
+            head = nn.Linear(self.num_features, num_classes).to(device=like.device, dtype=like.dtype)
+            self.task_heads.heads[task] = head.requires_grad_(trainable)
+        kinds = set(self.task_state.owned_kinds(src)) | ({"bn_stats"} if self.config.bn_stats == "per_task" else set())
+        for kind in sorted(kinds, key=KINDS.index):
+            live = self._live(kind)
+            self.task_state.set_values(task, kind, self._task_values(src, kind), live, self.active_task)
         self.tasks.append(task)
 
     def set_task(self, task: str, freeze: bool = True, train_biases: bool = False, train_norms: bool = False) -> None:
         """Activate ``task``; with ``freeze`` only its coefficients and head stay trainable.
 
         Args:
-            train_biases: also train the biases of templated layers (shared, reported separately).
-            train_norms: also train LayerNorm/BatchNorm affine parameters (shared).
+            freeze: make only the task's own tensors trainable. With ``freeze=False`` every
+                parameter is trainable, shared ones included (for work on the base task).
+            train_biases: the task gets its own copy of the templated layers' biases (kept
+                from then on: switched by ``set_task``, in its payload and its counts),
+                trainable with ``freeze``.
+            train_norms: the same for LayerNorm/GroupNorm/BatchNorm affine parameters.
         """
         if task not in self.tasks:
             raise ValueError(f"unknown task '{task}'; known: {self.tasks}")
+        if self.active_task is not None and task != self.active_task:
+            self.task_state.switch(self.active_task, task, {k: self._live(k) for k in self.task_state.kinds_in_use()})
         for _, layer in self.recast_layers():
             layer.task = task
         heads = self.task_heads
         if heads is not None:
             heads.task = task if task in heads.heads else self.config.base_task
         self.active_task = task
+        for kind, wanted in (("biases", train_biases), ("norms", train_norms)):
+            if wanted and not self.task_state.owns(task, kind):
+                live = self._live(kind)
+                self.task_state.set_values(task, kind, live, live, task)
+        self._frozen = freeze
         if not freeze:
+            for p in self.parameters():
+                p.requires_grad_(True)
             return
         for p in self.parameters():
             p.requires_grad_(False)
         for _, layer in self.recast_layers():
             layer.coefs[task].requires_grad_(True)
-            if train_biases and layer.bias is not None:
-                layer.bias.requires_grad_(True)
         if heads is not None and task in heads.heads:
             for p in heads.heads[task].parameters():
                 p.requires_grad_(True)
-        if train_norms:
-            for m in self.model.modules():
-                if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
-                    for p in m.parameters():
-                        p.requires_grad_(True)
+        for kind, wanted in (("biases", train_biases), ("norms", train_norms)):
+            if wanted:
+                for p in self._live(kind).values():
+                    p.requires_grad_(True)
+
+    def owned_kinds(self, task: str) -> list[str]:
+        """What ``task`` owns besides coefficients and head: ``biases``, ``norms``, ``bn_stats``."""
+        if task not in self.tasks:
+            raise ValueError(f"unknown task '{task}'; known: {self.tasks}")
+        return list(self.task_state.owned_kinds(task))
 
     def task_tensors(self, task: str) -> dict[str, torch.Tensor]:
-        """The tensors that define ``task``: ``coefs.<module>`` (K, n) and ``head.<param>``."""
+        """The tensors that define ``task``: ``coefs.<module>`` (K, n), ``head.<param>``, and
+        what the task owns: ``bias.<module>``, ``norm.<module>.<param>``, ``bn.<module>.<buffer>``."""
         if task not in self.tasks:
             raise ValueError(f"unknown task '{task}'; known: {self.tasks}")
         out = {f"coefs.{name}": layer.coefs[task].detach() for name, layer in self.recast_layers()}
         heads = self.task_heads
         if heads is not None and task in heads.heads:
             out.update({f"head.{k}": v.detach() for k, v in heads.heads[task].state_dict().items()})
+        for kind in self.task_state.owned_kinds(task):  # copies: live tensors change with set_task
+            out.update({k: v.detach().clone() for k, v in self._task_values(task, kind).items()})
         return out
 
     def load_task_tensors(self, task: str, tensors: dict[str, torch.Tensor], num_classes: int | None = None) -> None:
-        """Create or overwrite ``task`` from ``task_tensors``-style tensors."""
+        """Create or overwrite ``task`` from ``task_tensors``-style tensors.
+
+        Existing tensors are overwritten in place; new ones are trainable only if the model
+        is not frozen or ``task`` is the active task (as ``set_task`` would leave them).
+
+        Raises:
+            ValueError: a key or shape does not fit this model, or the BatchNorm statistics
+                do not match ``RecastConfig.bn_stats``.
+        """
         layers = dict(self.recast_layers())
+        known = ("coefs.", "head.", *PREFIX.values())
+        unknown = sorted(k for k in tensors if not k.startswith(known))
+        if unknown:
+            raise ValueError(f"task '{task}' tensors have unknown keys {unknown[:5]}; expected prefixes {list(known)}")
         coef_keys = {k[len("coefs."):] for k in tensors if k.startswith("coefs.")}
         if coef_keys != set(layers):
             missing, extra = sorted(set(layers) - coef_keys), sorted(coef_keys - set(layers))
             raise ValueError(f"task '{task}' tensors do not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
+        by_kind = {kind: {k: v for k, v in tensors.items() if k.startswith(PREFIX[kind])} for kind in KINDS}
+        has_bn = bool(self._live("bn_stats"))
+        if self.config.bn_stats == "frozen" and by_kind["bn_stats"]:
+            raise ValueError(f"task '{task}' tensors hold BatchNorm statistics but this model's bn_stats='frozen'; "
+                             "use RecastConfig(bn_stats='per_task')")
+        if self.config.bn_stats == "per_task" and has_bn and not by_kind["bn_stats"]:
+            raise ValueError(f"task '{task}' tensors hold no BatchNorm statistics but this model's "
+                             "bn_stats='per_task'; use RecastConfig(bn_stats='frozen')")
+        for name, layer in layers.items():
+            expected = (layer.coef_sets, layer.bank.num_templates)
+            got = tuple(tensors[f"coefs.{name}"].shape)
+            if got != expected:
+                raise ValueError(f"task '{task}' coefficients of '{name}' have shape {got}, expected {expected}")
+        head_sd = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+        if head_sd and self.task_heads is None:
+            raise ValueError("payload has a head but this model has no classifier")
+        if head_sd and self._head_fitting(task, head_sd) is None and "weight" not in head_sd:
+            raise ValueError(f"task '{task}' head fits neither its current head nor a Linear; keys: {sorted(head_sd)}")
         if task not in self.tasks:
             self.add_task(task, num_classes=num_classes)
-        for name, layer in layers.items():
-            layer.add_task(task, tensors[f"coefs.{name}"])
-        head_sd = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.coefs[task].copy_(tensors[f"coefs.{name}"])
         if head_sd:
-            heads = self.task_heads
-            if heads is None:
-                raise ValueError("payload has a head but this model has no classifier")
-            w = head_sd["weight"]
-            heads.heads[task] = nn.Linear(w.shape[1], w.shape[0], bias="bias" in head_sd).to(w.dtype)
-            heads.heads[task].load_state_dict(head_sd)
-            heads.heads[task].to(next(iter(self.banks.values())).templates.device)
+            self._load_head(task, head_sd)
+        for kind, values in by_kind.items():
+            if values:
+                self.task_state.set_values(task, kind, values, self._live(kind), self.active_task)
+
+    def _head_fitting(self, task: str, head_sd: dict[str, torch.Tensor]) -> nn.Module | None:
+        """``task``'s current head if ``head_sd`` has exactly its keys and shapes."""
+        heads = self.task_heads
+        head = heads.heads[task] if heads is not None and task in heads.heads else None
+        if head is None:
+            return None
+        own = head.state_dict()
+        fits = set(own) == set(head_sd) and all(own[k].shape == head_sd[k].shape for k in own)
+        return head if fits else None
+
+    def _load_head(self, task: str, head_sd: dict[str, torch.Tensor]) -> None:
+        """Overwrite ``task``'s head in place if it fits, else give it a new Linear."""
+        head = self._head_fitting(task, head_sd)
+        if head is None:
+            w, like = head_sd["weight"], self._like()
+            head = nn.Linear(w.shape[1], w.shape[0], bias="bias" in head_sd).to(device=like.device, dtype=like.dtype)
+            head.requires_grad_(self._new_tensor_trainable(task))
+            self.task_heads.heads[task] = head
+        head.load_state_dict(head_sd)  # copies in place: requires_grad and identity are kept
+
+    def _like(self) -> torch.Tensor:
+        """A tensor with the model's device and dtype (those of the templates)."""
+        return next(iter(self.banks.values())).templates
 
     # ----------------------------------------------------------------- export
     def materialize(self, task: str) -> nn.Module:
-        """A plain model of the original classes with ``task``'s generated weights and head.
+        """A plain model of the original classes with ``task``'s generated weights, head and
+        owned tensors (biases, norms, BatchNorm statistics), in the model's dtype.
 
         The result holds no reference to the banks; its outputs match this model's for
         ``task`` (to float rounding).
@@ -250,9 +388,20 @@ class RecastModel(nn.Module):
         for b in self.banks.values():
             memo[id(b.templates)] = b.templates
         model = copy.deepcopy(self.model, memo)
-        for path, layer in [(n, m) for n, m in self.model.named_modules() if isinstance(m, RECAST_LAYERS)]:
-            parent, child = _get_parent(model, path)
-            setattr(parent, child, make_plain(layer.recast_name, layer))
+        owned = {kind: self._task_values(task, kind) for kind in self.task_state.kinds_in_use()}
+        biases = owned.pop("biases", {})
+        with torch.no_grad():
+            for path, layer in [(n, m) for n, m in self.model.named_modules() if isinstance(m, RECAST_LAYERS)]:
+                plain = make_plain(layer.recast_name, layer)
+                key = f"{PREFIX['biases']}{layer.recast_name}"
+                if key in biases:
+                    plain.bias.copy_(biases[key])
+                parent, child = _get_parent(model, path)
+                setattr(parent, child, plain)
+            for kind, values in owned.items():  # norms, BatchNorm statistics: same paths in the copy
+                for key, value in values.items():
+                    path, _, attr = key[len(PREFIX[kind]):].rpartition(".")
+                    getattr(model.get_submodule(path), attr).copy_(value)
         if self.head_name is not None:
             heads = self.task_heads
             head = heads.heads[task] if task in heads.heads else heads.heads[self.config.base_task]
@@ -269,7 +418,7 @@ def apply(model: nn.Module, config: RecastConfig, layer_key: LayerKeyFn | None =
 
     Args:
         model: any torch model (timm or not).
-        config: targets, G, n, K.
+        config: targets, G, n, K, how BatchNorm statistics are handled (``bn_stats``).
         layer_key: ``name -> (stack, index) | None``; default parses the last numeric path part.
         head_name: the classifier module to make per-task (timm: found automatically).
         seed: seed of the template/coefficient init (local generator).

@@ -3,7 +3,9 @@
 ``fit`` trains the given parameters with the paper's recipe (AdamW, StepLR per epoch, grad-norm
 clipping), selects the epoch with the best validation accuracy (never the test split) and
 restores that state. BatchNorm running statistics are frozen by default so that no hidden
-per-task state drifts in a shared backbone.
+per-task state drifts in a shared backbone; with ``freeze_bn_stats=False`` they are updated in
+training and the best epoch's statistics are restored with its parameters. A RecastModel with
+``RecastConfig.bn_stats="frozen"`` keeps its BatchNorm layers in eval mode either way.
 """
 
 from __future__ import annotations
@@ -111,12 +113,16 @@ def fit(
     """Train ``params`` of ``model`` on ``train``; keep the state with the best ``val`` accuracy.
 
     Only ``params`` are optimised (the caller sets requires_grad); the best state of exactly
-    those tensors is restored at the end.
+    those tensors, and with ``cfg.freeze_bn_stats=False`` of the BatchNorm buffers, is
+    restored at the end.
     """
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("fit: no trainable parameters given")
     model.to(cfg.device)
+    bn_buffers = [] if cfg.freeze_bn_stats else [
+        b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers(recurse=False)]
+    restored = [*params, *bn_buffers]
     opt = make_optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
     best_acc, best_epoch, best_state = -1.0, -1, None
@@ -145,11 +151,11 @@ def fit(
         history.append({"epoch": epoch, "train_loss": total_loss / max(batches, 1), "val_acc": acc})
         if acc > best_acc:
             best_acc, best_epoch = acc, epoch
-            best_state = [p.detach().clone() for p in params]
+            best_state = [t.detach().clone() for t in restored]
         bar.set_postfix(loss=f"{total_loss / max(batches, 1):.3f}", val=f"{acc:.3f}", refresh=False)
     with torch.no_grad():
-        for p, b in zip(params, best_state):
-            p.copy_(b)
+        for t, b in zip(restored, best_state):
+            t.copy_(b)
     model.eval()
     return FitResult(best_acc, best_epoch, history, time.perf_counter() - start, steps, step_time / max(steps, 1))
 

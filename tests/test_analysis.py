@@ -22,13 +22,25 @@ def test_template_diversity_orthogonal_and_scale_invariant(tiny_vit):
     assert recast.template_diversity(rc)[next(iter(rc.banks))]["sv_entropy"] == pytest.approx(math.log(64) / 2)
 
 
-def test_coefficient_similarity(tiny_vit):
+def test_coefficient_similarity_known_cosines(tiny_vit):
+    """Three layers per group with coefficient sets of known cosines (flattened over K):
+    A=[[1,0],[0,1]] and B=[[0,1],[1,0]] are orthogonal (their means over K are equal, so a
+    mean-over-K cosine would say 1); C=[[3,0],[0,-1]] has cosine 2/sqrt(20) with A, 0 with B."""
     rc = recast.apply(tiny_vit, preset("recast_mlp", groups=2))
+    rc.add_task("a", num_classes=3)
+    sets = [torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0], [1.0, 0.0]]),
+            torch.tensor([[3.0, 0.0], [0.0, -1.0]])]
+    layers = dict(rc.recast_layers())
     with torch.no_grad():
-        for _, layer in rc.recast_layers():
-            layer.coefs["pretrained"].fill_(1.0)
-    sim = recast.coefficient_similarity(rc)
-    assert len(sim) == 4
-    for vals in sim.values():
-        assert len(vals) == 4  # 3 pairs of 3 layers + mean
-        assert vals["mean"] == pytest.approx(1.0)
+        for mp in rc.plan.modules:
+            layers[mp.name].coefs["a"].copy_(sets[mp.position])
+    ac = 2 / math.sqrt(20)
+    sim = recast.coefficient_similarity(rc, "a")
+    assert set(sim) == {b.key for b in rc.plan.banks} and len(sim) == 4
+    for bank in rc.plan.banks:
+        first = 3 * bank.group  # layers of group g: 3g, 3g+1, 3g+2
+        expected = {f"{first}-{first + 1}": 0.0, f"{first}-{first + 2}": ac, f"{first + 1}-{first + 2}": 0.0,
+                    "mean": ac / 3}
+        assert sim[bank.key] == pytest.approx(expected, abs=1e-12)
+    base = recast.coefficient_similarity(rc)  # the base task keeps its random unit sets
+    assert all(abs(v["mean"] - ac / 3) > 1e-3 for v in base.values())

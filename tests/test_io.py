@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import recast
 from recast import preset
@@ -49,7 +50,15 @@ def test_corrupt_files_detected(rc, tmp_path):
     (tmp_path / "banks.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="sha256"):
         recast.load_banks(rc, tmp_path / "banks")
+    edited = load_file(str(tmp_path / "digits.safetensors"))
+    edited["head.bias"] = edited["head.bias"] + 1.0  # a valid file whose content is not the saved one
+    save_file(edited, str(tmp_path / "digits.safetensors"))
+    with pytest.raises(ValueError, match=r"digits\.safetensors: content does not match the sha256"):
+        recast.load_payload(rc, tmp_path / "digits")
     (tmp_path / "digits.safetensors").write_bytes(b"garbage")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match=r"digits\.safetensors: not a readable safetensors file"):
+        recast.load_payload(rc, tmp_path / "digits")
+    (tmp_path / "digits.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing metadata sidecar .*digits\.json"):
         recast.load_payload(rc, tmp_path / "digits")
     assert not list(tmp_path.glob("*.tmp"))
