@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StrictInt, field_validator, model_validator
+from pydantic import Field, StrictInt, ValidationError, field_validator, model_validator
 
 from recast.adapters import adapter_preset
 from recast.config import MimicryConfig
@@ -270,8 +270,10 @@ class TuneParams(Section):
             return self.train
         try:
             return TrainParams.model_validate({**self.train.model_dump(), **values})
-        except ValueError as err:
-            raise ValueError(f"train_overrides.{arch}: {err}") from None
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"train_overrides.{arch}.{key}: {first['msg']} (got {first.get('input')!r})") from None
 
 
 class CombineParams(Section):

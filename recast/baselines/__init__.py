@@ -21,6 +21,7 @@ from recast.baselines.inflora import InfLoRA, InfLoRAConfig, InfLoRALinear
 from recast.baselines.l2p import L2P, L2PConfig
 from recast.baselines.lwf import LwF, LwFConfig
 from recast.baselines.method import ContinualMethod
+from recast.baselines.recast_seq import RecastSequential
 from recast.baselines.results import SequentialResult, forgetting_per_task
 from recast.baselines.runner import METHODS, make_method, run_sequential
 
@@ -28,7 +29,7 @@ __all__ = [
     "DERPP", "DERPPConfig", "ERACE", "EWC", "EWCConfig", "ClassBalancedBuffer", "ContinualMethod",
     "FinetuneFull", "FinetuneHead", "GDumb", "GDumbConfig", "HAT", "HATConfig", "InfLoRA", "InfLoRAConfig",
     "InfLoRALinear", "L2P", "L2PConfig",
-    "LwF", "LwFConfig", "METHODS", "MultiHeadNet", "ReplayConfig", "SequentialResult", "TaskSpec",
+    "LwF", "LwFConfig", "METHODS", "MultiHeadNet", "RecastSequential", "ReplayConfig", "SequentialResult", "TaskSpec",
     "TensorBatches", "TrainConfig", "evaluate", "forgetting_per_task", "make_method",
     "run_sequential",
 ]

@@ -19,6 +19,7 @@ from recast.baselines.hat import HAT, HATConfig
 from recast.baselines.inflora import InfLoRA, InfLoRAConfig
 from recast.baselines.l2p import L2P, L2PConfig
 from recast.baselines.lwf import LwF, LwFConfig
+from recast.baselines.recast_seq import RecastSequential
 from recast.baselines.method import ContinualMethod, count_parameters
 from recast.baselines.results import SequentialResult
 
@@ -33,6 +34,7 @@ METHODS: dict[str, tuple[type[ContinualMethod], type | None]] = {
     "hat": (HAT, HATConfig),
     "l2p": (L2P, L2PConfig),
     "inflora": (InfLoRA, InfLoRAConfig),
+    "recast": (RecastSequential, None),  # takes a RecastModel (after mimicry), not a plain backbone
 }
 
 
