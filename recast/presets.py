@@ -34,6 +34,7 @@ _PRESETS: dict[str, RecastConfig] = {
 }
 
 assert tuple(_PRESETS) == PRESET_NAMES, "PresetName and _PRESETS disagree"
+PRESETS = PRESET_NAMES  # old name, still imported by stages/params.py; remove once it uses PRESET_NAMES
 
 
 def preset(name: PresetName, **overrides) -> RecastConfig:
