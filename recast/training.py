@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from recast.checks import check_int, check_positive
+
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -61,31 +63,20 @@ class TuneConfig:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        _check_int(f"{name}.epochs", self.epochs, 1)
-        _check_number(f"{name}.lr", self.lr, allow_zero=False)
-        _check_number(f"{name}.weight_decay", self.weight_decay, allow_zero=True)
+        check_int(f"{name}.epochs", self.epochs, 1)
+        check_positive(f"{name}.lr", self.lr, allow_zero=False)
+        check_positive(f"{name}.weight_decay", self.weight_decay, allow_zero=True)
         if self.step_size is not None:
-            _check_int(f"{name}.step_size", self.step_size, 1)
-        _check_number(f"{name}.gamma", self.gamma, allow_zero=False)
+            check_int(f"{name}.step_size", self.step_size, 1)
+        check_positive(f"{name}.gamma", self.gamma, allow_zero=False)
         if self.grad_clip is not None:
-            _check_number(f"{name}.grad_clip", self.grad_clip, allow_zero=False)
+            check_positive(f"{name}.grad_clip", self.grad_clip, allow_zero=False)
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"{name}.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if not (isinstance(self.momentum, (int, float)) and 0.0 <= self.momentum < 1.0):
             raise ValueError(f"{name}.momentum must be in [0, 1), got {self.momentum!r}")
-        _check_int(f"{name}.seed", self.seed, 0)
+        check_int(f"{name}.seed", self.seed, 0)
         torch.device(self.device)  # raises RuntimeError naming a malformed device string
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_number(name: str, value: object, allow_zero: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
 @dataclass

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args
 
+from recast.checks import check_int, check_positive
+
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -48,11 +50,7 @@ class AdapterConfig:
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         if not self.targets:
             raise ValueError(f"{type(self).__name__}.targets is empty: give at least one module pattern")
-        self._check_int("seed", self.seed, 0)
-
-    def _check_int(self, name: str, value: object, minimum: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{type(self).__name__}.{name} must be an integer >= {minimum}, got {value!r}")
+        check_int(f"{type(self).__name__}.seed", self.seed, 0)
 
 
 @dataclass(frozen=True)
@@ -71,10 +69,9 @@ class LowRankConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_int("rank", self.rank, self.min_rank)
-        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
-                                           and self.alpha > 0):
-            raise ValueError(f"{type(self).__name__}.alpha must be a positive number or None, got {self.alpha!r}")
+        check_int(f"{type(self).__name__}.rank", self.rank, self.min_rank)
+        if self.alpha is not None:
+            check_positive(f"{type(self).__name__}.alpha", self.alpha)
 
 
 @dataclass(frozen=True)
@@ -121,7 +118,7 @@ class RoSAConfig(LowRankConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_int("num_sparse", self.num_sparse, 0)
+        check_int(f"{type(self).__name__}.num_sparse", self.num_sparse, 0)
         if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity <= 1.0):
             raise ValueError(f"RoSAConfig.sparsity must be in [0, 1], got {self.sparsity!r}")
         if self.num_sparse and self.sparsity:
@@ -152,7 +149,7 @@ class AdaptFormerConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_int("bottleneck", self.bottleneck, 1)
+        check_int(f"{type(self).__name__}.bottleneck", self.bottleneck, 1)
         if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale)):
             raise ValueError(f"AdaptFormerConfig.scale must be a finite number, got {self.scale!r}")
         if self.branch_input not in ("residual", "mlp"):

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from recast.checks import check_int
 from recast.training import TuneConfig
 
 Batch = tuple[Tensor, Tensor]
@@ -58,20 +59,6 @@ class TrainConfig(TuneConfig):
     weight_decay: float = 0.0
     step_size: int | None = None
     freeze_bn_stats: bool = False
-
-
-def check_int(name: str, value: Any, minimum: int) -> None:
-    """Raise ValueError unless ``value`` is an int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
-    """Raise ValueError unless ``value`` is a number > 0 (>= 0 with ``allow_zero``)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a number {bound}, got {value!r}")
 
 
 def check_task_name(name: Any) -> None:

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recast.baselines.buffer import ClassBalancedBuffer, grouped_logits
-from recast.baselines.common import TaskSpec, check_int
+from recast.baselines.common import TaskSpec
 from recast.baselines.method import ContinualMethod, train_epochs, unique_parameters
+from recast.checks import check_int
 from recast.training import TuneConfig
 
 
