@@ -15,11 +15,11 @@ from recast.io import bank_sha256, load_banks, load_payload, read_meta, save_ban
 from recast.layers import RecastConv2d, RecastLinear, TemplateBank
 from recast.mimicry import MimicryReport, mimic
 from recast.model import RecastModel, TaskHeads, apply
-from recast.presets import PRESETS, preset
+from recast.presets import PRESET_NAMES, preset
 from recast.targets import build_plan, default_layer_key, match_modules
 
 __all__ = [
-    "MimicryConfig", "MimicryReport", "PRESETS", "ParameterCount", "RecastConfig", "RecastConv2d",
+    "MimicryConfig", "MimicryReport", "PRESET_NAMES", "ParameterCount", "RecastConfig", "RecastConv2d",
     "RecastLinear", "RecastModel", "TaskHeads", "TemplateBank", "apply", "bank_sha256", "build_plan",
     "coefficient_similarity", "count_parameters", "default_layer_key", "load_banks", "load_payload",
     "match_modules", "mimic", "preset", "read_meta", "save_banks", "save_payload", "template_diversity",

@@ -15,11 +15,12 @@ and so apply to ViT, DeiT and DINO checkpoints alike; G=6, n=2, K=2 as in the pa
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Literal
+from typing import Literal, get_args
 
 from recast.config import RecastConfig
 
 PresetName = Literal["recast_mlp", "recast_att", "recast_att_proj", "recast_att_mlp", "recast_resnet"]
+PRESET_NAMES: tuple[str, ...] = get_args(PresetName)
 
 _PRESETS: dict[str, RecastConfig] = {
     "recast_mlp": RecastConfig(targets=("mlp.fc1", "mlp.fc2"), groups=6, templates=2, coef_sets=2),
@@ -32,11 +33,11 @@ _PRESETS: dict[str, RecastConfig] = {
     ),
 }
 
-PRESETS: tuple[str, ...] = tuple(_PRESETS)
+assert tuple(_PRESETS) == PRESET_NAMES, "PresetName and _PRESETS disagree"
 
 
 def preset(name: PresetName, **overrides) -> RecastConfig:
     """The RecastConfig of a paper variant, with field overrides (e.g. ``groups=12``)."""
     if name not in _PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
+        raise ValueError(f"unknown preset {name!r}; choose one of {PRESET_NAMES}")
     return replace(_PRESETS[name], **overrides)

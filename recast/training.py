@@ -21,34 +21,64 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from recast.checks import check_int, check_positive
+
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """Per-task tuning recipe (paper: AdamW 2e-3, wd 1e-6, StepLR(33, 0.1), 100 epochs, clip 1.0)."""
+    """The training recipe of every loop: ``fit`` here and the continual baselines' loop
+    (``recast.baselines``, whose ``TrainConfig`` is this class with other defaults).
+
+    Defaults are the paper's per-task recipe: AdamW 2e-3, wd 1e-6, StepLR(33, 0.1), 100 epochs,
+    clip 1.0.
+
+    Attributes:
+        epochs: passes over the training batches.
+        lr: learning rate.
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        step_size: StepLR step in epochs, or None for a constant learning rate.
+        gamma: StepLR decay factor.
+        grad_clip: max global gradient norm, or None for no clipping.
+        optimizer: ``"adamw"`` or ``"sgd"``.
+        momentum: SGD momentum (ignored by AdamW).
+        freeze_bn_stats: keep BatchNorm running statistics frozen while training.
+        seed: seed of a continual run (``run_sequential`` seeds torch's RNG with it inside a
+            fork); ``fit`` does no seeding of its own.
+        device: torch device string, e.g. ``"cpu"`` or ``"cuda"``.
+        progress: show a tqdm bar over epochs.
+    """
 
     epochs: int = 100
     lr: float = 2e-3
     weight_decay: float = 1e-6
-    step_size: int = 33
+    step_size: int | None = 33
     gamma: float = 0.1
     grad_clip: float | None = 1.0
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = 0.9
     freeze_bn_stats: bool = True
+    seed: int = 0
     device: str = "cpu"
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"epochs must be an integer >= 1, got {self.epochs!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        name = type(self).__name__
+        check_int(f"{name}.epochs", self.epochs, 1)
+        check_positive(f"{name}.lr", self.lr, allow_zero=False)
+        check_positive(f"{name}.weight_decay", self.weight_decay, allow_zero=True)
+        if self.step_size is not None:
+            check_int(f"{name}.step_size", self.step_size, 1)
+        check_positive(f"{name}.gamma", self.gamma, allow_zero=False)
+        if self.grad_clip is not None:
+            check_positive(f"{name}.grad_clip", self.grad_clip, allow_zero=False)
         if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
-        if not isinstance(self.step_size, int) or self.step_size < 1:
-            raise ValueError(f"step_size must be an integer >= 1, got {self.step_size!r}")
+            raise ValueError(f"{name}.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if not (isinstance(self.momentum, (int, float)) and 0.0 <= self.momentum < 1.0):
+            raise ValueError(f"{name}.momentum must be in [0, 1), got {self.momentum!r}")
+        check_int(f"{name}.seed", self.seed, 0)
+        torch.device(self.device)  # raises RuntimeError naming a malformed device string
 
 
 @dataclass
@@ -77,28 +107,59 @@ def train_mode(model: nn.Module, freeze_bn_stats: bool = True) -> None:
                 m.eval()
 
 
+def module_device(model: object) -> torch.device:
+    """Device of a module's first parameter (CPU for a parameter-free module or a non-module)."""
+    param = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    return param.device if param is not None else torch.device("cpu")
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Batches, device: str = "cpu") -> float:
-    """Top-1 accuracy of ``model`` over ``loader``."""
-    was_training = model.training
-    model.eval()
+def evaluate(model: nn.Module | Callable[..., torch.Tensor], loader: Batches,
+             device: str | torch.device | None = None, task: str | None = None) -> float:
+    """Top-1 accuracy of ``model(x)`` (``model(x, task)`` when ``task`` is given) over ``loader``.
+
+    A module is evaluated in eval mode and its mode restored afterwards.
+
+    Args:
+        model: a module or any callable returning logits.
+        loader: ``(images, labels)`` batches.
+        device: where batches go; default: the device of the model's first parameter (CPU for
+            a parameter-free module or a plain callable).
+        task: passed as the second argument of a task-conditioned model (e.g. a continual
+            baseline with one head per task).
+    """
+    device = module_device(model) if device is None else device
+    is_module = isinstance(model, nn.Module)
+    was_training = is_module and model.training
+    if is_module:
+        model.eval()
     correct = total = 0
     try:
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            correct += int((model(x).argmax(dim=1) == y).sum())
+            logits = model(x) if task is None else model(x, task)
+            correct += int((logits.argmax(dim=1) == y).sum())
             total += y.numel()
     finally:
-        model.train(was_training)
+        if is_module:
+            model.train(was_training)
     if total == 0:
-        raise ValueError("evaluate: the loader yielded no examples")
+        raise ValueError("evaluate: the loader yielded no examples" + (f" (task {task!r})" if task is not None else ""))
     return correct / total
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TuneConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD over ``params`` as set by ``cfg``."""
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TuneConfig) -> torch.optim.lr_scheduler.StepLR | None:
+    """StepLR(step_size, gamma) stepped once per epoch, or None for a constant learning rate."""
+    if cfg.step_size is None:
+        return None
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
 
 
 def fit(
@@ -124,7 +185,7 @@ def fit(
         b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers(recurse=False)]
     restored = [*params, *bn_buffers]
     opt = make_optimizer(params, cfg)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    sched = make_scheduler(opt, cfg)
     best_acc, best_epoch, best_state = -1.0, -1, None
     history, steps, step_time = [], 0, 0.0
     start = time.perf_counter()
@@ -146,7 +207,8 @@ def fit(
             total_loss += float(loss.detach())
             batches += 1
             steps += 1
-        sched.step()
+        if sched is not None:
+            sched.step()
         acc = evaluate(model, val, cfg.device)
         history.append({"epoch": epoch, "train_loss": total_loss / max(batches, 1), "val_acc": acc})
         if acc > best_acc:

@@ -15,7 +15,7 @@ from pydantic import Field, StrictInt, ValidationError, field_validator, model_v
 from recast.adapters import adapter_preset
 from recast.config import MimicryConfig
 from recast.data import OFFLINE_TASKS, PAPER_TASKS
-from recast.presets import PRESETS, preset
+from recast.presets import PRESET_NAMES, preset
 from recast.training import TuneConfig
 from stages.common import ParamsError, Section
 
@@ -137,8 +137,8 @@ class MimicArch(Section):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, v: str) -> str:
-        if v not in PRESETS:
-            raise ValueError(f"unknown RECAST preset {v!r}; choose from {list(PRESETS)}")
+        if v not in PRESET_NAMES:
+            raise ValueError(f"unknown RECAST preset {v!r}; choose from {list(PRESET_NAMES)}")
         return v
 
     def recast_config(self):

@@ -4,7 +4,7 @@ import torch
 
 import recast
 from recast.recipes import Backbone, MethodSpec, build_method
-from recast.training import TuneConfig, evaluate, fit
+from recast.training import TuneConfig, evaluate, fit, make_optimizer, make_scheduler
 
 
 @pytest.fixture
@@ -97,3 +97,26 @@ def test_rosa_gradient_support_through_build_method(backbone, recast_on):
     payload = built.payload()
     key = next(k for k in payload if k.endswith("sparse_index"))
     assert torch.equal(payload[key], wrapper.sparse_index)  # the chosen support travels with the task
+
+def test_step_size_none_keeps_the_learning_rate_constant():
+    p = torch.nn.Parameter(torch.zeros(1))
+    lrs = {}
+    for step_size in (None, 2):
+        cfg = TuneConfig(lr=1.0, step_size=step_size, gamma=0.5, optimizer="sgd", momentum=0.0)
+        opt = make_optimizer([p], cfg)
+        sched = make_scheduler(opt, cfg)
+        seen = []
+        for _ in range(4):
+            seen.append(opt.param_groups[0]["lr"])
+            if sched is not None:
+                opt.step()
+                sched.step()
+        lrs[step_size] = seen
+    assert lrs == {None: [1.0] * 4, 2: [1.0, 1.0, 0.5, 0.5]}
+
+
+def test_fit_with_a_constant_learning_rate(backbone):
+    built = build_method(MethodSpec("head_only"), backbone, "t", 3)
+    res = fit(built.model, built.trainable, _batches(), _batches(seed=1),
+              TuneConfig(epochs=2, lr=0.02, step_size=None, progress=False))
+    assert len(res.history) == 2 and res.steps == 8

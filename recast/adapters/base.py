@@ -27,6 +27,16 @@ def has_protocol(module: nn.Module, attrs: tuple[str, ...]) -> bool:
     return all(hasattr(type(module), a) or any(a in s for s in stores) for a in attrs)
 
 
+def is_linear_like(module: nn.Module) -> bool:
+    """Whether ``module`` has the nn.Linear protocol (``LINEAR_ATTRS``)."""
+    return has_protocol(module, LINEAR_ATTRS)
+
+
+def is_conv_like(module: nn.Module) -> bool:
+    """Whether ``module`` has the nn.Conv2d protocol (``CONV_ATTRS``)."""
+    return has_protocol(module, CONV_ATTRS)
+
+
 class AdapterWrapper(nn.Module):
     """Base class of all adapters: ``base`` is the wrapped module.
 

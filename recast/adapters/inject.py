@@ -7,38 +7,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from recast.adapters.base import CONV_ATTRS, LINEAR_ATTRS, AdapterWrapper, has_protocol
-from recast.adapters.branches import AdaptFormerMLP, CLRConv2d
+from recast.adapters.base import AdapterWrapper
 from recast.adapters.config import AdapterConfig
-from recast.adapters.lowrank import DoRALinear, LoRALinear, RoSALinear
+from recast.adapters.lowrank import RoSALinear
 from recast.adapters.masks import PiggybackConv2d, PiggybackLinear
+from recast.adapters.registry import Target, adapter_kind
 from recast.targets import matches_pattern as _matches
-
-
-def _is_linear(m: nn.Module) -> bool:
-    return has_protocol(m, LINEAR_ATTRS)
-
-
-def _is_conv(m: nn.Module) -> bool:
-    return has_protocol(m, CONV_ATTRS)
-
-
-def _accepts(kind: str, m: nn.Module) -> bool:
-    if kind in ("lora", "melo", "dora", "rosa"):
-        return _is_linear(m)
-    if kind == "piggyback":
-        return _is_linear(m) or _is_conv(m)
-    if kind == "clr":
-        return _is_conv(m) or isinstance(m, CLRConv2d)
-    # adaptformer: a container holding Linear-like layers, not a single layer
-    return not (_is_linear(m) or _is_conv(m)) and any(
-        _is_linear(c) for c in m.modules() if c is not m)
-
-
-_ACCEPTED = {
-    "lora": "Linear-like", "melo": "Linear-like", "dora": "Linear-like", "rosa": "Linear-like",
-    "piggyback": "Linear- or Conv2d-like", "clr": "Conv2d-like", "adaptformer": "an MLP module holding Linear layers",
-}
 
 
 def logical_modules(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
@@ -59,73 +33,31 @@ def logical_modules(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
     return out
 
 
-def _take_pre_norm(parent: nn.Module, child: str, name: str) -> nn.Module:
-    """Detach the norm a pre-norm block applies before its MLP (timm ``Block``:
-    ``x + mlp(norm2(x))``), leaving an Identity in its place; returns the norm."""
-    norm = getattr(parent, "norm2", None)
-    if child != "mlp" or not isinstance(norm, nn.Module):
-        raise ValueError(f"AdaptFormer with branch_input='residual' needs a pre-norm block computing "
-                         f"x + mlp(norm2(x)); '{name}' is not the 'mlp' of a module with a 'norm2'. "
-                         f"Use branch_input='mlp' to feed the branch the MLP's own input")
-    parent.norm2 = nn.Identity()
-    return norm
-
-
-def _make(cfg: AdapterConfig, module: nn.Module, num_sparse: int, gen: torch.Generator,
-          norm: nn.Module | None = None) -> AdapterWrapper:
-    if cfg.kind == "lora":
-        return LoRALinear(module, cfg.rank, cfg.alpha, generator=gen)
-    if cfg.kind == "melo":
-        d, rest = divmod(module.out_features, 3)
-        if rest:
-            raise ValueError(f"MeLo needs a fused qkv Linear (out_features divisible by 3), got out_features={module.out_features}")
-        return LoRALinear(module, cfg.rank, cfg.alpha, row_slices=((0, d), (2 * d, 3 * d)), generator=gen)
-    if cfg.kind == "dora":
-        return DoRALinear(module, cfg.rank, cfg.alpha, generator=gen)
-    if cfg.kind == "rosa":
-        return RoSALinear(module, cfg.rank, num_sparse, cfg.alpha, generator=gen)
-    if cfg.kind == "piggyback":
-        cls = PiggybackConv2d if _is_conv(module) else PiggybackLinear
-        return cls(module, cfg.mask_init, cfg.threshold)
-    if cfg.kind == "clr":
-        return CLRConv2d(module)
-    return AdaptFormerMLP(module, cfg.bottleneck, cfg.scale, generator=gen, norm=norm)
-
-
-def _sparse_counts(cfg: AdapterConfig, modules: list[nn.Module]) -> list[int]:
-    """Sparse entries per module: ``num_sparse`` split evenly (remainder to the first ones), or
-    ``round(sparsity * numel)`` (at least 1) each."""
-    if cfg.kind != "rosa":
-        return [0] * len(modules)
-    if cfg.num_sparse:
-        q, r = divmod(cfg.num_sparse, len(modules))
-        return [q + (i < r) for i in range(len(modules))]
-    if cfg.sparsity:
-        return [max(1, round(cfg.sparsity * m.in_features * m.out_features)) for m in modules]
-    return [0] * len(modules)
-
-
 def add_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """Wrap the modules of ``model`` matched by ``cfg`` in place; returns their original names.
 
     Works on a plain model and on a RecastModel's ``rc.model`` alike (a RecastLinear is wrapped,
     so the adapter's delta adds to the task's generated weight: paper eq. 6). Freezes nothing.
 
+    The kind is the one registered for ``type(cfg)`` (see ``recast.adapters.registry``).
+
     Raises:
-        ValueError: nothing matches (the patterns are named), a match this kind cannot wrap
-            (unless ``skip_unsupported``), or nested matches.
+        ValueError: an unregistered kind (the known kinds are listed), nothing matches (the
+            patterns are named), a match this kind cannot wrap (unless ``skip_unsupported``),
+            or nested matches.
     """
+    kind = adapter_kind(cfg)
     chosen: list[tuple[str, str, nn.Module]] = []
     for logical, real, module in logical_modules(model):
         if not any(_matches(logical, p, cfg.regex) for p in cfg.targets):
             continue
         if any(_matches(logical, p, cfg.regex) for p in cfg.exclude):
             continue
-        if not _accepts(cfg.kind, module):
+        if not kind.accepts(module):
             if cfg.skip_unsupported:
                 continue
             raise ValueError(f"target '{logical}' matched by {list(cfg.targets)} is a {type(module).__name__}; "
-                             f"'{cfg.kind}' wraps {_ACCEPTED[cfg.kind]} modules")
+                             f"'{cfg.kind}' wraps {kind.accepts_description} modules")
         chosen.append((logical, real, module))
     if not chosen:
         names = [n for n, _, _ in logical_modules(model)]
@@ -136,15 +68,15 @@ def add_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
         inner = [o for o in reals if o.startswith(r + ".")]
         if inner:
             raise ValueError(f"targets {list(cfg.targets)} match both '{r}' and modules inside it {inner[:3]}; narrow them")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    for (logical, real, module), k in zip(chosen, _sparse_counts(cfg, [m for _, _, m in chosen])):
+    targets = []
+    for logical, real, module in chosen:
         parent_name, _, child = real.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        norm = None
-        if cfg.kind == "adaptformer" and cfg.branch_input == "residual":
-            norm = _take_pre_norm(parent, child, logical)
-        setattr(parent, child, _make(cfg, module, k, gen, norm))
-    return [logical for logical, _, _ in chosen]
+        targets.append(Target(logical, model.get_submodule(parent_name) if parent_name else model, child, module))
+    builder = kind(cfg, targets)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for target in targets:
+        setattr(target.parent, target.child, builder.wrap(target, gen))
+    return [t.name for t in targets]
 
 
 def adapter_modules(model: nn.Module) -> list[tuple[str, AdapterWrapper]]:

@@ -15,7 +15,7 @@ def peft_lora(model: nn.Module, targets: Sequence[str] | str, rank: int, alpha: 
         model: any torch model (timm: ``attn.qkv`` matches every block's fused qkv).
         targets: PEFT ``target_modules``: names/suffixes (a leading dot, our ``.suffix`` form,
             is dropped), or one regex string (full match).
-        rank: r; alpha: lora_alpha (None: alpha = r, scale 1, as our ``AdapterConfig``).
+        rank: r; alpha: lora_alpha (None: alpha = r, scale 1, as our ``LoRAConfig``).
         use_dora: DoRA instead of LoRA.
         modules_to_save: modules trained and stored in full per task (e.g. ``("head",)``).
 

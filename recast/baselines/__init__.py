@@ -10,7 +10,7 @@ Typical use::
 """
 
 from recast.baselines.buffer import ClassBalancedBuffer
-from recast.baselines.common import MultiHeadNet, TaskSpec, TensorBatches, TrainConfig, evaluate
+from recast.baselines.common import MultiHeadNet, TaskSpec, TensorBatches, TrainConfig
 from recast.baselines.derpp import DERPP, DERPPConfig
 from recast.baselines.er_ace import ERACE, ReplayConfig
 from recast.baselines.ewc import EWC, EWCConfig
@@ -30,6 +30,6 @@ __all__ = [
     "FinetuneFull", "FinetuneHead", "GDumb", "GDumbConfig", "HAT", "HATConfig", "InfLoRA", "InfLoRAConfig",
     "InfLoRALinear", "L2P", "L2PConfig",
     "LwF", "LwFConfig", "METHODS", "MultiHeadNet", "RecastSequential", "ReplayConfig", "SequentialResult", "TaskSpec",
-    "TensorBatches", "TrainConfig", "evaluate", "forgetting_per_task", "make_method",
+    "TensorBatches", "TrainConfig", "forgetting_per_task", "make_method",
     "run_sequential",
 ]

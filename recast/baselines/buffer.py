@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from recast.baselines.common import MultiHeadNet, check_int
+from recast.baselines.common import MultiHeadNet
+from recast.checks import check_int
 
 
 class ClassBalancedBuffer:

@@ -1,4 +1,4 @@
-"""Shared pieces of the baselines: task specs, training config, multi-head network, evaluation.
+"""Shared pieces of the baselines: task specs, training config, multi-head network, state sizes.
 
 Setting: task-incremental learning. Every task has its own classifier head and its identity is
 known at test time. Batches are ``(images, labels)`` pairs: images float ``(B, 3, H, W)``,
@@ -8,12 +8,15 @@ labels int64 ``(B,)``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
+
+from recast.checks import check_int
+from recast.training import TuneConfig
 
 Batch = tuple[Tensor, Tensor]
 C = TypeVar("C")
@@ -45,63 +48,17 @@ class TaskSpec:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings shared by every method (batch size comes from the task loaders).
-
-    Attributes:
-        epochs: passes over each task's training batches.
-        lr: learning rate.
-        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
-        optimizer: ``"adamw"`` or ``"sgd"``.
-        momentum: SGD momentum (ignored by AdamW).
-        grad_clip: max global gradient norm, or None for no clipping.
-        lr_step_size: StepLR step in epochs, or None for a constant learning rate.
-        lr_gamma: StepLR decay factor.
-        seed: seed of the run (heads, buffers, embeddings created during the run, dropout).
-        device: torch device string, e.g. ``"cpu"`` or ``"cuda"``.
-    """
+class TrainConfig(TuneConfig):
+    """``recast.training.TuneConfig`` (the one training recipe) with the baselines' defaults:
+    1 epoch, lr 1e-3, no weight decay, a constant learning rate (``step_size=None``) and
+    BatchNorm statistics updated while training (``freeze_bn_stats=False``). Batch size comes
+    from the task loaders; ``seed`` seeds the run (see ``run_sequential``)."""
 
     epochs: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.0
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    momentum: float = 0.9
-    grad_clip: float | None = 1.0
-    lr_step_size: int | None = None
-    lr_gamma: float = 0.1
-    seed: int = 0
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        check_int("TrainConfig.epochs", self.epochs, minimum=1)
-        check_positive("TrainConfig.lr", self.lr)
-        check_positive("TrainConfig.weight_decay", self.weight_decay, allow_zero=True)
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"TrainConfig.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"TrainConfig.momentum must be in [0, 1), got {self.momentum!r}")
-        if self.grad_clip is not None:
-            check_positive("TrainConfig.grad_clip", self.grad_clip)
-        if self.lr_step_size is not None:
-            check_int("TrainConfig.lr_step_size", self.lr_step_size, minimum=1)
-        if not 0.0 < self.lr_gamma <= 1.0:
-            raise ValueError(f"TrainConfig.lr_gamma must be in (0, 1], got {self.lr_gamma!r}")
-        check_int("TrainConfig.seed", self.seed, minimum=0)
-        torch.device(self.device)  # raises RuntimeError naming a malformed device string
-
-
-def check_int(name: str, value: Any, minimum: int) -> None:
-    """Raise ValueError unless ``value`` is an int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
-    """Raise ValueError unless ``value`` is a number > 0 (>= 0 with ``allow_zero``)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a number {bound}, got {value!r}")
+    step_size: int | None = None
+    freeze_bn_stats: bool = False
 
 
 def check_task_name(name: Any) -> None:
@@ -202,41 +159,6 @@ class MultiHeadNet(nn.Module):
         return self.head(task)(self.backbone(x))
 
 
-def module_device(module: nn.Module) -> torch.device:
-    """Device of the first parameter (CPU for a parameter-free module)."""
-    param = next(module.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-@torch.no_grad()
-def evaluate(model: Callable[[Tensor, str], Tensor], task: str, loader: Iterable[Batch],
-             device: torch.device | str | None = None) -> float:
-    """Top-1 accuracy of ``model(x, task)`` over ``loader``, in eval mode (mode restored after).
-
-    Args:
-        model: a ContinualMethod, MultiHeadNet or any callable ``(images, task) -> logits``.
-        task: task name passed to the model.
-        loader: ``(images, labels)`` batches.
-        device: where batches go; default: the model's device.
-    """
-    is_module = isinstance(model, nn.Module)
-    if device is None:
-        device = module_device(model) if is_module else torch.device("cpu")
-    was_training = bool(model.training) if is_module else False
-    if is_module:
-        model.eval()
-    correct = total = 0
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        correct += int((model(images, task).argmax(dim=1) == labels).sum())
-        total += labels.numel()
-    if is_module:
-        model.train(was_training)
-    if total == 0:
-        raise ValueError(f"loader of task {task!r} yielded no samples")
-    return correct / total
-
-
 def state_bytes(tensors: Mapping[str, Tensor]) -> int:
     """Bytes of the tensors, counting storage shared between entries once."""
     seen: set[tuple[int, int, int]] = set()
@@ -252,10 +174,3 @@ def state_bytes(tensors: Mapping[str, Tensor]) -> int:
 def prefixed(prefix: str, module: nn.Module) -> dict[str, Tensor]:
     """``module.state_dict()`` (parameters and buffers, detached) with keys ``prefix.name``."""
     return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
-
-
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD over ``params`` as set by ``cfg``."""
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recast.baselines.buffer import grouped_logits, replay_cross_entropy
-from recast.baselines.common import TaskSpec, check_int, check_positive
+from recast.baselines.common import TaskSpec
 from recast.baselines.er_ace import ReplayMethod
+from recast.checks import check_int, check_positive
 
 
 @dataclass(frozen=True)

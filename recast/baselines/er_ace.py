@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recast.baselines.buffer import ClassBalancedBuffer, replay_cross_entropy
-from recast.baselines.common import TaskSpec, check_int
+from recast.baselines.common import TaskSpec
 from recast.baselines.method import ContinualMethod, unique_parameters
+from recast.checks import check_int
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from recast.baselines.common import TaskSpec, check_int, check_positive
+from recast.baselines.common import TaskSpec
 from recast.baselines.method import ContinualMethod, move
+from recast.checks import check_int, check_positive
 
 
 @dataclass(frozen=True)

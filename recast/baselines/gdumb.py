@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recast.baselines.buffer import ClassBalancedBuffer, grouped_logits
-from recast.baselines.common import TaskSpec, TrainConfig, check_int
+from recast.baselines.common import TaskSpec
 from recast.baselines.method import ContinualMethod, train_epochs, unique_parameters
+from recast.checks import check_int
+from recast.training import TuneConfig
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ class GDumb(ContinualMethod):
         for head in self.net.heads.values():
             head.reset_parameters()
 
-    def fit_task(self, task: TaskSpec, cfg: TrainConfig, progress: bool = False) -> None:
+    def fit_task(self, task: TaskSpec, cfg: TuneConfig, progress: bool = False) -> None:
         self.fill_memory(task.train)
         self.reset()
         assert self.buffer is not None

@@ -13,8 +13,9 @@ from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from recast.baselines.common import TaskSpec, check_positive
+from recast.baselines.common import TaskSpec
 from recast.baselines.method import ContinualMethod, unique_parameters
+from recast.checks import check_positive
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from recast.baselines.common import TaskSpec, check_int
+from recast.baselines.common import TaskSpec
 from recast.baselines.method import ContinualMethod, move
+from recast.checks import check_int
 from recast.targets import match_modules
 
 

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from recast.baselines.common import TaskSpec, check_int, check_positive
+from recast.baselines.common import TaskSpec
 from recast.baselines.method import ContinualMethod
+from recast.checks import check_int, check_positive
 
 
 @dataclass(frozen=True)

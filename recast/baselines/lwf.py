@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from recast.baselines.common import MultiHeadNet, TaskSpec, check_positive, prefixed
+from recast.baselines.common import MultiHeadNet, TaskSpec, prefixed
 from recast.baselines.method import ContinualMethod, unique_parameters
+from recast.checks import check_positive
 
 
 @dataclass(frozen=True)

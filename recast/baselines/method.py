@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from recast.baselines.common import (MultiHeadNet, TaskSpec, TrainConfig, make_optimizer,
-                                     module_device, prefixed)
+from recast.baselines.common import MultiHeadNet, TaskSpec, prefixed
+from recast.training import TuneConfig, make_optimizer, make_scheduler, module_device, train_mode
 
 
 def unique_parameters(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
@@ -25,7 +25,7 @@ def unique_parameters(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
     return out
 
 
-def count_parameters(params: Iterable[nn.Parameter]) -> int:
+def unique_numel(params: Iterable[nn.Parameter]) -> int:
     """Total numel of the distinct tensors."""
     return sum(p.numel() for p in unique_parameters(params))
 
@@ -111,14 +111,14 @@ class ContinualMethod(nn.Module):
         return {}
 
     # ---- training ----------------------------------------------------------------------
-    def fit_task(self, task: TaskSpec, cfg: TrainConfig, progress: bool = False) -> None:
+    def fit_task(self, task: TaskSpec, cfg: TuneConfig, progress: bool = False) -> None:
         """Train on ``task.train`` for ``cfg.epochs`` with ``training_loss``."""
         train_epochs(self, task.train, lambda b: self.training_loss(b[0], b[1], task),
                      self.trainable_parameters(), cfg, f"{self.name}:{task.name}", progress)
 
 
 def train_epochs(method: ContinualMethod, batches: Iterable[Any], loss_fn: Callable[[Any], Tensor],
-                 params: list[nn.Parameter], cfg: TrainConfig, desc: str = "",
+                 params: list[nn.Parameter], cfg: TuneConfig, desc: str = "",
                  progress: bool = False) -> None:
     """The training loop: epochs x batches of loss, backward, hooks, clip, step (+ StepLR).
 
@@ -135,11 +135,10 @@ def train_epochs(method: ContinualMethod, batches: Iterable[Any], loss_fn: Calla
     if not params:
         raise ValueError(f"{desc}: no trainable parameters")
     optimizer = make_optimizer(params, cfg)
-    scheduler = (torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step_size, cfg.lr_gamma)
-                 if cfg.lr_step_size is not None else None)
+    scheduler = make_scheduler(optimizer, cfg)
     device = method.device
     method.num_batches = len(batches) if hasattr(batches, "__len__") else None
-    method.train()
+    train_mode(method, cfg.freeze_bn_stats)
     bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
     for epoch in bar:
         if hasattr(batches, "set_epoch"):

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from recast.baselines.common import TaskSpec, TrainConfig, config_from_mapping, evaluate, state_bytes
+from recast.baselines.common import TaskSpec, config_from_mapping, state_bytes
 from recast.baselines.derpp import DERPP, DERPPConfig
 from recast.baselines.er_ace import ERACE, ReplayConfig
 from recast.baselines.ewc import EWC, EWCConfig
@@ -19,9 +19,10 @@ from recast.baselines.hat import HAT, HATConfig
 from recast.baselines.inflora import InfLoRA, InfLoRAConfig
 from recast.baselines.l2p import L2P, L2PConfig
 from recast.baselines.lwf import LwF, LwFConfig
+from recast.baselines.method import ContinualMethod, unique_numel
 from recast.baselines.recast_seq import RecastSequential
-from recast.baselines.method import ContinualMethod, count_parameters
 from recast.baselines.results import SequentialResult
+from recast.training import TuneConfig, evaluate
 
 METHODS: dict[str, tuple[type[ContinualMethod], type | None]] = {
     "finetune_head": (FinetuneHead, None),
@@ -69,8 +70,8 @@ def _check_tasks(tasks: list[TaskSpec]) -> None:
         raise ValueError(f"task names must be unique, got {names}")
 
 
-def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TrainConfig,
-                   progress: bool = True) -> SequentialResult:
+def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TuneConfig,
+                   progress: bool | None = None) -> SequentialResult:
     """Train ``method`` on ``tasks`` in order; after each task test every task seen so far.
 
     Randomness of the run (heads, buffers, task embeddings, dropout) comes from torch's RNG
@@ -82,8 +83,9 @@ def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TrainCon
         method: a fresh method (see ``make_method``).
         tasks: the sequence; names must be unique.
         cfg: optimisation settings and seed.
-        progress: tqdm bars per task.
+        progress: tqdm bars per task; None: ``cfg.progress``.
     """
+    progress = cfg.progress if progress is None else progress
     _check_tasks(tasks)
     device = torch.device(cfg.device)
     size = len(tasks)
@@ -101,13 +103,13 @@ def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TrainCon
             start = time.perf_counter()
             method.before_task(task)
             method.to(device)
-            trainable.append(count_parameters(method.trainable_parameters()))
+            trainable.append(unique_numel(method.trainable_parameters()))
             method.fit_task(task, cfg, progress)
             method.after_task(task, task.train)
             _sync(device)
             wall.append(time.perf_counter() - start)
-            val_acc.append(evaluate(method, task.name, task.val, device) if task.val is not None else None)
-            row: list[float | None] = [evaluate(method, t.name, t.test, device) for t in tasks[:i + 1]]
+            val_acc.append(evaluate(method, task.val, device, task=task.name) if task.val is not None else None)
+            row: list[float | None] = [evaluate(method, t.test, device, task=t.name) for t in tasks[:i + 1]]
             acc.append(row + [None] * (size - i - 1))
             train_bytes.append(state_bytes(method.training_state()))
     return SequentialResult(

@@ -4,7 +4,7 @@ from torch import nn
 
 from recast import RecastLinear
 from recast.adapters import (
-    AdapterConfig, AdapterWrapper, AdaptFormerMLP, CLRConv2d, adapter_parameters, adapter_preset, add_adapters,
+    AdapterWrapper, AdaptFormerMLP, CLRConv2d, LoRAConfig, adapter_parameters, adapter_preset, add_adapters,
     count_adapter_parameters, merge_adapters,
 )
 
@@ -69,7 +69,7 @@ def test_piggyback_merge_resnet(resnet, rc_resnet, x, use_recast):
 
 def test_branches_stay_and_their_insides_merge(vit, resnet, x):
     add_adapters(vit, adapter_preset("adaptformer"))
-    add_adapters(vit, AdapterConfig("lora", ("mlp.fc1", "mlp.fc2"), rank=2))
+    add_adapters(vit, LoRAConfig(("mlp.fc1", "mlp.fc2"), rank=2))
     perturb(adapter_parameters(vit))
     _check_merge(vit, x, tol=1e-5)
     assert isinstance(vit.blocks[3].mlp, AdaptFormerMLP) and type(vit.blocks[3].mlp.base.fc1) is nn.Linear

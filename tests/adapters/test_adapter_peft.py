@@ -3,7 +3,7 @@ import copy
 import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
 
-from recast.adapters import AdapterConfig, add_adapters, count_adapter_parameters, peft_lora
+from recast.adapters import DoRAConfig, LoRAConfig, add_adapters, count_adapter_parameters, peft_lora
 
 
 def _peft_layers(peft_model):
@@ -18,7 +18,7 @@ def _randomise(layer, g):
 
 def test_our_lora_matches_peft_lora(vit, x):
     ours = copy.deepcopy(vit)
-    names = add_adapters(ours, AdapterConfig("lora", ("attn.qkv",), rank=4, alpha=8.0))
+    names = add_adapters(ours, LoRAConfig(("attn.qkv",), rank=4, alpha=8.0))
     ref = peft_lora(copy.deepcopy(vit), ("attn.qkv",), rank=4, alpha=8.0)
     layers = _peft_layers(ref)
     assert sorted(layers) == sorted(names)
@@ -41,7 +41,7 @@ def test_our_lora_matches_peft_lora(vit, x):
 
 def test_our_dora_matches_peft_dora(vit, x):
     ours = copy.deepcopy(vit)
-    add_adapters(ours, AdapterConfig("dora", ("attn.qkv",), rank=2))
+    add_adapters(ours, DoRAConfig(("attn.qkv",), rank=2))
     ref = peft_lora(copy.deepcopy(vit), "blocks\\.\\d+\\.attn\\.qkv", rank=2, use_dora=True)  # regex form
     g = torch.Generator().manual_seed(1)
     for name, layer in _peft_layers(ref).items():

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recast.adapters import (
-    AdapterConfig, CLRConv2d, PiggybackConv2d, PiggybackLinear, adapter_parameters, adapter_payload_bytes,
+    CLRConv2d, PiggybackConfig, PiggybackConv2d, PiggybackLinear, adapter_parameters, adapter_payload_bytes,
     adapter_preset, add_adapters, count_adapter_parameters,
 )
 
@@ -60,7 +60,7 @@ def test_piggyback_threshold_and_straight_through_gradient():
 
 
 def test_piggyback_linear_on_vit(vit, x):
-    add_adapters(vit, AdapterConfig("piggyback", ("attn.proj",)))
+    add_adapters(vit, PiggybackConfig(("attn.proj",)))
     assert isinstance(vit.blocks[0].attn.proj, PiggybackLinear)
     assert count_adapter_parameters(vit) == 6 * 64 * 64
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from recast.adapters import (
-    AdapterConfig, DoRALinear, LoRALinear, RoSALinear, adapter_counts, adapter_parameters, adapter_preset, add_adapters,
-    count_adapter_parameters, select_rosa_support,
+    AdaptFormerConfig, DoRALinear, LoRAConfig, LoRALinear, RoSALinear, adapter_counts, adapter_parameters,
+    adapter_preset, add_adapters, count_adapter_parameters, select_rosa_support,
 )
 
 VIT_PRESETS = ["lora", "lora_tiny", "melo", "dora", "adaptformer", "rosa", "rosa_spa_mlp"]
@@ -139,7 +139,7 @@ def test_counts_on_vit_small(vit_small):
 
 def test_stacking_lora_inside_adaptformer_keeps_original_names(vit, x):
     add_adapters(vit, adapter_preset("adaptformer"))
-    names = add_adapters(vit, AdapterConfig("lora", ("mlp.fc1",), rank=2))
+    names = add_adapters(vit, LoRAConfig(("mlp.fc1",), rank=2))
     assert names == [f"blocks.{i}.mlp.fc1" for i in range(6)]
     assert isinstance(vit.blocks[0].mlp.base.fc1, LoRALinear)
     assert count_adapter_parameters(vit) == VIT_COUNTS["adaptformer"] + 6 * 2 * (64 + 192)
@@ -176,8 +176,8 @@ def test_adaptformer_residual_input_needs_a_pre_norm_block():
     mlp_only = torch.nn.Sequential()
     mlp_only.add_module("mlp", torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8)))
     with pytest.raises(ValueError, match="branch_input='mlp'"):
-        add_adapters(copy.deepcopy(mlp_only), AdapterConfig("adaptformer", ("mlp",)))
-    add_adapters(mlp_only, AdapterConfig("adaptformer", ("mlp",), branch_input="mlp"))
+        add_adapters(copy.deepcopy(mlp_only), AdaptFormerConfig(("mlp",)))
+    add_adapters(mlp_only, AdaptFormerConfig(("mlp",), branch_input="mlp"))
     assert mlp_only(torch.randn(2, 8)).shape == (2, 8)
     with pytest.raises(ValueError, match="branch_input must be"):
-        AdapterConfig("adaptformer", ("mlp",), branch_input="pre")
+        AdaptFormerConfig(("mlp",), branch_input="pre")

@@ -2,9 +2,11 @@ import pytest
 import torch
 from torch import nn
 
-from recast.baselines import MultiHeadNet, TaskSpec, TensorBatches, TrainConfig, evaluate
+from recast.baselines import ContinualMethod, MultiHeadNet, TaskSpec, TensorBatches, TrainConfig
 from recast.baselines.common import config_from_mapping, state_bytes
 from recast.baselines.ewc import EWCConfig
+from recast.baselines.method import train_epochs
+from recast.training import TuneConfig, evaluate
 
 
 def test_train_config_rejects_bad_values_by_name():
@@ -12,8 +14,10 @@ def test_train_config_rejects_bad_values_by_name():
         TrainConfig(optimizer="adam")
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(epochs=0)
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match="TrainConfig.lr"):
         TrainConfig(lr=-1.0)
+    with pytest.raises(ValueError, match="TrainConfig.step_size"):
+        TrainConfig(step_size=0)
     assert TrainConfig(grad_clip=None).grad_clip is None
 
 
@@ -75,8 +79,50 @@ def test_evaluate_exact_accuracy_and_restores_mode():
     x = torch.tensor([1.0, 1.0, -1.0, -1.0]).view(4, 1, 1, 1)
     y = torch.tensor([0, 1, 1, 1])
     model = Fixed().train()
-    assert evaluate(model, "t", [(x[:2], y[:2]), (x[2:], y[2:])]) == 0.75
+    assert evaluate(model, [(x[:2], y[:2]), (x[2:], y[2:])], task="t") == 0.75
     assert model.training
+    # any callable (images, task) -> logits, on the CPU by default
+    assert evaluate(lambda images, task: model(images, task), [(x, 1 - y)], task="t") == 0.25
+    with pytest.raises(ValueError, match="task 't'"):
+        evaluate(model, [], task="t")
+
+
+class _Features(nn.Module):
+    """A headless backbone: BatchNorm over 2 features and a weight ``w`` whose loss gradient is 1."""
+
+    num_features, num_classes = 2, 0
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(2)
+        self.w = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):
+        return self.bn(x) + self.w
+
+
+def _train(cfg):
+    """Three epochs of one batch with loss = sum(w) + 0 * features: SGD moves w by -lr per step."""
+    method = ContinualMethod(_Features())
+    w = method.net.backbone.w
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0)) + 3.0
+    train_epochs(method, [(x, torch.zeros(8, dtype=torch.long))],
+                 lambda b: w.sum() + 0.0 * method.net.features(b[0]).sum(), [w], cfg)
+    return method.net.backbone
+
+
+def test_train_config_is_the_tune_recipe_with_the_baselines_defaults():
+    cfg = TrainConfig(epochs=3, lr=0.1, seed=3, device="cpu", grad_clip=None)  # the stage's call form
+    assert isinstance(cfg, TuneConfig) and cfg.seed == 3
+    sgd = dict(optimizer="sgd", momentum=0.0)
+    # default: constant learning rate, BatchNorm statistics updated
+    net = _train(TrainConfig(epochs=3, lr=0.1, grad_clip=None, **sgd))
+    torch.testing.assert_close(net.w.detach(), torch.full((2,), -0.3))
+    assert net.bn.running_mean.min() > 0.5  # moved toward the batch mean (about 3)
+    # the shared recipe's StepLR and BatchNorm freezing apply in the baselines' loop too
+    net = _train(TrainConfig(epochs=3, lr=0.1, grad_clip=None, step_size=1, gamma=0.5, freeze_bn_stats=True, **sgd))
+    torch.testing.assert_close(net.w.detach(), torch.full((2,), -0.1 * (1 + 0.5 + 0.25)))
+    assert torch.equal(net.bn.running_mean, torch.zeros(2))
 
 
 def test_state_bytes_counts_shared_storage_once():
