@@ -36,6 +36,8 @@ def tune_job(spec: dict) -> tuple[dict, dict]:
         "arch": spec["arch"], "method": spec["method_name"], "task": spec["task"], "seed": spec["seed"],
         "val_acc": res.best_val_acc, "test_acc": test_acc, "best_epoch": res.best_epoch,
         "trainable_params": int(sum(p.numel() for p in built.trainable)),
+        "head_params": built.head_params(),
+        "task_params": int(sum(p.numel() for p in built.trainable)) - built.head_params(),
         "stored_params": int(sum(t.numel() for t in payload.values())),
         "bytes": int(sum(t.numel() * t.element_size() for t in payload.values())),
         "seconds_per_step": res.seconds_per_step, "train_seconds": res.seconds, "steps": res.steps,

@@ -26,10 +26,11 @@ def pretrain_job(spec: dict) -> tuple[dict, dict]:
     arch = ArchParams(**spec["arch"])
     seed_everything(spec["seed"])
     if spec["source"] == "timm":
-        overlay = {"file": str(resolve(arch.checkpoint_file))} if arch.checkpoint_file else None
+        checkpoint = str(resolve(arch.checkpoint_file)) if arch.checkpoint_file else None
+        overlay = {"file": checkpoint} if checkpoint else None
         model = timm.create_model(arch.model, pretrained=True, pretrained_cfg_overlay=overlay, **arch.kwargs)
-        return {"model": arch.model, "kwargs": arch.kwargs, "num_classes": model.num_classes,
-                "source": "timm"}, model.state_dict()
+        return {"model": arch.model, "kwargs": arch.kwargs, "num_classes": model.num_classes, "source": "timm",
+                "checkpoint_file": checkpoint, "timm_tag": model.pretrained_cfg.get("tag")}, model.state_dict()
     src = resolve(spec["data_dir"]) / "source"
     manifest = read_manifest(src)
     model = timm.create_model(arch.model, pretrained=False, num_classes=manifest.num_classes, **arch.kwargs)

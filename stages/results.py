@@ -70,6 +70,8 @@ def summarise(results: list[dict]) -> dict[str, Any]:
         rows = [x for rs in per_task.values() for x in rs]
         out[key] = {"avg_test_acc": statistics.mean(accs.values()), "test_acc": accs,
                     "trainable_params": statistics.mean(x["trainable_params"] for x in rows),
+                    "task_params": statistics.mean(x["task_params"] for x in rows),
+                    "head_params": statistics.mean(x["head_params"] for x in rows),
                     "stored_params": statistics.mean(x["stored_params"] for x in rows),
                     "bytes": statistics.mean(x["bytes"] for x in rows),
                     "seconds_per_step": statistics.mean(x["seconds_per_step"] for x in rows),
