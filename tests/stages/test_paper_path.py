@@ -1,7 +1,8 @@
 """The paper configuration end to end at micro scale: ``configs/paper.yaml`` with only its sizes
-cut down (32 px, one seed, a few examples, one epoch, a few mimicry steps), on fixture datasets
-in all six official layouts and random-init local checkpoints (``checkpoint_file``) of the real
-ViT-S and ResNet-34. Every stage runs as ``python -m stages.<stage>`` in a fresh copy of the
+cut down (32 px, narrow widths, one seed, a few examples, one epoch, a few mimicry steps), on
+fixture datasets in all six official layouts and random-init local checkpoints
+(``checkpoint_file``) of ViT-S (12 blocks, width 48) and ResNet-34 (3-4-6-3 blocks, widths
+8-64): the depths, hence the RECAST plans and coefficient counts, of the paper's backbones. Every stage runs as ``python -m stages.<stage>`` in a fresh copy of the
 source tree, with a real local Ray and an sqlite MLflow store.
 
 ``RECAST_MICRO_DEVICE`` (default cpu) selects ``runtime.device``; ``RECAST_MICRO_KEEP`` names a
@@ -31,7 +32,8 @@ REPO = Path(__file__).resolve().parents[2]
 PAPER_ORDER = ["flowers102", "aircraft", "indoor67", "cifar100", "cifar10", "cub200"]  # configs/paper.yaml
 STAGES = ["prepare", "pretrain", "mimic", "tune", "combine", "evaluate"]
 SIZE = 32
-RESNET34_STAGE_WEIGHTS = 21_258_240  # Piggyback's targets: 32 convs of 16 blocks + 3 downsamples (35 masks)
+NARROW = {"vit": {"img_size": SIZE, "embed_dim": 48, "num_heads": 2},
+          "resnet": {"channels": [8, 16, 32, 64], "stem_width": 8}}
 
 
 def micro_params(root: Path, device: str) -> dict:
@@ -43,7 +45,7 @@ def micro_params(root: Path, device: str) -> dict:
     p["pretrain"].update(image_size=SIZE)
     for arch, a in p["pretrain"]["archs"].items():
         a["checkpoint_file"] = f"weights/{arch}.safetensors"
-    p["pretrain"]["archs"]["vit"]["kwargs"] = {"img_size": SIZE}
+        a["kwargs"] = NARROW[arch]
     for a in p["mimic"]["archs"].values():
         a["mimicry"].update(steps=3, step_size=2)
     p["mimic"].update(image_size=SIZE, feature_batch=4, eval_limit=8)
@@ -136,19 +138,24 @@ def test_paper_path_task_order_counts_and_bytes(paper_run):
     assert "| recast | " in md and " | 96 | " in md and " | 168 | " in md
 
     # payload bytes are the bytes each method really stores
+    width = {"vit": 48, "resnet": 64}
+    resnet = timm.create_model("resnet34", **NARROW["resnet"])  # Piggyback masks every conv of layer1..4
+    convs = [m for n, m in resnet.named_modules() if isinstance(m, torch.nn.Conv2d) and n.startswith("layer")]
+    assert len(convs) == 35  # 32 convs of 16 blocks + 3 downsample projections
+    resnet_stage_weights = sum(m.weight.numel() for m in convs)
     payloads = sorted((root / "outputs").glob("*/payloads/*/*/*.safetensors"))
     assert len(payloads) == 6 * (3 + 2 + 3 + 9 + 4)  # tasks x (vit tune 5, resnet tune 3, combine 9 + 4)
     for path in payloads:
         side = json.loads(path.with_suffix(".json").read_text())
         tensors = load_file(str(path))
         assert side["bytes"] == _stored_bytes(path) == sum(t.numel() * t.element_size() for t in tensors.values())
-        head = (side["num_classes"] * (384 if side["arch"] == "vit" else 512) + side["num_classes"]) * 4
+        head = (side["num_classes"] * width[side["arch"]] + side["num_classes"]) * 4
         if side["method"] == "recast":
             assert side["bytes"] == (96 if side["arch"] == "vit" else 168) * 4 + head
         if side["method"].startswith("piggyback"):
             bits = {k: t for k, t in tensors.items() if k.endswith(".mask_bits")}
             assert all(t.dtype == torch.uint8 for t in bits.values()) and len(bits) == 35
-            assert sum(t.numel() for t in bits.values()) == RESNET34_STAGE_WEIGHTS // 8
+            assert sum(t.numel() for t in bits.values()) == resnet_stage_weights // 8
 
     # mimicry quality on the tasks' own images
     mimic = json.loads((root / "metrics/mimic.json").read_text())
