@@ -73,7 +73,7 @@ def forgetting_job(spec: dict) -> tuple[dict, dict]:
                 continue
             rc.set_task(prev, freeze=False)
             row.append(evaluate(rc, BatchLoader(data / prev, "test", 256, spec["image_size"], train=False, seed=0,
-                                                limit=spec["limit_eval"]), device))
+                                                limit=spec["limit_eval"], device=device), device))
         matrix.append(row)
     final = matrix[-1]
     forgetting = [f for f in forgetting_per_task(matrix) if f is not None]

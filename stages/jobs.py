@@ -25,7 +25,8 @@ def tune_job(spec: dict) -> tuple[dict, dict]:
                          manifest.num_classes)
 
     def loader(split: str, train: bool, limit: int | None) -> BatchLoader:
-        return BatchLoader(task_dir, split, tr.batch_size, tr.image_size, train=train, seed=spec["seed"], limit=limit)
+        return BatchLoader(task_dir, split, tr.batch_size, tr.image_size, train=train, seed=spec["seed"], limit=limit,
+                           device=spec["device"])
 
     cfg = tr.recipe(spec["device"], m.lr)
     res = fit(built.model, built.trainable, loader("train", True, tr.limit_train), loader("val", False, tr.limit_eval),

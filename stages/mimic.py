@@ -61,7 +61,8 @@ def mimic_job(spec: dict) -> tuple[dict, dict]:
     if tasks:
         reference = rc.reference_model().eval()
         out["task_agreement"] = {t: agreement(reference, rc.model, BatchLoader(
-            data / t, "test", 64, p.image_size, train=False, seed=p.seed, limit=p.eval_limit), device) for t in tasks}
+            data / t, "test", 64, p.image_size, train=False, seed=p.seed, limit=p.eval_limit, device=device), device)
+            for t in tasks}
         out["top1_agreement"] = min(v["top1_agreement"] for v in out["task_agreement"].values())
         out["penultimate_cosine"] = min(v["penultimate_cosine"] for v in out["task_agreement"].values())
     out["template_diversity"] = recast.template_diversity(rc)
