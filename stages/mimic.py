@@ -25,7 +25,7 @@ from recast.training import evaluate
 from stages.backbones import load_backbone, save_mimicked
 from stages.cli import entry, stage_params
 from stages.common import ParamsError, resolve, validate_section, write_json_atomic
-from stages.fanout import run_jobs
+from stages.fanout import job_file, run_jobs
 from stages.params import MimicParams, RuntimeParams
 from stages.runtime import pick_device
 from stages.tracking import Tracker
@@ -115,7 +115,8 @@ def run(p: MimicParams, rt: RuntimeParams) -> dict[str, dict]:
                                                "penultimate_cosine", "device") if k in clean}
         summary[arch].update(templates=clean["counts"]["templates"], coefficients_per_task=clean["counts"]["coefficients"])
         tracker.child(spec["id"], {"arch": arch, **p.archs[arch].model_dump()}, summary[arch],
-                      artifacts=[d / "report.json", d / "recast.json"], tags={"cached": str(cached)})
+                      artifacts=[d / "report.json", d / "recast.json"], tags={"cached": str(cached)},
+                      logged_at=job_file(rt, "mimic", spec, ".mlflow.json"))
 
     run_jobs("mimic", mimic_job, specs, rt, on_result)
     write_json_atomic(resolve("metrics/mimic.json"), summary)

@@ -12,10 +12,10 @@ import timm
 
 from recast.data import BatchLoader, read_manifest
 from recast.training import TuneConfig, evaluate, fit
-from stages.backbones import save_pretrained
+from stages.backbones import pretrained_sidecar
 from stages.cli import entry, stage_params
 from stages.common import ParamsError, resolve, seed_everything, validate_section, write_json_atomic
-from stages.fanout import run_jobs
+from stages.fanout import run_jobs, store_tensors
 from stages.params import ArchParams, PretrainParams, RuntimeParams
 from stages.runtime import pick_device
 from stages.tracking import Tracker
@@ -65,7 +65,7 @@ def run(p: PretrainParams, rt: RuntimeParams) -> dict[str, dict]:
     def on_result(spec, result, cached):
         meta, state = result
         arch = spec["id"].split("/", 1)[1]
-        save_pretrained(out, arch, state, meta)
+        store_tensors(rt, "pretrain", spec, state, pretrained_sidecar(state, meta), out / arch)
         tracker.child(spec["id"], {"arch": arch, **spec["arch"]}, meta, tags={"cached": str(cached)})
 
     results = run_jobs("pretrain", pretrain_job, specs, rt, on_result)

@@ -82,6 +82,7 @@ def paper_run(tmp_path_factory, source_tree):
         proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--params", "micro.yaml"], cwd=root, env=env,
                               capture_output=True, text=True, timeout=900, check=False)
         seconds[stage] = round(time.perf_counter() - start, 1)
+        print(f"stages.{stage}: {seconds[stage]} s", file=sys.stderr, flush=True)
         assert proc.returncode == 0, f"stages.{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     print(f"\npaper micro run ({device}) seconds per stage: {seconds}")
     keep = os.environ.get("RECAST_MICRO_KEEP")
