@@ -158,6 +158,13 @@ def test_paper_path_task_order_counts_and_bytes(paper_run):
             assert all(t.dtype == torch.uint8 for t in bits.values()) and len(bits) == 35
             assert sum(t.numel() for t in bits.values()) == resnet_stage_weights // 8
 
+    # each payload (and pretrained state) is stored once: outputs, job cache and MLflow share the file
+    cached = {p.stat().st_ino for p in (root / "outputs/.jobcache").glob("*/*.safetensors")}
+    published = payloads + sorted((root / "outputs/pretrain").glob("*.safetensors"))
+    assert all(p.stat().st_ino in cached for p in published)
+    logged = sorted((root / "mlartifacts").rglob("*.safetensors"))
+    assert len(logged) == len(payloads) and {p.stat().st_ino for p in logged} == {p.stat().st_ino for p in payloads}
+
     # mimicry quality on the tasks' own images
     mimic = json.loads((root / "metrics/mimic.json").read_text())
     for arch in ("vit", "resnet"):
