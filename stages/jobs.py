@@ -29,6 +29,7 @@ def tune_job(spec: dict) -> tuple[dict, dict]:
                            device=spec["device"])
 
     cfg = tr.recipe(spec["device"], m.lr)
+    built.prepare(loader("train", True, tr.limit_train), cfg.device)  # RoSA's gradient support; else a no-op
     res = fit(built.model, built.trainable, loader("train", True, tr.limit_train), loader("val", False, tr.limit_eval),
               cfg, desc=spec["id"])
     test_acc = evaluate(built.model, loader("test", False, tr.limit_eval), cfg.device)

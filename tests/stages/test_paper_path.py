@@ -120,7 +120,7 @@ def test_paper_path_task_order_counts_and_bytes(paper_run):
     assert sorted(r["tasks"] == PAPER_ORDER for r in evaluate_rows) == [True, True]
     rows = json.loads((root / "outputs/tune/results.json").read_text())
     seq = [r for r in rows if r.get("sequential")]
-    assert {r["method"] for r in seq} == {"l2p", "ewc", "lwf", "gdumb", "er_ace", "derpp", "hat"}
+    assert {r["method"] for r in seq} == {"l2p", "inflora", "ewc", "lwf", "gdumb", "er_ace", "derpp", "hat"}
     assert all(r["task_names"] == PAPER_ORDER for r in seq)
 
     # every method of configs/paper.yaml ran on every task
@@ -140,7 +140,7 @@ def test_paper_path_task_order_counts_and_bytes(paper_run):
 
     # payload bytes are the bytes each method really stores
     width = {"vit": 48, "resnet": 64}
-    resnet = timm.create_model("resnet34", **NARROW["resnet"])  # Piggyback masks every conv of layer1..4
+    resnet = timm.create_model(params["pretrain"]["archs"]["resnet"]["model"], **NARROW["resnet"])  # Piggyback masks every conv of layer1..4
     convs = [m for n, m in resnet.named_modules() if isinstance(m, torch.nn.Conv2d) and n.startswith("layer")]
     assert len(convs) == 35  # 32 convs of 16 blocks + 3 downsample projections
     resnet_stage_weights = sum(m.weight.numel() for m in convs)
