@@ -22,9 +22,9 @@ from recast.recipes import Backbone
 from stages.common import write_json_atomic
 
 
-def save_pretrained(out_dir: Path, arch: str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """``<out_dir>/<arch>.safetensors`` + ``<arch>.json`` (model name, kwargs, metrics, sha256)."""
-    return save_tensors(state, {**meta, "sha256": tensors_sha256(state)}, out_dir / arch)
+def pretrained_sidecar(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """The JSON beside a pretrained state dict: the job's metadata plus the tensors' sha256."""
+    return {**meta, "sha256": tensors_sha256(state)}
 
 
 def pretrained_meta(pretrain_dir: Path, arch: str) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Each job is a JSON-serialisable spec with a stable id; its result (a JSON dict plus optional
 tensors) comes back to the driver, which writes it to the job cache
 (``<cache_dir>/<stage>/<key>.{json,safetensors}``, keyed by a hash of the spec) through
-temp-file + rename. A re-run of a killed stage finds finished jobs there and skips them.
+temp-file + rename. ``store_tensors`` publishes a job's tensor file as a hard link to that
+cache file, so a stage output and the job cache hold one copy. A re-run of a killed stage finds finished jobs there and skips them.
 Ray retries a task whose worker dies (``max_retries``).
 """
 
@@ -14,6 +15,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from recast.io import TENSOR_FILE_METADATA, save_tensors
 from stages.common import REPO_ROOT, resolve, write_json_atomic
 from stages.params import RuntimeParams
 
@@ -117,6 +120,35 @@ def _cache_paths(cache: Path, key: str) -> tuple[Path, Path]:
     return cache / f"{key}.json", cache / f"{key}.safetensors"
 
 
+def job_file(rt: RuntimeParams, stage: str, spec: dict, suffix: str) -> Path:
+    """``<cache_dir>/<stage>/<key><suffix>``: a file of ``spec``'s job in the job cache
+    (``.safetensors``: its tensors; ``.mlflow.json``: where its artifacts were logged)."""
+    return resolve(rt.cache_dir) / stage / f"{spec_key(spec)}{suffix}"
+
+
+def store_tensors(rt: RuntimeParams, stage: str, spec: dict, tensors: dict[str, torch.Tensor], meta: dict,
+                  dest: Path) -> Path:
+    """Write a job's tensors as ``<dest>.safetensors`` + ``<dest>.json`` (``recast.io`` layout).
+
+    The tensor file is a hard link to the job's file in the job cache (the same bytes: the cache
+    writes ``recast.io``'s header metadata too), so the two share one copy on disk; a fresh
+    ``save_tensors`` when the cache has no file for the job."""
+    cached = job_file(rt, stage, spec, ".safetensors")
+    if not cached.exists():
+        return save_tensors(tensors, meta, dest)
+    st = dest.with_name(dest.name + ".safetensors")
+    st.parent.mkdir(parents=True, exist_ok=True)
+    tmp = st.with_name(f"{st.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(cached, tmp)
+    except OSError:  # another file system (or no hard links): one copy more
+        shutil.copyfile(cached, tmp)
+    os.replace(tmp, st)
+    write_json_atomic(dest.with_name(dest.name + ".json"), meta)
+    return st
+
+
 def _read_cached(cache: Path, key: str) -> Result | None:
     js, st = _cache_paths(cache, key)
     if not js.exists():
@@ -132,7 +164,7 @@ def _write_cached(cache: Path, key: str, result: Result) -> None:
     cache.mkdir(parents=True, exist_ok=True)
     if tensors:
         tmp = st.with_name(st.name + f".{os.getpid()}.tmp")
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata=TENSOR_FILE_METADATA)
         os.replace(tmp, st)
     write_json_atomic(js, {**meta, "_has_tensors": bool(tensors)})
 

@@ -25,10 +25,11 @@ def tune_job(spec: dict) -> tuple[dict, dict]:
                          manifest.num_classes)
 
     def loader(split: str, train: bool, limit: int | None) -> BatchLoader:
-        return BatchLoader(task_dir, split, tr.batch_size, tr.image_size, train=train, seed=spec["seed"], limit=limit)
+        return BatchLoader(task_dir, split, tr.batch_size, tr.image_size, train=train, seed=spec["seed"], limit=limit,
+                           device=spec["device"])
 
     cfg = tr.recipe(spec["device"], m.lr)
-    built.prepare(loader("train", True, tr.limit_train), cfg.device)  # e.g. RoSA's gradient-chosen support
+    built.prepare(loader("train", True, tr.limit_train), cfg.device)  # RoSA's gradient support; else a no-op
     res = fit(built.model, built.trainable, loader("train", True, tr.limit_train), loader("val", False, tr.limit_eval),
               cfg, desc=spec["id"])
     test_acc = evaluate(built.model, loader("test", False, tr.limit_eval), cfg.device)
@@ -37,6 +38,8 @@ def tune_job(spec: dict) -> tuple[dict, dict]:
         "arch": spec["arch"], "method": spec["method_name"], "task": spec["task"], "seed": spec["seed"],
         "val_acc": res.best_val_acc, "test_acc": test_acc, "best_epoch": res.best_epoch,
         "trainable_params": int(sum(p.numel() for p in built.trainable)),
+        "head_params": built.head_params(),
+        "task_params": int(sum(p.numel() for p in built.trainable)) - built.head_params(),
         "stored_params": int(sum(t.numel() for t in payload.values())),
         "bytes": int(sum(t.numel() * t.element_size() for t in payload.values())),
         "seconds_per_step": res.seconds_per_step, "train_seconds": res.seconds, "steps": res.steps,

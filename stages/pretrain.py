@@ -12,10 +12,10 @@ import timm
 
 from recast.data import BatchLoader, read_manifest
 from recast.training import TuneConfig, evaluate, fit
-from stages.backbones import save_pretrained
+from stages.backbones import pretrained_sidecar
 from stages.cli import entry, stage_params
 from stages.common import ParamsError, resolve, seed_everything, validate_section, write_json_atomic
-from stages.fanout import run_jobs
+from stages.fanout import run_jobs, store_tensors
 from stages.params import ArchParams, PretrainParams, RuntimeParams
 from stages.runtime import pick_device
 from stages.tracking import Tracker
@@ -26,10 +26,11 @@ def pretrain_job(spec: dict) -> tuple[dict, dict]:
     arch = ArchParams(**spec["arch"])
     seed_everything(spec["seed"])
     if spec["source"] == "timm":
-        overlay = {"file": str(resolve(arch.checkpoint_file))} if arch.checkpoint_file else None
+        checkpoint = str(resolve(arch.checkpoint_file)) if arch.checkpoint_file else None
+        overlay = {"file": checkpoint} if checkpoint else None
         model = timm.create_model(arch.model, pretrained=True, pretrained_cfg_overlay=overlay, **arch.kwargs)
-        return {"model": arch.model, "kwargs": arch.kwargs, "num_classes": model.num_classes,
-                "source": "timm"}, model.state_dict()
+        return {"model": arch.model, "kwargs": arch.kwargs, "num_classes": model.num_classes, "source": "timm",
+                "checkpoint_file": checkpoint, "timm_tag": model.pretrained_cfg.get("tag")}, model.state_dict()
     src = resolve(spec["data_dir"]) / "source"
     manifest = read_manifest(src)
     model = timm.create_model(arch.model, pretrained=False, num_classes=manifest.num_classes, **arch.kwargs)
@@ -64,7 +65,7 @@ def run(p: PretrainParams, rt: RuntimeParams) -> dict[str, dict]:
     def on_result(spec, result, cached):
         meta, state = result
         arch = spec["id"].split("/", 1)[1]
-        save_pretrained(out, arch, state, meta)
+        store_tensors(rt, "pretrain", spec, state, pretrained_sidecar(state, meta), out / arch)
         tracker.child(spec["id"], {"arch": arch, **spec["arch"]}, meta, tags={"cached": str(cached)})
 
     results = run_jobs("pretrain", pretrain_job, specs, rt, on_result)

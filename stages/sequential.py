@@ -42,7 +42,8 @@ def continual_job(spec: dict) -> tuple[dict, dict]:
         tdir = Path(spec["task_dirs"][name])
 
         def mk(split: str, train: bool, limit: int | None, tdir: Path = tdir) -> BatchLoader:
-            return BatchLoader(tdir, split, tr.batch_size, tr.image_size, train=train, seed=spec["seed"], limit=limit)
+            return BatchLoader(tdir, split, tr.batch_size, tr.image_size, train=train, seed=spec["seed"], limit=limit,
+                               device=spec["device"])
 
         tasks.append(TaskSpec(name, read_manifest(tdir).num_classes, mk("train", True, tr.limit_train),
                               mk("val", False, tr.limit_eval), mk("test", False, tr.limit_eval)))

@@ -23,7 +23,7 @@ def run_tuning(stage: str, p: TuneParams, methods: dict[str, MethodParams], rt: 
     specs = method_specs(stage, p, methods, device) + (continual_specs(stage, p, device) if continual else [])
     tracker = Tracker(stage, rt.experiment, {"methods": {k: v.model_dump() for k, v in methods.items()},
                                              "train": p.train.model_dump(), "archs": p.archs, "seeds": p.seeds})
-    publish = Publisher(tracker, resolve(out_dir))
+    publish = Publisher(tracker, resolve(out_dir), stage, rt)
     run_jobs(stage, dispatch, specs, rt, publish)
     rows = publish.sorted_rows(task_names(p))
     write_json_atomic(resolve(out_dir) / "results.json", rows)

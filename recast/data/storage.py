@@ -1,9 +1,11 @@
 """Parquet storage of a prepared task and reading it back into uint8 tensors.
 
 Layout of ``<out_dir>/<task>/``: ``train.parquet``, ``val.parquet``, ``test.parquet`` and
-``manifest.json``. Each Parquet file has the columns ``image`` (fixed-size binary, the C*H*W
-uint8 pixels in CHW order), ``label`` (int64) and ``origin`` (string: where the row came from,
-e.g. ``mnist:123`` or a file path relative to the dataset root). A task is written into a
+``manifest.json``. Each Parquet file has the columns ``image``, ``label`` (int64) and ``origin``
+(string: where the row came from, e.g. ``mnist:123`` or a file path relative to the dataset
+root). ``image`` is, by the manifest's ``encoding``, either ``raw`` (fixed-size binary: the
+C*H*W uint8 pixels in CHW order) or ``jpeg`` (binary: one JPEG file of the stored size, decoded
+by the loader, see ``recast.data.jpeg``). A task is written into a
 hidden temporary directory that replaces the final one only once complete, so a crash never
 leaves a half-written task behind.
 """
@@ -22,9 +24,12 @@ import pyarrow.parquet as pq
 import torch
 
 from recast.data.errors import DataError
+from recast.data.jpeg import JPEG_QUALITY, decode_jpeg, encode_jpeg
 from recast.data.manifest import (
+    ENCODINGS,
     SPLITS,
     AugmentPolicy,
+    Encoding,
     TaskManifest,
     read_manifest,
     sha256_file,
@@ -35,11 +40,15 @@ from recast.data.manifest import (
 ROW_GROUP_BYTES = 32 << 20
 
 
-def _schema(shape: tuple[int, int, int], split: str) -> pa.Schema:
-    meta = {"recast": json.dumps({"layout": "CHW", "shape": list(shape), "split": split})}
+def _image_type(shape: tuple[int, int, int], encoding: Encoding) -> pa.DataType:
+    return pa.binary(int(np.prod(shape))) if encoding == "raw" else pa.binary()
+
+
+def _schema(shape: tuple[int, int, int], split: str, encoding: Encoding) -> pa.Schema:
+    meta = {"recast": json.dumps({"layout": "CHW", "shape": list(shape), "split": split, "encoding": encoding})}
     return pa.schema(
         [
-            pa.field("image", pa.binary(int(np.prod(shape))), nullable=False),
+            pa.field("image", _image_type(shape, encoding), nullable=False),
             pa.field("label", pa.int64(), nullable=False),
             pa.field("origin", pa.string(), nullable=False),
         ],
@@ -51,7 +60,8 @@ class TaskWriter:
     """Stream the splits of one task to Parquet, then write its manifest and publish it.
 
     Use as a context manager; on an exception the temporary directory is removed and any
-    previously prepared version of the task stays untouched.
+    previously prepared version of the task stays untouched. ``encoding="jpeg"`` stores each
+    image as a JPEG of ``quality`` (the channel statistics come from the pixels before encoding).
     """
 
     def __init__(
@@ -67,13 +77,21 @@ class TaskWriter:
         seed: int,
         val_fraction: float,
         channels: int = 3,
+        encoding: Encoding = "raw",
+        quality: int = JPEG_QUALITY,
     ) -> None:
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding={encoding!r}; choose one of {ENCODINGS}")
+        if encoding == "jpeg" and (channels != 3 or not 1 <= quality <= 100):
+            raise ValueError(f"jpeg needs 3 channels and quality in 1..100, got {channels}, {quality}")
+        self.encoding, self.quality = encoding, quality
         hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.shape = (channels, int(hw[0]), int(hw[1]))
         self.final_dir = Path(out_dir) / name
         self.tmp_dir = Path(out_dir) / f".{name}.{os.getpid()}.tmp"
         self.name, self.class_names = name, tuple(class_names)
-        self.meta = dict(description=description, augment=augment, origin=origin, seed=seed, val_fraction=val_fraction)
+        self.meta = dict(description=description, augment=augment, origin=origin, seed=seed, val_fraction=val_fraction,
+                         encoding=encoding)
         self.counts: dict[str, int] = {}
         self._sum = np.zeros(channels, np.float64)
         self._sumsq = np.zeros(channels, np.float64)
@@ -98,7 +116,8 @@ class TaskWriter:
         rows_per_group = max(64, ROW_GROUP_BYTES // row_bytes)
         path = self.tmp_dir / f"{split}.parquet"
         count = 0
-        with pq.ParquetWriter(path, _schema(self.shape, split), compression="zstd") as writer:
+        compression = "zstd" if self.encoding == "raw" else "none"  # JPEG bytes do not compress further
+        with pq.ParquetWriter(path, _schema(self.shape, split, self.encoding), compression=compression) as writer:
             for images, labels, origins in chunks:
                 images = np.ascontiguousarray(images)
                 where = f"{self.name}/{split}"
@@ -110,7 +129,10 @@ class TaskWriter:
                 if len(labels) and (labels.min() < 0 or labels.max() >= len(self.class_names)):
                     raise ValueError(f"{self.name}/{split}: label outside 0..{len(self.class_names) - 1}")
                 n = len(images)
-                column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(row_bytes), n, [None, pa.py_buffer(images)])
+                if self.encoding == "jpeg":
+                    column = pa.array(encode_jpeg(images, self.quality), pa.binary())
+                else:
+                    column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(row_bytes), n, [None, pa.py_buffer(images)])
                 table = pa.table([column, pa.array(labels), pa.array(list(origins), pa.string())], schema=writer.schema)
                 writer.write_table(table, row_group_size=rows_per_group)
                 if split == "train":
@@ -205,32 +227,61 @@ def load_split(
 def read_split_file(
     task_dir: Path, manifest: TaskManifest, split: str, verify: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read ``<split>.parquet`` of a task whose manifest is already loaded."""
+    """Read ``<split>.parquet`` of a task whose manifest is already loaded: uint8 images
+    (N, C, H, W) at the stored size (JPEG rows decoded) and int64 labels (N,)."""
+    if manifest.encoding == "jpeg":
+        encoded, labels = read_encoded_split(task_dir, manifest, split, verify)
+        return decode_jpeg(encoded, manifest.image_size[0]), labels
+    shape = (manifest.channels, *manifest.image_size)
+    row_bytes = int(np.prod(shape))
+    n = manifest.counts[split]
+    images = torch.empty((n, *shape), dtype=torch.uint8)  # (N, C, H, W)
+    flat = images.view(n, row_bytes).numpy()
+
+    def take(column: pa.Array, start: int, m: int) -> None:
+        buf = np.frombuffer(column.buffers()[1], dtype=np.uint8)
+        first = column.offset * row_bytes
+        flat[start : start + m] = buf[first : first + m * row_bytes].reshape(m, row_bytes)
+
+    labels = _read_rows(task_dir, manifest, split, verify, take)
+    return images, labels
+
+
+def read_encoded_split(
+    task_dir: Path, manifest: TaskManifest, split: str, verify: bool = True
+) -> tuple[list[bytes], torch.Tensor]:
+    """Read a ``jpeg`` task's split without decoding: one JPEG file's bytes per row, labels (N,)."""
+    if manifest.encoding != "jpeg":
+        raise ValueError(f"task {manifest.name!r} is stored {manifest.encoding!r}, not jpeg")
+    encoded: list[bytes] = []
+    labels = _read_rows(task_dir, manifest, split, verify, lambda column, start, m: encoded.extend(column.to_pylist()))
+    return encoded, labels
+
+
+def _read_rows(task_dir: Path, manifest: TaskManifest, split: str, verify: bool, take) -> torch.Tensor:
+    """Stream ``<split>.parquet``: ``take(image column, first row, rows)`` per batch; returns the labels."""
     filename = f"{split}.parquet"
     path = Path(task_dir) / filename
     if verify:
         verify_file(task_dir, manifest, filename)
     shape = (manifest.channels, *manifest.image_size)
-    row_bytes = int(np.prod(shape))
     n = manifest.counts[split]
-    images = torch.empty((n, *shape), dtype=torch.uint8)  # (N, C, H, W)
     labels = torch.empty(n, dtype=torch.int64)
-    flat = images.view(n, row_bytes).numpy()
+    start = 0
     try:
         pfile = pq.ParquetFile(path)
         if pfile.metadata.num_rows != n:
             raise DataError(path, f"{pfile.metadata.num_rows} rows, the manifest says {n}")
-        if pfile.schema_arrow.field("image").type != pa.binary(row_bytes):
-            raise DataError(path, f"image column is {pfile.schema_arrow.field('image').type}, expected {shape} uint8")
-        start = 0
+        expected = _image_type(shape, manifest.encoding)
+        if pfile.schema_arrow.field("image").type != expected:
+            raise DataError(path, f"image column is {pfile.schema_arrow.field('image').type}, expected {expected} "
+                                  f"({manifest.encoding} {shape} uint8)")
         for batch in pfile.iter_batches(batch_size=2048, columns=["image", "label"]):
             column = batch.column(0)
             m = len(column)
             if column.null_count:
                 raise DataError(path, "null images")
-            buf = np.frombuffer(column.buffers()[1], dtype=np.uint8)
-            first = column.offset * row_bytes
-            flat[start : start + m] = buf[first : first + m * row_bytes].reshape(m, row_bytes)
+            take(column, start, m)
             label_values = batch.column(1).to_numpy(zero_copy_only=False).astype(np.int64)
             labels[start : start + m] = torch.from_numpy(label_values)
             start += m
@@ -240,4 +291,4 @@ def read_split_file(
         raise DataError(path, f"read {start} rows, the manifest says {n}")
     if n and (int(labels.min()) < 0 or int(labels.max()) >= manifest.num_classes):
         raise DataError(path, f"labels outside 0..{manifest.num_classes - 1}")
-    return images, labels
+    return labels
