@@ -7,38 +7,37 @@ real source images, accuracy of the reconstructed model vs the original, time).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 
 import recast
 from recast.config import MimicryConfig
-from recast.data import BatchLoader
 from recast.training import evaluate
-from stages.backbones import load_backbone, save_mimicked
+from stages.backbones import save_mimicked
 from stages.cli import entry, stage_params
 from stages.common import ParamsError, resolve, validate_section, write_json_atomic
 from stages.fanout import run_jobs
+from stages.inputs import InputStore, JobInputs, backbone_bundle, task_bundle
 from stages.params import MimicParams, RuntimeParams
 from stages.tracking import Tracker
 
 
-def mimic_job(spec: dict) -> tuple[dict, dict]:
-    """Ray task: apply + mimic one backbone; returns (report, tensors)."""
+def mimic_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
+    """Ray task: apply + mimic one backbone (input ``backbone``; ``source``, the prepared source
+    task, when there is one); returns (report, tensors)."""
     p = MimicParams(**spec["params"])
     arch = spec["arch"]
     a = p.archs[arch]
-    bb = load_backbone(arch, resolve(p.pretrain_dir))
+    bb = inputs.backbone("backbone")
     plain = bb.plain().eval()
     cfg = a.recast_config()
     rc = recast.apply(plain, cfg, seed=p.seed)
-    src = resolve(p.data_dir) / "source"
     batch, loader = None, None
-    if src.exists():
-        loader = BatchLoader(src, "test", 256, p.image_size, train=False, seed=p.seed, limit=p.eval_limit)
-        batch = next(iter(BatchLoader(src, "val", p.feature_batch, p.image_size, train=False, seed=p.seed)))[0]
+    if "source" in spec["inputs"]:
+        src = inputs.task("source")
+        loader = src.loader("test", 256, p.image_size, train=False, seed=p.seed, limit=p.eval_limit)
+        batch = next(iter(src.loader("val", p.feature_batch, p.image_size, train=False, seed=p.seed)))[0]
     else:
         batch = torch.randn(p.feature_batch, 3, p.image_size, p.image_size, generator=torch.Generator().manual_seed(p.seed))
     mcfg = MimicryConfig(**{"seed": p.seed, "progress": False, **a.mimicry})
@@ -59,8 +58,13 @@ def run(p: MimicParams, rt: RuntimeParams) -> dict[str, dict]:
         if not (resolve(p.pretrain_dir) / f"{arch}.json").exists():
             raise ParamsError(f"mimic.archs.{arch}: no pretrained backbone at {resolve(p.pretrain_dir)}/{arch}.json")
     tracker = Tracker("mimic", rt.experiment, p.model_dump())
-    specs = [{"id": f"mimic/{arch}", "arch": arch, "params": p.model_dump(),
-              "backbone_sha": _sha(resolve(p.pretrain_dir) / f"{arch}.json")} for arch in p.archs]
+    store = InputStore(rt.storage)
+    src = resolve(p.data_dir) / "source"
+    source = {"source": store.add(task_bundle(src))} if src.exists() else {}
+    params = p.model_dump(exclude={"pretrain_dir", "data_dir", "out_dir"})  # inputs are named by digest
+    specs = [{"id": f"mimic/{arch}", "arch": arch, "params": params,
+              "inputs": {"backbone": store.add(backbone_bundle(resolve(p.pretrain_dir), arch)), **source}}
+             for arch in p.archs]
     summary = {}
 
     def on_result(spec, result, cached):
@@ -78,14 +82,10 @@ def run(p: MimicParams, rt: RuntimeParams) -> dict[str, dict]:
         tracker.child(spec["id"], {"arch": arch, **p.archs[arch].model_dump()}, summary[arch],
                       artifacts=[d / "report.json", d / "recast.json"], tags={"cached": str(cached)})
 
-    run_jobs("mimic", mimic_job, specs, rt, on_result)
+    run_jobs("mimic", mimic_job, specs, rt, on_result, inputs=store)
     write_json_atomic(resolve("metrics/mimic.json"), summary)
     tracker.finish()
     return summary
-
-
-def _sha(path: Path) -> str:
-    return json.loads(path.read_text()).get("sha256", "")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,12 +66,48 @@ class BatchLoader:
         augment: AugmentPolicy | None = None,
         verify: bool = True,
     ) -> None:
+        manifest, images, labels = _load(task_dir, split, limit, verify)
+        self._setup(manifest, images, labels, split, batch_size, image_size, train, seed, drop_last, augment)
+
+    @classmethod
+    def from_split(
+        cls,
+        manifest: TaskManifest,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        split: str,
+        batch_size: int,
+        image_size: int,
+        train: bool,
+        seed: int,
+        drop_last: bool = False,
+        limit: int | None = None,
+        augment: AugmentPolicy | None = None,
+    ) -> BatchLoader:
+        """A loader over a split already in memory (uint8 images (N, C, H, W), int64 labels (N,)),
+        e.g. decoded by ``recast.data.storage.read_split_bytes``; other arguments as the constructor's."""
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}; choose one of {SPLITS}")
+        if limit is not None and limit <= 0:
+            raise ValueError(f"limit={limit}; must be a positive number of examples or None")
+        if images.dtype != torch.uint8 or images.ndim != 4 or labels.shape != images.shape[:1]:
+            raise ValueError(f"images must be uint8 (N, C, H, W) with labels (N,), got {tuple(images.shape)} "
+                             f"{images.dtype} and {tuple(labels.shape)}")
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        loader = cls.__new__(cls)
+        loader._setup(manifest, images, labels, split, batch_size, image_size, train, seed, drop_last, augment)
+        return loader
+
+    def _setup(self, manifest: TaskManifest, images: torch.Tensor, labels: torch.Tensor, split: str,
+               batch_size: int, image_size: int, train: bool, seed: int, drop_last: bool,
+               augment: AugmentPolicy | None) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size}; must be >= 1")
         if image_size <= 0:
             raise ValueError(f"image_size={image_size}; must be >= 1")
-        self.manifest: TaskManifest
-        self.manifest, self.images, self.labels = _load(task_dir, split, limit, verify)
+        self.manifest: TaskManifest = manifest
+        self.images, self.labels = images, labels
         self.split, self.batch_size, self.image_size = split, batch_size, image_size
         self.train, self.seed, self.drop_last = train, seed, drop_last
         self.policy = (augment or self.manifest.augment) if train else None

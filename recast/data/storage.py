@@ -10,6 +10,7 @@ leaves a half-written task behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -210,6 +211,38 @@ def read_split_file(
     path = Path(task_dir) / filename
     if verify:
         verify_file(task_dir, manifest, filename)
+    return _decode_split(path, path, manifest, split)
+
+
+def read_split_bytes(
+    manifest: TaskManifest, split: str, data: bytes | memoryview, verify: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode the bytes of ``<split>.parquet`` (e.g. received over the network) like ``read_split_file``.
+
+    Args:
+        manifest: the task's manifest.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        data: the whole Parquet file.
+        verify: check the bytes' sha256 against the manifest first.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; choose one of {SPLITS}")
+    filename = f"{split}.parquet"
+    label = f"{manifest.name}/{filename}"
+    if verify:
+        if filename not in manifest.files:
+            raise DataError(label, f"not listed in the manifest (lists {sorted(manifest.files)})")
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != manifest.files[filename]:
+            raise DataError(label, f"sha256 {actual[:16]}... does not match the manifest's "
+                                   f"{manifest.files[filename][:16]}...")
+    return _decode_split(pa.py_buffer(data), label, manifest, split)
+
+
+def _decode_split(
+    source: Path | pa.Buffer, path: str | os.PathLike, manifest: TaskManifest, split: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parquet file (a path or an in-memory buffer) -> uint8 images, int64 labels; errors name ``path``."""
     shape = (manifest.channels, *manifest.image_size)
     row_bytes = int(np.prod(shape))
     n = manifest.counts[split]
@@ -217,7 +250,7 @@ def read_split_file(
     labels = torch.empty(n, dtype=torch.int64)
     flat = images.view(n, row_bytes).numpy()
     try:
-        pfile = pq.ParquetFile(path)
+        pfile = pq.ParquetFile(source if isinstance(source, Path) else pa.BufferReader(source))
         if pfile.metadata.num_rows != n:
             raise DataError(path, f"{pfile.metadata.num_rows} rows, the manifest says {n}")
         if pfile.schema_arrow.field("image").type != pa.binary(row_bytes):
