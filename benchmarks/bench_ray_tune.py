@@ -60,8 +60,6 @@ def main(argv: list[str] | None = None) -> dict:
     store = InputStore(rt.storage)
     specs = method_specs("tune", p, methods, job_device(rt), store)
     t1 = measure(1, specs, rt, store)
-    store = InputStore(rt.storage)  # object refs do not outlive the Ray instance that measure() shuts down
-    method_specs("tune", p, methods, job_device(rt), store)
     tn = measure(args.workers, specs, rt, store)
     out = {"jobs": len(specs), "wall_1_worker_s": t1, f"wall_{args.workers}_workers_s": tn, "speedup": t1 / tn}
     print(f"| jobs | 1 worker (s) | {args.workers} workers (s) | speedup |\n|---|---|---|---|\n"

@@ -134,6 +134,7 @@ class InputStore:
         self.storage = storage
         self.bundles: dict[str, Bundle] = {}
         self._refs: dict[str, Any] = {}
+        self._session: str | None = None
 
     def add(self, bundle: Bundle) -> str:
         """Register ``bundle``; returns its key (what a spec's ``inputs`` maps a role onto)."""
@@ -147,13 +148,19 @@ class InputStore:
         unknown = [k for k in keys if k not in self.bundles]
         if unknown:
             raise KeyError(f"inputs {unknown} were never added to this InputStore")
+        if not self.storage and keys:
+            import ray  # noqa: PLC0415 - Ray is imported only by the stages that fan out
+
+            session = ray.get_runtime_context().get_job_id()
+            if session != self._session:  # object refs die with the Ray session that made them
+                self._refs, self._session = {}, session
         for key in keys:
             if key not in self._refs:
                 self._refs[key] = self._upload(key) if self.storage else self._put(key)
         return {k: self._refs[k] for k in keys}
 
     def _put(self, key: str) -> Any:
-        import ray  # noqa: PLC0415 - Ray is imported only by the stages that fan out
+        import ray  # noqa: PLC0415 - see refs()
 
         return ray.put(self.bundles[key].read())
 
