@@ -1,4 +1,5 @@
-"""Trial functions of the sweeps: ``run_trial(spec) -> (metrics, tensors)`` runs as one Ray task.
+"""Trial functions of the sweeps: ``run_trial(spec, inputs) -> (metrics, tensors)`` runs as one Ray task
+(``inputs``: the trial's ``stages.inputs.JobInputs``).
 
 Kinds (``spec["kind"]``):
 
