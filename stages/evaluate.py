@@ -22,73 +22,91 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from recast.baselines.results import forgetting_per_task  # noqa: E402
-from recast.data import BatchLoader  # noqa: E402
+import tempfile  # noqa: E402
+
+from recast.io import load_payload  # noqa: E402
 from recast.training import evaluate  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from stages.backbones import load_backbone  # noqa: E402
 from stages.cli import entry, stage_params  # noqa: E402
 from stages.common import resolve, validate_section, write_json_atomic  # noqa: E402
 from stages.fanout import run_jobs  # noqa: E402
+from stages.inputs import InputStore, JobInputs, backbone_bundle, banks_bundle, file_bundle, task_bundle  # noqa: E402
 from stages.params import CombineParams, EvaluateParams, RuntimeParams, TuneParams  # noqa: E402
-from stages.runtime import pick_device  # noqa: E402
+from stages.runtime import job_device  # noqa: E402
 from stages.specs import task_names  # noqa: E402
 from stages.tracking import Tracker  # noqa: E402
 
 
-def forgetting_spec(arch: str, tune_dir: Path, results: list[dict], p_tune: TuneParams, device: str,
-                    method: str = "recast") -> dict[str, Any] | None:
-    """The job spec of ``forgetting_job`` for ``arch`` (None when it has no ``method`` payloads)."""
+def reload_spec(arch: str, tune_dir: Path, results: list[dict], p_tune: TuneParams, device: str,
+                store: InputStore, method: str = "recast") -> dict[str, Any] | None:
+    """The job spec of ``reload_job`` for ``arch`` (None when it has no ``method`` payloads); the
+    payloads, tasks, backbone and banks are added to ``store``."""
     order = {t: i for i, t in enumerate(task_names(p_tune))}
     seed = p_tune.seeds[0]
-    rows = sorted((r for r in results if r["arch"] == arch and r["method"] == method and r["seed"] == seed),
-                  key=lambda r: order.get(r["task"], len(order)))
+    rows = sorted((r for r in results if r["arch"] == arch and r["method"] == method and r["seed"] == seed
+                   and not r.get("sequential")), key=lambda r: order.get(r["task"], len(order)))
     if not rows:
         return None
-    payloads = [str(tune_dir / "payloads" / arch / method / f"{r['task']}-s{seed}.safetensors") for r in rows]
-    shas = [json.loads(Path(f).with_suffix(".json").read_text()).get("payload_sha256", "") for f in payloads]
-    return {"id": f"forgetting/{arch}/{method}", "arch": arch, "device": device,
-            "tasks": [r["task"] for r in rows], "num_classes": [r["num_classes"] for r in rows],
-            "standalone": [r["test_acc"] for r in rows], "payloads": payloads, "payload_sha256": shas,
-            "pretrain_dir": str(resolve(p_tune.pretrain_dir)), "mimic_dir": str(resolve(p_tune.mimic_dir)),
-            "data_dir": str(resolve(p_tune.data_dir)), "image_size": p_tune.train.image_size,
-            "limit_eval": p_tune.train.limit_eval}
+    data = resolve(p_tune.data_dir)
+    roles = {"backbone": store.add(backbone_bundle(resolve(p_tune.pretrain_dir), arch)),
+             "banks": store.add(banks_bundle(resolve(p_tune.mimic_dir), arch))}
+    for r in rows:
+        stem = tune_dir / "payloads" / arch / method / f"{r['task']}-s{seed}"
+        roles[f"payload/{r['task']}"] = store.add(file_bundle(stem.with_suffix(".safetensors")))
+        roles[f"sidecar/{r['task']}"] = store.add(file_bundle(stem.with_suffix(".json")))
+        roles[f"task/{r['task']}"] = store.add(task_bundle(data / r["task"]))
+    return {"id": f"reload/{arch}/{method}", "arch": arch, "device": device, "tasks": [r["task"] for r in rows],
+            "standalone": [r["test_acc"] for r in rows], "image_size": p_tune.train_for(arch).image_size,
+            "limit_eval": p_tune.train_for(arch).limit_eval, "inputs": roles}
 
 
-def forgetting_job(spec: dict) -> tuple[dict, dict]:
-    """Ray task: load every task's RECAST payload, in task order, into ONE model on the shared
-    banks (on ``spec["device"]``) and re-evaluate every earlier task after each addition."""
+def reload_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
+    """Ray task, the payload-loading check: load every task's RECAST payload (sha256 checked by
+    ``recast.load_payload``), in task order, into ONE model on the shared banks and re-evaluate
+    every earlier task after each addition; the last row must equal the standalone accuracies.
+    (Forgetting itself is measured by training in sequence: the tune stage's ``recast``
+    continual job.)"""
     device = spec["device"]
-    rc = load_backbone(spec["arch"], Path(spec["pretrain_dir"]), Path(spec["mimic_dir"])).recast().to(device)
-    tasks, data = spec["tasks"], Path(spec["data_dir"])
+    rc = inputs.backbone("backbone", banks="banks").recast().to(device)
+    tasks = spec["tasks"]
     matrix: list[list[float | None]] = []
-    for i, (task, payload) in enumerate(zip(tasks, spec["payloads"])):
-        tensors = load_file(payload, device=device)
-        rc.load_task_tensors(task, {k: v for k, v in tensors.items() if not k.startswith("extra.")},
-                             num_classes=spec["num_classes"][i])
-        row: list[float | None] = []
-        for j, prev in enumerate(tasks):
-            if j > i:
-                row.append(None)
-                continue
-            rc.set_task(prev, freeze=False)
-            row.append(evaluate(rc, BatchLoader(data / prev, "test", 256, spec["image_size"], train=False, seed=0,
-                                                limit=spec["limit_eval"], device=device), device))
-        matrix.append(row)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, task in enumerate(tasks):
+            for role, suffix in (("payload", ".safetensors"), ("sidecar", ".json")):
+                (Path(tmp) / f"{task}{suffix}").write_bytes(inputs.file(f"{role}/{task}")[1])
+            load_payload(rc, Path(tmp) / task, task=task)
+            row: list[float | None] = []
+            for j, prev in enumerate(tasks):
+                if j > i:
+                    row.append(None)
+                    continue
+                rc.set_task(prev, freeze=False)
+                row.append(evaluate(rc, inputs.task(f"task/{prev}").loader(
+                    "test", 256, spec["image_size"], train=False, seed=0, limit=spec["limit_eval"], device=device),
+                    device))
+            matrix.append(row)
     final = matrix[-1]
-    forgetting = [f for f in forgetting_per_task(matrix) if f is not None]
     return {"tasks": tasks, "acc_matrix": matrix, "device": device,
-            "avg_forgetting": statistics.mean(forgetting) if forgetting else 0.0,
             "max_abs_diff_vs_standalone": max(abs(a - b) for a, b in zip(final, spec["standalone"]))}, {}
 
 
-def recast_forgetting(archs: list[str], tune_dir: Path, results: list[dict], p_tune: TuneParams,
-                      rt: RuntimeParams, method: str = "recast") -> dict[str, dict[str, Any]]:
-    """``forgetting_job`` for each arch with payloads, as Ray jobs (``stages.fanout.run_jobs``)."""
-    device = pick_device(rt.device)
-    specs = [s for arch in archs if (s := forgetting_spec(arch, tune_dir, results, p_tune, device, method))]
-    done = run_jobs("forgetting", forgetting_job, specs, rt)
+def payload_reload(archs: list[str], tune_dir: Path, results: list[dict], p_tune: TuneParams,
+                   rt: RuntimeParams, method: str = "recast") -> dict[str, dict[str, Any]]:
+    """``reload_job`` for each arch with payloads, as Ray jobs (``stages.fanout.run_jobs``)."""
+    device = job_device(rt)
+    store = InputStore(rt.storage)
+    specs = [s for arch in archs if (s := reload_spec(arch, tune_dir, results, p_tune, device, store, method))]
+    done = run_jobs("reload", reload_job, specs, rt, inputs=store)
     return {s["arch"]: {k: v for k, v in done[s["id"]][0].items() if not k.startswith("_")} for s in specs}
+
+
+def sequential_forgetting(results: list[dict], method: str = "recast") -> dict[str, dict[str, Any]]:
+    """Per arch, the accuracy matrix of ``method`` trained task after task on ONE model (the tune
+    stage's continual job of that method, first seed): the report's forgetting."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in sorted((r for r in results if r.get("sequential") and r["method"] == method), key=lambda r: r["seed"]):
+        out.setdefault(r["arch"], {"tasks": r["task_names"], "acc_matrix": r["acc_matrix"],
+                                   "avg_forgetting": r["avg_forgetting"]})
+    return out
 
 
 def plot_params_vs_acc(summary: dict[str, dict], path: Path) -> None:
@@ -128,7 +146,7 @@ def _cell(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
 
 
 def markdown(summary: dict[str, dict], results: list[dict], forgetting: dict[str, dict], mimic: dict,
-             task_order: list[str] | None = None) -> str:
+             task_order: list[str] | None = None, reload: dict[str, dict] | None = None) -> str:
     lines = ["# RECAST report", ""]
     if mimic:
         lines += ["## Neural Mimicry", "",
@@ -168,12 +186,16 @@ def markdown(summary: dict[str, dict], results: list[dict], forgetting: dict[str
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {100 * v['avg_test_acc']:.2f} | "
                          f"{'-' if forg is None else f'{100 * forg:.2f}'} | {tp} | {hp} | {by} | {wall:.1f} |")
         lines.append("")
-    for arch, f in sorted(forgetting.items()):
-        lines += [f"## {arch}: RECAST tasks re-evaluated after each new task (one model, shared banks)", "",
-                  "| after \\ on | " + " | ".join(f["tasks"]) + " |", "|---" * (len(f["tasks"]) + 1) + "|"]
-        for t, row in zip(f["tasks"], f["acc_matrix"]):
-            lines.append(f"| {t} | " + " | ".join("" if a is None else f"{100 * a:.2f}" for a in row) + " |")
-        lines.append("")
+    for title, tables in (("RECAST trained task after task on one model: every task re-evaluated after each "
+                           "new one (continual protocol; forgetting above comes from this)", forgetting),
+                          ("loading check: RECAST payloads loaded into one model, earlier tasks re-evaluated "
+                           "after each load", reload or {})):
+        for arch, f in sorted(tables.items()):
+            lines += [f"## {arch}: {title}", "",
+                      "| after \\ on | " + " | ".join(f["tasks"]) + " |", "|---" * (len(f["tasks"]) + 1) + "|"]
+            for t, row in zip(f["tasks"], f["acc_matrix"]):
+                lines.append(f"| {t} | " + " | ".join("" if a is None else f"{100 * a:.2f}" for a in row) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -187,11 +209,11 @@ def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: s
         if mpath.exists():
             summary.update(json.loads(mpath.read_text()))
     mimic = json.loads(resolve("metrics/mimic.json").read_text()) if resolve("metrics/mimic.json").exists() else {}
-    forgetting = recast_forgetting(p.forgetting_archs, resolve(p_tune.out_dir), results, p_tune, rt,
-                                   p.forgetting_method)
+    forgetting = sequential_forgetting(results, p.forgetting_method)
+    reload = payload_reload(p.forgetting_archs, resolve(p_tune.out_dir), results, p_tune, rt, p.forgetting_method)
     report_dir = resolve(p.report_dir)
     plot_params_vs_acc(summary, report_dir / "params_vs_acc.png")
-    md = markdown(summary, results, forgetting, mimic, task_names(p_tune))
+    md = markdown(summary, results, forgetting, mimic, task_names(p_tune), reload)
     (report_dir / "report.md").write_text(md + "\n")
     metrics = {}
     for key, v in summary.items():
@@ -206,7 +228,7 @@ def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: s
     tracker.client.log_artifact(tracker.parent_id, str(art))
     tracker.client.log_artifact(tracker.parent_id, str(report_dir / "params_vs_acc.png"))
     tracker.finish({f"{k.replace('/', '.')}.avg_test_acc": v["avg_test_acc"] for k, v in metrics.items()})
-    return {"metrics": metrics, "forgetting": forgetting}
+    return {"metrics": metrics, "forgetting": forgetting, "reload": reload}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,30 +2,28 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from recast.data import BatchLoader, read_manifest
 from recast.recipes import MethodSpec, build_method
 from recast.training import evaluate, fit
-from stages.backbones import load_backbone
 from stages.common import seed_everything
+from stages.inputs import JobInputs
 from stages.params import MethodParams, TrainParams
 from stages.sequential import continual_job
 
 
-def tune_job(spec: dict) -> tuple[dict, dict]:
-    """Train one method on one task; returns (metrics, payload tensors)."""
+def tune_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
+    """Train one method on one task (inputs ``task``, ``backbone``, ``banks`` for RECAST);
+    returns (metrics, payload tensors)."""
     seed_everything(spec["seed"])
     tr = TrainParams(**spec["train"])
     m = MethodParams(**spec["method"])
-    task_dir = Path(spec["task_dir"])
-    manifest = read_manifest(task_dir)
-    bb = load_backbone(spec["arch"], Path(spec["pretrain_dir"]), Path(spec["mimic_dir"]) if m.needs_recast else None)
+    data = inputs.task("task")
+    manifest = data.manifest
+    bb = inputs.backbone("backbone", banks="banks" if m.needs_recast else None)
     built = build_method(MethodSpec(m.kind, m.adapter, m.recast, m.overrides, m.lr), bb, spec["task"],
                          manifest.num_classes)
 
-    def loader(split: str, train: bool, limit: int | None) -> BatchLoader:
-        return BatchLoader(task_dir, split, tr.batch_size, tr.image_size, train=train, seed=spec["seed"], limit=limit,
+    def loader(split: str, train: bool, limit: int | None):
+        return data.loader(split, tr.batch_size, tr.image_size, train=train, seed=spec["seed"], limit=limit,
                            device=spec["device"])
 
     cfg = tr.recipe(spec["device"], m.lr)
@@ -48,6 +46,6 @@ def tune_job(spec: dict) -> tuple[dict, dict]:
     return meta, payload
 
 
-def dispatch(spec: dict) -> tuple[dict, dict]:
+def dispatch(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
     """Ray entry point: a per-task job or a sequential baseline."""
-    return continual_job(spec) if spec.get("kind") == "continual" else tune_job(spec)
+    return continual_job(spec, inputs) if spec.get("kind") == "continual" else tune_job(spec, inputs)

@@ -10,8 +10,6 @@ of their penultimate features. Jobs run on ``runtime.device``.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,33 +18,33 @@ from torch import nn
 
 import recast
 from recast.config import MimicryConfig
-from recast.data import BatchLoader
 from recast.training import evaluate
-from stages.backbones import load_backbone, save_mimicked
+from stages.backbones import save_mimicked
 from stages.cli import entry, stage_params
 from stages.common import ParamsError, resolve, validate_section, write_json_atomic
 from stages.fanout import job_file, run_jobs
+from stages.inputs import InputStore, JobInputs, backbone_bundle, task_bundle
 from stages.params import MimicParams, RuntimeParams
-from stages.runtime import pick_device
+from stages.runtime import job_device
 from stages.tracking import Tracker
 
 
-def mimic_job(spec: dict) -> tuple[dict, dict]:
-    """Ray task: apply + mimic one backbone on ``spec["device"]``; returns (report, tensors)."""
+def mimic_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
+    """Ray task: apply + mimic one backbone (input ``backbone``; ``source``, the prepared source
+    task, when there is one); returns (report, tensors)."""
     p = MimicParams(**spec["params"])
     arch, device = spec["arch"], spec["device"]
     a = p.archs[arch]
-    bb = load_backbone(arch, resolve(p.pretrain_dir))
+    bb = inputs.backbone("backbone")
     plain = bb.plain().eval().to(device)
     cfg = a.recast_config()
     rc = recast.apply(plain, cfg, seed=p.seed)
     rc.reference_weights = {k: v.to(device) for k, v in rc.reference_weights.items()}
-    data = resolve(p.data_dir)
-    src = data / "source"
     loader = None
-    if src.exists():
-        loader = BatchLoader(src, "test", 256, p.image_size, train=False, seed=p.seed, limit=p.eval_limit)
-        batch = next(iter(BatchLoader(src, "val", p.feature_batch, p.image_size, train=False, seed=p.seed)))[0]
+    if "source" in spec["inputs"]:
+        src = inputs.task("source")
+        loader = src.loader("test", 256, p.image_size, train=False, seed=p.seed, limit=p.eval_limit, device=device)
+        batch = next(iter(src.loader("val", p.feature_batch, p.image_size, train=False, seed=p.seed)))[0]
     else:
         batch = torch.randn(p.feature_batch, 3, p.image_size, p.image_size, generator=torch.Generator().manual_seed(p.seed))
     mcfg = MimicryConfig(**{"seed": p.seed, "progress": False, **a.mimicry})
@@ -57,11 +55,11 @@ def mimic_job(spec: dict) -> tuple[dict, dict]:
     if loader is not None:
         out["acc_original"] = evaluate(plain, loader, device)
         out["acc_reconstructed"] = evaluate(rc, loader, device)
-    tasks = [t for t in spec["tasks"] if (data / t).exists()]
-    if tasks:
+    tasks = [role[len("task/"):] for role in spec["inputs"] if role.startswith("task/")]
+    if tasks:  # the reconstruction judged where it matters: on each task's own images
         reference = rc.reference_model().eval()
-        out["task_agreement"] = {t: agreement(reference, rc.model, BatchLoader(
-            data / t, "test", 64, p.image_size, train=False, seed=p.seed, limit=p.eval_limit, device=device), device)
+        out["task_agreement"] = {t: agreement(reference, rc.model, inputs.task(f"task/{t}").loader(
+            "test", 64, p.image_size, train=False, seed=p.seed, limit=p.eval_limit, device=device), device)
             for t in tasks}
         out["top1_agreement"] = min(v["top1_agreement"] for v in out["task_agreement"].values())
         out["penultimate_cosine"] = min(v["penultimate_cosine"] for v in out["task_agreement"].values())
@@ -111,10 +109,15 @@ def run(p: MimicParams, rt: RuntimeParams) -> dict[str, dict]:
         if not (resolve(p.pretrain_dir) / f"{arch}.json").exists():
             raise ParamsError(f"mimic.archs.{arch}: no pretrained backbone at {resolve(p.pretrain_dir)}/{arch}.json")
     tracker = Tracker("mimic", rt.experiment, p.model_dump())
-    device = pick_device(rt.device)
-    tasks = _suite_tasks(resolve(p.data_dir))
-    specs = [{"id": f"mimic/{arch}", "arch": arch, "params": p.model_dump(), "device": device, "tasks": tasks,
-              "backbone_sha": _sha(resolve(p.pretrain_dir) / f"{arch}.json")} for arch in p.archs]
+    store = InputStore(rt.storage)
+    data = resolve(p.data_dir)
+    src = data / "source"
+    roles = {"source": store.add(task_bundle(src))} if src.exists() else {}
+    roles.update({f"task/{t}": store.add(task_bundle(data / t)) for t in _suite_tasks(data)})
+    params = p.model_dump(exclude={"pretrain_dir", "data_dir", "out_dir"})  # inputs are named by digest
+    specs = [{"id": f"mimic/{arch}", "arch": arch, "params": params, "device": job_device(rt),
+              "inputs": {"backbone": store.add(backbone_bundle(resolve(p.pretrain_dir), arch)), **roles}}
+             for arch in p.archs]
     summary = {}
 
     def on_result(spec, result, cached):
@@ -138,7 +141,7 @@ def run(p: MimicParams, rt: RuntimeParams) -> dict[str, dict]:
                       artifacts=[d / "report.json", d / "recast.json"], tags={"cached": str(cached)},
                       logged_at=job_file(rt, "mimic", spec, ".mlflow.json"))
 
-    run_jobs("mimic", mimic_job, specs, rt, on_result)
+    run_jobs("mimic", mimic_job, specs, rt, on_result, inputs=store)
     write_json_atomic(resolve("metrics/mimic.json"), summary)
     tracker.finish()
     return summary
@@ -148,10 +151,6 @@ def _suite_tasks(data_dir: Path) -> list[str]:
     """The prepared tasks of the suite (``suite.json``), in their configured order."""
     suite = data_dir / "suite.json"
     return list(json.loads(suite.read_text())["tasks"]) if suite.exists() else []
-
-
-def _sha(path: Path) -> str:
-    return json.loads(path.read_text()).get("sha256", "")
 
 
 def main(argv: list[str] | None = None) -> None:

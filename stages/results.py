@@ -85,6 +85,8 @@ def summarise(results: list[dict]) -> dict[str, Any]:
     for r in results:
         if r.get("sequential"):
             key = f"{r['arch']}/{r['method']}"
+            if key in groups:  # e.g. RECAST, which also runs per task: its protocol row gets its own name
+                key += " (sequential)"
             out[key] = {k: r[k] for k in ("avg_forgetting", "forgetting", "acc_matrix", "task_names") if k in r}
             out[key].update(avg_test_acc=r["avg_acc"], test_acc=dict(zip(r["task_names"], r["final_acc"])),
                             trainable_params=statistics.mean(r["trainable_params"]),

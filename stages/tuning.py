@@ -7,10 +7,11 @@ from typing import Any
 
 from stages.common import resolve, write_json_atomic
 from stages.fanout import run_jobs
+from stages.inputs import InputStore
 from stages.jobs import dispatch
 from stages.params import MethodParams, RuntimeParams, TuneParams
 from stages.results import Publisher, summarise
-from stages.runtime import pick_device
+from stages.runtime import job_device
 from stages.sequential import continual_specs
 from stages.specs import method_specs, task_names
 from stages.tracking import Tracker
@@ -19,12 +20,14 @@ from stages.tracking import Tracker
 def run_tuning(stage: str, p: TuneParams, methods: dict[str, MethodParams], rt: RuntimeParams, out_dir: str,
                continual: bool) -> dict[str, Any]:
     """Run the stage's jobs (per-task methods, plus the sequential baselines when ``continual``)."""
-    device = pick_device(rt.device)
-    specs = method_specs(stage, p, methods, device) + (continual_specs(stage, p, device) if continual else [])
+    device = job_device(rt)
+    store = InputStore(rt.storage)
+    specs = method_specs(stage, p, methods, device, store)
+    specs += continual_specs(stage, p, device, store) if continual else []
     tracker = Tracker(stage, rt.experiment, {"methods": {k: v.model_dump() for k, v in methods.items()},
                                              "train": p.train.model_dump(), "archs": p.archs, "seeds": p.seeds})
     publish = Publisher(tracker, resolve(out_dir), stage, rt)
-    run_jobs(stage, dispatch, specs, rt, publish)
+    run_jobs(stage, dispatch, specs, rt, publish, inputs=store)
     rows = publish.sorted_rows(task_names(p))
     write_json_atomic(resolve(out_dir) / "results.json", rows)
     summary = summarise(rows)

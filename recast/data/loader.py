@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from recast.data.augment import transform_batch
 from recast.data.jpeg import decode_jpeg, default_workers
 from recast.data.manifest import SPLITS, AugmentPolicy, TaskManifest, read_manifest
-from recast.data.storage import read_encoded_split, read_split_file
+from recast.data.storage import read_encoded_split
 
 
 def _load(
@@ -34,8 +34,7 @@ def _load(
     if limit is not None and limit <= 0:
         raise ValueError(f"limit={limit}; must be a positive number of examples or None")
     manifest = read_manifest(task_dir, verify=False)
-    read = read_encoded_split if manifest.encoding == "jpeg" else read_split_file
-    images, labels = read(Path(task_dir), manifest, split, verify=verify)
+    images, labels = read_encoded_split(Path(task_dir), manifest, split, verify=verify, any_encoding=True)
     if limit is not None:
         # Rows are stored in a seeded random order, so the first `limit` are a random subset.
         images, labels = images[:limit], labels[:limit]
@@ -75,12 +74,58 @@ class BatchLoader:
         device: str = "cpu",
         workers: int | None = None,
     ) -> None:
+        manifest, images, labels = _load(task_dir, split, limit, verify)
+        self._setup(manifest, images, labels, split, batch_size, image_size, train, seed, drop_last, augment,
+                    device, workers)
+
+    @classmethod
+    def from_split(
+        cls,
+        manifest: TaskManifest,
+        images: torch.Tensor | list[bytes],
+        labels: torch.Tensor,
+        split: str,
+        batch_size: int,
+        image_size: int,
+        train: bool,
+        seed: int,
+        drop_last: bool = False,
+        limit: int | None = None,
+        augment: AugmentPolicy | None = None,
+        device: str = "cpu",
+        workers: int | None = None,
+    ) -> BatchLoader:
+        """A loader over a split already in memory, as ``recast.data.storage.read_split_bytes``
+        returns it: uint8 images (N, C, H, W) of a ``raw`` task or one JPEG's bytes per row of a
+        ``jpeg`` task, and int64 labels (N,); other arguments as the constructor's."""
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}; choose one of {SPLITS}")
+        if limit is not None and limit <= 0:
+            raise ValueError(f"limit={limit}; must be a positive number of examples or None")
+        if manifest.encoding == "jpeg":
+            if not isinstance(images, list) or len(images) != len(labels):
+                raise ValueError(f"a jpeg task's images must be a list of JPEG bytes, one per label; got "
+                                 f"{type(images).__name__} for {len(labels)} labels")
+        elif (not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4
+              or labels.shape != images.shape[:1]):
+            raise ValueError(f"images must be uint8 (N, C, H, W) with labels (N,), got {getattr(images, 'shape', None)} "
+                             f"{getattr(images, 'dtype', type(images).__name__)} and {tuple(labels.shape)}")
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        loader = cls.__new__(cls)
+        loader._setup(manifest, images, labels, split, batch_size, image_size, train, seed, drop_last, augment,
+                      device, workers)
+        return loader
+
+    def _setup(self, manifest: TaskManifest, images: torch.Tensor | list[bytes], labels: torch.Tensor, split: str,
+               batch_size: int, image_size: int, train: bool, seed: int, drop_last: bool,
+               augment: AugmentPolicy | None, device: str, workers: int | None) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size}; must be >= 1")
         if image_size <= 0:
             raise ValueError(f"image_size={image_size}; must be >= 1")
-        self.manifest: TaskManifest
-        self.manifest, self.images, self.labels = _load(task_dir, split, limit, verify)
+        self.manifest: TaskManifest = manifest
+        self.images, self.labels = images, labels
         self.split, self.batch_size, self.image_size = split, batch_size, image_size
         self.train, self.seed, self.drop_last = train, seed, drop_last
         self.policy = (augment or self.manifest.augment) if train else None

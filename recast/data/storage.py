@@ -12,6 +12,7 @@ leaves a half-written task behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -229,47 +230,71 @@ def read_split_file(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Read ``<split>.parquet`` of a task whose manifest is already loaded: uint8 images
     (N, C, H, W) at the stored size (JPEG rows decoded) and int64 labels (N,)."""
+    images, labels = read_encoded_split(task_dir, manifest, split, verify, any_encoding=True)
     if manifest.encoding == "jpeg":
-        encoded, labels = read_encoded_split(task_dir, manifest, split, verify)
-        return decode_jpeg(encoded, manifest.image_size[0]), labels
-    shape = (manifest.channels, *manifest.image_size)
-    row_bytes = int(np.prod(shape))
-    n = manifest.counts[split]
-    images = torch.empty((n, *shape), dtype=torch.uint8)  # (N, C, H, W)
-    flat = images.view(n, row_bytes).numpy()
-
-    def take(column: pa.Array, start: int, m: int) -> None:
-        buf = np.frombuffer(column.buffers()[1], dtype=np.uint8)
-        first = column.offset * row_bytes
-        flat[start : start + m] = buf[first : first + m * row_bytes].reshape(m, row_bytes)
-
-    labels = _read_rows(task_dir, manifest, split, verify, take)
+        return decode_jpeg(images, manifest.image_size[0]), labels
     return images, labels
 
 
 def read_encoded_split(
-    task_dir: Path, manifest: TaskManifest, split: str, verify: bool = True
-) -> tuple[list[bytes], torch.Tensor]:
-    """Read a ``jpeg`` task's split without decoding: one JPEG file's bytes per row, labels (N,)."""
-    if manifest.encoding != "jpeg":
+    task_dir: Path, manifest: TaskManifest, split: str, verify: bool = True, any_encoding: bool = False
+) -> tuple[torch.Tensor | list[bytes], torch.Tensor]:
+    """Read a split as stored: one JPEG file's bytes per row for ``jpeg`` tasks (uint8 images
+    (N, C, H, W) for ``raw`` ones, with ``any_encoding``), and labels (N,)."""
+    if manifest.encoding != "jpeg" and not any_encoding:
         raise ValueError(f"task {manifest.name!r} is stored {manifest.encoding!r}, not jpeg")
-    encoded: list[bytes] = []
-    labels = _read_rows(task_dir, manifest, split, verify, lambda column, start, m: encoded.extend(column.to_pylist()))
-    return encoded, labels
-
-
-def _read_rows(task_dir: Path, manifest: TaskManifest, split: str, verify: bool, take) -> torch.Tensor:
-    """Stream ``<split>.parquet``: ``take(image column, first row, rows)`` per batch; returns the labels."""
     filename = f"{split}.parquet"
     path = Path(task_dir) / filename
     if verify:
         verify_file(task_dir, manifest, filename)
+    return _read_rows(path, path, manifest, split)
+
+
+def read_split_bytes(
+    manifest: TaskManifest, split: str, data: bytes | memoryview, verify: bool = True
+) -> tuple[torch.Tensor | list[bytes], torch.Tensor]:
+    """The bytes of ``<split>.parquet`` (e.g. received over the network) -> the split as stored:
+    uint8 images (N, C, H, W) for ``raw`` tasks, one JPEG's bytes per row for ``jpeg`` ones
+    (``BatchLoader.from_split`` takes either), and int64 labels (N,).
+
+    Args:
+        manifest: the task's manifest.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        data: the whole Parquet file.
+        verify: check the bytes' sha256 against the manifest first.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; choose one of {SPLITS}")
+    filename = f"{split}.parquet"
+    label = f"{manifest.name}/{filename}"
+    if verify:
+        if filename not in manifest.files:
+            raise DataError(label, f"not listed in the manifest (lists {sorted(manifest.files)})")
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != manifest.files[filename]:
+            raise DataError(label, f"sha256 {actual[:16]}... does not match the manifest's "
+                                   f"{manifest.files[filename][:16]}...")
+    return _read_rows(pa.py_buffer(data), label, manifest, split)
+
+
+def _read_rows(
+    source: Path | pa.Buffer, path: str | os.PathLike, manifest: TaskManifest, split: str
+) -> tuple[torch.Tensor | list[bytes], torch.Tensor]:
+    """A Parquet split (a file or an in-memory buffer) -> images as stored and int64 labels;
+    errors name ``path``."""
     shape = (manifest.channels, *manifest.image_size)
+    row_bytes = int(np.prod(shape))
     n = manifest.counts[split]
     labels = torch.empty(n, dtype=torch.int64)
+    if manifest.encoding == "jpeg":
+        encoded: list[bytes] = []
+        images: torch.Tensor | list[bytes] = encoded
+    else:
+        images = torch.empty((n, *shape), dtype=torch.uint8)  # (N, C, H, W)
+        flat = images.view(n, row_bytes).numpy()
     start = 0
     try:
-        pfile = pq.ParquetFile(path)
+        pfile = pq.ParquetFile(source if isinstance(source, Path) else pa.BufferReader(source))
         if pfile.metadata.num_rows != n:
             raise DataError(path, f"{pfile.metadata.num_rows} rows, the manifest says {n}")
         expected = _image_type(shape, manifest.encoding)
@@ -281,7 +306,12 @@ def _read_rows(task_dir: Path, manifest: TaskManifest, split: str, verify: bool,
             m = len(column)
             if column.null_count:
                 raise DataError(path, "null images")
-            take(column, start, m)
+            if manifest.encoding == "jpeg":
+                encoded.extend(column.to_pylist())
+            else:
+                buf = np.frombuffer(column.buffers()[1], dtype=np.uint8)
+                first = column.offset * row_bytes
+                flat[start : start + m] = buf[first : first + m * row_bytes].reshape(m, row_bytes)
             label_values = batch.column(1).to_numpy(zero_copy_only=False).astype(np.int64)
             labels[start : start + m] = torch.from_numpy(label_values)
             start += m
@@ -291,4 +321,4 @@ def _read_rows(task_dir: Path, manifest: TaskManifest, split: str, verify: bool,
         raise DataError(path, f"read {start} rows, the manifest says {n}")
     if n and (int(labels.min()) < 0 or int(labels.max()) >= manifest.num_classes):
         raise DataError(path, f"labels outside 0..{manifest.num_classes - 1}")
-    return labels
+    return images, labels

@@ -11,7 +11,7 @@ from stages.fanout import FAULT_ENV, run_jobs, spec_key
 from stages.params import RuntimeParams
 
 
-def square_job(spec):
+def square_job(spec, inputs):
     """A job: returns metrics and a tensor."""
     x = torch.full((3,), float(spec["x"]))
     return {"y": spec["x"] ** 2, "pid": os.getpid()}, {"x": x}
