@@ -24,11 +24,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from recast.baselines.results import forgetting_per_task  # noqa: E402
 from recast.data import BatchLoader  # noqa: E402
 from recast.training import evaluate  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from stages.backbones import load_backbone  # noqa: E402
+from stages.backbones import bank_meta, load_backbone, load_verified, read_sidecar  # noqa: E402
 from stages.cli import entry, stage_params  # noqa: E402
-from stages.common import resolve, validate_section, write_json_atomic  # noqa: E402
-from stages.params import CombineParams, EvaluateParams, RuntimeParams, TuneParams  # noqa: E402
+from stages.common import IntegrityError, metrics_path, resolve, validate_section, write_json_atomic  # noqa: E402
+from stages.params import CombineParams, EvaluateParams, MimicParams, RuntimeParams, TuneParams  # noqa: E402
 from stages.specs import task_names  # noqa: E402
 from stages.tracking import Tracker  # noqa: E402
 
@@ -43,12 +42,18 @@ def recast_forgetting(arch: str, tune_dir: Path, results: list[dict], p_tune: Tu
     if not tasks:
         return {}
     bb = load_backbone(arch, resolve(p_tune.pretrain_dir), resolve(p_tune.mimic_dir))
+    banks_sha = bank_meta(resolve(p_tune.mimic_dir), arch)["bank_sha256"]
     rc = bb.recast()
     tr = p_tune.train
     data = resolve(p_tune.data_dir)
     matrix: list[list[float | None]] = []
     for i, task in enumerate(tasks):
-        tensors = load_file(str(tune_dir / "payloads" / arch / method / f"{task}-s{p_tune.seeds[0]}.safetensors"))
+        stem = tune_dir / "payloads" / arch / method / f"{task}-s{p_tune.seeds[0]}"
+        side = read_sidecar(stem.with_name(stem.name + ".json"))
+        if side.get("bank_sha256") != banks_sha:
+            raise IntegrityError(f"{stem}.safetensors: payload trained against banks {str(side.get('bank_sha256'))[:12]}, "
+                                 f"the mimic stage's banks are {banks_sha[:12]}; re-run the tune stage")
+        tensors = load_verified(stem.with_name(stem.name + ".safetensors"), side.get("payload_sha256"))
         rc.load_task_tensors(task, {k: v for k, v in tensors.items() if not k.startswith("extra.")},
                              num_classes=rows[i]["num_classes"])
         row: list[float | None] = []
@@ -139,14 +144,15 @@ def markdown(summary: dict[str, dict], results: list[dict], forgetting: dict[str
 
 def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: str = "outputs/combine") -> dict[str, Any]:
     results, summary = [], {}
-    for stage, out_dir in (("tune", p_tune.out_dir), ("combine", combine_dir)):
+    for stage, out_dir, model in (("tune", p_tune.out_dir, TuneParams), ("combine", combine_dir, CombineParams)):
         path = resolve(out_dir) / "results.json"
         if path.exists():
             results += json.loads(path.read_text())
-        mpath = resolve(f"metrics/{stage}.json")
+        mpath = metrics_path(stage, out_dir, model.model_fields["out_dir"].default)
         if mpath.exists():
             summary.update(json.loads(mpath.read_text()))
-    mimic = json.loads(resolve("metrics/mimic.json").read_text()) if resolve("metrics/mimic.json").exists() else {}
+    mimic_metrics = metrics_path("mimic", p_tune.mimic_dir, MimicParams.model_fields["out_dir"].default)
+    mimic = json.loads(mimic_metrics.read_text()) if mimic_metrics.exists() else {}
     forgetting = {arch: f for arch in p.forgetting_archs
                   if (f := recast_forgetting(arch, resolve(p_tune.out_dir), results, p_tune, p.forgetting_method))}
     report_dir = resolve(p.report_dir)
@@ -160,12 +166,10 @@ def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: s
                         "trainable_params": tp if not isinstance(tp, list) else statistics.mean(tp),
                         "avg_forgetting": forgetting.get(key.split("/")[0], {}).get("avg_forgetting", 0.0)
                         if key.endswith("/recast") else v.get("avg_forgetting")}
-    write_json_atomic(resolve("metrics/report.json"), metrics)
-    tracker = Tracker("evaluate", rt.experiment, p.model_dump())
-    art = report_dir / "report.md"
-    tracker.client.log_artifact(tracker.parent_id, str(art))
-    tracker.client.log_artifact(tracker.parent_id, str(report_dir / "params_vs_acc.png"))
-    tracker.finish({f"{k.replace('/', '.')}.avg_test_acc": v["avg_test_acc"] for k, v in metrics.items()})
+    write_json_atomic(metrics_path("report", p.report_dir, EvaluateParams.model_fields["report_dir"].default), metrics)
+    with Tracker("evaluate", rt.experiment, p.model_dump()) as tracker:
+        tracker.log_artifacts(tracker.parent_id, [report_dir / "report.md", report_dir / "params_vs_acc.png"])
+        tracker.finish({f"{k.replace('/', '.')}.avg_test_acc": v["avg_test_acc"] for k, v in metrics.items()})
     return {"metrics": metrics, "forgetting": forgetting}
 
 

@@ -19,8 +19,8 @@ from recast.data import BatchLoader
 from recast.training import evaluate
 from stages.backbones import load_backbone, save_mimicked
 from stages.cli import entry, stage_params
-from stages.common import ParamsError, resolve, validate_section, write_json_atomic
-from stages.fanout import run_jobs
+from stages.common import ParamsError, manifest_sha, metrics_path, resolve, validate_section, write_json_atomic
+from stages.fanout import run_jobs, spec_key, stage_lock
 from stages.params import MimicParams, RuntimeParams
 from stages.tracking import Tracker
 
@@ -54,13 +54,25 @@ def mimic_job(spec: dict) -> tuple[dict, dict]:
     return out, tensors
 
 
+def build_specs(p: MimicParams) -> list[dict]:
+    """One job per arch; its inputs enter the cache key through their digests."""
+    return [{"id": f"mimic/{arch}", "arch": arch, "params": p.model_dump(),
+             "backbone_sha": _sha(resolve(p.pretrain_dir) / f"{arch}.json"),
+             "source_sha": manifest_sha(resolve(p.data_dir) / "source")} for arch in p.archs]
+
+
 def run(p: MimicParams, rt: RuntimeParams) -> dict[str, dict]:
     for arch in p.archs:
         if not (resolve(p.pretrain_dir) / f"{arch}.json").exists():
             raise ParamsError(f"mimic.archs.{arch}: no pretrained backbone at {resolve(p.pretrain_dir)}/{arch}.json")
-    tracker = Tracker("mimic", rt.experiment, p.model_dump())
-    specs = [{"id": f"mimic/{arch}", "arch": arch, "params": p.model_dump(),
-              "backbone_sha": _sha(resolve(p.pretrain_dir) / f"{arch}.json")} for arch in p.archs]
+    specs = build_specs(p)
+    with stage_lock("mimic", rt), Tracker("mimic", rt.experiment, p.model_dump()) as tracker:
+        summary = _run(p, rt, specs, tracker)
+        write_json_atomic(metrics_path("mimic", p.out_dir, MimicParams.model_fields["out_dir"].default), summary)
+    return summary
+
+
+def _run(p: MimicParams, rt: RuntimeParams, specs: list[dict], tracker: Tracker) -> dict[str, dict]:
     summary = {}
 
     def on_result(spec, result, cached):
@@ -76,11 +88,10 @@ def run(p: MimicParams, rt: RuntimeParams) -> dict[str, dict]:
                                                "seconds", "acc_original", "acc_reconstructed") if k in clean}
         summary[arch].update(templates=clean["counts"]["templates"], coefficients_per_task=clean["counts"]["coefficients"])
         tracker.child(spec["id"], {"arch": arch, **p.archs[arch].model_dump()}, summary[arch],
-                      artifacts=[d / "report.json", d / "recast.json"], tags={"cached": str(cached)})
+                      artifacts=[d / "report.json", d / "recast.json"], tags={"cached": str(cached)},
+                      key=spec_key(spec))
 
     run_jobs("mimic", mimic_job, specs, rt, on_result)
-    write_json_atomic(resolve("metrics/mimic.json"), summary)
-    tracker.finish()
     return summary
 
 

@@ -14,8 +14,8 @@ from recast.data import BatchLoader, read_manifest
 from recast.training import TuneConfig, evaluate, fit
 from stages.backbones import save_pretrained
 from stages.cli import entry, stage_params
-from stages.common import ParamsError, resolve, seed_everything, validate_section, write_json_atomic
-from stages.fanout import run_jobs
+from stages.common import ParamsError, manifest_sha, metrics_path, resolve, seed_everything, validate_section, write_json_atomic
+from stages.fanout import run_jobs, spec_key, stage_lock
 from stages.params import ArchParams, PretrainParams, RuntimeParams
 from stages.runtime import pick_device
 from stages.tracking import Tracker
@@ -50,27 +50,29 @@ def pretrain_job(spec: dict) -> tuple[dict, dict]:
 def build_specs(p: PretrainParams, device: str) -> list[dict]:
     return [{"id": f"pretrain/{name}", "arch": a.model_dump(), "source": p.source, "data_dir": p.data_dir,
              "epochs": p.epochs, "lr": p.lr, "weight_decay": p.weight_decay, "batch_size": p.batch_size,
-             "image_size": p.image_size, "limit": p.limit, "seed": p.seed, "device": device}
+             "image_size": p.image_size, "limit": p.limit, "seed": p.seed, "device": device,
+             "source_sha": manifest_sha(resolve(p.data_dir) / "source") if p.source == "train" else ""}
             for name, a in p.archs.items()]
 
 
 def run(p: PretrainParams, rt: RuntimeParams) -> dict[str, dict]:
     if p.source == "train" and not (resolve(p.data_dir) / "source").exists():
         raise ParamsError(f"pretrain.data_dir: no 'source' set under {resolve(p.data_dir)}; run the prepare stage")
-    tracker = Tracker("pretrain", rt.experiment, p.model_dump())
     specs = build_specs(p, pick_device(rt.device))
     out = resolve(p.out_dir)
+    with stage_lock("pretrain", rt), Tracker("pretrain", rt.experiment, p.model_dump()) as tracker:
 
-    def on_result(spec, result, cached):
-        meta, state = result
-        arch = spec["id"].split("/", 1)[1]
-        save_pretrained(out, arch, state, meta)
-        tracker.child(spec["id"], {"arch": arch, **spec["arch"]}, meta, tags={"cached": str(cached)})
+        def on_result(spec, result, cached):
+            meta, state = result
+            arch = spec["id"].split("/", 1)[1]
+            save_pretrained(out, arch, state, meta)
+            tracker.child(spec["id"], {"arch": arch, **spec["arch"]}, meta, tags={"cached": str(cached)},
+                          key=spec_key(spec))
 
-    results = run_jobs("pretrain", pretrain_job, specs, rt, on_result)
-    summary = {sid.split("/", 1)[1]: {k: v for k, v in meta.items() if not k.startswith("_")} for sid, (meta, _) in results.items()}
-    write_json_atomic(resolve("metrics/pretrain.json"), summary)
-    tracker.finish()
+        results = run_jobs("pretrain", pretrain_job, specs, rt, on_result)
+        summary = {sid.split("/", 1)[1]: {k: v for k, v in meta.items() if not k.startswith("_")}
+                   for sid, (meta, _) in results.items()}
+        write_json_atomic(metrics_path("pretrain", p.out_dir, PretrainParams.model_fields["out_dir"].default), summary)
     return summary
 
 

@@ -1,5 +1,9 @@
 """What the tune and combine stages do with a finished job: write its payload, log it to
-MLflow as a child run, register the payload, and summarise all jobs per arch/method."""
+MLflow as a child run, register the payload, and summarise all jobs per arch/method.
+
+A job from the cache is published the same way: its child run is found again by its cache key
+and its payload registered unless its run has a version already, so a resumed stage catches up
+on what an interrupted one did not log."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Any
 import torch
 
 from recast.io import save_tensors, tensors_sha256
+from stages.fanout import spec_key
 from stages.tracking import Tracker, register_payload
 
 
@@ -45,11 +50,13 @@ class Publisher:
         params = {k: spec[k] for k in ("arch", "method_name", "seed") if k in spec}
         params.update({"task": spec.get("task", "sequential"), "method": spec.get("method", spec.get("options"))})
         metrics = {k: v for k, v in meta.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        rid = self.tracker.child(spec["id"], params, metrics, artifacts, tags={"cached": str(cached)})
-        if tensors and not cached:
-            register_payload(rid, spec["arch"], spec["task"], spec["method_name"],
-                             {"test_acc": f"{meta['test_acc']:.6f}", "bank_sha256": str(spec.get("bank_sha")),
-                              "seed": str(spec["seed"]), "bytes": str(meta["bytes"])}, accuracy=meta["test_acc"])
+        rid = self.tracker.child(spec["id"], params, metrics, artifacts, tags={"cached": str(cached)},
+                                 key=spec_key(spec))
+        if tensors and rid is not None:
+            tags = {"test_acc": f"{meta['test_acc']:.6f}", "bank_sha256": str(spec.get("bank_sha")),
+                    "seed": str(spec["seed"]), "bytes": str(meta["bytes"])}
+            self.tracker.guard(lambda: register_payload(rid, spec["arch"], spec["task"], spec["method_name"], tags,
+                                                        accuracy=meta["test_acc"]), f"registration of {spec['id']}")
 
     def sorted_rows(self, task_order: list[str]) -> list[dict]:
         """Rows by arch, method, task (in the configured order), seed."""

@@ -3,12 +3,10 @@ task, seed), with a stable id and everything a Ray job needs."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 
 from stages.backbones import bank_meta, pretrained_meta
-from stages.common import ParamsError, resolve
+from stages.common import ParamsError, manifest_sha, resolve
 from stages.params import MethodParams, TuneParams
 
 
@@ -26,12 +24,6 @@ def task_names(p: TuneParams) -> list[str]:
     if unknown and available:
         raise ParamsError(f"tune.tasks: unknown task(s) {unknown}; prepared: {available}")
     return list(p.tasks)
-
-
-def manifest_sha(task_dir: Path) -> str:
-    """Short sha256 of a prepared task's manifest (which holds its files' digests)."""
-    path = task_dir / "manifest.json"
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else ""
 
 
 def common_fields(p: TuneParams, device: str) -> dict:
