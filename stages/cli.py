@@ -40,7 +40,7 @@ def entry(name: str, spec) -> None:
     module = importlib.import_module(spec.name if spec is not None else name)
     try:
         result = module.main()
-    except StageKilled as err:
+    except StageKilled as err:  # SIGTERM outside a ray.get (inside one, Ray raises KeyboardInterrupt)
         print(f"{spec.name if spec is not None else name}: {err}", file=sys.stderr)
         sys.exit(128 + 15)
     sys.exit(result if isinstance(result, int) else 0)

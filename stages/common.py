@@ -41,9 +41,9 @@ class IntegrityError(ValueError):
     message names the file and both digests."""
 
 
-class StageKilled(BaseException):
-    """Raised in a stage's driver by SIGTERM (as KeyboardInterrupt is by SIGINT), so that its
-    ``finally`` blocks run: MLflow runs end KILLED, locks are released."""
+class StageKilled(KeyboardInterrupt):
+    """Raised in a stage's driver by SIGTERM, as KeyboardInterrupt is by SIGINT (Ray cancels a
+    ``ray.get`` on either), so that its ``finally`` blocks run: MLflow runs end KILLED."""
 
 
 def check_digest(path: str | os.PathLike, actual: str, expected: str | None, what: str = "sha256") -> None:

@@ -18,6 +18,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -88,16 +90,19 @@ def init_ray(rt: RuntimeParams):
     if os.environ.get(FAULT_ENV):
         env_vars[FAULT_ENV] = os.environ[FAULT_ENV]
     runtime_env: dict[str, Any] = {"env_vars": env_vars}
+    sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         runtime_env["working_dir"] = str(REPO_ROOT)
         runtime_env["excludes"] = [".git", ".venv", "data", "outputs", "mlartifacts", "mlflow.db", ".dvc/cache"]
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
     else:
-        # token authentication (ray >= 2.52) for the local Ray's gRPC/HTTP endpoints: its ports
-        # are open on the node's address, so only processes holding the token may submit work
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # The local Ray's ports are open on the node's address (ray resolves 127.0.0.1 to it), so
+        # it runs with token authentication: ray >= 2.59 turns it on for a new local cluster
+        # unless RAY_AUTH_MODE=disabled (pyproject pins the version; tests/reliability checks it).
         ray.init(num_cpus=rt.num_cpus, include_dashboard=False, runtime_env=runtime_env,
                  log_to_driver=False, configure_logging=False)
+    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)  # ray.init replaced the stage's handler (runs end KILLED)
     return ray
 
 

@@ -253,10 +253,11 @@ class Tracker:
                 self.client.set_terminated(r.info.run_id, "KILLED")
 
     def guard(self, fn: Callable[[], T], what: str) -> T | None:
-        """``retry(fn)``; once the store is unreachable, note ``what`` as missing and return None."""
+        """``fn()`` (which retries through ``retry``); once the store is unreachable (it raised
+        TrackingUnavailable), note ``what`` as missing and return None without calling ``fn``."""
         if self.offline is None:
             try:
-                return retry(fn, uri=self.uri, what=what)
+                return fn()
             except TrackingUnavailable as err:
                 self.offline = str(err)
                 print(f"[mlflow] {err}\n[mlflow] the stage keeps computing and caching; what is not logged now is "
@@ -290,7 +291,8 @@ class Tracker:
 
     def log_artifacts(self, run_id: str, paths: list[Path]) -> None:
         for path in paths:
-            self.guard(lambda p=path: self.client.log_artifact(run_id, str(p)), f"artifact {Path(path).name}")
+            what = f"artifact {Path(path).name}"
+            self.guard(lambda p=path, w=what: retry(lambda: self.client.log_artifact(run_id, str(p)), self.uri, w), what)
 
     def find_child(self, key: str) -> str | None:
         """The FINISHED child run tagged ``spec_key = key`` in this experiment (a job logged by an
@@ -330,7 +332,8 @@ class Tracker:
             self.client.set_terminated(rid, "FINISHED")  # last: an unfinished child is logged again
             return rid
 
-        return self.guard(log, f"child run {name}")
+        what = f"child run {name}"
+        return self.guard(lambda: retry(log, self.uri, what), what)
 
     def finish(self, metrics: dict[str, float] | None = None, status: str = "FINISHED") -> None:
         """End the parent run (once; later calls do nothing)."""
@@ -344,8 +347,10 @@ class Tracker:
         if metrics:
             ts = int(time.time() * 1000)
             ms = [mlflow.entities.Metric(k, float(v), ts, 0) for k, v in metrics.items() if _is_number(v)]
-            self.guard(lambda: self.client.log_batch(self.parent_id, metrics=ms), "stage metrics")
-        self.guard(lambda: self.client.set_terminated(self.parent_id, status), f"end of parent run ({status})")
+            self.guard(lambda: retry(lambda: self.client.log_batch(self.parent_id, metrics=ms), self.uri,
+                                     "stage metrics"), "stage metrics")
+        what = f"end of parent run ({status})"
+        self.guard(lambda: retry(lambda: self.client.set_terminated(self.parent_id, status), self.uri, what), what)
 
 
 def _raise_killed(signum: int, frame: Any) -> None:
