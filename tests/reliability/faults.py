@@ -43,9 +43,10 @@ def write_stage_files(root: Path) -> Path:
     cfg = MimicArch(preset="recast_att_mlp", overrides={"groups": 3}).recast_config()
     rc = recast.apply(model, cfg, seed=0)
     banks = {k: b.templates.detach() for k, b in rc.banks.items()}
-    bank_sha = save_mimicked(root / "outputs/mimic", "vit", cfg, 0, banks, rc.task_tensors(cfg.base_task))
+    base = rc.task_tensors(cfg.base_task)
+    bank_sha = save_mimicked(root / "outputs/mimic", "vit", cfg, 0, banks, base)
     for i, task in enumerate(TASKS):
-        payload = {"coef": torch.full((4, 3), float(i)), "head.weight": torch.randn(5, 8)}
+        payload = {k: v + 0.01 * i for k, v in base.items()}  # coefficients + a 10-class head
         side = {"kind": "recast-payload", "task": task, "bank_sha256": bank_sha,
                 "payload_sha256": tensors_sha256(payload)}
         save_tensors(payload, side, root / "outputs/tune/payloads/vit/recast" / f"{task}-s42")

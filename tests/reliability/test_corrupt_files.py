@@ -116,7 +116,7 @@ def test_corrupt_payload_fails_the_forgetting_check(stage_files, monkeypatch, fl
     """evaluate's forgetting matrix loads payloads through their recorded sha256."""
     monkeypatch.setattr("stages.common.REPO_ROOT", stage_files)
     p_tune = TuneParams(archs=["vit"], tasks=list(TASKS), seeds=[42], methods={"recast": {"kind": "recast"}})
-    rows = [{"arch": "vit", "method": "recast", "seed": 42, "task": t, "num_classes": 5, "test_acc": 0.5} for t in TASKS]
+    rows = [{"arch": "vit", "method": "recast", "seed": 42, "task": t, "num_classes": 10, "test_acc": 0.5} for t in TASKS]
     payload = stage_files / "outputs/tune/payloads/vit/recast/task_a-s42.safetensors"
     flip_byte(payload, flip_at)
     with pytest.raises(IntegrityError, match="task_a-s42.safetensors"):
@@ -128,6 +128,6 @@ def test_payload_against_other_banks_fails_the_forgetting_check(stage_files, mon
     side = stage_files / "outputs/tune/payloads/vit/recast/task_a-s42.json"
     side.write_text(json.dumps({**json.loads(side.read_text()), "bank_sha256": "0" * 64}))
     p_tune = TuneParams(archs=["vit"], tasks=list(TASKS), seeds=[42], methods={"recast": {"kind": "recast"}})
-    rows = [{"arch": "vit", "method": "recast", "seed": 42, "task": t, "num_classes": 5, "test_acc": 0.5} for t in TASKS]
+    rows = [{"arch": "vit", "method": "recast", "seed": 42, "task": t, "num_classes": 10, "test_acc": 0.5} for t in TASKS]
     with pytest.raises(IntegrityError, match="trained against banks 000000000000"):
         recast_forgetting("vit", stage_files / "outputs/tune", rows, p_tune)

@@ -69,16 +69,16 @@ def marks(root: Path) -> list[str]:
 def test_sigterm_then_sigkill_then_resume(tmp_path):
     root, n = tmp_path / "run", 4
     uri = f"sqlite:///{root}/mlflow.db"
-    first = start(root, n, 2.0, uri)
+    first = start(root, n, 1.5, uri)
     wait_cached(root, 1, first)
     first.send_signal(signal.SIGTERM)  # the driver only, as a scheduler would
     rc, _, err = finish(first, root)
     assert rc in (1, 130, 143) and ("KeyboardInterrupt" in err or "SIGTERM" in err), err[-3000:]
-    second = start(root, n, 2.0, uri)
+    second = start(root, n, 1.5, uri)
     wait_cached(root, 2, second)
     os.killpg(second.pid, signal.SIGKILL)  # the driver and its Ray, no cleanup at all
     second.wait(60)
-    rc, out, err = finish(start(root, n, 0.1, uri), root)
+    rc, out, err = finish(start(root, n, 1.5, uri), root)  # same specs (the sleep is part of the key)
     assert rc == 0, err[-3000:]
     assert err.count("(fake) of a dead driver") == 1  # the SIGKILLed one; the SIGTERMed one ended itself
     cached = json.loads(out.strip().splitlines()[-1])["cached"]
