@@ -65,6 +65,7 @@ def marks(root: Path) -> list[str]:
     return sorted(p.name.split(".")[0] for p in (root / "marks").iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sigterm_then_sigkill_then_resume(tmp_path):
     root, n = tmp_path / "run", 4
@@ -92,6 +93,7 @@ def test_sigterm_then_sigkill_then_resume(tmp_path):
     assert first_parent.info.status == "KILLED" and first_parent.info.end_time is not None
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_concurrent_drivers_compute_each_job_once(tmp_path):
     root, n = tmp_path / "run", 3
@@ -101,11 +103,14 @@ def test_two_concurrent_drivers_compute_each_job_once(tmp_path):
     assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
     assert marks(root) == [f"t{i}" for i in range(n)]  # computed once
     assert sum("another run of this stage is in progress" in r[2] for r in results) == 1
+    # the local Ray (started by the one that computed) runs with token authentication
+    assert sum("Token authentication is enabled for this Ray cluster" in r[2] for r in results) == 1
     flags = [json.loads(r[1].strip().splitlines()[-1])["cached"] for r in results]
     assert sorted(all(f.values()) for f in flags) == [False, True]  # the second reused the first's jobs
     check_store(uri, n, ["FINISHED", "FINISHED"])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_mlflow_stopped_mid_stage_then_back(tmp_path, mlflow_server):
     root, n = tmp_path / "run", 4
