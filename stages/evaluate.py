@@ -27,10 +27,10 @@ import tempfile  # noqa: E402
 from recast.io import load_payload  # noqa: E402
 from recast.training import evaluate  # noqa: E402
 from stages.cli import entry, stage_params  # noqa: E402
-from stages.common import resolve, validate_section, write_json_atomic  # noqa: E402
+from stages.common import metrics_path, resolve, validate_section, write_json_atomic  # noqa: E402
 from stages.fanout import run_jobs  # noqa: E402
 from stages.inputs import InputStore, JobInputs, backbone_bundle, banks_bundle, file_bundle, task_bundle  # noqa: E402
-from stages.params import CombineParams, EvaluateParams, RuntimeParams, TuneParams  # noqa: E402
+from stages.params import CombineParams, EvaluateParams, MimicParams, RuntimeParams, TuneParams  # noqa: E402
 from stages.runtime import job_device  # noqa: E402
 from stages.specs import task_names  # noqa: E402
 from stages.tracking import Tracker  # noqa: E402
@@ -201,14 +201,15 @@ def markdown(summary: dict[str, dict], results: list[dict], forgetting: dict[str
 
 def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: str = "outputs/combine") -> dict[str, Any]:
     results, summary = [], {}
-    for stage, out_dir in (("tune", p_tune.out_dir), ("combine", combine_dir)):
+    for stage, out_dir, model in (("tune", p_tune.out_dir, TuneParams), ("combine", combine_dir, CombineParams)):
         path = resolve(out_dir) / "results.json"
         if path.exists():
             results += json.loads(path.read_text())
-        mpath = resolve(f"metrics/{stage}.json")
+        mpath = metrics_path(stage, out_dir, model.model_fields["out_dir"].default)
         if mpath.exists():
             summary.update(json.loads(mpath.read_text()))
-    mimic = json.loads(resolve("metrics/mimic.json").read_text()) if resolve("metrics/mimic.json").exists() else {}
+    mimic_metrics = metrics_path("mimic", p_tune.mimic_dir, MimicParams.model_fields["out_dir"].default)
+    mimic = json.loads(mimic_metrics.read_text()) if mimic_metrics.exists() else {}
     forgetting = sequential_forgetting(results, p.forgetting_method)
     reload = payload_reload(p.forgetting_archs, resolve(p_tune.out_dir), results, p_tune, rt, p.forgetting_method)
     report_dir = resolve(p.report_dir)
@@ -222,12 +223,10 @@ def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: s
                         "trainable_params": tp if not isinstance(tp, list) else statistics.mean(tp),
                         "avg_forgetting": forgetting.get(key.split("/")[0], {}).get("avg_forgetting", 0.0)
                         if key.endswith("/recast") else v.get("avg_forgetting")}
-    write_json_atomic(resolve("metrics/report.json"), metrics)
-    tracker = Tracker("evaluate", rt.experiment, p.model_dump())
-    art = report_dir / "report.md"
-    tracker.client.log_artifact(tracker.parent_id, str(art))
-    tracker.client.log_artifact(tracker.parent_id, str(report_dir / "params_vs_acc.png"))
-    tracker.finish({f"{k.replace('/', '.')}.avg_test_acc": v["avg_test_acc"] for k, v in metrics.items()})
+    write_json_atomic(metrics_path("report", p.report_dir, EvaluateParams.model_fields["report_dir"].default), metrics)
+    with Tracker("evaluate", rt.experiment, p.model_dump()) as tracker:
+        tracker.log_artifacts(tracker.parent_id, [report_dir / "report.md", report_dir / "params_vs_acc.png"])
+        tracker.finish({f"{k.replace('/', '.')}.avg_test_acc": v["avg_test_acc"] for k, v in metrics.items()})
     return {"metrics": metrics, "forgetting": forgetting, "reload": reload}
 
 

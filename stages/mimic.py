@@ -21,8 +21,8 @@ from recast.config import MimicryConfig
 from recast.training import evaluate
 from stages.backbones import save_mimicked
 from stages.cli import entry, stage_params
-from stages.common import ParamsError, resolve, validate_section, write_json_atomic
-from stages.fanout import job_file, run_jobs
+from stages.common import ParamsError, metrics_path, resolve, validate_section, write_json_atomic
+from stages.fanout import job_file, run_jobs, spec_key, stage_lock
 from stages.inputs import InputStore, JobInputs, backbone_bundle, task_bundle
 from stages.params import MimicParams, RuntimeParams
 from stages.runtime import job_device
@@ -108,7 +108,6 @@ def run(p: MimicParams, rt: RuntimeParams) -> dict[str, dict]:
     for arch in p.archs:
         if not (resolve(p.pretrain_dir) / f"{arch}.json").exists():
             raise ParamsError(f"mimic.archs.{arch}: no pretrained backbone at {resolve(p.pretrain_dir)}/{arch}.json")
-    tracker = Tracker("mimic", rt.experiment, p.model_dump())
     store = InputStore(rt.storage)
     data = resolve(p.data_dir)
     src = data / "source"
@@ -118,6 +117,13 @@ def run(p: MimicParams, rt: RuntimeParams) -> dict[str, dict]:
     specs = [{"id": f"mimic/{arch}", "arch": arch, "params": params, "device": job_device(rt),
               "inputs": {"backbone": store.add(backbone_bundle(resolve(p.pretrain_dir), arch)), **roles}}
              for arch in p.archs]
+    with stage_lock("mimic", rt), Tracker("mimic", rt.experiment, p.model_dump()) as tracker:
+        summary = _run(p, rt, specs, tracker, store)
+        write_json_atomic(metrics_path("mimic", p.out_dir, MimicParams.model_fields["out_dir"].default), summary)
+    return summary
+
+
+def _run(p: MimicParams, rt: RuntimeParams, specs: list[dict], tracker: Tracker, store: InputStore) -> dict[str, dict]:
     summary = {}
 
     def on_result(spec, result, cached):
@@ -139,11 +145,9 @@ def run(p: MimicParams, rt: RuntimeParams) -> dict[str, dict]:
                                                  if k in ab}
         tracker.child(spec["id"], {"arch": arch, **p.archs[arch].model_dump()}, summary[arch],
                       artifacts=[d / "report.json", d / "recast.json"], tags={"cached": str(cached)},
-                      logged_at=job_file(rt, "mimic", spec, ".mlflow.json"))
+                      key=spec_key(spec), logged_at=job_file(rt, "mimic", spec, ".mlflow.json"))
 
     run_jobs("mimic", mimic_job, specs, rt, on_result, inputs=store)
-    write_json_atomic(resolve("metrics/mimic.json"), summary)
-    tracker.finish()
     return summary
 
 

@@ -16,8 +16,8 @@ import timm
 from recast.training import TuneConfig, evaluate, fit
 from stages.backbones import pretrained_sidecar
 from stages.cli import entry, stage_params
-from stages.common import ParamsError, resolve, seed_everything, validate_section, write_json_atomic
-from stages.fanout import run_jobs, store_tensors
+from stages.common import ParamsError, metrics_path, resolve, seed_everything, validate_section, write_json_atomic
+from stages.fanout import run_jobs, spec_key, stage_lock, store_tensors
 from stages.inputs import InputStore, JobInputs, file_bundle, task_bundle
 from stages.params import ArchParams, PretrainParams, RuntimeParams
 from stages.runtime import job_device
@@ -76,23 +76,24 @@ def build_specs(p: PretrainParams, device: str, store: InputStore) -> list[dict]
 def run(p: PretrainParams, rt: RuntimeParams) -> dict[str, dict]:
     if p.source == "train" and not (resolve(p.data_dir) / "source").exists():
         raise ParamsError(f"pretrain.data_dir: no 'source' set under {resolve(p.data_dir)}; run the prepare stage")
-    tracker = Tracker("pretrain", rt.experiment, p.model_dump())
     store = InputStore(rt.storage)
     specs = build_specs(p, job_device(rt), store)
     out = resolve(p.out_dir)
+    with stage_lock("pretrain", rt), Tracker("pretrain", rt.experiment, p.model_dump()) as tracker:
 
-    def on_result(spec, result, cached):
-        meta, state = result
-        arch = spec["id"].split("/", 1)[1]
-        if p.source == "timm":  # the job saw the file's bytes only; record where it came from
-            meta = {**meta, "checkpoint_file": p.archs[arch].checkpoint_file}
-        store_tensors(rt, "pretrain", spec, state, pretrained_sidecar(state, meta), out / arch)
-        tracker.child(spec["id"], {"arch": arch, **spec["arch"]}, meta, tags={"cached": str(cached)})
+        def on_result(spec, result, cached):
+            meta, state = result
+            arch = spec["id"].split("/", 1)[1]
+            if p.source == "timm":  # the job saw the file's bytes only; record where it came from
+                meta = {**meta, "checkpoint_file": p.archs[arch].checkpoint_file}
+            store_tensors(rt, "pretrain", spec, state, pretrained_sidecar(state, meta), out / arch)
+            tracker.child(spec["id"], {"arch": arch, **spec["arch"]}, meta, tags={"cached": str(cached)},
+                          key=spec_key(spec))
 
-    results = run_jobs("pretrain", pretrain_job, specs, rt, on_result, inputs=store)
-    summary = {sid.split("/", 1)[1]: {k: v for k, v in meta.items() if not k.startswith("_")} for sid, (meta, _) in results.items()}
-    write_json_atomic(resolve("metrics/pretrain.json"), summary)
-    tracker.finish()
+        results = run_jobs("pretrain", pretrain_job, specs, rt, on_result, inputs=store)
+        summary = {sid.split("/", 1)[1]: {k: v for k, v in meta.items() if not k.startswith("_")}
+                   for sid, (meta, _) in results.items()}
+        write_json_atomic(metrics_path("pretrain", p.out_dir, PretrainParams.model_fields["out_dir"].default), summary)
     return summary
 
 

@@ -1,5 +1,9 @@
 """What the tune and combine stages do with a finished job: write its payload, log it to
-MLflow as a child run, register the payload, and summarise all jobs per arch/method."""
+MLflow as a child run, register the payload, and summarise all jobs per arch/method.
+
+A job from the cache is published the same way: its child run is found again by its cache key
+and its payload registered unless its run has a version already, so a resumed stage catches up
+on what an interrupted one did not log."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Any
 import torch
 
 from recast.io import tensors_sha256
-from stages.fanout import job_file, store_tensors
+from stages.fanout import job_file, spec_key, store_tensors
 from stages.params import RuntimeParams
 from stages.tracking import Tracker, register_payload
 
@@ -51,11 +55,12 @@ class Publisher:
         params.update({"task": spec.get("task", "sequential"), "method": spec.get("method", spec.get("options"))})
         metrics = {k: v for k, v in meta.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         rid = self.tracker.child(spec["id"], params, metrics, artifacts, tags={"cached": str(cached)},
-                                 logged_at=job_file(self.rt, self.stage, spec, ".mlflow.json"))
-        if tensors and not cached:
-            register_payload(rid, spec["arch"], spec["task"], spec["method_name"],
-                             {"test_acc": f"{meta['test_acc']:.6f}", "bank_sha256": str(spec.get("bank_sha")),
-                              "seed": str(spec["seed"]), "bytes": str(meta["bytes"])}, accuracy=meta["test_acc"])
+                                 key=spec_key(spec), logged_at=job_file(self.rt, self.stage, spec, ".mlflow.json"))
+        if tensors and rid is not None:
+            tags = {"test_acc": f"{meta['test_acc']:.6f}", "bank_sha256": str(spec.get("bank_sha")),
+                    "seed": str(spec["seed"]), "bytes": str(meta["bytes"])}
+            self.tracker.guard(lambda: register_payload(rid, spec["arch"], spec["task"], spec["method_name"], tags,
+                                                        accuracy=meta["test_acc"]), f"registration of {spec['id']}")
 
     def sorted_rows(self, task_order: list[str]) -> list[dict]:
         """Rows by arch, method, task (in the configured order), seed."""

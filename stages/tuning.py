@@ -1,15 +1,17 @@
 """The tune and combine stages' shared driver: build the job list, fan it out, publish every
-result, write ``<out_dir>/results.json`` and ``metrics/<stage>.json``."""
+result, write ``<out_dir>/results.json`` and the stage's metrics (``metrics/<stage>.json``, or
+``<out_dir>/metrics.json`` for a side run with another ``out_dir``). One run of a stage at a
+time (``stage_lock``); its MLflow parent run always ends (``Tracker`` is a context manager)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from stages.common import resolve, write_json_atomic
-from stages.fanout import run_jobs
+from stages.common import metrics_path, resolve, write_json_atomic
+from stages.fanout import run_jobs, stage_lock
 from stages.inputs import InputStore
 from stages.jobs import dispatch
-from stages.params import MethodParams, RuntimeParams, TuneParams
+from stages.params import CombineParams, MethodParams, RuntimeParams, TuneParams
 from stages.results import Publisher, summarise
 from stages.runtime import job_device
 from stages.sequential import continual_specs
@@ -24,14 +26,16 @@ def run_tuning(stage: str, p: TuneParams, methods: dict[str, MethodParams], rt: 
     store = InputStore(rt.storage)
     specs = method_specs(stage, p, methods, device, store)
     specs += continual_specs(stage, p, device, store) if continual else []
-    tracker = Tracker(stage, rt.experiment, {"methods": {k: v.model_dump() for k, v in methods.items()},
-                                             "train": p.train.model_dump(), "archs": p.archs, "seeds": p.seeds})
-    publish = Publisher(tracker, resolve(out_dir), stage, rt)
-    run_jobs(stage, dispatch, specs, rt, publish, inputs=store)
-    rows = publish.sorted_rows(task_names(p))
-    write_json_atomic(resolve(out_dir) / "results.json", rows)
-    summary = summarise(rows)
-    write_json_atomic(resolve(f"metrics/{stage}.json"), summary)
-    tracker.finish({f"{k.replace('/', '.')}.avg_test_acc": v["avg_test_acc"] for k, v in summary.items()
-                    if "avg_test_acc" in v})
+    default_out = (TuneParams if stage == "tune" else CombineParams).model_fields["out_dir"].default
+    params = {"methods": {k: v.model_dump() for k, v in methods.items()}, "train": p.train.model_dump(),
+              "archs": p.archs, "seeds": p.seeds}
+    with stage_lock(stage, rt), Tracker(stage, rt.experiment, params) as tracker:
+        publish = Publisher(tracker, resolve(out_dir), stage, rt)
+        run_jobs(stage, dispatch, specs, rt, publish, inputs=store)
+        rows = publish.sorted_rows(task_names(p))
+        write_json_atomic(resolve(out_dir) / "results.json", rows)
+        summary = summarise(rows)
+        write_json_atomic(metrics_path(stage, out_dir, default_out), summary)
+        tracker.finish({f"{k.replace('/', '.')}.avg_test_acc": v["avg_test_acc"] for k, v in summary.items()
+                        if "avg_test_acc" in v})
     return summary
