@@ -1,8 +1,9 @@
-"""Trial specs of each sweep: JSON-serialisable dicts, one Ray task each (``pipelines.trials``).
+"""Trial specs of each sweep: JSON-serialisable dicts, one Tune trial each (``pipelines.trials``).
 
-A spec holds everything its trial needs (absolute paths, the method, the recipe) and the hashes
-of its inputs (backbone, task manifest, banks), so its ``stages.fanout.spec_key`` changes
-whenever a result would (the key also hashes the code). ``point`` holds the sweep coordinates that land in the table.
+A spec holds everything its trial needs (the driver paths of its inputs, which reach the trial
+through ``pipelines.inputs``; the method; the recipe) and the hashes of its inputs (backbone,
+task manifest, banks), so the sweep's key (``pipelines.sweep.sweep_key``) changes whenever a
+result would. ``point`` holds the sweep coordinates that land in the table.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from pipelines.config import (
     BudgetSweep,
     GnSweep,
+    HpoSweep,
     KSweep,
     OrderSweep,
     SeedsSweep,
@@ -97,7 +99,7 @@ def order_specs(cfg: OrderSweep, device: str) -> list[dict]:
     for order in cfg.task_orders():
         label = ">".join(order)
         for seed in cfg.seeds:
-            base = {"task": label, "order": order, "task_dirs": {t: str(data / t) for t in order},
+            base = {"task": label, "order": order, "task_order": order, "task_dirs": {t: str(data / t) for t in order},
                     "task_sha": shas, "seed": seed, "point": {"order": label}, **common}
             if cfg.recast is not None:
                 specs.append({**base, "id": f"order/{cfg.arch}/recast/{label}/s{seed}", "kind": "recast_sequence",
@@ -134,8 +136,13 @@ def seeds_specs(cfg: SeedsSweep, device: str) -> list[dict]:
     return specs
 
 
+def hpo_specs(cfg: HpoSweep, device: str) -> list[dict]:
+    """One base spec per method, task and seed; the search adds lr, epochs and weight decay."""
+    return _tune_specs("hpo", cfg, device, [(name, m, {}) for name, m in cfg.methods.items()])
+
+
 _BUILDERS = {"gn": gn_specs, "k": k_specs, "targets": targets_specs, "budget": budget_specs, "order": order_specs,
-             "seeds": seeds_specs}
+             "seeds": seeds_specs, "hpo": hpo_specs}
 
 
 def build_specs(sweep: str, cfg: SweepBase, device: str) -> list[dict]:

@@ -28,6 +28,7 @@ from stages.params import RuntimeParams
 
 Result = tuple[dict[str, Any], dict[str, torch.Tensor]]
 FAULT_ENV = "RECAST_FAULT_ONCE_DIR"  # tests: a job whose marker is absent kills its worker once
+MARKER_ENV = "RECAST_TRIAL_MARKER_DIR"  # tests: each sweep trial that computes leaves a file here
 
 
 CODE_PACKAGES = ("recast", "stages", "pipelines")
@@ -66,8 +67,7 @@ def init_ray(rt: RuntimeParams):
     address = os.environ.get("RAY_ADDRESS")
     env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
                 "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
-    if os.environ.get(FAULT_ENV):
-        env_vars[FAULT_ENV] = os.environ[FAULT_ENV]
+    env_vars.update({k: os.environ[k] for k in (FAULT_ENV, MARKER_ENV) if os.environ.get(k)})
     runtime_env: dict[str, Any] = {"env_vars": env_vars}
     if address:
         runtime_env["working_dir"] = str(REPO_ROOT)
@@ -79,7 +79,8 @@ def init_ray(rt: RuntimeParams):
     return ray
 
 
-def _maybe_fault(job_id: str) -> None:
+def maybe_fault(job_id: str) -> None:
+    """Tests: with RECAST_FAULT_ONCE_DIR set, exit this process the first time ``job_id`` runs."""
     fault_dir = os.environ.get(FAULT_ENV)
     if not fault_dir:
         return
@@ -101,7 +102,7 @@ def _execute(fn: Callable[[dict], Result], spec: dict, threads: int) -> tuple[di
     from stages.memory import current_rss_mb, peak_memory, reset_peak_memory
 
     torch.set_num_threads(max(1, threads))
-    _maybe_fault(spec["id"])
+    maybe_fault(spec["id"])
     device = spec.get("device", "cpu")
     reset_peak_memory(device)  # a reused Ray worker's earlier jobs must not count
     rss_start = current_rss_mb()

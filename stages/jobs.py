@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from recast.data import BatchLoader, read_manifest
@@ -13,8 +14,21 @@ from stages.params import MethodParams, TrainParams
 from stages.sequential import continual_job
 
 
-def tune_job(spec: dict) -> tuple[dict, dict]:
-    """Train one method on one task; returns (metrics, payload tensors)."""
+def task_loaders(task_dir: Path, tr: TrainParams, seed: int) -> tuple[BatchLoader, BatchLoader, BatchLoader]:
+    """The (train, val, test) loaders of one prepared task under the recipe ``tr``."""
+
+    def loader(split: str, train: bool, limit: int | None) -> BatchLoader:
+        return BatchLoader(task_dir, split, tr.batch_size, tr.image_size, train=train, seed=seed, limit=limit)
+
+    return (loader("train", True, tr.limit_train), loader("val", False, tr.limit_eval),
+            loader("test", False, tr.limit_eval))
+
+
+def tune_job(spec: dict, on_epoch: Callable[[dict[str, float]], None] | None = None) -> tuple[dict, dict]:
+    """Train one method on one task; returns (metrics, payload tensors).
+
+    ``on_epoch`` receives each epoch's ``recast.training.fit`` history entry (a sweep reports it).
+    """
     seed_everything(spec["seed"])
     tr = TrainParams(**spec["train"])
     m = MethodParams(**spec["method"])
@@ -23,15 +37,11 @@ def tune_job(spec: dict) -> tuple[dict, dict]:
     bb = load_backbone(spec["arch"], Path(spec["pretrain_dir"]), Path(spec["mimic_dir"]) if m.needs_recast else None)
     built = build_method(MethodSpec(m.kind, m.adapter, m.recast, m.overrides, m.lr), bb, spec["task"],
                          manifest.num_classes)
-
-    def loader(split: str, train: bool, limit: int | None) -> BatchLoader:
-        return BatchLoader(task_dir, split, tr.batch_size, tr.image_size, train=train, seed=spec["seed"], limit=limit)
-
+    train, val, test = task_loaders(task_dir, tr, spec["seed"])
     cfg = tr.recipe(spec["device"], m.lr)
-    built.prepare(loader("train", True, tr.limit_train), cfg.device)  # e.g. RoSA's gradient-chosen support
-    res = fit(built.model, built.trainable, loader("train", True, tr.limit_train), loader("val", False, tr.limit_eval),
-              cfg, desc=spec["id"])
-    test_acc = evaluate(built.model, loader("test", False, tr.limit_eval), cfg.device)
+    built.prepare(train, cfg.device)  # e.g. RoSA's gradient-chosen support
+    res = fit(built.model, built.trainable, train, val, cfg, desc=spec["id"], on_epoch=on_epoch)
+    test_acc = evaluate(built.model, test, cfg.device)
     payload = built.payload()
     meta = {
         "arch": spec["arch"], "method": spec["method_name"], "task": spec["task"], "seed": spec["seed"],

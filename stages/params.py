@@ -35,7 +35,9 @@ class RuntimeParams(Section):
     """``runtime``: Ray resources, retries, device, MLflow experiment, job cache.
 
     Ray is local unless RAY_ADDRESS is set (then ``num_cpus`` is ignored: the cluster's count);
-    MLflow uses an sqlite store under the repo unless MLFLOW_TRACKING_URI is set.
+    MLflow uses an sqlite store under the repo unless MLFLOW_TRACKING_URI is set. ``storage``:
+    where Ray Tune keeps the sweeps' experiment state (a path or URI every node reaches, e.g.
+    ``s3://bucket/recast``); None: ``<cache_dir>/tune`` on the driver's disk.
     """
 
     num_cpus: PosInt = 2
@@ -45,6 +47,7 @@ class RuntimeParams(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     experiment: str = "recast"
     cache_dir: str = "outputs/.jobcache"
+    storage: str | None = None
     progress: bool = True
 
 

@@ -1,0 +1,108 @@
+"""Every sweep runs on Ray Tune at tiny scale (one task, one epoch, 32 examples): its table, plot
+and MLflow runs, and its per-epoch reports; trial inputs travel through the object store.
+
+One local Ray (2 CPUs) serves the whole module; each test has its own MLflow store, Tune storage
+and output directory under ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.sweep import main
+
+RECAST = {"preset": "recast_att_mlp", "overrides": {"groups": 3}}
+TWO_TASKS = ["mnist_lo5", "mnist_hi5_inv"]
+# sweep -> (config fields, trials, Tune iterations of each finished trial: one per epoch, plus the final report)
+TINY = {
+    "gn": ({"pairs": [[6, 1]], "coef_sets": 1}, 1, 2),
+    "k": ({"recast": {"preset": "recast_att", "overrides": {"groups": 3, "templates": 2}}, "coef_sets": [1]}, 1, 2),
+    "targets": ({"presets": ["recast_att"], "overrides": {"groups": 3}}, 1, 2),
+    "budget": ({"methods": {"lora": {"adapter": {"preset": "lora_tiny"}}}}, 1, 2),
+    # recast: one epoch per task (2) + final; lwf: one final report
+    "order": ({"tasks": TWO_TASKS, "orders": [TWO_TASKS], "continual": ["lwf"], "continual_epochs": 1}, 2, None),
+    "seeds": ({"methods": {"recast": {"kind": "recast"}}}, 1, 2),
+    "hpo": ({"methods": {"recast": {"recast": RECAST}}, "num_samples": 2, "epochs": [1, 2], "lr": [0.005, 0.05]},
+            2, None),
+}
+ORDER_ITERATIONS = {"recast": 3, "lwf": 1}
+
+
+@pytest.fixture(scope="module")
+def module_ray():
+    ray = pytest.importorskip("ray")
+    from stages.fanout import init_ray
+    from stages.params import RuntimeParams
+
+    old = os.environ.pop("RAY_ADDRESS", None)
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(RuntimeParams(num_cpus=2))
+    yield ray
+    ray.shutdown()
+    if old is not None:
+        os.environ["RAY_ADDRESS"] = old
+
+
+@pytest.mark.parametrize("sweep", list(TINY))
+def test_sweep_runs_on_tune(sweep: str, stage_outputs, write_config, module_ray, monkeypatch, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    fields, trials, iterations = TINY[sweep]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    config = write_config(sweep, tasks=fields.pop("tasks", ["mnist_lo5"]), **fields)
+    summary = main(["--sweep", sweep, "--config", str(config)])
+
+    table = pq.read_table(tmp_path / f"sweeps/{sweep}/results.parquet").to_pylist()
+    assert len(table) == summary["trials"] == trials
+    finished = [r for r in table if r["final"]]
+    assert finished, "no trial finished"
+    acc = "avg_acc" if sweep == "order" else "test_acc"
+    assert all(0.0 <= r[acc] <= 1.0 and r["peak_rss_mb"] > 0 for r in finished)
+    for r in table:
+        expected = ORDER_ITERATIONS[r["name"]] if sweep == "order" else iterations
+        if sweep == "hpo":  # epochs is searched; a trial ASHA stopped has fewer reports
+            expected = r["epochs"] + 1 if r["final"] else r["training_iteration"]
+        assert r["training_iteration"] == expected, r
+    assert (tmp_path / f"sweeps/{sweep}/{sweep}.png").stat().st_size > 1000
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("sweep-tests")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = collections.Counter(r.info.run_name for r in runs
+                                   if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id)
+    assert sorted(children) == sorted(r["id"] for r in table) and set(children.values()) == {1}
+    if sweep == "hpo":
+        (best,) = summary["best"].values()
+        assert best["val_acc"] == max(r["val_acc"] for r in finished) and 0.0 <= best["test_acc"] <= 1.0
+        assert 0.005 <= best["lr"] <= 0.05 and best["epochs"] in (1, 2)
+
+
+def test_inputs_reach_trials_through_the_object_store(stage_outputs, module_ray, tmp_path: Path) -> None:
+    from pipelines.config import SeedsSweep
+    from pipelines.inputs import fetch_inputs, ship_inputs
+    from pipelines.specs import build_specs
+
+    cfg = SeedsSweep(tasks=TWO_TASKS, seeds=[1], methods={"head": {"kind": "head_only"}, "recast": {"kind": "recast"}})
+    specs = {s["name"]: s for s in build_specs("seeds", cfg, "cpu")
+             if s["task"] == "mnist_lo5"}
+    refs = ship_inputs(list(specs.values()))
+    assert len(refs) == 3  # one task (the other is not named by these specs), the backbone, the banks
+    local = fetch_inputs(specs["recast"], refs, tmp_path / "trial")
+    for field in ("task_dir", "pretrain_dir", "mimic_dir"):
+        assert Path(local[field]).is_relative_to(tmp_path / "trial")
+        driver = Path(specs["recast"][field])
+        for path in Path(local[field]).rglob("*"):
+            if path.is_file():
+                assert path.read_bytes() == (driver / path.relative_to(local[field])).read_bytes()
+    assert sorted(p.name for p in Path(local["pretrain_dir"]).iterdir()) == ["vit.json", "vit.safetensors"]
+    head = fetch_inputs(specs["head"], refs, tmp_path / "head")
+    assert head["mimic_dir"] == ""  # head only: the banks are not shipped to it
