@@ -26,7 +26,7 @@ TINY = {
     "budget": ({"methods": {"lora": {"adapter": {"preset": "lora_tiny"}}}}, 1, 2),
     # recast: one epoch per task (2) + final; lwf: one final report
     "order": ({"tasks": TWO_TASKS, "orders": [TWO_TASKS], "continual": ["lwf"], "continual_epochs": 1}, 2, None),
-    "seeds": ({"methods": {"recast": {"kind": "recast"}}}, 1, 2),
+    "seeds": ({"methods": {"recast": {"kind": "recast"}}, "seeds": [42]}, 1, 2),
     "hpo": ({"methods": {"recast": {"recast": RECAST}}, "num_samples": 2, "epochs": [1, 2], "lr": [0.005, 0.05]},
             2, None),
 }
