@@ -4,15 +4,18 @@
 parent run again by its ``sweep_key`` tag (a rerun that restores the Tune experiment logs under
 the same parent), logs a child run as each trial completes, tagged with the trial's key, and
 skips a key that has a finished child already. A child left unfinished by a killed driver is
-deleted and logged anew. ``log`` is idempotent, so the driver also calls it for every result of
-the finished ``ResultGrid``.
+deleted and logged anew. The per-epoch reports a trial sent (``val_acc``, ``train_loss``) go to
+its child as metric histories (step: Tune's ``training_iteration``). ``log`` is idempotent, so the
+driver also calls it for every result of the finished ``ResultGrid``.
 """
 
 from __future__ import annotations
 
+import time
+from collections import defaultdict
 from typing import Any
 
-from mlflow.entities import ViewType
+from mlflow.entities import Metric, ViewType
 from ray import tune
 
 from stages.tracking import Tracker, make_client, retry, tracking_uri
@@ -52,6 +55,7 @@ class TrialLogger(tune.Callback):
                                tags={"kind": "sweep", "sweep": sweep, "sweep_key": sweep_key}, run_id=found)
         self.parent_id = self.tracker.parent_id
         self.logged = retry(self._finished_children, uri=self.tracker.uri)
+        self.epochs: dict[str, list[Metric]] = defaultdict(list)  # trial key -> its per-epoch metrics
         _LIVE[sweep_key] = self
 
     @classmethod
@@ -98,9 +102,24 @@ class TrialLogger(tune.Callback):
         tags = {"trial_key": key, "sweep": self.sweep, "stopped_early": str(not final),
                 "tune_trial_id": str(result.get("trial_id", ""))}
         rid = self.tracker.child(key, params, metrics, tags=tags)
+        history = self.epochs.pop(key, [])
+        for i in range(0, len(history), 500):
+            retry(lambda chunk=history[i:i + 500]: self.tracker.client.log_batch(rid, metrics=chunk),
+                  uri=self.tracker.uri)
         self.logged[key] = rid
         self.new_children += 1
         return rid
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        if self.tracker is None or result.get("final", True):
+            return
+        ts, step = int(time.time() * 1000), int(result.get("training_iteration", 0))
+        self.epochs[result["trial_key"]] += [Metric(f"epoch_{k}", float(result[k]), ts, step)
+                                             for k in ("val_acc", "train_loss") if k in result]
+
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+        if self.tracker is not None:  # the retried trial starts again from epoch 0
+            self.epochs.pop(self.child_params(trial.config)[0], None)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self.log(trial.config, trial.last_result)

@@ -77,9 +77,13 @@ def test_sweep_runs_on_tune(sweep: str, stage_outputs, write_config, module_ray,
     runs = client.search_runs([exp.experiment_id], max_results=100)
     parents = [r for r in runs if r.data.tags.get("kind") == "sweep"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = collections.Counter(r.info.run_name for r in runs
-                                   if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id)
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    children = collections.Counter(r.info.run_name for r in kids)
     assert sorted(children) == sorted(r["id"] for r in table) and set(children.values()) == {1}
+    if iterations == 2:  # one epoch: its report is the child's epoch_val_acc history
+        for kid in kids:
+            (epoch,) = client.get_metric_history(kid.info.run_id, "epoch_val_acc")
+            assert epoch.step == 1 and 0.0 <= epoch.value <= 1.0
     if sweep == "hpo":
         (best,) = summary["best"].values()
         assert best["val_acc"] == max(r["val_acc"] for r in finished) and 0.0 <= best["test_acc"] <= 1.0
