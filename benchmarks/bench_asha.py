@@ -41,8 +41,10 @@ def run_once(config: dict, asha: bool, scratch: Path, num_cpus: int) -> dict:
     cmd = [sys.executable, "-m", "pipelines.sweep", "--sweep", "hpo", "--config", str(path), "--num-cpus",
            str(num_cpus)] + ([] if asha else ["--no-asha"])
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, check=False, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {tag} sweep failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     summary = json.loads((scratch / f"out-{tag}" / "hpo" / "summary.json").read_text())
     rows = pq.read_table(scratch / f"out-{tag}" / "hpo" / "results.parquet").to_pylist()
     epochs = sum(r["training_iteration"] - (1 if r["final"] else 0) for r in rows)  # the final report is no epoch

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import ray
+
 # The spec fields that name driver paths: one directory, or a {task: directory} dict.
 DIR_FIELDS = ("task_dir", "pretrain_dir", "mimic_dir")
 DIRS_FIELDS = ("task_dirs",)
@@ -46,8 +48,6 @@ def _key(field: str, path: str, arch: str) -> str:
 
 def ship_inputs(specs: list[dict[str, Any]]) -> dict[str, Any]:
     """Driver: every input directory of ``specs`` as an object ref, keyed for ``fetch_inputs``."""
-    import ray  # lazy: a trial function module that Ray pickles by reference
-
     refs: dict[str, Any] = {}
     for spec in specs:
         for field, path in _needed(spec):
@@ -59,8 +59,6 @@ def ship_inputs(specs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def fetch_inputs(spec: dict[str, Any], refs: dict[str, Any], root: Path) -> dict[str, Any]:
     """Trial: write the spec's input directories under ``root``; the spec with local paths."""
-    import ray  # lazy, as above
-
     local = dict(spec)
     written: dict[str, str] = {}
     for field, path in _needed(spec):

@@ -31,6 +31,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -95,8 +97,6 @@ def _done_path(done_dir: str, trial_key: str) -> str:
 
 def read_done(done_dir: str, trial_key: str) -> dict | None:
     """The final result a trial wrote before (None if it never finished)."""
-    import pyarrow.fs as pafs  # lazy: only trials and the driver's storage calls need it
-
     fs, path = pafs.FileSystem.from_uri(_done_path(done_dir, trial_key))
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
@@ -106,8 +106,6 @@ def read_done(done_dir: str, trial_key: str) -> dict | None:
 
 def write_done(done_dir: str, trial_key: str, result: dict) -> None:
     """Write a trial's final result (temp name, then move) under the experiment."""
-    import pyarrow.fs as pafs  # lazy, as above
-
     fs, path = pafs.FileSystem.from_uri(_done_path(done_dir, trial_key))
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     tmp = f"{path}.{uuid.uuid4().hex}.tmp"
@@ -119,8 +117,6 @@ def write_done(done_dir: str, trial_key: str, result: dict) -> None:
 def sweep_trial(config: dict[str, Any], specs: dict[str, dict], inputs: dict[str, Any], done_dir: str,
                 threads: int) -> None:
     """Tune trainable: run one trial; report each epoch, then the final result (``final``)."""
-    import torch
-
     spec = trial_spec(specs, config)
     done = read_done(done_dir, spec["id"])
     if done is not None:  # finished before the driver's last experiment-state save: report, don't recompute
@@ -185,7 +181,7 @@ def _experiments(sweep: str, cfg: SweepBase, specs: list[dict], key: str,
             if asha else FIFOScheduler()
         tc = tune.TuneConfig(metric="val_acc", mode="max", num_samples=cfg.num_samples, scheduler=scheduler,
                              search_alg=BasicVariantGenerator(random_state=cfg.search_seed))
-        label = f"{spec['name']}-{spec['task']}-s{spec['seed']}-{'asha' if asha else 'fifo'}"
+        label = f"{spec['name']}-{spec['task']}-s{spec['seed']}"
         out.append((f"{sweep}-{key}-{label}", space, tc))
     return out
 
