@@ -53,7 +53,7 @@ def module_ray():
 def test_sweep_runs_on_tune(sweep: str, stage_outputs, write_config, module_ray, monkeypatch, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    fields, trials, iterations = TINY[sweep]
+    fields, trials, iterations = dict(TINY[sweep][0]), *TINY[sweep][1:]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     config = write_config(sweep, tasks=fields.pop("tasks", ["mnist_lo5"]), **fields)
