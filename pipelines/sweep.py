@@ -8,8 +8,9 @@ points, tasks and seeds (the specs of ``pipelines.specs``). ``hpo``: one Tuner p
 and seed, random search over lr, epochs and weight decay, ASHA on validation accuracy. Trials run
 ``pipelines.trials.run_trial`` with the resources of params.yaml's ``runtime`` section (overridden
 by the sweep config's ``runtime``), report each epoch through ``tune.report`` and are retried
-``runtime.max_retries`` times (``FailureConfig``). Inputs reach them through the object store
-(``pipelines.inputs``).
+``runtime.max_retries`` times (``FailureConfig``). Inputs reach them through a
+``stages.inputs.InputStore`` (Ray's object store, or ``runtime.storage``): the driver passes the
+refs with ``tune.with_parameters``, each trial resolves its own with ``JobInputs.fetch``.
 
 Experiments persist under ``runtime.storage`` (default ``<runtime.cache_dir>/tune``), one per sweep
 and content (``<sweep>-<sweep key>``): a rerun restores it with ``Tuner.restore`` and runs only
@@ -25,20 +26,19 @@ import argparse
 import hashlib
 import json
 import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
+import ray
 import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from pipelines.config import SWEEP_NAMES, HpoSweep, SweepBase, load_config, runtime_params
-from pipelines.inputs import fetch_inputs, ship_inputs
 from pipelines.report import make_row, write_report
 from pipelines.specs import build_specs, recast_variants
 from pipelines.tracking import TrialLogger
@@ -47,8 +47,9 @@ from recast.targets import build_plan
 from stages.backbones import load_backbone
 from stages.common import resolve
 from stages.fanout import MARKER_ENV, init_ray, maybe_fault, spec_key
+from stages.inputs import InputStore, JobInputs
 from stages.params import RuntimeParams
-from stages.runtime import pick_device
+from stages.runtime import job_device
 
 SEARCHED = ("lr", "epochs", "weight_decay")
 
@@ -116,7 +117,8 @@ def write_done(done_dir: str, trial_key: str, result: dict) -> None:
 
 def sweep_trial(config: dict[str, Any], specs: dict[str, dict], inputs: dict[str, Any], done_dir: str,
                 threads: int) -> None:
-    """Tune trainable: run one trial; report each epoch, then the final result (``final``)."""
+    """Tune trainable: run one trial; report each epoch, then the final result (``final``).
+    ``inputs``: ``{bundle key: ObjectRef or URI}`` of every trial (``InputStore.refs``)."""
     spec = trial_spec(specs, config)
     done = read_done(done_dir, spec["id"])
     if done is not None:  # finished before the driver's last experiment-state save: report, don't recompute
@@ -132,9 +134,9 @@ def sweep_trial(config: dict[str, Any], specs: dict[str, dict], inputs: dict[str
     def on_epoch(entry: dict[str, Any]) -> None:
         tune.report({**entry, "trial_key": spec["id"], "final": False})
 
-    with tempfile.TemporaryDirectory(prefix="recast-trial-") as tmp:
-        meta = run_trial(fetch_inputs(spec, inputs, Path(tmp)), on_epoch)
-    result = {**meta, "trial_key": spec["id"], "host": os.uname().nodename, "final": True}
+    meta = run_trial(spec, JobInputs.fetch(spec["inputs"], inputs), on_epoch)
+    result = {**meta, "trial_key": spec["id"], "host": os.uname().nodename,
+              "ray_node": ray.get_runtime_context().get_node_id(), "final": True}
     write_done(done_dir, spec["id"], result)
     tune.report(result)
 
@@ -201,7 +203,8 @@ def best_per_group(rows: list[dict]) -> dict[str, dict[str, Any]]:
 
 def run_sweep(sweep: str, cfg: SweepBase, rt: RuntimeParams, asha: bool | None = None) -> dict[str, Any]:
     """Run (or resume) a sweep; returns its summary (also written to ``summary.json``)."""
-    specs = build_specs(sweep, cfg, pick_device(rt.device))
+    store = InputStore(rt.storage)
+    specs = build_specs(sweep, cfg, job_device(rt), store)
     preflight(specs, cfg)
     asha = cfg.asha if asha is None and isinstance(cfg, HpoSweep) else bool(asha)
     key = sweep_key(sweep, specs) + ("" if not isinstance(cfg, HpoSweep) else ("-asha" if asha else "-fifo"))
@@ -209,7 +212,7 @@ def run_sweep(sweep: str, cfg: SweepBase, rt: RuntimeParams, asha: bool | None =
     init_ray(rt)
     storage = _storage(rt)
     trainable = tune.with_resources(
-        tune.with_parameters(sweep_trial, specs=by_point, inputs=ship_inputs(specs),
+        tune.with_parameters(sweep_trial, specs=by_point, inputs=store.refs(specs),
                              done_dir=f"{storage.rstrip('/')}/{sweep}-{key}/done", threads=max(1, int(rt.cpus_per_task))),
         {"cpu": rt.cpus_per_task, "gpu": rt.gpus_per_task})
 

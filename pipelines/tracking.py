@@ -102,6 +102,8 @@ class TrialLogger(tune.Callback):
         tags = {"trial_key": key, "sweep": self.sweep, "stopped_early": str(not final),
                 "tune_trial_id": str(result.get("trial_id", ""))}
         rid = self.tracker.child(key, params, metrics, tags=tags)
+        if rid is None:  # MLflow unreachable (the Tracker went offline): a rerun logs this trial
+            return None
         history = self.epochs.pop(key, [])
         for i in range(0, len(history), 500):
             retry(lambda chunk=history[i:i + 500]: self.tracker.client.log_batch(rid, metrics=chunk),

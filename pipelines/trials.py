@@ -1,4 +1,5 @@
-"""Trial functions of the sweeps: ``run_trial(spec, on_epoch) -> metrics`` runs inside one Tune trial.
+"""Trial functions of the sweeps: ``run_trial(spec, inputs, on_epoch) -> metrics`` runs inside one Tune trial
+(``inputs``: the trial's ``stages.inputs.JobInputs``).
 
 Kinds (``spec["kind"]``):
 
@@ -21,19 +22,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from pipelines.config import TrialMethod
 from recast.accounting import count_parameters
 from recast.adapters import count_adapter_parameters
 from recast.baselines.results import forgetting_per_task
-from recast.data import read_manifest
 from recast.model import RecastModel
 from recast.recipes import MethodSpec, build_method
 from recast.training import evaluate, fit
-from stages.backbones import load_backbone
 from stages.common import seed_everything
+from stages.inputs import JobInputs
 from stages.jobs import task_loaders, tune_job
 from stages.memory import current_rss_mb, peak_memory, reset_peak_memory
 from stages.params import MimicArch, TrainParams
@@ -69,14 +68,14 @@ def _head_params(model) -> int:
 
 
 # ----------------------------------------------------------------------------- kinds
-def tune_trial(spec: dict, on_epoch: EpochHook = None) -> dict[str, Any]:
+def tune_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -> dict[str, Any]:
     """Apply + mimic the spec's RECAST variant (if any), add its adapter (if any), tune one task."""
     seed_everything(spec["seed"])
     tr = TrainParams(**spec["train"])
     method = TrialMethod(**spec["method"])
-    task, task_dir = spec["task"], Path(spec["task_dir"])
-    num_classes = read_manifest(task_dir).num_classes
-    backbone = load_backbone(spec["arch"], Path(spec["pretrain_dir"]))
+    task, data = spec["task"], inputs.task("task")
+    num_classes = data.num_classes
+    backbone = inputs.backbone("backbone")
     meta: dict[str, Any] = {}
     if method.recast is not None:
         rc, report = _mimicked(backbone, method.recast, spec["apply_seed"], spec["seed"])
@@ -90,7 +89,7 @@ def tune_trial(spec: dict, on_epoch: EpochHook = None) -> dict[str, Any]:
     else:
         mspec = MethodSpec("recast" if method.recast is not None else "head_only")
     built = build_method(mspec, backbone, task, num_classes)
-    train, val, test = task_loaders(task_dir, tr, spec["seed"])
+    train, val, test = task_loaders(data, tr, spec["seed"])
     cfg = tr.recipe(spec["device"], method.lr)
     res = fit(built.model, built.trainable, train, val, cfg, desc=spec["id"], on_epoch=on_epoch)
     trainable = sum(p.numel() for p in built.trainable)
@@ -111,7 +110,7 @@ def tune_trial(spec: dict, on_epoch: EpochHook = None) -> dict[str, Any]:
     return meta
 
 
-def recast_sequence_trial(spec: dict, on_epoch: EpochHook = None) -> dict[str, Any]:
+def recast_sequence_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -> dict[str, Any]:
     """RECAST-FT over the spec's task order in one model; accuracy matrix after every task.
 
     Each task is seeded the same way whatever its position (``seed_everything`` before its head
@@ -119,18 +118,18 @@ def recast_sequence_trial(spec: dict, on_epoch: EpochHook = None) -> dict[str, A
     """
     tr = TrainParams(**spec["train"])
     order = list(spec["order"])
-    backbone = load_backbone(spec["arch"], Path(spec["pretrain_dir"]))
+    backbone = inputs.backbone("backbone")
     rc, report = _mimicked(backbone, MimicArch(**spec["recast"]), spec["apply_seed"], spec["seed"])
     rc.drop_reference()
     cfg = tr.recipe(spec["device"])
     tests, acc_matrix, val_acc, seconds, steps = {}, [], {}, 0.0, 0
     step_time = 0.0
     for i, task in enumerate(order):
-        task_dir = Path(spec["task_dirs"][task])
+        data = inputs.task(f"task/{task}")
         seed_everything(spec["seed"])
-        rc.add_task(task, num_classes=read_manifest(task_dir).num_classes)
+        rc.add_task(task, num_classes=data.num_classes)
         rc.set_task(task)
-        train, val, tests[task] = task_loaders(task_dir, tr, spec["seed"])
+        train, val, tests[task] = task_loaders(data, tr, spec["seed"])
         hook = None if on_epoch is None else (lambda h, i=i: on_epoch({**h, "task_index": i}))
         res = fit(rc, [p for p in rc.parameters() if p.requires_grad], train, val, cfg, desc=f"{spec['id']}:{task}",
                   on_epoch=hook)
@@ -153,17 +152,17 @@ def recast_sequence_trial(spec: dict, on_epoch: EpochHook = None) -> dict[str, A
     }
 
 
-def continual_trial(spec: dict, on_epoch: EpochHook = None) -> dict[str, Any]:
+def continual_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -> dict[str, Any]:
     """``stages.sequential.continual_job`` over the spec's order, final accuracies keyed by task
     (``recast.baselines.run_sequential`` has no per-epoch hook: one final report)."""
-    meta, _ = continual_job(spec)
+    meta, _ = continual_job(spec, inputs)
     meta["final_acc"] = dict(zip(meta["task_names"], meta["final_acc"], strict=True))
     return meta
 
 
-def stage_tune_trial(spec: dict, on_epoch: EpochHook = None) -> dict[str, Any]:
+def stage_tune_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -> dict[str, Any]:
     """The tune stage's per-task job, unchanged; the sweep keeps its metrics, not its payload."""
-    meta, _ = tune_job(spec, on_epoch=on_epoch)
+    meta, _ = tune_job(spec, inputs, on_epoch=on_epoch)
     return meta
 
 
@@ -171,14 +170,14 @@ _KINDS = {"tune": tune_trial, "stage_tune": stage_tune_trial, "recast_sequence":
           "continual": continual_trial}
 
 
-def run_trial(spec: dict, on_epoch: EpochHook = None) -> dict[str, Any]:
-    """Run the spec's kind; add the trial's peak memory and wall time."""
+def run_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -> dict[str, Any]:
+    """Run the spec's kind with its inputs; add the trial's peak memory and wall time."""
     kind = spec.get("kind")
     if kind not in _KINDS:
         raise ValueError(f"unknown trial kind {kind!r}; choose one of {sorted(_KINDS)}")
     reset_peak_memory(spec["device"])
     rss_start = current_rss_mb()
     start = time.perf_counter()
-    meta = _KINDS[kind](spec, on_epoch)
+    meta = _KINDS[kind](spec, inputs, on_epoch)
     return {**meta, "trial_seconds": time.perf_counter() - start, "rss_start_mb": rss_start,
             **peak_memory(spec["device"])}

@@ -14,7 +14,7 @@ import importlib
 import sys
 from typing import Any
 
-from stages.common import read_params
+from stages.common import StageKilled, read_params
 from stages.params import SECTIONS
 from stages.validate import validate_all
 
@@ -38,5 +38,9 @@ def entry(name: str, spec) -> None:
     if name != "__main__":
         return
     module = importlib.import_module(spec.name if spec is not None else name)
-    result = module.main()
+    try:
+        result = module.main()
+    except StageKilled as err:  # SIGTERM outside a ray.get (inside one, Ray raises KeyboardInterrupt)
+        print(f"{spec.name if spec is not None else name}: {err}", file=sys.stderr)
+        sys.exit(128 + 15)
     sys.exit(result if isinstance(result, int) else 0)

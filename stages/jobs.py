@@ -3,43 +3,43 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
-from recast.data import BatchLoader, read_manifest
+from recast.data import BatchLoader
 from recast.recipes import MethodSpec, build_method
 from recast.training import evaluate, fit
-from stages.backbones import load_backbone
 from stages.common import seed_everything
+from stages.inputs import JobInputs, TaskData
 from stages.params import MethodParams, TrainParams
 from stages.sequential import continual_job
 
 
-def task_loaders(task_dir: Path, tr: TrainParams, seed: int) -> tuple[BatchLoader, BatchLoader, BatchLoader]:
-    """The (train, val, test) loaders of one prepared task under the recipe ``tr``."""
+def task_loaders(data: TaskData, tr: TrainParams, seed: int,
+                 device: str = "cpu") -> tuple[BatchLoader, BatchLoader, BatchLoader]:
+    """The (train, val, test) loaders of one task input under the recipe ``tr``."""
 
     def loader(split: str, train: bool, limit: int | None) -> BatchLoader:
-        return BatchLoader(task_dir, split, tr.batch_size, tr.image_size, train=train, seed=seed, limit=limit)
+        return data.loader(split, tr.batch_size, tr.image_size, train=train, seed=seed, limit=limit, device=device)
 
     return (loader("train", True, tr.limit_train), loader("val", False, tr.limit_eval),
             loader("test", False, tr.limit_eval))
 
 
-def tune_job(spec: dict, on_epoch: Callable[[dict[str, float]], None] | None = None) -> tuple[dict, dict]:
-    """Train one method on one task; returns (metrics, payload tensors).
-
-    ``on_epoch`` receives each epoch's ``recast.training.fit`` history entry (a sweep reports it).
-    """
+def tune_job(spec: dict, inputs: JobInputs,
+             on_epoch: Callable[[dict[str, float]], None] | None = None) -> tuple[dict, dict]:
+    """Train one method on one task (inputs ``task``, ``backbone``, ``banks`` for RECAST);
+    returns (metrics, payload tensors). ``on_epoch`` receives each epoch's
+    ``recast.training.fit`` history entry (a sweep reports it)."""
     seed_everything(spec["seed"])
     tr = TrainParams(**spec["train"])
     m = MethodParams(**spec["method"])
-    task_dir = Path(spec["task_dir"])
-    manifest = read_manifest(task_dir)
-    bb = load_backbone(spec["arch"], Path(spec["pretrain_dir"]), Path(spec["mimic_dir"]) if m.needs_recast else None)
+    data = inputs.task("task")
+    manifest = data.manifest
+    bb = inputs.backbone("backbone", banks="banks" if m.needs_recast else None)
     built = build_method(MethodSpec(m.kind, m.adapter, m.recast, m.overrides, m.lr), bb, spec["task"],
                          manifest.num_classes)
-    train, val, test = task_loaders(task_dir, tr, spec["seed"])
     cfg = tr.recipe(spec["device"], m.lr)
-    built.prepare(train, cfg.device)  # e.g. RoSA's gradient-chosen support
+    built.prepare(task_loaders(data, tr, spec["seed"], spec["device"])[0], cfg.device)  # RoSA's gradient support
+    train, val, test = task_loaders(data, tr, spec["seed"], spec["device"])  # fresh: as if prepare never ran
     res = fit(built.model, built.trainable, train, val, cfg, desc=spec["id"], on_epoch=on_epoch)
     test_acc = evaluate(built.model, test, cfg.device)
     payload = built.payload()
@@ -47,6 +47,8 @@ def tune_job(spec: dict, on_epoch: Callable[[dict[str, float]], None] | None = N
         "arch": spec["arch"], "method": spec["method_name"], "task": spec["task"], "seed": spec["seed"],
         "val_acc": res.best_val_acc, "test_acc": test_acc, "best_epoch": res.best_epoch,
         "trainable_params": int(sum(p.numel() for p in built.trainable)),
+        "head_params": built.head_params(),
+        "task_params": int(sum(p.numel() for p in built.trainable)) - built.head_params(),
         "stored_params": int(sum(t.numel() for t in payload.values())),
         "bytes": int(sum(t.numel() * t.element_size() for t in payload.values())),
         "seconds_per_step": res.seconds_per_step, "train_seconds": res.seconds, "steps": res.steps,
@@ -55,6 +57,6 @@ def tune_job(spec: dict, on_epoch: Callable[[dict[str, float]], None] | None = N
     return meta, payload
 
 
-def dispatch(spec: dict) -> tuple[dict, dict]:
+def dispatch(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
     """Ray entry point: a per-task job or a sequential baseline."""
-    return continual_job(spec) if spec.get("kind") == "continual" else tune_job(spec)
+    return continual_job(spec, inputs) if spec.get("kind") == "continual" else tune_job(spec, inputs)

@@ -8,33 +8,42 @@ Either way the result is ``outputs/pretrain/<arch>.safetensors`` + ``<arch>.json
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import timm
 
-from recast.data import BatchLoader, read_manifest
 from recast.training import TuneConfig, evaluate, fit
-from stages.backbones import save_pretrained
+from stages.backbones import pretrained_sidecar
 from stages.cli import entry, stage_params
-from stages.common import ParamsError, resolve, seed_everything, validate_section, write_json_atomic
-from stages.fanout import run_jobs
+from stages.common import ParamsError, metrics_path, resolve, seed_everything, validate_section, write_json_atomic
+from stages.fanout import run_jobs, spec_key, stage_lock, store_tensors
+from stages.inputs import InputStore, JobInputs, file_bundle, task_bundle
 from stages.params import ArchParams, PretrainParams, RuntimeParams
-from stages.runtime import pick_device
+from stages.runtime import job_device
 from stages.tracking import Tracker
 
 
-def pretrain_job(spec: dict) -> tuple[dict, dict]:
-    """Ray task: build (and train) one backbone; returns (meta, state_dict)."""
+def pretrain_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
+    """Ray task: build (and train) one backbone; returns (meta, state_dict). Inputs: ``source``
+    (the prepared source task) for ``source: train``; ``checkpoint`` when ``checkpoint_file`` is set."""
     arch = ArchParams(**spec["arch"])
     seed_everything(spec["seed"])
     if spec["source"] == "timm":
-        overlay = {"file": str(resolve(arch.checkpoint_file))} if arch.checkpoint_file else None
-        model = timm.create_model(arch.model, pretrained=True, pretrained_cfg_overlay=overlay, **arch.kwargs)
-        return {"model": arch.model, "kwargs": arch.kwargs, "num_classes": model.num_classes,
-                "source": "timm"}, model.state_dict()
-    src = resolve(spec["data_dir"]) / "source"
-    manifest = read_manifest(src)
+        with tempfile.TemporaryDirectory() as tmp:
+            overlay = None
+            if "checkpoint" in spec["inputs"]:  # timm reads the weights from a file on this node
+                name, data = inputs.file("checkpoint")
+                (Path(tmp) / name).write_bytes(data)
+                overlay = {"file": str(Path(tmp) / name)}
+            model = timm.create_model(arch.model, pretrained=True, pretrained_cfg_overlay=overlay, **arch.kwargs)
+        return {"model": arch.model, "kwargs": arch.kwargs, "num_classes": model.num_classes, "source": "timm",
+                "timm_tag": model.pretrained_cfg.get("tag")}, model.state_dict()
+    src = inputs.task("source")
+    manifest = src.manifest
     model = timm.create_model(arch.model, pretrained=False, num_classes=manifest.num_classes, **arch.kwargs)
-    loader = lambda split, train: BatchLoader(src, split, spec["batch_size"], spec["image_size"], train=train,
-                                              seed=spec["seed"], limit=spec["limit"])
+    loader = lambda split, train: src.loader(split, spec["batch_size"], spec["image_size"], train=train,
+                                             seed=spec["seed"], limit=spec["limit"])
     epochs, lr = arch.epochs or spec["epochs"], arch.lr or spec["lr"]
     cfg = TuneConfig(epochs=epochs, lr=lr, weight_decay=spec["weight_decay"],
                      step_size=max(1, (2 * epochs) // 3), freeze_bn_stats=False, progress=False,
@@ -47,30 +56,44 @@ def pretrain_job(spec: dict) -> tuple[dict, dict]:
     return meta, {k: v.cpu() for k, v in model.state_dict().items()}
 
 
-def build_specs(p: PretrainParams, device: str) -> list[dict]:
-    return [{"id": f"pretrain/{name}", "arch": a.model_dump(), "source": p.source, "data_dir": p.data_dir,
-             "epochs": p.epochs, "lr": p.lr, "weight_decay": p.weight_decay, "batch_size": p.batch_size,
-             "image_size": p.image_size, "limit": p.limit, "seed": p.seed, "device": device}
-            for name, a in p.archs.items()]
+def build_specs(p: PretrainParams, device: str, store: InputStore) -> list[dict]:
+    """One job per arch; inputs added to ``store`` (``checkpoint_file`` is dropped from the spec:
+    its digest names it)."""
+    specs = []
+    for name, a in p.archs.items():
+        roles = {}
+        if p.source == "train":
+            roles["source"] = store.add(task_bundle(resolve(p.data_dir) / "source"))
+        elif a.checkpoint_file:
+            roles["checkpoint"] = store.add(file_bundle(resolve(a.checkpoint_file)))
+        specs.append({"id": f"pretrain/{name}", "arch": a.model_dump(exclude={"checkpoint_file"}),
+                      "source": p.source, "epochs": p.epochs, "lr": p.lr, "weight_decay": p.weight_decay,
+                      "batch_size": p.batch_size, "image_size": p.image_size, "limit": p.limit, "seed": p.seed,
+                      "device": device, "inputs": roles})
+    return specs
 
 
 def run(p: PretrainParams, rt: RuntimeParams) -> dict[str, dict]:
     if p.source == "train" and not (resolve(p.data_dir) / "source").exists():
         raise ParamsError(f"pretrain.data_dir: no 'source' set under {resolve(p.data_dir)}; run the prepare stage")
-    tracker = Tracker("pretrain", rt.experiment, p.model_dump())
-    specs = build_specs(p, pick_device(rt.device))
+    store = InputStore(rt.storage)
+    specs = build_specs(p, job_device(rt), store)
     out = resolve(p.out_dir)
+    with stage_lock("pretrain", rt), Tracker("pretrain", rt.experiment, p.model_dump()) as tracker:
 
-    def on_result(spec, result, cached):
-        meta, state = result
-        arch = spec["id"].split("/", 1)[1]
-        save_pretrained(out, arch, state, meta)
-        tracker.child(spec["id"], {"arch": arch, **spec["arch"]}, meta, tags={"cached": str(cached)})
+        def on_result(spec, result, cached):
+            meta, state = result
+            arch = spec["id"].split("/", 1)[1]
+            if p.source == "timm":  # the job saw the file's bytes only; record where it came from
+                meta = {**meta, "checkpoint_file": p.archs[arch].checkpoint_file}
+            store_tensors(rt, "pretrain", spec, state, pretrained_sidecar(state, meta), out / arch)
+            tracker.child(spec["id"], {"arch": arch, **spec["arch"]}, meta, tags={"cached": str(cached)},
+                          key=spec_key(spec))
 
-    results = run_jobs("pretrain", pretrain_job, specs, rt, on_result)
-    summary = {sid.split("/", 1)[1]: {k: v for k, v in meta.items() if not k.startswith("_")} for sid, (meta, _) in results.items()}
-    write_json_atomic(resolve("metrics/pretrain.json"), summary)
-    tracker.finish()
+        results = run_jobs("pretrain", pretrain_job, specs, rt, on_result, inputs=store)
+        summary = {sid.split("/", 1)[1]: {k: v for k, v in meta.items() if not k.startswith("_")}
+                   for sid, (meta, _) in results.items()}
+        write_json_atomic(metrics_path("pretrain", p.out_dir, PretrainParams.model_fields["out_dir"].default), summary)
     return summary
 
 

@@ -1,5 +1,9 @@
 """What the tune and combine stages do with a finished job: write its payload, log it to
-MLflow as a child run, register the payload, and summarise all jobs per arch/method."""
+MLflow as a child run, register the payload, and summarise all jobs per arch/method.
+
+A job from the cache is published the same way: its child run is found again by its cache key
+and its payload registered unless its run has a version already, so a resumed stage catches up
+on what an interrupted one did not log."""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ from typing import Any
 
 import torch
 
-from recast.io import save_tensors, tensors_sha256
+from recast.io import tensors_sha256
+from stages.fanout import job_file, spec_key, store_tensors
+from stages.params import RuntimeParams
 from stages.tracking import Tracker, register_payload
 
 
@@ -28,10 +34,13 @@ def payload_path(out_dir: Path, spec: dict) -> Path:
 
 
 class Publisher:
-    """Collects the rows of a stage and publishes each finished job (``run_jobs``'s ``on_result``)."""
+    """Collects the rows of a stage and publishes each finished job (``run_jobs``'s ``on_result``).
 
-    def __init__(self, tracker: Tracker, out_dir: Path):
-        self.tracker, self.out_dir, self.rows = tracker, out_dir, []
+    A payload file is a hard link to the job's cache entry (``stages.fanout.store_tensors``), and
+    it is logged to MLflow once: a cached job's child run points at the first run's artifacts."""
+
+    def __init__(self, tracker: Tracker, out_dir: Path, stage: str, rt: RuntimeParams):
+        self.tracker, self.out_dir, self.stage, self.rt, self.rows = tracker, out_dir, stage, rt, []
 
     def __call__(self, spec: dict, result: tuple[dict, dict[str, torch.Tensor]], cached: bool) -> None:
         meta, tensors = result
@@ -40,16 +49,18 @@ class Publisher:
         artifacts = []
         if tensors:
             side = {**payload_sidecar(spec, meta), "payload_sha256": tensors_sha256(tensors)}
-            st = save_tensors(tensors, side, payload_path(self.out_dir, spec))
+            st = store_tensors(self.rt, self.stage, spec, tensors, side, payload_path(self.out_dir, spec))
             artifacts = [st, st.with_suffix(".json")]
         params = {k: spec[k] for k in ("arch", "method_name", "seed") if k in spec}
         params.update({"task": spec.get("task", "sequential"), "method": spec.get("method", spec.get("options"))})
         metrics = {k: v for k, v in meta.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        rid = self.tracker.child(spec["id"], params, metrics, artifacts, tags={"cached": str(cached)})
-        if tensors and not cached:
-            register_payload(rid, spec["arch"], spec["task"], spec["method_name"],
-                             {"test_acc": f"{meta['test_acc']:.6f}", "bank_sha256": str(spec.get("bank_sha")),
-                              "seed": str(spec["seed"]), "bytes": str(meta["bytes"])}, accuracy=meta["test_acc"])
+        rid = self.tracker.child(spec["id"], params, metrics, artifacts, tags={"cached": str(cached)},
+                                 key=spec_key(spec), logged_at=job_file(self.rt, self.stage, spec, ".mlflow.json"))
+        if tensors and rid is not None:
+            tags = {"test_acc": f"{meta['test_acc']:.6f}", "bank_sha256": str(spec.get("bank_sha")),
+                    "seed": str(spec["seed"]), "bytes": str(meta["bytes"])}
+            self.tracker.guard(lambda: register_payload(rid, spec["arch"], spec["task"], spec["method_name"], tags,
+                                                        accuracy=meta["test_acc"]), f"registration of {spec['id']}")
 
     def sorted_rows(self, task_order: list[str]) -> list[dict]:
         """Rows by arch, method, task (in the configured order), seed."""
@@ -70,6 +81,8 @@ def summarise(results: list[dict]) -> dict[str, Any]:
         rows = [x for rs in per_task.values() for x in rs]
         out[key] = {"avg_test_acc": statistics.mean(accs.values()), "test_acc": accs,
                     "trainable_params": statistics.mean(x["trainable_params"] for x in rows),
+                    "task_params": statistics.mean(x["task_params"] for x in rows),
+                    "head_params": statistics.mean(x["head_params"] for x in rows),
                     "stored_params": statistics.mean(x["stored_params"] for x in rows),
                     "bytes": statistics.mean(x["bytes"] for x in rows),
                     "seconds_per_step": statistics.mean(x["seconds_per_step"] for x in rows),
@@ -77,6 +90,8 @@ def summarise(results: list[dict]) -> dict[str, Any]:
     for r in results:
         if r.get("sequential"):
             key = f"{r['arch']}/{r['method']}"
+            if key in groups:  # e.g. RECAST, which also runs per task: its protocol row gets its own name
+                key += " (sequential)"
             out[key] = {k: r[k] for k in ("avg_forgetting", "forgetting", "acc_matrix", "task_names") if k in r}
             out[key].update(avg_test_acc=r["avg_acc"], test_acc=dict(zip(r["task_names"], r["final_acc"])),
                             trainable_params=statistics.mean(r["trainable_params"]),

@@ -1,16 +1,19 @@
 """The tune and combine stages' shared driver: build the job list, fan it out, publish every
-result, write ``<out_dir>/results.json`` and ``metrics/<stage>.json``."""
+result, write ``<out_dir>/results.json`` and the stage's metrics (``metrics/<stage>.json``, or
+``<out_dir>/metrics.json`` for a side run with another ``out_dir``). One run of a stage at a
+time (``stage_lock``); its MLflow parent run always ends (``Tracker`` is a context manager)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from stages.common import resolve, write_json_atomic
-from stages.fanout import run_jobs
+from stages.common import metrics_path, resolve, write_json_atomic
+from stages.fanout import run_jobs, stage_lock
+from stages.inputs import InputStore
 from stages.jobs import dispatch
-from stages.params import MethodParams, RuntimeParams, TuneParams
+from stages.params import CombineParams, MethodParams, RuntimeParams, TuneParams
 from stages.results import Publisher, summarise
-from stages.runtime import pick_device
+from stages.runtime import job_device
 from stages.sequential import continual_specs
 from stages.specs import method_specs, task_names
 from stages.tracking import Tracker
@@ -19,16 +22,20 @@ from stages.tracking import Tracker
 def run_tuning(stage: str, p: TuneParams, methods: dict[str, MethodParams], rt: RuntimeParams, out_dir: str,
                continual: bool) -> dict[str, Any]:
     """Run the stage's jobs (per-task methods, plus the sequential baselines when ``continual``)."""
-    device = pick_device(rt.device)
-    specs = method_specs(stage, p, methods, device) + (continual_specs(stage, p, device) if continual else [])
-    tracker = Tracker(stage, rt.experiment, {"methods": {k: v.model_dump() for k, v in methods.items()},
-                                             "train": p.train.model_dump(), "archs": p.archs, "seeds": p.seeds})
-    publish = Publisher(tracker, resolve(out_dir))
-    run_jobs(stage, dispatch, specs, rt, publish)
-    rows = publish.sorted_rows(task_names(p))
-    write_json_atomic(resolve(out_dir) / "results.json", rows)
-    summary = summarise(rows)
-    write_json_atomic(resolve(f"metrics/{stage}.json"), summary)
-    tracker.finish({f"{k.replace('/', '.')}.avg_test_acc": v["avg_test_acc"] for k, v in summary.items()
-                    if "avg_test_acc" in v})
+    device = job_device(rt)
+    store = InputStore(rt.storage)
+    specs = method_specs(stage, p, methods, device, store)
+    specs += continual_specs(stage, p, device, store) if continual else []
+    default_out = (TuneParams if stage == "tune" else CombineParams).model_fields["out_dir"].default
+    params = {"methods": {k: v.model_dump() for k, v in methods.items()}, "train": p.train.model_dump(),
+              "archs": p.archs, "seeds": p.seeds}
+    with stage_lock(stage, rt), Tracker(stage, rt.experiment, params) as tracker:
+        publish = Publisher(tracker, resolve(out_dir), stage, rt)
+        run_jobs(stage, dispatch, specs, rt, publish, inputs=store)
+        rows = publish.sorted_rows(task_names(p))
+        write_json_atomic(resolve(out_dir) / "results.json", rows)
+        summary = summarise(rows)
+        write_json_atomic(metrics_path(stage, out_dir, default_out), summary)
+        tracker.finish({f"{k.replace('/', '.')}.avg_test_acc": v["avg_test_acc"] for k, v in summary.items()
+                        if "avg_test_acc" in v})
     return summary

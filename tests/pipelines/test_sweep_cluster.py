@@ -127,7 +127,7 @@ def test_sweep_survives_losing_the_worker_node(services, stage_root: Path, tmp_p
     config.write_text(yaml.safe_dump({
         "pairs": PAIRS, "train": TRAIN, "out_dir": str(tmp_path / "sweeps"),
         "data_dir": str(stage_root / "data/prepared/offline"), "pretrain_dir": str(stage_root / "outputs/pretrain"),
-        "runtime": {"cache_dir": str(tmp_path / "cache"), "storage": str(tmp_path / "tune"),
+        "runtime": {"cache_dir": str(tmp_path / "cache"), "storage": (tmp_path / "tune").as_uri(),
                     "experiment": "cluster-test", "progress": False, "max_retries": 3}}))
     markers = tmp_path / "markers"
     log = (tmp_path / "driver.log").open("w")

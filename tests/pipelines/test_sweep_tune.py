@@ -90,23 +90,29 @@ def test_sweep_runs_on_tune(sweep: str, stage_outputs, write_config, module_ray,
         assert 0.005 <= best["lr"] <= 0.05 and best["epochs"] in (1, 2)
 
 
-def test_inputs_reach_trials_through_the_object_store(stage_outputs, module_ray, tmp_path: Path) -> None:
+def test_inputs_reach_trials_through_the_object_store(stage_outputs, module_ray) -> None:
+    """What ``run_sweep`` passes a trial (``InputStore.refs``) resolves, in a Ray task, to the
+    bundles of its spec: the bytes of the driver's files, only the roles it names."""
     from pipelines.config import SeedsSweep
-    from pipelines.inputs import fetch_inputs, ship_inputs
     from pipelines.specs import build_specs
+    from stages.inputs import InputStore, JobInputs
 
     cfg = SeedsSweep(tasks=TWO_TASKS, seeds=[1], methods={"head": {"kind": "head_only"}, "recast": {"kind": "recast"}})
-    specs = {s["name"]: s for s in build_specs("seeds", cfg, "cpu")
-             if s["task"] == "mnist_lo5"}
-    refs = ship_inputs(list(specs.values()))
+    store = InputStore()
+    specs = {s["name"]: s for s in build_specs("seeds", cfg, "cpu", store) if s["task"] == "mnist_lo5"}
+    refs = store.refs(list(specs.values()))
     assert len(refs) == 3  # one task (the other is not named by these specs), the backbone, the banks
-    local = fetch_inputs(specs["recast"], refs, tmp_path / "trial")
-    for field in ("task_dir", "pretrain_dir", "mimic_dir"):
-        assert Path(local[field]).is_relative_to(tmp_path / "trial")
-        driver = Path(specs["recast"][field])
-        for path in Path(local[field]).rglob("*"):
-            if path.is_file():
-                assert path.read_bytes() == (driver / path.relative_to(local[field])).read_bytes()
-    assert sorted(p.name for p in Path(local["pretrain_dir"]).iterdir()) == ["vit.json", "vit.safetensors"]
-    head = fetch_inputs(specs["head"], refs, tmp_path / "head")
-    assert head["mimic_dir"] == ""  # head only: the banks are not shipped to it
+    assert sorted(specs["recast"]["inputs"]) == ["backbone", "banks", "task"]
+    assert sorted(specs["head"]["inputs"]) == ["backbone", "task"]  # head only: no banks
+
+    @module_ray.remote
+    def fetched(roles: dict, refs: dict) -> dict:
+        inputs = JobInputs.fetch(roles, refs)
+        return {key: {n: bytes(a.tobytes()) for n, a in inputs.payloads[key].items()} for key in set(roles.values())}
+
+    got = module_ray.get(fetched.remote(specs["recast"]["inputs"], refs))
+    for role, key in specs["recast"]["inputs"].items():
+        driver = store.bundles[key].files
+        assert sorted(got[key]) == sorted(driver), role
+        assert all(got[key][n] == driver[n].read_bytes() for n in driver), role
+    assert sorted(got[specs["recast"]["inputs"]["backbone"]]) == ["meta.json", "state.safetensors"]
