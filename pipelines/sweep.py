@@ -46,7 +46,7 @@ from pipelines.trials import run_trial
 from recast.targets import build_plan
 from stages.backbones import load_backbone
 from stages.common import resolve
-from stages.fanout import MARKER_ENV, init_ray, maybe_fault, spec_key
+from stages.fanout import MARKER_ENV, check_code, code_fingerprint, init_ray, maybe_fault, spec_key
 from stages.inputs import InputStore, JobInputs
 from stages.params import RuntimeParams
 from stages.runtime import job_device
@@ -116,9 +116,11 @@ def write_done(done_dir: str, trial_key: str, result: dict) -> None:
 
 
 def sweep_trial(config: dict[str, Any], specs: dict[str, dict], inputs: dict[str, Any], done_dir: str,
-                threads: int) -> None:
+                threads: int, code: str) -> None:
     """Tune trainable: run one trial; report each epoch, then the final result (``final``).
-    ``inputs``: ``{bundle key: ObjectRef or URI}`` of every trial (``InputStore.refs``)."""
+    ``inputs``: ``{bundle key: ObjectRef or URI}`` of every trial (``InputStore.refs``); ``code``:
+    the driver's ``code_fingerprint`` (a worker that imports other code fails, ``check_code``)."""
+    check_code(code)
     spec = trial_spec(specs, config)
     done = read_done(done_dir, spec["id"])
     if done is not None:  # finished before the driver's last experiment-state save: report, don't recompute
@@ -213,7 +215,8 @@ def run_sweep(sweep: str, cfg: SweepBase, rt: RuntimeParams, asha: bool | None =
     storage = _storage(rt)
     trainable = tune.with_resources(
         tune.with_parameters(sweep_trial, specs=by_point, inputs=store.refs(specs),
-                             done_dir=f"{storage.rstrip('/')}/{sweep}-{key}/done", threads=max(1, int(rt.cpus_per_task))),
+                             done_dir=f"{storage.rstrip('/')}/{sweep}-{key}/done", threads=max(1, int(rt.cpus_per_task)),
+                             code=code_fingerprint()),
         {"cpu": rt.cpus_per_task, "gpu": rt.gpus_per_task})
 
     def child(config: dict) -> tuple[str, dict]:
