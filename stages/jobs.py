@@ -38,7 +38,8 @@ def tune_job(spec: dict, inputs: JobInputs,
     built = build_method(MethodSpec(m.kind, m.adapter, m.recast, m.overrides, m.lr), bb, spec["task"],
                          manifest.num_classes)
     cfg = tr.recipe(spec["device"], m.lr)
-    built.prepare(task_loaders(data, tr, spec["seed"], spec["device"])[0], cfg.device)  # RoSA's gradient support
+    built.prepare(data.loader("train", tr.batch_size, tr.image_size, train=True, seed=spec["seed"],  # RoSA's
+                              limit=tr.limit_train, device=spec["device"]), cfg.device)  # gradient support
     train, val, test = task_loaders(data, tr, spec["seed"], spec["device"])  # fresh: as if prepare never ran
     res = fit(built.model, built.trainable, train, val, cfg, desc=spec["id"], on_epoch=on_epoch)
     test_acc = evaluate(built.model, test, cfg.device)
