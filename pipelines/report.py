@@ -148,6 +148,15 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+SWEEP_NOTES = {
+    "k": ("What K can and cannot change: eq. 2 uses only the mean of the K coefficient sets, so K adds no "
+          "expressiveness (effective coefficients stay L*M*n). Closed-form mimicry writes K identical sets, which "
+          "stay identical; from the paper's random-init gradient mimicry, K changes the initial mean, the mimicry "
+          "noise on the mean and what gradient clipping sees, and under Adam the mean then moves as with K=1 up to "
+          "Adam's epsilon."),
+}
+
+
 def write_report(sweep: str, rows: list[dict], out_dir: Path,
                  extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[Path]]:
     """Write the sweep's table, summary and plot; returns the summary and the written paths."""
@@ -164,7 +173,7 @@ def write_report(sweep: str, rows: list[dict], out_dir: Path,
     shown = [{**r, "order": r["task"]} if sweep == "order" else r for r in rows]
     point_rows = [{"point": name, **p} for name, p in summary["points"].items()]
     point_cols = ["point"] + [c for c in _POINT_COLUMNS if any(c in p for p in point_rows)]
-    header = [f"# Sweep `{sweep}`", ""]
+    header = [f"# Sweep `{sweep}`", ""] + ([SWEEP_NOTES[sweep], ""] if sweep in SWEEP_NOTES else [])
     if extra:
         header += [", ".join(f"{k}: {_fmt(v)}" for k, v in extra.items()), ""]
     text = "\n".join(header + [f"## Per point ({summary['accuracy']}: mean over seeds and tasks; std over seeds)", "",
