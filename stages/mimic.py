@@ -10,6 +10,8 @@ of their penultimate features. Jobs run on ``runtime.device``.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ from torch import nn
 
 import recast
 from recast.config import MimicryConfig
+from recast.data import BatchLoader
 from recast.training import evaluate
 from stages.backbones import save_mimicked
 from stages.cli import entry, stage_params
