@@ -135,7 +135,8 @@ def test_side_run_metrics_never_overwrite_the_main_ones(stage_files, sqlite_uri,
     assert metrics_path("tune", "outputs/tune", "outputs/tune") == stage_files / "metrics/tune.json"
     assert metrics_path("tune", str(stage_files / "outputs/tune"), "outputs/tune") == stage_files / "metrics/tune.json"
     row = {"arch": "vit", "method": "head_only", "seed": 0, "test_acc": 0.5, "trainable_params": 1,
-           "stored_params": 1, "bytes": 4, "seconds_per_step": 0.1, "train_seconds": 1.0}
+           "stored_params": 1, "task_params": 1, "head_params": 0, "bytes": 4, "seconds_per_step": 0.1,
+           "train_seconds": 1.0}
 
     def fake_run_jobs(stage, fn, specs, rt, on_result, inputs=None):
         for spec in specs:
