@@ -3,10 +3,13 @@ seeding, repo-relative paths. The section models are in ``stages.params``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
+PARAMS_ENV = "RECAST_PARAMS"  # the params file of this process (``--params`` sets it)
 
 M = TypeVar("M", bound="Section")
 
@@ -33,7 +37,7 @@ class ParamsError(ValueError):
 
 def read_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Read params.yaml (or ``path``) into a dict."""
-    path = Path(path or os.environ.get("RECAST_PARAMS", DEFAULT_PARAMS))
+    path = Path(path or os.environ.get(PARAMS_ENV, DEFAULT_PARAMS))
     if not path.exists():
         raise ParamsError(f"params file not found: {path}")
     with open(path) as fh:
@@ -74,6 +78,26 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@contextlib.contextmanager
+def record_nondeterminism() -> Iterator[list[str]]:
+    """Collect torch's warnings about ops without a deterministic implementation (raised under
+    ``use_deterministic_algorithms(True, warn_only=True)``); yields the list of messages."""
+    found: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield found
+        finally:
+            found.extend(sorted({str(w.message).split("\n")[0] for w in caught
+                                 if "deterministic" in str(w.message).lower()}))
+
+
+def determinism_tags(meta: dict[str, Any]) -> dict[str, str]:
+    """Run tags saying how deterministic a job was: torch's mode (``seed_everything``) and the
+    ops it warned about (a job's ``_nondeterministic`` list)."""
+    return {"torch.deterministic": "warn_only", "nondeterministic_ops": "; ".join(meta.get("_nondeterministic") or []) or "none"}
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

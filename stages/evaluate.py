@@ -3,8 +3,12 @@
 - Forgetting, measured: for each architecture, every task's RECAST payload is loaded, in task
   order, into ONE RecastModel on the shared banks, and every earlier task is re-evaluated after
   each addition (task identity is known, so this must stay exactly unchanged).
-- A task-wise accuracy table per architecture (Tables 1/2 style) with average accuracy,
-  forgetting, trainable parameters and bytes per task, and wall time.
+- A task-wise accuracy table per architecture (Tables 1/2 style), built with pandas from the
+  tune and combine stages' ``results.parquet``: per task the mean ± std of the test accuracy
+  over seeds, the average over tasks (mean ± std over seeds) and the number of seeds; with the
+  paper configuration (``prepare.suite: paper``) the paper's published average
+  (``recast.paper_results``) and our difference to it; forgetting, trainable parameters and bytes
+  per task, and wall time. ``reports/{tasks,methods}.parquet`` hold those two tables.
 - ``metrics/report.json`` for ``dvc metrics show``; ``reports/params_vs_acc.png`` for
   ``dvc plots``; ``reports/report.md``.
 """
@@ -17,19 +21,24 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import pandas as pd
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from recast.baselines.results import forgetting_per_task  # noqa: E402
+from recast.paper_results import PAPER_AVG_ACC  # noqa: E402
 from recast.data import BatchLoader  # noqa: E402
 from recast.training import evaluate  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from stages.backbones import load_backbone  # noqa: E402
 from stages.cli import entry, stage_params  # noqa: E402
 from stages.common import resolve, validate_section, write_json_atomic  # noqa: E402
-from stages.params import CombineParams, EvaluateParams, RuntimeParams, TuneParams  # noqa: E402
+from stages.lineage import stage_lineage  # noqa: E402
+from stages.params import CombineParams, EvaluateParams, PrepareParams, RuntimeParams, TuneParams  # noqa: E402
 from stages.specs import task_names  # noqa: E402
+from stages.runlog import log_file  # noqa: E402
+from stages.tables import accuracies, method_stats, read_results, task_stats, write_parquet  # noqa: E402
 from stages.tracking import Tracker  # noqa: E402
 
 
@@ -92,8 +101,14 @@ def plot_params_vs_acc(summary: dict[str, dict], path: Path) -> None:
     tmp.replace(path)
 
 
-def markdown(summary: dict[str, dict], results: list[dict], forgetting: dict[str, dict], mimic: dict,
-             task_order: list[str] | None = None) -> str:
+def _pm(mean: float, std: float) -> str:
+    """``mean ± std`` in percent; ``-`` for the std of a single seed."""
+    return f"{100 * mean:.2f} ± " + ("-" if pd.isna(std) else f"{100 * std:.2f}")
+
+
+def markdown(summary: dict[str, dict], tasks: pd.DataFrame, methods: pd.DataFrame, forgetting: dict[str, dict],
+             mimic: dict, task_order: list[str] | None = None, lineage: pd.DataFrame | None = None) -> str:
+    """The report. ``tasks``/``methods``: ``stages.tables.task_stats``/``method_stats`` frames."""
     lines = ["# RECAST report", ""]
     if mimic:
         lines += ["## Neural Mimicry", "", "| arch | min weight cos | min feature cos | acc original | acc reconstructed | templates | coefs/task | seconds |",
@@ -104,18 +119,27 @@ def markdown(summary: dict[str, dict], results: list[dict], forgetting: dict[str
                          f"{m.get('templates', '')} | {m.get('coefficients_per_task', '')} | {m.get('seconds', 0):.2f} |")
         lines.append("")
     archs = sorted({k.split("/")[0] for k in summary})
+    paper = "paper" in methods.columns
     for arch in archs:
-        present = {r["task"] for r in results if r["arch"] == arch and not r.get("sequential")}
-        tasks = [t for t in (task_order or []) if t in present] + sorted(present - set(task_order or []))
-        lines += [f"## {arch}: task-wise test accuracy (%)", "",
-                  "| method | " + " | ".join(tasks) + " | avg | forgetting | trainable/task | bytes/task | wall s |",
-                  "|---" * (len(tasks) + 6) + "|"]
+        t_arch = tasks[tasks["arch"] == arch]
+        present = [t for t in t_arch["task"].unique()]
+        order = [t for t in (task_order or []) if t in present] + sorted(set(present) - set(task_order or []))
+        head = ["method", *order, "avg (mean ± std over seeds)", "seeds", *(["paper", "ours - paper"] if paper else []),
+                "forgetting", "trainable/task", "bytes/task", "wall s"]
+        lines += [f"## {arch}: task-wise test accuracy (%), mean ± std over seeds", "",
+                  "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        m_arch = methods[methods["arch"] == arch].set_index("method")
         for key, v in sorted(summary.items(), key=lambda kv: kv[1].get("trainable_params", 0) if not isinstance(kv[1].get("trainable_params"), list) else 0):
             a, method = key.split("/", 1)
-            if a != arch:
+            if a != arch or method not in m_arch.index:
                 continue
-            accs = v.get("test_acc") or dict(zip(v.get("tasks", tasks), v.get("final_acc", [])))
-            cells = [f"{100 * accs[t]:.2f}" if t in accs else "-" for t in tasks]
+            cells_df = t_arch[t_arch["method"] == method].set_index("task")
+            cells = [_pm(cells_df.at[t, "mean"], cells_df.at[t, "std"]) if t in cells_df.index else "-" for t in order]
+            m = m_arch.loc[method]
+            extra = []
+            if paper:
+                extra = ["-" if pd.isna(m["paper"]) else f"{m['paper']:.1f}",
+                         "-" if pd.isna(m["diff"]) else f"{m['diff']:+.2f}"]
             forg = v.get("avg_forgetting")
             if method == "recast" and arch in forgetting:
                 forg = forgetting[arch]["avg_forgetting"]
@@ -125,8 +149,9 @@ def markdown(summary: dict[str, dict], results: list[dict], forgetting: dict[str
             by = int(statistics.mean(by)) if isinstance(by, list) else (int(by) if by != "-" else by)
             wall = v.get("train_seconds", v.get("wall_time_s", 0))
             wall = sum(wall) if isinstance(wall, list) else wall
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {100 * v['avg_test_acc']:.2f} | "
-                         f"{'-' if forg is None else f'{100 * forg:.2f}'} | {tp} | {by} | {wall:.1f} |")
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {_pm(m['mean'], m['std'])} | {int(m['n_seeds'])} | "
+                         + "".join(f"{x} | " for x in extra)
+                         + f"{'-' if forg is None else f'{100 * forg:.2f}'} | {tp} | {by} | {wall:.1f} |")
         lines.append("")
     for arch, f in sorted(forgetting.items()):
         lines += [f"## {arch}: RECAST tasks re-evaluated after each new task (one model, shared banks)", "",
@@ -134,24 +159,39 @@ def markdown(summary: dict[str, dict], results: list[dict], forgetting: dict[str
         for t, row in zip(f["tasks"], f["acc_matrix"]):
             lines.append(f"| {t} | " + " | ".join("" if a is None else f"{100 * a:.2f}" for a in row) + " |")
         lines.append("")
+    if lineage is not None and "git_commit" in lineage.columns:
+        lines += ["## Lineage", "",
+                  "Every accuracy above is the mean over the jobs of `outputs/{tune,combine}/results.parquet`; each "
+                  "row there names its MLflow run (`run_id`), code (`git_commit`), params and data digests.", "",
+                  "| git commit | dirty | params sha256 | jobs |", "|---|---|---|---|"]
+        groups = lineage.groupby(["git_commit", "git_dirty", "params_sha256"], dropna=False).size()
+        for (commit, dirty, params), n in groups.items():
+            lines.append(f"| {commit} | {dirty} | {str(params)[:16]} | {n} |")
+        lines.append("")
     return "\n".join(lines)
 
 
-def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: str = "outputs/combine") -> dict[str, Any]:
-    results, summary = [], {}
-    for stage, out_dir in (("tune", p_tune.out_dir), ("combine", combine_dir)):
-        path = resolve(out_dir) / "results.json"
-        if path.exists():
-            results += json.loads(path.read_text())
+def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: str = "outputs/combine",
+        suite: str = "offline") -> dict[str, Any]:
+    lineage = stage_lineage("evaluate")
+    summary = {}
+    for stage in ("tune", "combine"):
         mpath = resolve(f"metrics/{stage}.json")
         if mpath.exists():
             summary.update(json.loads(mpath.read_text()))
+    frame = read_results([resolve(p_tune.out_dir) / "results.parquet", resolve(combine_dir) / "results.parquet"])
+    acc = accuracies(frame)
+    tasks = task_stats(acc)
+    methods = method_stats(acc, PAPER_AVG_ACC if suite == "paper" else None)
+    results = frame.to_dict("records")
     mimic = json.loads(resolve("metrics/mimic.json").read_text()) if resolve("metrics/mimic.json").exists() else {}
     forgetting = {arch: f for arch in p.forgetting_archs
                   if (f := recast_forgetting(arch, resolve(p_tune.out_dir), results, p_tune, p.forgetting_method))}
     report_dir = resolve(p.report_dir)
     plot_params_vs_acc(summary, report_dir / "params_vs_acc.png")
-    md = markdown(summary, results, forgetting, mimic, task_names(p_tune))
+    write_parquet(tasks, report_dir / "tasks.parquet")
+    write_parquet(methods, report_dir / "methods.parquet")
+    md = markdown(summary, tasks, methods, forgetting, mimic, task_names(p_tune), frame)
     (report_dir / "report.md").write_text(md + "\n")
     metrics = {}
     for key, v in summary.items():
@@ -161,10 +201,9 @@ def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: s
                         "avg_forgetting": forgetting.get(key.split("/")[0], {}).get("avg_forgetting", 0.0)
                         if key.endswith("/recast") else v.get("avg_forgetting")}
     write_json_atomic(resolve("metrics/report.json"), metrics)
-    tracker = Tracker("evaluate", rt.experiment, p.model_dump())
-    art = report_dir / "report.md"
-    tracker.client.log_artifact(tracker.parent_id, str(art))
-    tracker.client.log_artifact(tracker.parent_id, str(report_dir / "params_vs_acc.png"))
+    tracker = Tracker("evaluate", rt.experiment, p.model_dump(), tags=lineage.tags())
+    for name in ("report.md", "params_vs_acc.png", "tasks.parquet", "methods.parquet"):
+        log_file(tracker, tracker.parent_id, report_dir / name)
     tracker.finish({f"{k.replace('/', '.')}.avg_test_acc": v["avg_test_acc"] for k, v in metrics.items()})
     return {"metrics": metrics, "forgetting": forgetting}
 
@@ -175,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     p_tune = validate_section("tune", TuneParams, data)
     rt = validate_section("runtime", RuntimeParams, data)
     combine = validate_section("combine", CombineParams, data)
-    run(p, p_tune, rt, combine.out_dir)
+    prepare = validate_section("prepare", PrepareParams, data)
+    run(p, p_tune, rt, combine.out_dir, prepare.suite)
     print((resolve(p.report_dir) / "report.md").read_text())
 
 

@@ -2,7 +2,8 @@
 
 Outputs ``outputs/mimic/<arch>/{banks,base}.safetensors`` (+ JSON sidecars), ``recast.json``
 (config) and ``report.json`` (per-module weight cosine, layer-wise feature cosine on a batch of
-real source images, accuracy of the reconstructed model vs the original, time).
+real source images, accuracy of the reconstructed model vs the original, time; gradient mimicry's
+loss every ``eval_every`` steps), and ``results.parquet`` (one row per arch, with lineage).
 """
 
 from __future__ import annotations
@@ -16,18 +17,24 @@ import torch
 import recast
 from recast.config import MimicryConfig
 from recast.data import BatchLoader
+from recast.io import tensors_sha256
 from recast.training import evaluate
 from stages.backbones import load_backbone, save_mimicked
 from stages.cli import entry, stage_params
-from stages.common import ParamsError, resolve, validate_section, write_json_atomic
+from stages.common import (ParamsError, determinism_tags, record_nondeterminism, resolve, seed_everything,
+                           validate_section, write_json_atomic)
 from stages.fanout import run_jobs
+from stages.lineage import TaskData, stage_lineage
 from stages.params import MimicParams, RuntimeParams
+from stages.runlog import log_datasets, log_history
+from stages.tables import write_results
 from stages.tracking import Tracker
 
 
 def mimic_job(spec: dict) -> tuple[dict, dict]:
     """Ray task: apply + mimic one backbone; returns (report, tensors)."""
     p = MimicParams(**spec["params"])
+    seed_everything(p.seed)
     arch = spec["arch"]
     a = p.archs[arch]
     bb = load_backbone(arch, resolve(p.pretrain_dir))
@@ -42,8 +49,10 @@ def mimic_job(spec: dict) -> tuple[dict, dict]:
     else:
         batch = torch.randn(p.feature_batch, 3, p.image_size, p.image_size, generator=torch.Generator().manual_seed(p.seed))
     mcfg = MimicryConfig(**{"seed": p.seed, "progress": False, **a.mimicry})
-    report = recast.mimic(rc, mcfg, batch=batch)
-    out: dict[str, Any] = {"arch": arch, **report.as_dict(), "counts": recast.count_parameters(rc).as_dict()}
+    with record_nondeterminism() as nondeterministic:
+        report = recast.mimic(rc, mcfg, batch=batch)
+    out: dict[str, Any] = {"arch": arch, **report.as_dict(), "counts": recast.count_parameters(rc).as_dict(),
+                           "_nondeterministic": nondeterministic}
     if loader is not None:
         rc.set_task(cfg.base_task, freeze=False)
         out["acc_original"] = evaluate(plain, loader)
@@ -74,7 +83,11 @@ def run(p: MimicParams, rt: RuntimeParams) -> dict[str, dict]:
     for arch in p.archs:
         if not (resolve(p.pretrain_dir) / f"{arch}.json").exists():
             raise ParamsError(f"mimic.archs.{arch}: no pretrained backbone at {resolve(p.pretrain_dir)}/{arch}.json")
-    tracker = Tracker("mimic", rt.experiment, p.model_dump())
+    lineage = stage_lineage("mimic")
+    tracker = Tracker("mimic", rt.experiment, p.model_dump(), tags=lineage.tags())
+    source = [TaskData.of("source", resolve(p.data_dir) / "source")] if (resolve(p.data_dir) / "source").exists() else []
+    log_datasets(tracker, tracker.parent_id, source, context="eval")
+    rows = []
     specs = [{"id": f"mimic/{arch}", "arch": arch, "params": p.model_dump(),
               "backbone_sha": _sha(resolve(p.pretrain_dir) / f"{arch}.json")} for arch in p.archs]
     summary = {}
@@ -95,10 +108,20 @@ def run(p: MimicParams, rt: RuntimeParams) -> dict[str, dict]:
             summary[arch][f"ablation.{name}"] = {k: ab[k] for k in ("min_weight_cosine", "mean_weight_cosine",
                                                                    "min_feature_cosine", "seconds", "acc_reconstructed")
                                                  if k in ab}
-        tracker.child(spec["id"], {"arch": arch, **p.archs[arch].model_dump()}, summary[arch],
-                      artifacts=[d / "report.json", d / "recast.json"], tags={"cached": str(cached)})
+        bank_sha = tensors_sha256(banks)
+        rid = tracker.child(spec["id"], {"arch": arch, **p.archs[arch].model_dump()}, summary[arch],
+                            artifacts=[d / "report.json", d / "recast.json"],
+                            tags={"cached": str(cached), **lineage.tags(), **determinism_tags(meta),
+                                  "backbone_sha256": spec["backbone_sha"], "bank_sha256": bank_sha})
+        log_datasets(tracker, rid, source, context="eval")
+        if clean.get("loss_history"):  # gradient mimicry: the noise-free loss every eval_every steps
+            log_history(tracker, rid, clean["loss_history"], "step", "mimicry")
+        rows.append({"arch": arch, **summary[arch], "final_loss": clean.get("final_loss"), "steps": clean.get("steps"),
+                     "run_id": rid, "backbone_sha256": spec["backbone_sha"], "bank_sha256": bank_sha,
+                     "data_sha256": ",".join(t.sha256 for t in source), **lineage.columns()})
 
     run_jobs("mimic", mimic_job, specs, rt, on_result)
+    write_results(sorted(rows, key=lambda r: r["arch"]), resolve(p.out_dir))
     write_json_atomic(resolve("metrics/mimic.json"), summary)
     tracker.finish()
     return summary

@@ -3,7 +3,8 @@
 ``source: train`` (default suite, offline) trains each tiny timm model on the prepared
 ``source`` set; ``source: timm`` (paper configuration) takes timm's pretrained weights, from
 the hub or from a local file (``checkpoint_file``, through ``pretrained_cfg_overlay``).
-Either way the result is ``outputs/pretrain/<arch>.safetensors`` + ``<arch>.json``.
+Either way the result is ``outputs/pretrain/<arch>.safetensors`` + ``<arch>.json``, plus
+``results.parquet`` (one row per arch, with lineage) and ``curves.png``.
 """
 
 from __future__ import annotations
@@ -12,12 +13,18 @@ import timm
 
 from recast.data import BatchLoader, read_manifest
 from recast.training import TuneConfig, evaluate, fit
+from recast.io import tensors_sha256
 from stages.backbones import save_pretrained
 from stages.cli import entry, stage_params
-from stages.common import ParamsError, resolve, seed_everything, validate_section, write_json_atomic
+from stages.common import (ParamsError, determinism_tags, record_nondeterminism, resolve, seed_everything,
+                           validate_section, write_json_atomic)
+from stages.curves import plot_curves
 from stages.fanout import run_jobs
+from stages.lineage import TaskData, stage_lineage
 from stages.params import ArchParams, PretrainParams, RuntimeParams
+from stages.runlog import log_datasets, log_file, log_history
 from stages.runtime import pick_device
+from stages.tables import write_results
 from stages.tracking import Tracker
 
 
@@ -39,11 +46,14 @@ def pretrain_job(spec: dict) -> tuple[dict, dict]:
     cfg = TuneConfig(epochs=epochs, lr=lr, weight_decay=spec["weight_decay"],
                      step_size=max(1, (2 * epochs) // 3), freeze_bn_stats=False, progress=False,
                      device=spec["device"])
-    res = fit(model, list(model.parameters()), loader("train", True), loader("val", False), cfg, desc=f"pretrain {spec['id']}")
-    test_acc = evaluate(model, loader("test", False), cfg.device)
+    with record_nondeterminism() as nondeterministic:
+        res = fit(model, list(model.parameters()), loader("train", True), loader("val", False), cfg,
+                  desc=f"pretrain {spec['id']}")
+        test_acc = evaluate(model, loader("test", False), cfg.device)
     meta = {"model": arch.model, "kwargs": arch.kwargs, "num_classes": manifest.num_classes, "source": "train",
             "val_acc": res.best_val_acc, "test_acc": test_acc, "epochs": epochs,
-            "seconds_per_step": res.seconds_per_step, "train_seconds": res.seconds}
+            "seconds_per_step": res.seconds_per_step, "train_seconds": res.seconds,
+            "_history": res.history, "_nondeterministic": nondeterministic}
     return meta, {k: v.cpu() for k, v in model.state_dict().items()}
 
 
@@ -57,18 +67,33 @@ def build_specs(p: PretrainParams, device: str) -> list[dict]:
 def run(p: PretrainParams, rt: RuntimeParams) -> dict[str, dict]:
     if p.source == "train" and not (resolve(p.data_dir) / "source").exists():
         raise ParamsError(f"pretrain.data_dir: no 'source' set under {resolve(p.data_dir)}; run the prepare stage")
-    tracker = Tracker("pretrain", rt.experiment, p.model_dump())
+    lineage = stage_lineage("pretrain")
+    tracker = Tracker("pretrain", rt.experiment, p.model_dump(), tags=lineage.tags())
+    source = [TaskData.of("source", resolve(p.data_dir) / "source")] if p.source == "train" else []
+    log_datasets(tracker, tracker.parent_id, source)
     specs = build_specs(p, pick_device(rt.device))
     out = resolve(p.out_dir)
+    rows, histories = [], {}
 
     def on_result(spec, result, cached):
         meta, state = result
         arch = spec["id"].split("/", 1)[1]
-        save_pretrained(out, arch, state, meta)
-        tracker.child(spec["id"], {"arch": arch, **spec["arch"]}, meta, tags={"cached": str(cached)})
+        clean = {k: v for k, v in meta.items() if not k.startswith("_")}
+        save_pretrained(out, arch, state, clean)
+        rid = tracker.child(spec["id"], {"arch": arch, **spec["arch"]}, clean,
+                            tags={"cached": str(cached), **lineage.tags(), **determinism_tags(meta)})
+        log_datasets(tracker, rid, source)
+        if meta.get("_history"):
+            log_history(tracker, rid, meta["_history"], "epoch", "epoch")
+            histories[spec["id"]] = meta["_history"]
+        rows.append({"arch": arch, **clean, "run_id": rid, "backbone_sha256": tensors_sha256(state),
+                     "data_sha256": ",".join(t.sha256 for t in source), **lineage.columns()})
 
     results = run_jobs("pretrain", pretrain_job, specs, rt, on_result)
     summary = {sid.split("/", 1)[1]: {k: v for k, v in meta.items() if not k.startswith("_")} for sid, (meta, _) in results.items()}
+    write_results(sorted(rows, key=lambda r: r["arch"]), out)
+    if histories:
+        log_file(tracker, tracker.parent_id, plot_curves(histories, out / "curves.png", title="pretrain: per-epoch curves"))
     write_json_atomic(resolve("metrics/pretrain.json"), summary)
     tracker.finish()
     return summary

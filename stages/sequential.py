@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from recast.baselines import TaskSpec, TrainConfig, make_method, run_sequential
 from recast.data import BatchLoader, read_manifest
 from stages.backbones import load_backbone, pretrained_meta
-from stages.common import resolve, seed_everything
+from stages.common import record_nondeterminism, resolve, seed_everything
 from stages.params import TrainParams, TuneParams
 from stages.specs import common_fields, manifest_sha, task_names
 
@@ -49,5 +51,7 @@ def continual_job(spec: dict) -> tuple[dict, dict]:
     cfg = TrainConfig(epochs=spec["epochs"], lr=spec["lr"], seed=spec["seed"], device=spec["device"],
                       grad_clip=tr.grad_clip)
     method = make_method(spec["method_name"], backbone, spec.get("options") or None)
-    out = run_sequential(method, tasks, cfg, progress=False).to_json()
-    return {**out, "arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"], "sequential": True}, {}
+    with record_nondeterminism() as nondeterministic:
+        out = run_sequential(method, tasks, cfg, progress=False).to_json()
+    return {**out, "arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"], "sequential": True,
+            "torch_threads": torch.get_num_threads(), "_nondeterministic": nondeterministic}, {}

@@ -1,18 +1,23 @@
 """The tune and combine stages' shared driver: build the job list, fan it out, publish every
-result, write ``<out_dir>/results.json`` and ``metrics/<stage>.json``."""
+result, write ``<out_dir>/results.{json,parquet}``, ``<out_dir>/curves.png`` and
+``metrics/<stage>.json``."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from stages.common import resolve, write_json_atomic
+from stages.curves import plot_curves
 from stages.fanout import run_jobs
 from stages.jobs import dispatch
+from stages.lineage import TaskData, stage_lineage
 from stages.params import MethodParams, RuntimeParams, TuneParams
 from stages.results import Publisher, summarise
+from stages.runlog import log_datasets, log_file
 from stages.runtime import pick_device
 from stages.sequential import continual_specs
 from stages.specs import method_specs, task_names
+from stages.tables import write_results
 from stages.tracking import Tracker
 
 
@@ -21,12 +26,20 @@ def run_tuning(stage: str, p: TuneParams, methods: dict[str, MethodParams], rt: 
     """Run the stage's jobs (per-task methods, plus the sequential baselines when ``continual``)."""
     device = pick_device(rt.device)
     specs = method_specs(stage, p, methods, device) + (continual_specs(stage, p, device) if continual else [])
+    lineage = stage_lineage(stage)  # before any output is written: what dvc.lock will record
     tracker = Tracker(stage, rt.experiment, {"methods": {k: v.model_dump() for k, v in methods.items()},
-                                             "train": p.train.model_dump(), "archs": p.archs, "seeds": p.seeds})
-    publish = Publisher(tracker, resolve(out_dir))
+                                             "train": p.train.model_dump(), "archs": p.archs, "seeds": p.seeds},
+                      tags=lineage.tags())
+    data = resolve(p.data_dir)
+    log_datasets(tracker, tracker.parent_id, [TaskData.of(t, data / t) for t in task_names(p)])
+    publish = Publisher(tracker, resolve(out_dir), lineage)
     run_jobs(stage, dispatch, specs, rt, publish)
     rows = publish.sorted_rows(task_names(p))
     write_json_atomic(resolve(out_dir) / "results.json", rows)
+    write_results(rows, resolve(out_dir))
+    if publish.histories:
+        png = plot_curves(publish.histories, resolve(out_dir) / "curves.png", title=f"{stage}: per-epoch curves")
+        log_file(tracker, tracker.parent_id, png)
     summary = summarise(rows)
     write_json_atomic(resolve(f"metrics/{stage}.json"), summary)
     tracker.finish({f"{k.replace('/', '.')}.avg_test_acc": v["avg_test_acc"] for k, v in summary.items()
