@@ -35,7 +35,8 @@ def params_file(root: Path | None = None) -> Path:
 
 def git_state(root: Path | None = None) -> dict[str, str]:
     """``{"commit": sha, "dirty": "true"|"false"}``; empty strings outside a git work tree or
-    before the first commit. Dirty means tracked or untracked (not ignored) changes."""
+    before the first commit. Dirty means tracked or untracked (not ignored) changes other than
+    ``dvc.lock``, which ``dvc repro`` itself rewrites after each stage."""
     root = root or resolve(".")
 
     def git(*args: str) -> subprocess.CompletedProcess:
@@ -44,7 +45,7 @@ def git_state(root: Path | None = None) -> dict[str, str]:
     head = git("rev-parse", "HEAD")
     if head.returncode != 0:
         return {"commit": "", "dirty": ""}
-    status = git("status", "--porcelain")
+    status = git("status", "--porcelain", "--", ".", ":(exclude)dvc.lock")
     return {"commit": head.stdout.strip(), "dirty": str(bool(status.stdout.strip())).lower()}
 
 
