@@ -34,10 +34,10 @@ from safetensors.torch import load_file  # noqa: E402
 from stages.backbones import load_backbone  # noqa: E402
 from stages.cli import entry, stage_params  # noqa: E402
 from stages.common import resolve, validate_section, write_json_atomic  # noqa: E402
-from stages.lineage import stage_lineage  # noqa: E402
+from stages.lineage import TaskData, stage_lineage  # noqa: E402
 from stages.params import CombineParams, EvaluateParams, PrepareParams, RuntimeParams, TuneParams  # noqa: E402
 from stages.specs import task_names  # noqa: E402
-from stages.runlog import log_file  # noqa: E402
+from stages.runlog import log_datasets, log_file  # noqa: E402
 from stages.tables import accuracies, method_stats, read_results, task_stats, write_parquet  # noqa: E402
 from stages.tracking import Tracker  # noqa: E402
 
@@ -59,7 +59,7 @@ def recast_forgetting(arch: str, tune_dir: Path, results: list[dict], p_tune: Tu
     for i, task in enumerate(tasks):
         tensors = load_file(str(tune_dir / "payloads" / arch / method / f"{task}-s{p_tune.seeds[0]}.safetensors"))
         rc.load_task_tensors(task, {k: v for k, v in tensors.items() if not k.startswith("extra.")},
-                             num_classes=rows[i]["num_classes"])
+                             num_classes=int(rows[i]["num_classes"]))
         row: list[float | None] = []
         for j, prev in enumerate(tasks):
             if j > i:
@@ -202,6 +202,8 @@ def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: s
                         if key.endswith("/recast") else v.get("avg_forgetting")}
     write_json_atomic(resolve("metrics/report.json"), metrics)
     tracker = Tracker("evaluate", rt.experiment, p.model_dump(), tags=lineage.tags())
+    data = resolve(p_tune.data_dir)
+    log_datasets(tracker, tracker.parent_id, [TaskData.of(t, data / t) for t in task_names(p_tune)], context="eval")
     for name in ("report.md", "params_vs_acc.png", "tasks.parquet", "methods.parquet"):
         log_file(tracker, tracker.parent_id, report_dir / name)
     tracker.finish({f"{k.replace('/', '.')}.avg_test_acc": v["avg_test_acc"] for k, v in metrics.items()})

@@ -65,7 +65,7 @@ def repro(tmp_path_factory, source_tree):
     subprocess.run([*git, "add", "-A"], cwd=root, check=True)
     subprocess.run([*git, "commit", "-qm", "tiny"], cwd=root, check=True)
     proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=root, env=_env(root),
-                          capture_output=True, text=True, timeout=1200)
+                          capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
     return root, commit
@@ -90,7 +90,7 @@ def _sha256_json(obj) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(3200)
 def test_every_run_has_the_lineage_dvc_lock_records(repro, client):
     root, commit = repro
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
