@@ -55,8 +55,8 @@ class MimicryReport:
         feature_cosine: per layer container (``blocks.3``), mean per-sample cosine of its
             output between the reconstructed and the reference model on the given batch.
         final_loss: mimicry loss of the kept state (gradient methods; 0 for closed form).
-        loss_history: gradient methods: ``{"step", "loss"}`` (noise-free loss) every
-            ``eval_every`` steps and at the last step; empty for closed form.
+        loss_history: gradient methods: ``{"step", "loss"}`` every ``eval_every`` steps and at
+            the last step (the loss that scores the best state); empty for closed form.
     """
 
     method: str
@@ -150,7 +150,8 @@ def gradient(rc: RecastModel, cfg: MimicryConfig, history: list[dict[str, float]
 
     The best loss is noise-free with ``cfg.best_state="clean"`` and the noisy training loss of
     the kept state with ``"noisy"`` (see ``MimicryConfig.best_state``). ``history``, when given,
-    receives ``{"step", "loss"}`` at every evaluation of the noise-free loss.
+    receives ``{"step", "loss"}`` every ``eval_every`` steps and at the last step (the noise-free
+    loss, or with ``"noisy"`` the noisy loss of that step).
     """
     gen = torch.Generator().manual_seed(cfg.seed)
     layers = dict(rc.recast_layers())
@@ -192,6 +193,8 @@ def gradient(rc: RecastModel, cfg: MimicryConfig, history: list[dict[str, float]
             noisy = float(loss.detach())
             if noisy < best[0]:
                 best = (noisy, snapshot())
+            if history is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                history.append({"step": step + 1, "loss": noisy})
             bar.set_postfix(loss=f"{noisy:.3e}", refresh=False)
         loss.backward()
         if cfg.grad_clip is not None:
