@@ -111,7 +111,7 @@ def test_every_run_has_the_lineage_dvc_lock_records(repro, client):
     data = root / "data" / "prepared" / "offline"
     sha = {t: hashlib.sha256((data / t / "manifest.json").read_bytes()).hexdigest() for t in [*TASKS, "source"]}
     jobs = [r for r in runs if r.data.tags.get("dvc.stage") in ("tune", "combine") and "job" in r.data.tags]
-    assert len(jobs) == 2 * 2 * 2 + 1 + 2 * 2  # tune: 2 methods x 2 tasks x 2 seeds + lwf; combine: 1 x 2 x 2
+    assert len(jobs) == 2 * 2 * 2 + 2 + 2 * 2  # tune: 2 methods x 2 tasks x 2 seeds + lwf x 2 seeds; combine: 1 x 2 x 2
     for r in jobs:
         inputs = {d.dataset.name: d.dataset for d in r.inputs.dataset_inputs}
         expected = TASKS if r.data.tags["job"].endswith(("/sequential/s42", "/sequential/s7")) else \
@@ -154,7 +154,7 @@ def test_every_tuning_job_has_per_epoch_curves(repro, client):
 @pytest.mark.slow
 def test_results_tables_and_report(repro):
     root, commit = repro
-    for stage, n in (("pretrain", 1), ("mimic", 1), ("tune", 9), ("combine", 4)):
+    for stage, n in (("pretrain", 1), ("mimic", 1), ("tune", 10), ("combine", 4)):
         df = pd.read_parquet(root / "outputs" / stage / "results.parquet")
         assert len(df) == n, stage
         assert (df["git_commit"] == commit).all() and df["run_id"].str.len().eq(32).all()
