@@ -18,13 +18,14 @@ import time
 from pathlib import Path
 
 from stages.common import REPO_ROOT, read_params, validate_section
+from stages.inputs import InputStore
 from stages.jobs import dispatch
 from stages.params import RuntimeParams, TuneParams
-from stages.runtime import pick_device
+from stages.runtime import job_device
 from stages.specs import method_specs
 
 
-def measure(workers: int, specs: list[dict], rt: RuntimeParams) -> float:
+def measure(workers: int, specs: list[dict], rt: RuntimeParams, store: InputStore) -> float:
     import ray
 
     from stages.fanout import run_jobs
@@ -35,7 +36,7 @@ def measure(workers: int, specs: list[dict], rt: RuntimeParams) -> float:
         if ray.is_initialized():
             ray.shutdown()
         t0 = time.perf_counter()
-        run_jobs(f"bench{workers}", dispatch, specs, rt_n)
+        run_jobs(f"bench{workers}", dispatch, specs, rt_n, inputs=store)
         return time.perf_counter() - t0
     finally:
         ray.shutdown()
@@ -56,9 +57,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tasks:
         p = p.model_copy(update={"tasks": args.tasks})
     methods = {k: v for k, v in p.methods.items() if args.methods is None or k in args.methods}
-    specs = method_specs("tune", p, methods, pick_device(rt.device))
-    t1 = measure(1, specs, rt)
-    tn = measure(args.workers, specs, rt)
+    store = InputStore(rt.storage)
+    specs = method_specs("tune", p, methods, job_device(rt), store)
+    t1 = measure(1, specs, rt, store)
+    tn = measure(args.workers, specs, rt, store)
     out = {"jobs": len(specs), "wall_1_worker_s": t1, f"wall_{args.workers}_workers_s": tn, "speedup": t1 / tn}
     print(f"| jobs | 1 worker (s) | {args.workers} workers (s) | speedup |\n|---|---|---|---|\n"
           f"| {len(specs)} | {t1:.1f} | {tn:.1f} | {t1 / tn:.2f}x |")

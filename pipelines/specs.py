@@ -1,15 +1,14 @@
 """Trial specs of each sweep: JSON-serialisable dicts, one Ray task each (``pipelines.trials``).
 
-A spec holds everything its trial needs (absolute paths, the method, the recipe) and the hashes
-of its inputs (backbone, task manifest, banks), so its ``stages.fanout.spec_key`` changes
-whenever a result would (the key also hashes the code). ``point`` holds the sweep coordinates that land in the table.
+A spec holds everything its trial needs (the method, the recipe) and its inputs by content
+(``spec["inputs"]``: role -> key of a ``stages.inputs.InputStore`` bundle: backbone, task,
+banks), so its ``stages.fanout.spec_key`` changes whenever a result would (the key also hashes
+the code) and never depends on where the project lies. ``point`` holds the sweep coordinates that land in the table.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 from pipelines.config import (
@@ -22,31 +21,31 @@ from pipelines.config import (
     TargetsSweep,
     TrialMethod,
 )
+from stages.backbones import pretrained_meta
 from stages.common import ParamsError, resolve
+from stages.inputs import InputStore, backbone_bundle, banks_bundle, task_bundle
 from stages.params import MimicArch
 
 
-def _manifest_sha(task_dir: Path) -> str:
-    path = task_dir / "manifest.json"
-    if not path.exists():
+def _task_key(store: InputStore, cfg: SweepBase, task: str) -> str:
+    task_dir = resolve(cfg.data_dir) / task
+    if not (task_dir / "manifest.json").exists():
         raise ParamsError(f"tasks: no prepared task at {task_dir}; run the prepare stage")
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return store.add(task_bundle(task_dir))
 
 
-def _common(sweep: str, cfg: SweepBase, device: str) -> dict[str, Any]:
-    from stages.backbones import pretrained_meta
-
-    pretrain_dir = resolve(cfg.pretrain_dir)
+def _common(sweep: str, cfg: SweepBase, device: str, store: InputStore) -> dict[str, Any]:
+    pretrained_meta(resolve(cfg.pretrain_dir), cfg.arch)  # a missing backbone is named here
     return {"sweep": sweep, "arch": cfg.arch, "train": cfg.train.model_dump(), "device": device,
-            "pretrain_dir": str(pretrain_dir), "apply_seed": cfg.apply_seed,
-            "backbone_sha": pretrained_meta(pretrain_dir, cfg.arch).get("sha256", "")}
+            "apply_seed": cfg.apply_seed, "inputs": {"backbone": store.add(backbone_bundle(resolve(cfg.pretrain_dir),
+                                                                                           cfg.arch))}}
 
 
-def _tune_specs(sweep: str, cfg: SweepBase, device: str,
+def _tune_specs(sweep: str, cfg: SweepBase, device: str, store: InputStore,
                 rows: list[tuple[str, TrialMethod, dict[str, Any]]]) -> list[dict]:
     """(name, method, point) rows x tasks x seeds as ``tune`` trials."""
-    common = _common(sweep, cfg, device)
-    data = resolve(cfg.data_dir)
+    common = _common(sweep, cfg, device, store)
+    tasks = {task: _task_key(store, cfg, task) for task in cfg.tasks}
     specs = []
     for name, method, point in rows:
         for task in cfg.tasks:
@@ -54,7 +53,7 @@ def _tune_specs(sweep: str, cfg: SweepBase, device: str,
                 specs.append({
                     "id": f"{sweep}/{cfg.arch}/{name}/{task}/s{seed}", "kind": "tune", "name": name,
                     "family": method.family, "point": point, "method": method.model_dump(), "task": task,
-                    "task_dir": str(data / task), "task_sha": _manifest_sha(data / task), "seed": seed, **common})
+                    "seed": seed, **common, "inputs": {**common["inputs"], "task": tasks[task]}})
     return specs
 
 
@@ -63,42 +62,41 @@ def _recast_method(base: MimicArch, **overrides: Any) -> TrialMethod:
                                         mimicry=base.mimicry))
 
 
-def gn_specs(cfg: GnSweep, device: str) -> list[dict]:
+def gn_specs(store: InputStore, cfg: GnSweep, device: str) -> list[dict]:
     rows = [(f"G{g}-n{n}", _recast_method(cfg.recast, groups=g, templates=n, coef_sets=cfg.coef_sets),
              {"G": g, "n": n, "K": cfg.coef_sets, "G_times_n": g * n}) for g, n in cfg.pairs]
-    return _tune_specs("gn", cfg, device, rows)
+    return _tune_specs("gn", cfg, device, store, rows)
 
 
-def k_specs(cfg: KSweep, device: str) -> list[dict]:
+def k_specs(store: InputStore, cfg: KSweep, device: str) -> list[dict]:
     rc = cfg.recast.recast_config()
     rows = [(f"K{k}", _recast_method(cfg.recast, coef_sets=k), {"G": rc.groups, "n": rc.templates, "K": k})
             for k in cfg.coef_sets]
-    return _tune_specs("k", cfg, device, rows)
+    return _tune_specs("k", cfg, device, store, rows)
 
 
-def targets_specs(cfg: TargetsSweep, device: str) -> list[dict]:
+def targets_specs(store: InputStore, cfg: TargetsSweep, device: str) -> list[dict]:
     rows = []
     for name in cfg.presets:
         variant = cfg.variant(name)
         rows.append((name, TrialMethod(recast=variant), {"targets": ",".join(variant.recast_config().targets)}))
-    return _tune_specs("targets", cfg, device, rows)
+    return _tune_specs("targets", cfg, device, store, rows)
 
 
-def budget_specs(cfg: BudgetSweep, device: str) -> list[dict]:
+def budget_specs(store: InputStore, cfg: BudgetSweep, device: str) -> list[dict]:
     rows = [(name, m, {}) for name, m in cfg.methods.items()]
-    return _tune_specs("budget", cfg, device, rows)
+    return _tune_specs("budget", cfg, device, store, rows)
 
 
-def order_specs(cfg: OrderSweep, device: str) -> list[dict]:
-    common = _common("order", cfg, device)
-    data = resolve(cfg.data_dir)
-    shas = {t: _manifest_sha(data / t) for t in cfg.tasks}
+def order_specs(store: InputStore, cfg: OrderSweep, device: str) -> list[dict]:
+    common = _common("order", cfg, device, store)
+    common["inputs"].update({f"task/{t}": _task_key(store, cfg, t) for t in cfg.tasks})
     specs = []
     for order in cfg.task_orders():
         label = ">".join(order)
         for seed in cfg.seeds:
-            base = {"task": label, "order": order, "task_dirs": {t: str(data / t) for t in order},
-                    "task_sha": shas, "seed": seed, "point": {"order": label}, **common}
+            base = {"task": label, "order": order, "task_order": order, "seed": seed, "point": {"order": label},
+                    **common}
             if cfg.recast is not None:
                 specs.append({**base, "id": f"order/{cfg.arch}/recast/{label}/s{seed}", "kind": "recast_sequence",
                               "name": "recast", "family": "recast", "recast": cfg.recast.model_dump()})
@@ -111,26 +109,27 @@ def order_specs(cfg: OrderSweep, device: str) -> list[dict]:
     return specs
 
 
-def seeds_specs(cfg: SeedsSweep, device: str) -> list[dict]:
+def seeds_specs(store: InputStore, cfg: SeedsSweep, device: str) -> list[dict]:
     """The keys ``stages.jobs.tune_job`` reads, plus the sweep's own."""
-    common = _common("seeds", cfg, device)
-    data = resolve(cfg.data_dir)
+    common = _common("seeds", cfg, device, store)
+    tasks = {task: _task_key(store, cfg, task) for task in cfg.tasks}
     mimic_dir = resolve(cfg.mimic_dir)
     specs = []
     for name, m in cfg.methods.items():
-        bank_sha = ""
+        bank_sha, roles = "", dict(common["inputs"])
         if m.kind == "recast" or m.recast:
             mimic_json = mimic_dir / cfg.arch / "recast.json"
             if not mimic_json.exists():
                 raise ParamsError(f"seeds.methods.{name}: needs the mimic stage output {mimic_json}")
             bank_sha = json.loads(mimic_json.read_text())["bank_sha256"]
+            roles["banks"] = store.add(banks_bundle(mimic_dir, cfg.arch))
         family = m.kind if m.kind != "adapter" else (f"recast+{m.adapter}" if m.recast else m.adapter)
         for task in cfg.tasks:
             for seed in cfg.seeds:
                 specs.append({"id": f"seeds/{cfg.arch}/{name}/{task}/s{seed}", "kind": "stage_tune", "name": name,
                               "family": family, "point": {}, "method_name": name, "method": m.model_dump(),
-                              "task": task, "task_dir": str(data / task), "task_sha": _manifest_sha(data / task),
-                              "seed": seed, "mimic_dir": str(mimic_dir), "bank_sha": bank_sha, **common})
+                              "task": task, "seed": seed, "bank_sha": bank_sha, **common,
+                              "inputs": {**roles, "task": tasks[task]}})
     return specs
 
 
@@ -138,9 +137,9 @@ _BUILDERS = {"gn": gn_specs, "k": k_specs, "targets": targets_specs, "budget": b
              "seeds": seeds_specs}
 
 
-def build_specs(sweep: str, cfg: SweepBase, device: str) -> list[dict]:
-    """Every trial of ``sweep`` as a spec dict."""
-    return _BUILDERS[sweep](cfg, device)
+def build_specs(sweep: str, cfg: SweepBase, device: str, store: InputStore) -> list[dict]:
+    """Every trial of ``sweep`` as a spec dict; their inputs are added to ``store``."""
+    return _BUILDERS[sweep](store, cfg, device)
 
 
 def recast_variants(specs: list[dict]) -> list[MimicArch]:

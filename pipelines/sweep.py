@@ -61,9 +61,11 @@ def run_sweep(sweep: str, cfg: SweepBase, rt: RuntimeParams) -> dict[str, Any]:
     from pipelines.tracking import SweepTracker
     from pipelines.trials import run_trial
     from stages.fanout import run_jobs, spec_key
-    from stages.runtime import pick_device
+    from stages.inputs import InputStore
+    from stages.runtime import job_device
 
-    specs = build_specs(sweep, cfg, pick_device(rt.device))
+    store = InputStore(rt.storage)
+    specs = build_specs(sweep, cfg, job_device(rt), store)
     preflight(specs, cfg)
     tracker = SweepTracker(sweep, rt.experiment, {"sweep": sweep, **cfg.model_dump(exclude={"runtime"})},
                            sweep_key(sweep, specs))
@@ -81,7 +83,7 @@ def run_sweep(sweep: str, cfg: SweepBase, rt: RuntimeParams) -> dict[str, Any]:
 
     start = time.perf_counter()
     try:
-        run_jobs(f"sweep_{sweep}", run_trial, specs, rt, on_result)
+        run_jobs(f"sweep_{sweep}", run_trial, specs, rt, on_result, inputs=store)
     except BaseException:
         tracker.finish(status="FAILED")  # finished trials stay cached and logged; a rerun resumes
         raise

@@ -1,4 +1,5 @@
-"""Trial functions of the sweeps: ``run_trial(spec) -> (metrics, tensors)`` runs as one Ray task.
+"""Trial functions of the sweeps: ``run_trial(spec, inputs) -> (metrics, tensors)`` runs as one Ray task
+(``inputs``: the trial's ``stages.inputs.JobInputs``).
 
 Kinds (``spec["kind"]``):
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,13 +30,12 @@ Result = tuple[dict[str, Any], dict[str, torch.Tensor]]
 
 
 # ----------------------------------------------------------------------------- helpers
-def _loaders(task_dir: Path, train_params, seed: int):
-    from recast.data import BatchLoader
-
+def _loaders(data, train_params, seed: int):
+    """train, val and test loaders of a ``stages.inputs.TaskData``."""
     tr = train_params
 
-    def make(split: str, train: bool, limit: int | None) -> BatchLoader:
-        return BatchLoader(task_dir, split, tr.batch_size, tr.image_size, train=train, seed=seed, limit=limit)
+    def make(split: str, train: bool, limit: int | None):
+        return data.loader(split, tr.batch_size, tr.image_size, train=train, seed=seed, limit=limit)
 
     return make("train", True, tr.limit_train), make("val", False, tr.limit_eval), make("test", False, tr.limit_eval)
 
@@ -77,25 +76,23 @@ def _head_params(model) -> int:
 
 
 # ----------------------------------------------------------------------------- kinds
-def tune_trial(spec: dict) -> Result:
+def tune_trial(spec: dict, inputs) -> Result:
     """Apply + mimic the spec's RECAST variant (if any), add its adapter (if any), tune one task."""
     from pipelines.config import TrialMethod
     from recast.accounting import count_parameters
     from recast.adapters import count_adapter_parameters
-    from recast.data import read_manifest
     from recast.model import RecastModel
     from recast.recipes import MethodSpec, build_method
     from recast.training import evaluate, fit
-    from stages.backbones import load_backbone
     from stages.common import seed_everything
     from stages.params import TrainParams
 
     seed_everything(spec["seed"])
     tr = TrainParams(**spec["train"])
     method = TrialMethod(**spec["method"])
-    task, task_dir = spec["task"], Path(spec["task_dir"])
-    num_classes = read_manifest(task_dir).num_classes
-    backbone = load_backbone(spec["arch"], Path(spec["pretrain_dir"]))
+    task, data = spec["task"], inputs.task("task")
+    num_classes = data.num_classes
+    backbone = inputs.backbone("backbone")
     meta: dict[str, Any] = {}
     if method.recast is not None:
         rc, report = _mimicked(backbone, method.recast, spec["apply_seed"], spec["seed"])
@@ -109,7 +106,7 @@ def tune_trial(spec: dict) -> Result:
     else:
         mspec = MethodSpec("recast" if method.recast is not None else "head_only")
     built = build_method(mspec, backbone, task, num_classes)
-    train, val, test = _loaders(task_dir, tr, spec["seed"])
+    train, val, test = _loaders(data, tr, spec["seed"])
     cfg = _tune_config(tr, method.lr, spec["device"])
     res = fit(built.model, built.trainable, train, val, cfg, desc=spec["id"])
     trainable = sum(p.numel() for p in built.trainable)
@@ -130,34 +127,32 @@ def tune_trial(spec: dict) -> Result:
     return meta, {}
 
 
-def recast_sequence_trial(spec: dict) -> Result:
+def recast_sequence_trial(spec: dict, inputs) -> Result:
     """RECAST-FT over the spec's task order in one model; accuracy matrix after every task.
 
     Each task is seeded the same way whatever its position (``seed_everything`` before its head
     is created), so equal final accuracies across orders show order invariance exactly.
     """
     from recast.accounting import count_parameters
-    from recast.data import read_manifest
     from recast.training import evaluate, fit
-    from stages.backbones import load_backbone
     from stages.common import seed_everything
     from stages.params import MimicArch
     from stages.params import TrainParams
 
     tr = TrainParams(**spec["train"])
     order = list(spec["order"])
-    backbone = load_backbone(spec["arch"], Path(spec["pretrain_dir"]))
+    backbone = inputs.backbone("backbone")
     rc, report = _mimicked(backbone, MimicArch(**spec["recast"]), spec["apply_seed"], spec["seed"])
     rc.drop_reference()
     cfg = _tune_config(tr, None, spec["device"])
     tests, acc_matrix, val_acc, seconds, steps = {}, [], {}, 0.0, 0
     step_time = 0.0
     for i, task in enumerate(order):
-        task_dir = Path(spec["task_dirs"][task])
+        data = inputs.task(f"task/{task}")
         seed_everything(spec["seed"])
-        rc.add_task(task, num_classes=read_manifest(task_dir).num_classes)
+        rc.add_task(task, num_classes=data.num_classes)
         rc.set_task(task)
-        train, val, tests[task] = _loaders(task_dir, tr, spec["seed"])
+        train, val, tests[task] = _loaders(data, tr, spec["seed"])
         res = fit(rc, [p for p in rc.parameters() if p.requires_grad], train, val, cfg, desc=f"{spec['id']}:{task}")
         val_acc[task], seconds, steps = res.best_val_acc, seconds + res.seconds, steps + res.steps
         step_time += res.seconds_per_step * res.steps
@@ -179,20 +174,20 @@ def recast_sequence_trial(spec: dict) -> Result:
     return meta, {}
 
 
-def continual_trial(spec: dict) -> Result:
+def continual_trial(spec: dict, inputs) -> Result:
     """``stages.sequential.continual_job`` over the spec's order, final accuracies keyed by task."""
     from stages.sequential import continual_job
 
-    meta, tensors = continual_job(spec)
+    meta, tensors = continual_job(spec, inputs)
     meta["final_acc"] = dict(zip(meta["task_names"], meta["final_acc"], strict=True))
     return meta, tensors
 
 
-def stage_tune_trial(spec: dict) -> Result:
+def stage_tune_trial(spec: dict, inputs) -> Result:
     """The tune stage's per-task job, unchanged."""
     from stages.jobs import tune_job
 
-    meta, _ = tune_job(spec)
+    meta, _ = tune_job(spec, inputs)
     return meta, {}  # the sweep keeps metrics only; the tune stage stores payloads
 
 
@@ -200,15 +195,16 @@ _KINDS = {"tune": tune_trial, "stage_tune": stage_tune_trial, "recast_sequence":
           "continual": continual_trial}
 
 
-def run_trial(spec: dict) -> Result:
-    """Ray entry point: run the spec's kind; add the trial's peak memory and wall time."""
+def run_trial(spec: dict, inputs) -> Result:
+    """Ray entry point: run the spec's kind with its ``stages.inputs.JobInputs``; add the trial's
+    peak memory and wall time."""
     kind = spec.get("kind")
     if kind not in _KINDS:
         raise ValueError(f"unknown trial kind {kind!r}; choose one of {sorted(_KINDS)}")
     reset_peak_memory(spec["device"])
     rss_start = current_rss_mb()
     start = time.perf_counter()
-    meta, tensors = _KINDS[kind](spec)
+    meta, tensors = _KINDS[kind](spec, inputs)
     meta = {**meta, "trial_seconds": time.perf_counter() - start, "rss_start_mb": rss_start,
             **peak_memory(spec["device"])}
     return meta, tensors

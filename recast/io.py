@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from recast.model import RecastModel
 
 FORMAT_VERSION = 1
+TENSOR_FILE_METADATA = {"format": "recast", "version": str(FORMAT_VERSION)}  # header of every tensor file
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -54,7 +55,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], meta: dict, path: str | os.Pa
     st.parent.mkdir(parents=True, exist_ok=True)
     tmp_st, tmp_js = st.with_name(st.name + ".tmp"), js.with_name(js.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp_st),
-              metadata={"format": "recast", "version": str(FORMAT_VERSION)})
+              metadata=TENSOR_FILE_METADATA)
     tmp_js.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     os.replace(tmp_st, st)
     os.replace(tmp_js, js)

@@ -103,6 +103,7 @@ class BuiltMethod:
             in eval mode, so BatchNorm statistics are not touched; on ``device`` if given).
             A no-op for every other method. ``payload()`` raises if a required ``prepare``
             was skipped.
+        head: the task's classifier (inside ``model``).
     """
 
     model: nn.Module
@@ -110,6 +111,12 @@ class BuiltMethod:
     payload: Callable[[], dict[str, torch.Tensor]]
     stored_params: Callable[[], int]
     prepare: Callable[..., None] = _no_prepare
+    head: nn.Module | None = None
+
+    def head_params(self) -> int:
+        """Trainable parameters of the task's classifier."""
+        head = {id(p) for p in self.head.parameters()} if self.head is not None else set()
+        return sum(p.numel() for p in self.trainable if id(p) in head)
 
 
 def _head_of(model: nn.Module) -> nn.Module:
@@ -124,6 +131,7 @@ def build_method(spec: MethodSpec, backbone: Backbone, task: str, num_classes: i
         rc.set_task(task)
         model: nn.Module = rc
         root = rc.model
+        head = rc.task_heads.heads[task] if rc.task_heads is not None else None
 
         def base_payload() -> dict[str, torch.Tensor]:
             return rc.task_tensors(task)
@@ -131,6 +139,7 @@ def build_method(spec: MethodSpec, backbone: Backbone, task: str, num_classes: i
         model = backbone.plain()
         model.reset_classifier(num_classes)
         root = model
+        head = _head_of(model)
         for p in model.parameters():
             p.requires_grad_(spec.kind == "full")
         for p in _head_of(model).parameters():
@@ -170,7 +179,7 @@ def build_method(spec: MethodSpec, backbone: Backbone, task: str, num_classes: i
         payload = base_payload
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return BuiltMethod(model, trainable, payload, lambda: sum(t.numel() for t in payload().values()), prepare)
+    return BuiltMethod(model, trainable, payload, lambda: sum(t.numel() for t in payload().values()), prepare, head)
 
 
 def _select_support(model: nn.Module, root: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],

@@ -22,9 +22,15 @@ from recast.recipes import Backbone
 from stages.common import write_json_atomic
 
 
+def pretrained_sidecar(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """The JSON beside a pretrained state dict: the job's metadata plus the tensors' sha256."""
+    return {**meta, "sha256": tensors_sha256(state)}
+
+
 def save_pretrained(out_dir: Path, arch: str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """``<out_dir>/<arch>.safetensors`` + ``<arch>.json`` (model name, kwargs, metrics, sha256)."""
-    return save_tensors(state, {**meta, "sha256": tensors_sha256(state)}, out_dir / arch)
+    """``<out_dir>/<arch>.safetensors`` + ``<arch>.json`` outside a stage (tests, benchmarks); the
+    pretrain stage publishes the same files from its job cache (``stages.fanout.store_tensors``)."""
+    return save_tensors(state, pretrained_sidecar(state, meta), out_dir / arch)
 
 
 def pretrained_meta(pretrain_dir: Path, arch: str) -> dict[str, Any]:
@@ -57,12 +63,22 @@ def load_backbone(arch: str, pretrain_dir: Path, mimic_dir: Path | None = None) 
     """The Backbone of ``arch`` from the stage outputs (with its RECAST form if ``mimic_dir``)."""
     meta = pretrained_meta(pretrain_dir, arch)
     state = load_file(str(pretrain_dir / f"{arch}.safetensors"))
+    if mimic_dir is None:
+        return backbone_from(meta, state)
+    rdir = mimic_dir / arch
+    return backbone_from(meta, state, json.loads((rdir / "recast.json").read_text()),
+                         load_file(str(rdir / "banks.safetensors")), load_file(str(rdir / "base.safetensors")))
+
+
+def backbone_from(meta: dict[str, Any], state: dict[str, torch.Tensor], recast_meta: dict[str, Any] | None = None,
+                  banks: dict[str, torch.Tensor] | None = None, base: dict[str, torch.Tensor] | None = None) -> Backbone:
+    """A Backbone from in-memory stage outputs: the pretrained ``<arch>.json`` metadata and state
+    dict, and for the RECAST form ``recast.json`` with the banks and base coefficients."""
     bb = Backbone(meta["model"], dict(meta["kwargs"]), state, num_classes=meta.get("num_classes"))
-    if mimic_dir is not None:
-        rdir = mimic_dir / arch
-        rmeta = json.loads((rdir / "recast.json").read_text())
-        bb.recast_config = RecastConfig(**rmeta["config"])
-        bb.apply_seed = rmeta.get("apply_seed", 0)
-        bb.banks = load_file(str(rdir / "banks.safetensors"))
-        bb.base = load_file(str(rdir / "base.safetensors"))
+    if recast_meta is not None:
+        if banks is None or base is None:
+            raise ValueError("backbone_from: recast_meta needs both banks and base")
+        bb.recast_config = RecastConfig(**recast_meta["config"])
+        bb.apply_seed = recast_meta.get("apply_seed", 0)
+        bb.banks, bb.base = banks, base
     return bb

@@ -58,7 +58,7 @@ def validate_section(name: str, model: type[M], data: dict[str, Any]) -> M:
         for e in err.errors():
             key = ".".join([name, *(str(p) for p in e["loc"])])
             msg = e["msg"].removeprefix("Value error, ")
-            if re.match(r"[\w.\[\]]+: ", msg):  # a model check naming its own sub-key
+            if re.match(r"[A-Za-z_][\w.\[\]]*: ", msg):  # a model check naming its own sub-key
                 lines.append(f"{key}.{msg}")
             elif isinstance(e.get("input"), dict):
                 lines.append(f"{key}: {msg}")

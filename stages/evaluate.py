@@ -2,13 +2,14 @@
 
 - Forgetting, measured: for each architecture, every task's RECAST payload is loaded, in task
   order, into ONE RecastModel on the shared banks, and every earlier task is re-evaluated after
-  each addition (task identity is known, so this must stay exactly unchanged).
+  each addition (task identity is known, so this must stay exactly unchanged). One Ray job per
+  architecture (``stages.fanout.run_jobs``), on ``runtime.device``.
 - A task-wise accuracy table per architecture (Tables 1/2 style), built with pandas from the
   tune and combine stages' ``results.parquet``: per task the mean ± std of the test accuracy
   over seeds, the average over tasks (mean ± std over seeds) and the number of seeds; with the
   paper configuration (``prepare.suite: paper``) the paper's published average
-  (``recast.paper_results``) and our difference to it; forgetting, trainable parameters and bytes
-  per task, and wall time. ``reports/{tasks,methods}.parquet`` hold those two tables.
+  (``recast.paper_results``) and our difference to it; forgetting, method and head parameters
+  and bytes per task, and wall time. ``reports/{tasks,methods}.parquet`` hold those two tables.
 - ``metrics/report.json`` for ``dvc metrics show``; ``reports/params_vs_acc.png`` for
   ``dvc plots``; ``reports/report.md``.
 """
@@ -26,54 +27,95 @@ import pandas as pd
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from recast.baselines.results import forgetting_per_task  # noqa: E402
+import tempfile  # noqa: E402
+
+from recast.io import load_payload  # noqa: E402
 from recast.paper_results import PAPER_AVG_ACC  # noqa: E402
-from recast.data import BatchLoader  # noqa: E402
 from recast.training import evaluate  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from stages.backbones import load_backbone  # noqa: E402
 from stages.cli import entry, stage_params  # noqa: E402
 from stages.common import resolve, validate_section, write_json_atomic  # noqa: E402
+from stages.fanout import run_jobs  # noqa: E402
+from stages.inputs import InputStore, JobInputs, backbone_bundle, banks_bundle, file_bundle, task_bundle  # noqa: E402
 from stages.lineage import TaskData, stage_lineage  # noqa: E402
 from stages.params import CombineParams, EvaluateParams, PrepareParams, RuntimeParams, TuneParams  # noqa: E402
+from stages.runtime import job_device  # noqa: E402
 from stages.specs import task_names  # noqa: E402
 from stages.runlog import log_datasets, log_file  # noqa: E402
 from stages.tables import accuracies, method_stats, read_results, task_stats, write_parquet  # noqa: E402
 from stages.tracking import Tracker  # noqa: E402
 
 
-def recast_forgetting(arch: str, tune_dir: Path, results: list[dict], p_tune: TuneParams,
-                      method: str = "recast") -> dict[str, Any]:
-    """Sequentially load every task's RECAST payload into one model; re-evaluate earlier tasks."""
+def reload_spec(arch: str, tune_dir: Path, results: list[dict], p_tune: TuneParams, device: str,
+                store: InputStore, method: str = "recast") -> dict[str, Any] | None:
+    """The job spec of ``reload_job`` for ``arch`` (None when it has no ``method`` payloads); the
+    payloads, tasks, backbone and banks are added to ``store``."""
     order = {t: i for i, t in enumerate(task_names(p_tune))}
-    rows = sorted((r for r in results if r["arch"] == arch and r["method"] == method and r["seed"] == p_tune.seeds[0]),
-                  key=lambda r: order.get(r["task"], len(order)))
-    tasks = [r["task"] for r in rows]
-    if not tasks:
-        return {}
-    bb = load_backbone(arch, resolve(p_tune.pretrain_dir), resolve(p_tune.mimic_dir))
-    rc = bb.recast()
-    tr = p_tune.train
+    seed = p_tune.seeds[0]
+    rows = sorted((r for r in results if r["arch"] == arch and r["method"] == method and r["seed"] == seed
+                   and not r.get("sequential")), key=lambda r: order.get(r["task"], len(order)))
+    if not rows:
+        return None
     data = resolve(p_tune.data_dir)
+    roles = {"backbone": store.add(backbone_bundle(resolve(p_tune.pretrain_dir), arch)),
+             "banks": store.add(banks_bundle(resolve(p_tune.mimic_dir), arch))}
+    for r in rows:
+        stem = tune_dir / "payloads" / arch / method / f"{r['task']}-s{seed}"
+        roles[f"payload/{r['task']}"] = store.add(file_bundle(stem.with_suffix(".safetensors")))
+        roles[f"sidecar/{r['task']}"] = store.add(file_bundle(stem.with_suffix(".json")))
+        roles[f"task/{r['task']}"] = store.add(task_bundle(data / r["task"]))
+    return {"id": f"reload/{arch}/{method}", "arch": arch, "device": device, "tasks": [r["task"] for r in rows],
+            "standalone": [r["test_acc"] for r in rows], "image_size": p_tune.train_for(arch).image_size,
+            "limit_eval": p_tune.train_for(arch).limit_eval, "inputs": roles}
+
+
+def reload_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
+    """Ray task, the payload-loading check: load every task's RECAST payload (sha256 checked by
+    ``recast.load_payload``), in task order, into ONE model on the shared banks and re-evaluate
+    every earlier task after each addition; the last row must equal the standalone accuracies.
+    (Forgetting itself is measured by training in sequence: the tune stage's ``recast``
+    continual job.)"""
+    device = spec["device"]
+    rc = inputs.backbone("backbone", banks="banks").recast().to(device)
+    tasks = spec["tasks"]
     matrix: list[list[float | None]] = []
-    for i, task in enumerate(tasks):
-        tensors = load_file(str(tune_dir / "payloads" / arch / method / f"{task}-s{p_tune.seeds[0]}.safetensors"))
-        rc.load_task_tensors(task, {k: v for k, v in tensors.items() if not k.startswith("extra.")},
-                             num_classes=int(rows[i]["num_classes"]))
-        row: list[float | None] = []
-        for j, prev in enumerate(tasks):
-            if j > i:
-                row.append(None)
-                continue
-            rc.set_task(prev, freeze=False)
-            row.append(evaluate(rc, BatchLoader(data / prev, "test", 256, tr.image_size, train=False, seed=0,
-                                                limit=tr.limit_eval)))
-        matrix.append(row)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, task in enumerate(tasks):
+            for role, suffix in (("payload", ".safetensors"), ("sidecar", ".json")):
+                (Path(tmp) / f"{task}{suffix}").write_bytes(inputs.file(f"{role}/{task}")[1])
+            load_payload(rc, Path(tmp) / task, task=task)
+            row: list[float | None] = []
+            for j, prev in enumerate(tasks):
+                if j > i:
+                    row.append(None)
+                    continue
+                rc.set_task(prev, freeze=False)
+                row.append(evaluate(rc, inputs.task(f"task/{prev}").loader(
+                    "test", 256, spec["image_size"], train=False, seed=0, limit=spec["limit_eval"], device=device),
+                    device))
+            matrix.append(row)
     final = matrix[-1]
-    forgetting = [f for f in forgetting_per_task(matrix) if f is not None]
-    standalone = {r["task"]: r["test_acc"] for r in rows}
-    return {"tasks": tasks, "acc_matrix": matrix, "avg_forgetting": statistics.mean(forgetting) if forgetting else 0.0,
-            "max_abs_diff_vs_standalone": max(abs(final[j] - standalone[t]) for j, t in enumerate(tasks))}
+    return {"tasks": tasks, "acc_matrix": matrix, "device": device,
+            "max_abs_diff_vs_standalone": max(abs(a - b) for a, b in zip(final, spec["standalone"]))}, {}
+
+
+def payload_reload(archs: list[str], tune_dir: Path, results: list[dict], p_tune: TuneParams,
+                   rt: RuntimeParams, method: str = "recast") -> dict[str, dict[str, Any]]:
+    """``reload_job`` for each arch with payloads, as Ray jobs (``stages.fanout.run_jobs``)."""
+    device = job_device(rt)
+    store = InputStore(rt.storage)
+    specs = [s for arch in archs if (s := reload_spec(arch, tune_dir, results, p_tune, device, store, method))]
+    done = run_jobs("reload", reload_job, specs, rt, inputs=store)
+    return {s["arch"]: {k: v for k, v in done[s["id"]][0].items() if not k.startswith("_")} for s in specs}
+
+
+def sequential_forgetting(results: list[dict], method: str = "recast") -> dict[str, dict[str, Any]]:
+    """Per arch, the accuracy matrix of ``method`` trained task after task on ONE model (the tune
+    stage's continual job of that method, first seed): the report's forgetting."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in sorted((r for r in results if r.get("sequential") and r["method"] == method), key=lambda r: r["seed"]):
+        out.setdefault(r["arch"], {"tasks": r["task_names"], "acc_matrix": r["acc_matrix"],
+                                   "avg_forgetting": r["avg_forgetting"]})
+    return out
 
 
 def plot_params_vs_acc(summary: dict[str, dict], path: Path) -> None:
@@ -106,16 +148,33 @@ def _pm(mean: float, std: float) -> str:
     return f"{100 * mean:.2f} ± " + ("-" if pd.isna(std) else f"{100 * std:.2f}")
 
 
+def _count(value: float | list | None) -> int | str:
+    """A per-task count for the report: the mean of a per-task list, ``-`` when absent."""
+    if value is None:
+        return "-"
+    return int(statistics.mean(value)) if isinstance(value, list) else int(value)
+
+
+def _cell(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    return "-" if value is None else f"{scale * value:.{digits}f}"
+
+
 def markdown(summary: dict[str, dict], tasks: pd.DataFrame, methods: pd.DataFrame, forgetting: dict[str, dict],
-             mimic: dict, task_order: list[str] | None = None, lineage: pd.DataFrame | None = None) -> str:
-    """The report. ``tasks``/``methods``: ``stages.tables.task_stats``/``method_stats`` frames."""
+             mimic: dict, task_order: list[str] | None = None, reload: dict[str, dict] | None = None,
+             lineage: pd.DataFrame | None = None) -> str:
+    """The report. ``tasks``/``methods``: ``stages.tables.task_stats``/``method_stats`` frames;
+    ``lineage``: the jobs' results table (its lineage columns)."""
     lines = ["# RECAST report", ""]
     if mimic:
-        lines += ["## Neural Mimicry", "", "| arch | min weight cos | min feature cos | acc original | acc reconstructed | templates | coefs/task | seconds |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["## Neural Mimicry", "",
+                  "| arch | min weight cos | min feature cos | acc original | acc reconstructed | top-1 agreement on tasks "
+                  "| penultimate cos on tasks | templates | coefs/task | seconds |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for arch, m in sorted(mimic.items()):
-            lines.append(f"| {arch} | {m.get('min_weight_cosine', float('nan')):.6f} | {m.get('min_feature_cosine', float('nan')):.6f} | "
-                         f"{100 * m.get('acc_original', float('nan')):.2f} | {100 * m.get('acc_reconstructed', float('nan')):.2f} | "
+            lines.append(f"| {arch} | {_cell(m.get('min_weight_cosine'), digits=6)} | "
+                         f"{_cell(m.get('min_feature_cosine'), digits=6)} | {_cell(m.get('acc_original'), 100)} | "
+                         f"{_cell(m.get('acc_reconstructed'), 100)} | {_cell(m.get('top1_agreement'), 100)} | "
+                         f"{_cell(m.get('penultimate_cosine'), digits=6)} | "
                          f"{m.get('templates', '')} | {m.get('coefficients_per_task', '')} | {m.get('seconds', 0):.2f} |")
         lines.append("")
     archs = sorted({k.split("/")[0] for k in summary})
@@ -125,7 +184,7 @@ def markdown(summary: dict[str, dict], tasks: pd.DataFrame, methods: pd.DataFram
         present = [t for t in t_arch["task"].unique()]
         order = [t for t in (task_order or []) if t in present] + sorted(set(present) - set(task_order or []))
         head = ["method", *order, "avg (mean ± std over seeds)", "seeds", *(["paper", "ours - paper"] if paper else []),
-                "forgetting", "trainable/task", "bytes/task", "wall s"]
+                "forgetting", "method params/task", "head params/task", "bytes/task", "wall s"]
         lines += [f"## {arch}: task-wise test accuracy (%), mean ± std over seeds", "",
                   "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         m_arch = methods[methods["arch"] == arch].set_index("method")
@@ -143,22 +202,26 @@ def markdown(summary: dict[str, dict], tasks: pd.DataFrame, methods: pd.DataFram
             forg = v.get("avg_forgetting")
             if method == "recast" and arch in forgetting:
                 forg = forgetting[arch]["avg_forgetting"]
-            tp = v.get("trainable_params", "-")
-            tp = int(statistics.mean(tp)) if isinstance(tp, list) else (int(tp) if tp != "-" else tp)
+            tp = _count(v.get("task_params", v.get("trainable_params")))
+            hp = _count(v.get("head_params"))
             by = v.get("bytes", v.get("bytes_per_task", "-"))
             by = int(statistics.mean(by)) if isinstance(by, list) else (int(by) if by != "-" else by)
             wall = v.get("train_seconds", v.get("wall_time_s", 0))
             wall = sum(wall) if isinstance(wall, list) else wall
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {_pm(m['mean'], m['std'])} | {int(m['n_seeds'])} | "
                          + "".join(f"{x} | " for x in extra)
-                         + f"{'-' if forg is None else f'{100 * forg:.2f}'} | {tp} | {by} | {wall:.1f} |")
+                         + f"{'-' if forg is None else f'{100 * forg:.2f}'} | {tp} | {hp} | {by} | {wall:.1f} |")
         lines.append("")
-    for arch, f in sorted(forgetting.items()):
-        lines += [f"## {arch}: RECAST tasks re-evaluated after each new task (one model, shared banks)", "",
-                  "| after \\ on | " + " | ".join(f["tasks"]) + " |", "|---" * (len(f["tasks"]) + 1) + "|"]
-        for t, row in zip(f["tasks"], f["acc_matrix"]):
-            lines.append(f"| {t} | " + " | ".join("" if a is None else f"{100 * a:.2f}" for a in row) + " |")
-        lines.append("")
+    for title, tables in (("RECAST trained task after task on one model: every task re-evaluated after each "
+                           "new one (continual protocol; forgetting above comes from this)", forgetting),
+                          ("loading check: RECAST payloads loaded into one model, earlier tasks re-evaluated "
+                           "after each load", reload or {})):
+        for arch, f in sorted(tables.items()):
+            lines += [f"## {arch}: {title}", "",
+                      "| after \\ on | " + " | ".join(f["tasks"]) + " |", "|---" * (len(f["tasks"]) + 1) + "|"]
+            for t, row in zip(f["tasks"], f["acc_matrix"]):
+                lines.append(f"| {t} | " + " | ".join("" if a is None else f"{100 * a:.2f}" for a in row) + " |")
+            lines.append("")
     if lineage is not None and "git_commit" in lineage.columns:
         lines += ["## Lineage", "",
                   "Every accuracy above is the mean over the jobs of `outputs/{tune,combine}/results.parquet`; each "
@@ -183,15 +246,19 @@ def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: s
     acc = accuracies(frame)
     tasks = task_stats(acc)
     methods = method_stats(acc, PAPER_AVG_ACC if suite == "paper" else None)
-    results = frame.to_dict("records")
+    results = []  # the rows as the stages wrote them (lists intact), for the forgetting and reload jobs
+    for out_dir in (p_tune.out_dir, combine_dir):
+        path = resolve(out_dir) / "results.json"
+        if path.exists():
+            results += json.loads(path.read_text())
     mimic = json.loads(resolve("metrics/mimic.json").read_text()) if resolve("metrics/mimic.json").exists() else {}
-    forgetting = {arch: f for arch in p.forgetting_archs
-                  if (f := recast_forgetting(arch, resolve(p_tune.out_dir), results, p_tune, p.forgetting_method))}
+    forgetting = sequential_forgetting(results, p.forgetting_method)
+    reload = payload_reload(p.forgetting_archs, resolve(p_tune.out_dir), results, p_tune, rt, p.forgetting_method)
     report_dir = resolve(p.report_dir)
     plot_params_vs_acc(summary, report_dir / "params_vs_acc.png")
     write_parquet(tasks, report_dir / "tasks.parquet")
     write_parquet(methods, report_dir / "methods.parquet")
-    md = markdown(summary, tasks, methods, forgetting, mimic, task_names(p_tune), frame)
+    md = markdown(summary, tasks, methods, forgetting, mimic, task_names(p_tune), reload, frame)
     (report_dir / "report.md").write_text(md + "\n")
     metrics = {}
     for key, v in summary.items():
@@ -207,7 +274,7 @@ def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: s
     for name in ("report.md", "params_vs_acc.png", "tasks.parquet", "methods.parquet"):
         log_file(tracker, tracker.parent_id, report_dir / name)
     tracker.finish({f"{k.replace('/', '.')}.avg_test_acc": v["avg_test_acc"] for k, v in metrics.items()})
-    return {"metrics": metrics, "forgetting": forgetting}
+    return {"metrics": metrics, "forgetting": forgetting, "reload": reload}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,6 +21,7 @@ from stages.common import ParamsError, Section
 
 PosInt = Annotated[StrictInt, Field(ge=1)]
 NonNegInt = Annotated[StrictInt, Field(ge=0)]
+STORAGE_SCHEMES = ("s3://", "gs://", "file://")
 
 
 def _unique(v: list | None) -> list | None:
@@ -35,7 +36,10 @@ class RuntimeParams(Section):
     """``runtime``: Ray resources, retries, device, MLflow experiment, job cache.
 
     Ray is local unless RAY_ADDRESS is set (then ``num_cpus`` is ignored: the cluster's count);
-    MLflow uses an sqlite store under the repo unless MLFLOW_TRACKING_URI is set.
+    MLflow uses an sqlite store under the repo unless MLFLOW_TRACKING_URI is set. Jobs get their
+    inputs through Ray's object store, or from ``storage`` (``s3://``, ``gs://``, ``file://``)
+    when set (``stages.inputs``). ``gpus_per_task`` is a fraction of one GPU (several jobs
+    share it) or a whole number; ``device: auto`` gives jobs cuda exactly when it is > 0.
     """
 
     num_cpus: PosInt = 2
@@ -46,6 +50,27 @@ class RuntimeParams(Section):
     experiment: str = "recast"
     cache_dir: str = "outputs/.jobcache"
     progress: bool = True
+    storage: str | None = None
+
+    @field_validator("gpus_per_task")
+    @classmethod
+    def _gpu_share(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError(f"{v}: Ray takes a fraction of one GPU (0 < x <= 1) or a whole number of GPUs")
+        return v
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_uri(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(STORAGE_SCHEMES):
+            raise ValueError(f"{v!r}: a URI every node can read, starting with one of {list(STORAGE_SCHEMES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _device_has_gpu(self):
+        if self.device == "cuda" and self.gpus_per_task == 0:
+            raise ValueError("device 'cuda' needs gpus_per_task > 0 (Ray gives a job a GPU only when it asks)")
+        return self
 
 
 # ----------------------------------------------------------------------------- prepare

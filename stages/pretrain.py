@@ -9,39 +9,48 @@ Either way the result is ``outputs/pretrain/<arch>.safetensors`` + ``<arch>.json
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import timm
 
-from recast.data import BatchLoader, read_manifest
 from recast.training import TuneConfig, evaluate, fit
 from recast.io import tensors_sha256
-from stages.backbones import save_pretrained
+from stages.backbones import pretrained_sidecar
 from stages.cli import entry, stage_params
 from stages.common import (ParamsError, determinism_tags, record_nondeterminism, resolve, seed_everything,
                            validate_section, write_json_atomic)
 from stages.curves import plot_curves
-from stages.fanout import run_jobs
+from stages.fanout import run_jobs, store_tensors
+from stages.inputs import InputStore, JobInputs, file_bundle, task_bundle
 from stages.lineage import TaskData, stage_lineage
 from stages.params import ArchParams, PretrainParams, RuntimeParams
 from stages.runlog import log_datasets, log_file, log_history
-from stages.runtime import pick_device
+from stages.runtime import job_device
 from stages.tables import write_results
 from stages.tracking import Tracker
 
 
-def pretrain_job(spec: dict) -> tuple[dict, dict]:
-    """Ray task: build (and train) one backbone; returns (meta, state_dict)."""
+def pretrain_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
+    """Ray task: build (and train) one backbone; returns (meta, state_dict). Inputs: ``source``
+    (the prepared source task) for ``source: train``; ``checkpoint`` when ``checkpoint_file`` is set."""
     arch = ArchParams(**spec["arch"])
     seed_everything(spec["seed"])
     if spec["source"] == "timm":
-        overlay = {"file": str(resolve(arch.checkpoint_file))} if arch.checkpoint_file else None
-        model = timm.create_model(arch.model, pretrained=True, pretrained_cfg_overlay=overlay, **arch.kwargs)
-        return {"model": arch.model, "kwargs": arch.kwargs, "num_classes": model.num_classes,
-                "source": "timm"}, model.state_dict()
-    src = resolve(spec["data_dir"]) / "source"
-    manifest = read_manifest(src)
+        with tempfile.TemporaryDirectory() as tmp:
+            overlay = None
+            if "checkpoint" in spec["inputs"]:  # timm reads the weights from a file on this node
+                name, data = inputs.file("checkpoint")
+                (Path(tmp) / name).write_bytes(data)
+                overlay = {"file": str(Path(tmp) / name)}
+            model = timm.create_model(arch.model, pretrained=True, pretrained_cfg_overlay=overlay, **arch.kwargs)
+        return {"model": arch.model, "kwargs": arch.kwargs, "num_classes": model.num_classes, "source": "timm",
+                "timm_tag": model.pretrained_cfg.get("tag")}, model.state_dict()
+    src = inputs.task("source")
+    manifest = src.manifest
     model = timm.create_model(arch.model, pretrained=False, num_classes=manifest.num_classes, **arch.kwargs)
-    loader = lambda split, train: BatchLoader(src, split, spec["batch_size"], spec["image_size"], train=train,
-                                              seed=spec["seed"], limit=spec["limit"])
+    loader = lambda split, train: src.loader(split, spec["batch_size"], spec["image_size"], train=train,
+                                             seed=spec["seed"], limit=spec["limit"])
     epochs, lr = arch.epochs or spec["epochs"], arch.lr or spec["lr"]
     cfg = TuneConfig(epochs=epochs, lr=lr, weight_decay=spec["weight_decay"],
                      step_size=max(1, (2 * epochs) // 3), freeze_bn_stats=False, progress=False,
@@ -57,11 +66,21 @@ def pretrain_job(spec: dict) -> tuple[dict, dict]:
     return meta, {k: v.cpu() for k, v in model.state_dict().items()}
 
 
-def build_specs(p: PretrainParams, device: str) -> list[dict]:
-    return [{"id": f"pretrain/{name}", "arch": a.model_dump(), "source": p.source, "data_dir": p.data_dir,
-             "epochs": p.epochs, "lr": p.lr, "weight_decay": p.weight_decay, "batch_size": p.batch_size,
-             "image_size": p.image_size, "limit": p.limit, "seed": p.seed, "device": device}
-            for name, a in p.archs.items()]
+def build_specs(p: PretrainParams, device: str, store: InputStore) -> list[dict]:
+    """One job per arch; inputs added to ``store`` (``checkpoint_file`` is dropped from the spec:
+    its digest names it)."""
+    specs = []
+    for name, a in p.archs.items():
+        roles = {}
+        if p.source == "train":
+            roles["source"] = store.add(task_bundle(resolve(p.data_dir) / "source"))
+        elif a.checkpoint_file:
+            roles["checkpoint"] = store.add(file_bundle(resolve(a.checkpoint_file)))
+        specs.append({"id": f"pretrain/{name}", "arch": a.model_dump(exclude={"checkpoint_file"}),
+                      "source": p.source, "epochs": p.epochs, "lr": p.lr, "weight_decay": p.weight_decay,
+                      "batch_size": p.batch_size, "image_size": p.image_size, "limit": p.limit, "seed": p.seed,
+                      "device": device, "inputs": roles})
+    return specs
 
 
 def run(p: PretrainParams, rt: RuntimeParams) -> dict[str, dict]:
@@ -71,7 +90,8 @@ def run(p: PretrainParams, rt: RuntimeParams) -> dict[str, dict]:
     tracker = Tracker("pretrain", rt.experiment, p.model_dump(), tags=lineage.tags())
     source = [TaskData.of("source", resolve(p.data_dir) / "source")] if p.source == "train" else []
     log_datasets(tracker, tracker.parent_id, source)
-    specs = build_specs(p, pick_device(rt.device))
+    store = InputStore(rt.storage)
+    specs = build_specs(p, job_device(rt), store)
     out = resolve(p.out_dir)
     rows, histories = [], {}
 
@@ -79,7 +99,9 @@ def run(p: PretrainParams, rt: RuntimeParams) -> dict[str, dict]:
         meta, state = result
         arch = spec["id"].split("/", 1)[1]
         clean = {k: v for k, v in meta.items() if not k.startswith("_")}
-        save_pretrained(out, arch, state, clean)
+        if p.source == "timm":  # the job saw the file's bytes only; record where it came from
+            clean = {**clean, "checkpoint_file": p.archs[arch].checkpoint_file}
+        store_tensors(rt, "pretrain", spec, state, pretrained_sidecar(state, clean), out / arch)
         rid = tracker.child(spec["id"], {"arch": arch, **spec["arch"]}, clean,
                             tags={"cached": str(cached), **lineage.tags(), **determinism_tags(meta)})
         log_datasets(tracker, rid, source)
@@ -89,7 +111,7 @@ def run(p: PretrainParams, rt: RuntimeParams) -> dict[str, dict]:
         rows.append({"arch": arch, **clean, "run_id": rid, "backbone_sha256": tensors_sha256(state),
                      "data_sha256": ",".join(t.sha256 for t in source), **lineage.columns()})
 
-    results = run_jobs("pretrain", pretrain_job, specs, rt, on_result)
+    results = run_jobs("pretrain", pretrain_job, specs, rt, on_result, inputs=store)
     summary = {sid.split("/", 1)[1]: {k: v for k, v in meta.items() if not k.startswith("_")} for sid, (meta, _) in results.items()}
     write_results(sorted(rows, key=lambda r: r["arch"]), out)
     if histories:

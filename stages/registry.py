@@ -8,8 +8,9 @@ one (safetensors + JSON sidecar) into a folder, e.g. to ship it to a device.
 
 ``show`` prints a payload version's lineage: its run, git commit, the stage's dvc deps and
 params hashes, the task data digest, backbone and bank sha256. ``reproduce`` re-runs the job
-spec stored on that run (``job/spec.json``) in this process, after checking that the task data,
-backbone and banks on disk are the ones the version was trained on, writes the payload and
+spec stored on that run (``job/spec.json``) in this process on inputs rebuilt from the folders
+the run recorded (an ``InputStore(None)``; their content digests must be the spec's, i.e. the task
+data, backbone and banks on disk are the ones the version was trained on), writes the payload and
 compares its bytes with the registered ones.
 
 The store is MLFLOW_TRACKING_URI, else the embedded ``mlflow.db`` beside the repo.
@@ -30,9 +31,9 @@ import torch
 from mlflow.entities.model_registry import ModelVersion
 
 from recast.io import save_tensors, tensors_sha256
-from stages.backbones import bank_meta, pretrained_meta
+from stages.common import resolve
+from stages.inputs import InputStore, backbone_bundle, banks_bundle, task_bundle
 from stages.jobs import dispatch
-from stages.lineage import TaskData
 from stages.results import JOB_SPEC_ARTIFACT, payload_sidecar
 from stages.runlog import load_json_artifact
 from stages.tracking import download_payload, list_registered, make_client, tracking_uri
@@ -88,16 +89,32 @@ def lineage(ref: str) -> dict[str, Any]:
     }
 
 
-def _check_inputs(spec: dict, tags: dict[str, str]) -> None:
-    """The task data, backbone and banks on disk must be the ones the version was trained on."""
-    found = {"data.sha256": TaskData.of(spec["task"], spec["task_dir"]).sha256,
-             "backbone_sha256": pretrained_meta(Path(spec["pretrain_dir"]), spec["arch"]).get("sha256", "")}
-    if tags.get("bank_sha256") not in (None, "", "None"):
-        found["bank_sha256"] = bank_meta(Path(spec["mimic_dir"]), spec["arch"]).get("bank_sha256", "")
-    wrong = {k: (tags.get(k), v) for k, v in found.items() if tags.get(k) and tags[k] != v}
+def rebuild_inputs(spec: dict, sources: dict[str, str]) -> InputStore:
+    """An ``InputStore`` (no Ray) holding the bundles of ``spec["inputs"]``, rebuilt from the
+    folders the job's run recorded (``sources``: role -> folder); each rebuilt bundle must have
+    the key the spec names, i.e. the task data, backbone and banks on disk are the bytes the
+    version was trained on."""
+    store = InputStore(None)
+    wrong = []
+    for role, key in spec.get("inputs", {}).items():
+        kind = key.split("-", 1)[0]
+        if role not in sources:
+            raise ValueError(f"cannot reproduce: the run recorded no folder for input '{role}' ({key})")
+        folder = resolve(sources[role])
+        if kind == "task":
+            bundle = task_bundle(folder)
+        elif kind == "backbone":
+            bundle = backbone_bundle(folder, spec["arch"])
+        elif kind == "banks":
+            bundle = banks_bundle(folder, spec["arch"])
+        else:
+            raise ValueError(f"cannot reproduce: input '{role}' is a '{kind}' bundle, which reproduce cannot rebuild")
+        got = store.add(bundle)
+        if got != key:
+            wrong.append(f"{role} (registered {key}, on disk {got} at {folder})")
     if wrong:
-        raise ValueError("cannot reproduce: inputs on disk differ from the registered version's "
-                         + ", ".join(f"{k} (registered {a}, on disk {b})" for k, (a, b) in wrong.items()))
+        raise ValueError("cannot reproduce: inputs on disk differ from the registered version's: " + ", ".join(wrong))
+    return store
 
 
 def reproduce(ref: str, out: Path) -> dict[str, Any]:
@@ -107,10 +124,10 @@ def reproduce(ref: str, out: Path) -> dict[str, Any]:
     uri = tracking_uri()
     job = load_json_artifact(mv.run_id, JOB_SPEC_ARTIFACT, uri)
     spec = job["spec"]
-    _check_inputs(spec, mv.tags)
+    store = rebuild_inputs(spec, job.get("sources", {}))
     if job.get("torch_threads"):
         torch.set_num_threads(int(job["torch_threads"]))  # the job's thread count (float reductions)
-    meta, tensors = dispatch(spec)
+    meta, tensors = dispatch(spec, store.local(spec["inputs"]))
     meta = {k: v for k, v in meta.items() if not k.startswith("_")}
     sha = tensors_sha256(tensors)
     stem = f"{spec['task']}-s{spec['seed']}"

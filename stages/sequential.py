@@ -3,53 +3,64 @@ trains ONE shared backbone on every task in the configured order (``recast.basel
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 
 from recast.baselines import TaskSpec, TrainConfig, make_method, run_sequential
-from recast.data import BatchLoader, read_manifest
-from stages.backbones import load_backbone, pretrained_meta
 from stages.common import record_nondeterminism, resolve, seed_everything
+from stages.inputs import InputStore, JobInputs, backbone_bundle, banks_bundle, task_bundle
 from stages.params import TrainParams, TuneParams
-from stages.specs import common_fields, manifest_sha, task_names
+from stages.specs import common_fields, task_names
 
 
-def continual_specs(stage: str, p: TuneParams, device: str) -> list[dict]:
-    """One job per ``tune.continual.methods.<arch>`` entry and seed."""
+def continual_specs(stage: str, p: TuneParams, device: str, store: InputStore) -> list[dict]:
+    """One job per ``tune.continual.methods.<arch>`` entry and seed; inputs ``backbone`` and
+    ``task/<name>`` for every task (added to ``store``)."""
     tasks = task_names(p)
     data = resolve(p.data_dir)
     c = p.continual
     specs = []
     for arch in p.archs:
-        bb_sha = pretrained_meta(resolve(p.pretrain_dir), arch).get("sha256", "")
-        for name in c.methods.get(arch, []):
+        if not c.methods.get(arch):
+            continue
+        roles = {"backbone": store.add(backbone_bundle(resolve(p.pretrain_dir), arch)),
+                 **{f"task/{t}": store.add(task_bundle(data / t)) for t in tasks}}
+        for name in c.methods[arch]:
+            if name == "recast":  # RECAST itself under the protocol: one RecastModel on the mimicked banks
+                roles = {**roles, "banks": store.add(banks_bundle(resolve(p.mimic_dir), arch))}
             for seed in p.seeds:
                 specs.append({"id": f"{stage}/{arch}/{name}/sequential/s{seed}", "kind": "continual", "arch": arch,
                               "method_name": name, "seed": seed, "epochs": c.epochs, "lr": c.lr,
-                              "options": c.options.get(name, {}), "backbone_sha": bb_sha,
-                              "task_dirs": {t: str(data / t) for t in tasks}, "task_order": list(tasks),
-                              "task_sha": {t: manifest_sha(data / t) for t in tasks}, **common_fields(p, arch, device)})
+                              "options": c.options.get(name, {}), "task_order": list(tasks), "inputs": roles,
+                              **common_fields(p, arch, device)})
     return specs
 
 
-def continual_job(spec: dict) -> tuple[dict, dict]:
+def continual_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
     """Ray task: one sequential continual-learning baseline over all tasks of one arch."""
     seed_everything(spec["seed"])
     tr = TrainParams(**spec["train"])
-    backbone = load_backbone(spec["arch"], Path(spec["pretrain_dir"])).plain()
-    backbone.reset_classifier(0)
+    if spec["method_name"] == "recast":
+        backbone = inputs.backbone("backbone", banks="banks").recast()
+    else:
+        backbone = inputs.backbone("backbone").plain()
+        backbone.reset_classifier(0)
     tasks = []
     for name in spec["task_order"]:
-        tdir = Path(spec["task_dirs"][name])
+        data = inputs.task(f"task/{name}")
 
-        def mk(split: str, train: bool, limit: int | None, tdir: Path = tdir) -> BatchLoader:
-            return BatchLoader(tdir, split, tr.batch_size, tr.image_size, train=train, seed=spec["seed"], limit=limit)
+        def mk(split: str, train: bool, limit: int | None, data=data):
+            return data.loader(split, tr.batch_size, tr.image_size, train=train, seed=spec["seed"], limit=limit,
+                               device=spec["device"])
 
-        tasks.append(TaskSpec(name, read_manifest(tdir).num_classes, mk("train", True, tr.limit_train),
+        tasks.append(TaskSpec(name, data.num_classes, mk("train", True, tr.limit_train),
                               mk("val", False, tr.limit_eval), mk("test", False, tr.limit_eval)))
-    cfg = TrainConfig(epochs=spec["epochs"], lr=spec["lr"], seed=spec["seed"], device=spec["device"],
-                      grad_clip=tr.grad_clip)
+    if spec["method_name"] == "recast":  # the per-task tuning recipe, so its accuracies match the tune jobs'
+        cfg = replace(tr.recipe(spec["device"]), seed=spec["seed"])
+    else:
+        cfg = TrainConfig(epochs=spec["epochs"], lr=spec["lr"], seed=spec["seed"], device=spec["device"],
+                          grad_clip=tr.grad_clip)
     method = make_method(spec["method_name"], backbone, spec.get("options") or None)
     with record_nondeterminism() as nondeterministic:
         out = run_sequential(method, tasks, cfg, progress=False).to_json()

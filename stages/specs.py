@@ -1,14 +1,14 @@
 """Job specs of the tune and combine stages: one JSON-serialisable dict per (arch, method,
-task, seed), with a stable id and everything a Ray job needs."""
+task, seed), with a stable id and everything a Ray job needs. Inputs are named by content
+(``spec["inputs"]``: role -> ``stages.inputs`` key), never by a path on the driver."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 
-from stages.backbones import bank_meta, pretrained_meta
+from stages.backbones import bank_meta
 from stages.common import ParamsError, resolve
+from stages.inputs import InputStore, backbone_bundle, banks_bundle, task_bundle
 from stages.params import MethodParams, TuneParams
 
 
@@ -28,26 +28,22 @@ def task_names(p: TuneParams) -> list[str]:
     return list(p.tasks)
 
 
-def manifest_sha(task_dir: Path) -> str:
-    """Short sha256 of a prepared task's manifest (which holds its files' digests)."""
-    path = task_dir / "manifest.json"
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else ""
-
-
 def common_fields(p: TuneParams, arch: str, device: str) -> dict:
     """Fields every job of the tune/combine stages carries (the recipe is the arch's own)."""
-    return {"train": p.train_for(arch).model_dump(), "pretrain_dir": str(resolve(p.pretrain_dir)),
-            "mimic_dir": str(resolve(p.mimic_dir)), "device": device}
+    return {"train": p.train_for(arch).model_dump(), "device": device}
 
 
-def method_specs(stage: str, p: TuneParams, methods: dict[str, MethodParams], device: str) -> list[dict]:
-    """One job per arch x method x task x seed (a method's ``archs`` limits where it runs)."""
+def method_specs(stage: str, p: TuneParams, methods: dict[str, MethodParams], device: str,
+                 store: InputStore) -> list[dict]:
+    """One job per arch x method x task x seed (a method's ``archs`` limits where it runs);
+    their inputs are added to ``store``."""
     tasks = task_names(p)
     data = resolve(p.data_dir)
+    task_keys = {task: store.add(task_bundle(data / task)) for task in tasks}
     specs = []
     for arch in p.archs:
         common = common_fields(p, arch, device)
-        bb_sha = pretrained_meta(resolve(p.pretrain_dir), arch).get("sha256", "")
+        backbone = store.add(backbone_bundle(resolve(p.pretrain_dir), arch))
         bank_sha = bank_meta(resolve(p.mimic_dir), arch).get("bank_sha256", "")
         for name, m in methods.items():
             if m.archs is not None and arch not in m.archs:
@@ -55,10 +51,12 @@ def method_specs(stage: str, p: TuneParams, methods: dict[str, MethodParams], de
             if m.needs_recast and not bank_sha:
                 raise ParamsError(f"{stage}.methods.{name}: needs the mimic stage output for arch '{arch}' "
                                   f"under {resolve(p.mimic_dir)}")
+            roles = {"backbone": backbone}
+            if m.needs_recast:
+                roles["banks"] = store.add(banks_bundle(resolve(p.mimic_dir), arch))
             for task in tasks:
                 for seed in p.seeds:
                     specs.append({"id": f"{stage}/{arch}/{name}/{task}/s{seed}", "arch": arch, "method_name": name,
-                                  "method": m.model_dump(), "task": task, "seed": seed,
-                                  "task_dir": str(data / task), "backbone_sha": bb_sha, "bank_sha": bank_sha,
-                                  "task_sha": manifest_sha(data / task), **common})
+                                  "method": m.model_dump(), "task": task, "seed": seed, "bank_sha": bank_sha,
+                                  "inputs": {**roles, "task": task_keys[task]}, **common})
     return specs

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import random
 import tempfile
@@ -18,8 +19,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
-from stages.common import REPO_ROOT
+from stages.common import REPO_ROOT, write_json_atomic
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -138,24 +141,49 @@ class Tracker:
             retry(lambda chunk=items[i:i + 100]: self.client.log_batch(run_id, params=chunk), uri=self.uri)
 
     def child(self, name: str, params: dict[str, Any], metrics: dict[str, float],
-              artifacts: list[Path] = (), tags: dict[str, str] | None = None) -> str:
+              artifacts: list[Path] = (), tags: dict[str, str] | None = None,
+              logged_at: Path | None = None) -> str:
         """One finished job as a child run (params, metrics, artifacts); returns its run id.
 
-        Numeric metrics are logged as metrics; the job's ``host`` and ``ray_node`` become tags."""
+        Numeric metrics are logged as metrics; the job's ``host`` and ``ray_node`` become tags.
+        ``logged_at`` (a JSON record, e.g. beside the job's cache entry) makes the artifacts be
+        logged once per tracking store: the first run logs them and records its run id there; a
+        later run of the same job (a cached result) logs none and tags ``artifacts_run_id`` and
+        ``artifacts_uri`` with the first run's instead."""
         where = {k: str(metrics[k]) for k in ("host", "ray_node") if metrics.get(k)}
+        first = self._artifacts_run(logged_at) if artifacts else None
+        refs = {"artifacts_run_id": first[0], "artifacts_uri": first[1]} if first else {}
         run = retry(lambda: self.client.create_run(
             self.experiment_id, run_name=name,
-            tags={"mlflow.parentRunId": self.parent_id, "job": name, **where, **(tags or {})}), uri=self.uri)
+            tags={"mlflow.parentRunId": self.parent_id, "job": name, **where, **refs, **(tags or {})}), uri=self.uri)
         rid = run.info.run_id
         self.log_params(rid, params)
         ts = int(time.time() * 1000)
         ms = [mlflow.entities.Metric(k, float(v), ts, 0) for k, v in metrics.items() if _is_number(v)]
         if ms:
             retry(lambda: self.client.log_batch(rid, metrics=ms), uri=self.uri)
-        for path in artifacts:
-            retry(lambda p=path: self.client.log_artifact(rid, str(p), artifact_path="payload"), uri=self.uri)
+        if artifacts and first is None:
+            for path in artifacts:
+                retry(lambda p=path: self.client.log_artifact(rid, str(p), artifact_path="payload"), uri=self.uri)
+                _link_local_artifact(f"{run.info.artifact_uri}/payload/{Path(path).name}", Path(path))
+            if logged_at is not None:
+                write_json_atomic(logged_at, {"tracking_uri": self.uri, "run_id": rid,
+                                              "artifacts_uri": f"{run.info.artifact_uri}/payload"})
         retry(lambda: self.client.set_terminated(rid, "FINISHED"), uri=self.uri)
         return rid
+
+    def _artifacts_run(self, logged_at: Path | None) -> tuple[str, str] | None:
+        """(run id, artifacts uri) of the run that logged a job's artifacts in this store, if any."""
+        if logged_at is None or not logged_at.exists():
+            return None
+        record = json.loads(logged_at.read_text())
+        if record.get("tracking_uri") != self.uri:
+            return None
+        try:
+            retry(lambda: self.client.get_run(record["run_id"]), uri=self.uri)
+        except Exception:  # noqa: BLE001 - the run was deleted (or the store replaced): log anew
+            return None
+        return record["run_id"], record["artifacts_uri"]
 
     def finish(self, metrics: dict[str, float] | None = None, status: str = "FINISHED") -> None:
         if self._monitor is not None:
@@ -165,6 +193,25 @@ class Tracker:
             ms = [mlflow.entities.Metric(k, float(v), ts, 0) for k, v in metrics.items() if _is_number(v)]
             retry(lambda: self.client.log_batch(self.parent_id, metrics=ms), uri=self.uri)
         retry(lambda: self.client.set_terminated(self.parent_id, status), uri=self.uri)
+
+
+def _link_local_artifact(artifact_uri: str, source: Path) -> None:
+    """Replace MLflow's copy of a logged file by a hard link to ``source`` when the artifact
+    store is a local folder on the same file system (MLflow never rewrites an artifact in place),
+    so a payload takes its bytes once; any other store keeps its copy."""
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme not in ("", "file"):
+        return
+    logged = Path(url2pathname(parsed.path))
+    if not logged.is_file() or logged.stat().st_size != source.stat().st_size:
+        return
+    tmp = logged.with_name(f".{logged.name}.{os.getpid()}.link")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+        os.replace(tmp, logged)
+    except OSError:  # another file system, or no hard links: MLflow's copy stays
+        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- registry

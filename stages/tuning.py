@@ -9,12 +9,13 @@ from typing import Any
 from stages.common import resolve, write_json_atomic
 from stages.curves import plot_curves
 from stages.fanout import run_jobs
+from stages.inputs import InputStore
 from stages.jobs import dispatch
 from stages.lineage import TaskData, stage_lineage
 from stages.params import MethodParams, RuntimeParams, TuneParams
 from stages.results import Publisher, summarise
 from stages.runlog import log_datasets, log_file
-from stages.runtime import pick_device
+from stages.runtime import job_device
 from stages.sequential import continual_specs
 from stages.specs import method_specs, task_names
 from stages.tables import write_results
@@ -24,16 +25,18 @@ from stages.tracking import Tracker
 def run_tuning(stage: str, p: TuneParams, methods: dict[str, MethodParams], rt: RuntimeParams, out_dir: str,
                continual: bool) -> dict[str, Any]:
     """Run the stage's jobs (per-task methods, plus the sequential baselines when ``continual``)."""
-    device = pick_device(rt.device)
-    specs = method_specs(stage, p, methods, device) + (continual_specs(stage, p, device) if continual else [])
+    device = job_device(rt)
+    store = InputStore(rt.storage)
+    specs = method_specs(stage, p, methods, device, store)
+    specs += continual_specs(stage, p, device, store) if continual else []
     lineage = stage_lineage(stage)  # before any output is written: what dvc.lock will record
     tracker = Tracker(stage, rt.experiment, {"methods": {k: v.model_dump() for k, v in methods.items()},
                                              "train": p.train.model_dump(), "archs": p.archs, "seeds": p.seeds},
                       tags=lineage.tags())
     data = resolve(p.data_dir)
     log_datasets(tracker, tracker.parent_id, [TaskData.of(t, data / t) for t in task_names(p)])
-    publish = Publisher(tracker, resolve(out_dir), lineage)
-    run_jobs(stage, dispatch, specs, rt, publish)
+    publish = Publisher(tracker, resolve(out_dir), stage, rt, store, lineage)
+    run_jobs(stage, dispatch, specs, rt, publish, inputs=store)
     rows = publish.sorted_rows(task_names(p))
     write_json_atomic(resolve(out_dir) / "results.json", rows)
     write_results(rows, resolve(out_dir))

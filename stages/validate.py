@@ -3,14 +3,16 @@
 ``python -m stages.validate [--params FILE]`` is the dry run of a configuration (for example
 ``configs/paper.yaml``): it checks types and unknown keys of every section, that timm knows
 every model, that tasks exist in the chosen suite, that each RECAST variant fits its model
-(G divides the targeted depth, targets match), and lists the jobs each stage would run. It
-downloads nothing: models are built on the meta device.
+(G divides the targeted depth, targets match), lists the jobs each stage would run and
+estimates the GPU-hours of the tune and combine jobs (``gpu_estimate``). It downloads
+nothing: models are built on the meta device.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any
 
 import timm
@@ -18,6 +20,8 @@ import torch
 
 from recast.baselines import METHODS
 from recast.baselines.common import config_from_mapping
+from recast.data.offline import SPECS as OFFLINE_SPECS
+from recast.data.offline import TEST_FRACTION
 from recast.targets import build_plan
 from stages.common import ParamsError, read_params, validate_section
 from stages.params import SECTIONS, suite_tasks
@@ -70,6 +74,8 @@ def validate_all(data: dict[str, Any]) -> dict[str, Any]:
     for arch, names in tune.continual.methods.items():
         if arch not in tune.archs:
             raise ParamsError(f"tune.continual.methods.{arch}: not one of tune.archs {tune.archs}")
+        if "recast" in names and arch not in mim.archs:
+            raise ParamsError(f"tune.continual.methods.{arch}: 'recast' needs RECAST banks; add {arch!r} to mimic.archs")
         bad = [m for m in names if m not in METHODS]
         if bad:
             raise ParamsError(f"tune.continual.methods.{arch}: unknown {bad}; valid: {sorted(METHODS)}")
@@ -88,12 +94,52 @@ def validate_all(data: dict[str, Any]) -> dict[str, Any]:
     return plan
 
 
+# Official train(+val) images of the paper's tasks (public dataset sizes); val is carved from them.
+PAPER_TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000, "flowers102": 2040, "aircraft": 6667, "indoor67": 5360,
+                      "cub200": 5994}
+SECONDS_PER_STEP = 0.1  # assumed: one training step (batch 128, 224 px, ViT-S / ResNet-34) on one GPU
+
+
+def gpu_estimate(data: dict[str, Any], plan: dict[str, Any], seconds_per_step: float = SECONDS_PER_STEP) -> dict:
+    """GPU-hours the tune and combine jobs reserve: per job ``epochs x ceil(train images /
+    batch_size) x seconds_per_step`` (train images: ``limit_train``, else the task's train split
+    after val is carved), times ``runtime.gpus_per_task``; sequential baselines train on every
+    task for ``continual.epochs``. Evaluation passes are not counted."""
+    rt, prep, tune = (validate_section(k, SECTIONS[k], data) for k in ("runtime", "prepare", "tune"))
+    tr = tune.train
+
+    def train_images(task: str) -> int:
+        if tr.limit_train is not None:
+            return tr.limit_train
+        if prep.suite == "paper":
+            return int(PAPER_TRAIN_IMAGES[task] * (1 - prep.val_fraction))
+        return int(OFFLINE_SPECS[task].size * (1 - TEST_FRACTION) * (1 - prep.val_fraction))
+
+    steps = {t: math.ceil(train_images(t) / tr.batch_size) for t in plan["tasks"]}
+    per_task_job = sum(tr.epochs * n for n in steps.values()) / len(steps) * seconds_per_step
+    seq_job = sum(tune.continual.epochs * n for n in steps.values()) * seconds_per_step
+    n_task_jobs = plan["jobs"]["tune"] + plan["jobs"]["combine"]
+    n_seq = sum(v for k, v in plan["tune"].items() if k.endswith("(sequential)"))
+    job_seconds = (n_task_jobs - n_seq) * per_task_job + n_seq * seq_job
+    return {"jobs": n_task_jobs, "steps_per_epoch": steps, "assumed_seconds_per_step": seconds_per_step,
+            "mean_job_hours": round(per_task_job / 3600, 3), "gpus_per_task": rt.gpus_per_task,
+            "gpu_hours": round(job_seconds * rt.gpus_per_task / 3600, 1), "job_hours": round(job_seconds / 3600, 1)}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default=None)
+    ap.add_argument("--seconds-per-step", type=float, default=SECONDS_PER_STEP,
+                    help=f"assumed time of one training step on one GPU (default {SECONDS_PER_STEP})")
     args = ap.parse_args(argv)
-    plan = validate_all(read_params(args.params))
+    data = read_params(args.params)
+    plan = validate_all(data)
     print(json.dumps(plan, indent=2))
+    est = gpu_estimate(data, plan, args.seconds_per_step)
+    print(f"GPU estimate (tune + combine): {est['jobs']} jobs x {est['mean_job_hours']:.3f} h per per-task job "
+          f"(epochs x steps/epoch {est['steps_per_epoch']} x an assumed {est['assumed_seconds_per_step']} s/step; "
+          f"sequential baselines over every task) = {est['job_hours']} job-hours; x gpus_per_task "
+          f"{est['gpus_per_task']} = {est['gpu_hours']} GPU-hours reserved")
     print("params OK")
 
 

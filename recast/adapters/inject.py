@@ -109,23 +109,23 @@ def adapter_counts(model: nn.Module) -> dict[str, int]:
 
 def adapter_payload_bytes(model: nn.Module) -> int:
     """Bytes of the per-task adapter payload as stored: every tensor of ``adapter_state`` at its
-    dtype's size, except Piggyback masks at one bit per weight (only the binary mask is kept)."""
-    total = 0
-    for name, t in adapter_state(model).items():
-        module = model.get_submodule(name.rpartition(".")[0])
-        if isinstance(module, (PiggybackLinear, PiggybackConv2d)) and name.endswith(".mask"):
-            total += (t.numel() + 7) // 8
-        else:
-            total += t.numel() * t.element_size()
-    return total
+    dtype's size (Piggyback masks are stored bit-packed: one bit per weight)."""
+    return sum(t.numel() * t.element_size() for t in adapter_state(model).values())
+
+
+def _stored_tensors(wrapper: AdapterWrapper) -> list[tuple[str, torch.Tensor]]:
+    """A wrapper's tensors as a task stores them: its own tensors, a Piggyback mask as ``mask_bits``."""
+    if isinstance(wrapper, (PiggybackLinear, PiggybackConv2d)):
+        return [("mask_bits", wrapper.mask_bits()) if n == "mask" else (n, t) for n, t in wrapper.own_named_tensors()]
+    return wrapper.own_named_tensors()
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every adapter tensor (parameters and buffers, e.g. RoSA's support), keyed by real name;
-    a dict of tensors for ``safetensors.torch.save_file``."""
+    """Every adapter tensor as stored (parameters and buffers, e.g. RoSA's support; Piggyback's
+    bit-packed ``mask_bits``), keyed by real name; a dict for ``safetensors.torch.save_file``."""
     state = {}
     for name, wrapper in adapter_modules(model):
-        for n, t in wrapper.own_named_tensors():
+        for n, t in _stored_tensors(wrapper):
             state[f"{name}.{n}" if name else n] = t.detach()
     return state
 
@@ -136,10 +136,11 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
     Raises:
         ValueError: keys or shapes differ (missing/unexpected keys are named).
     """
-    mine = {}
+    mine, owners = {}, {}
     for name, wrapper in adapter_modules(model):
-        for n, t in wrapper.own_named_tensors():
-            mine[f"{name}.{n}" if name else n] = t
+        for n, t in _stored_tensors(wrapper):
+            key = f"{name}.{n}" if name else n
+            mine[key], owners[key] = t, wrapper
     if set(mine) != set(state):
         missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
         raise ValueError(f"adapter state does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
@@ -147,7 +148,10 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
         for key, target in mine.items():
             if tuple(state[key].shape) != tuple(target.shape):
                 raise ValueError(f"adapter tensor '{key}' has shape {tuple(state[key].shape)}, model expects {tuple(target.shape)}")
-            target.copy_(state[key])
+            if isinstance(owners[key], (PiggybackLinear, PiggybackConv2d)) and key.rpartition(".")[2] == "mask_bits":
+                owners[key].load_mask_bits(state[key])
+            else:
+                target.copy_(state[key])
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:

@@ -1,7 +1,7 @@
 """Batched, vectorised image transforms on tensors (no per-image PIL work).
 
-Every random transform takes an optional ``torch.Generator`` so a loader seeded per epoch
-produces the same batches every time.
+Every random transform takes an optional ``torch.Generator`` (on the CPU) so a loader seeded
+per epoch produces the same batches every time; the images may be on any device.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ def random_crop_padded(x: torch.Tensor, padding: int, generator: torch.Generator
     b, _, h, w = x.shape
     padded = F.pad(x, (padding, padding, padding, padding))  # (B, C, H+2p, W+2p)
     windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # (B, C, 2p+1, 2p+1, H, W), a view
-    oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
-    ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
-    return windows[torch.arange(b), :, oy, ox]  # (B, C, H, W)
+    oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
+    ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
+    return windows[torch.arange(b, device=x.device), :, oy, ox]  # (B, C, H, W)
 
 
 def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Flip each image left-right with probability 1/2."""
-    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
@@ -75,7 +75,7 @@ def random_resized_crop(
     theta[:, 0, 2] = cx
     theta[:, 1, 1] = fh
     theta[:, 1, 2] = cy
-    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)  # (B, S, S, 2)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), [b, x.shape[1], size, size], align_corners=False)  # (B, S, S, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -90,8 +90,8 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], scale: float = 1.0) -> torch.Tensor:
     """(x * scale - mean) / std per channel, computed in place on a float ``x``."""
     s = torch.tensor(std, dtype=torch.float64)
-    mul = (scale / s).to(x.dtype).view(1, -1, 1, 1)
-    sub = (torch.tensor(mean, dtype=torch.float64) / s).to(x.dtype).view(1, -1, 1, 1)
+    mul = (scale / s).to(x.device, x.dtype).view(1, -1, 1, 1)
+    sub = (torch.tensor(mean, dtype=torch.float64) / s).to(x.device, x.dtype).view(1, -1, 1, 1)
     return x.mul_(mul).sub_(sub)
 
 

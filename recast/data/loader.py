@@ -1,8 +1,9 @@
 """Reading prepared tasks for training: a fast in-memory batch loader and a map-style Dataset.
 
-``BatchLoader`` holds a whole split as one uint8 tensor and builds each batch with a few
-vectorised tensor ops (gather, crop, flip, resize, normalise), so on 2 CPU cores it delivers
-images far faster than a small model trains on them. Shuffling and augmentation draw from a
+``BatchLoader`` holds a whole split in memory, as one uint8 tensor (``raw`` tasks) or as the
+JPEG bytes of every row (``jpeg`` tasks, decoded and resized per batch by a thread pool on
+CPU, or by nvjpeg on a CUDA ``device``: ``recast.data.jpeg``), and builds each batch with a few
+vectorised tensor ops (gather, crop, flip, resize, normalise). Shuffling and augmentation draw from a
 ``torch.Generator`` seeded with (seed, epoch): iterating twice in the same epoch yields the
 same batches; call ``set_epoch`` to reshuffle.
 """
@@ -12,25 +13,28 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from recast.data.augment import transform_batch
+from recast.data.jpeg import decode_jpeg, default_workers
 from recast.data.manifest import SPLITS, AugmentPolicy, TaskManifest, read_manifest
-from recast.data.storage import read_split_file
+from recast.data.storage import read_encoded_split
 
 
 def _load(
     task_dir: str | os.PathLike, split: str, limit: int | None, verify: bool
-) -> tuple[TaskManifest, torch.Tensor, torch.Tensor]:
+) -> tuple[TaskManifest, torch.Tensor | list[bytes], torch.Tensor]:
+    """(manifest, uint8 images (N, C, H, W) or JPEG bytes per row, labels (N,))."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}; choose one of {SPLITS}")
     if limit is not None and limit <= 0:
         raise ValueError(f"limit={limit}; must be a positive number of examples or None")
     manifest = read_manifest(task_dir, verify=False)
-    images, labels = read_split_file(Path(task_dir), manifest, split, verify=verify)
+    images, labels = read_encoded_split(Path(task_dir), manifest, split, verify=verify, any_encoding=True)
     if limit is not None:
         # Rows are stored in a seeded random order, so the first `limit` are a random subset.
         images, labels = images[:limit], labels[:limit]
@@ -51,6 +55,8 @@ class BatchLoader:
         limit: use only the first ``limit`` examples (a random subset; for tiny CI runs).
         augment: override the manifest's augmentation policy (only used when ``train``).
         verify: check the split file's sha256 against the manifest.
+        device: where JPEG rows are decoded and the batch is built (``cpu`` or a CUDA device).
+        workers: threads of the CPU JPEG decoder (default: the usable CPUs, at most 8).
     """
 
     def __init__(
@@ -65,17 +71,66 @@ class BatchLoader:
         limit: int | None = None,
         augment: AugmentPolicy | None = None,
         verify: bool = True,
+        device: str = "cpu",
+        workers: int | None = None,
     ) -> None:
+        manifest, images, labels = _load(task_dir, split, limit, verify)
+        self._setup(manifest, images, labels, split, batch_size, image_size, train, seed, drop_last, augment,
+                    device, workers)
+
+    @classmethod
+    def from_split(
+        cls,
+        manifest: TaskManifest,
+        images: torch.Tensor | list[bytes],
+        labels: torch.Tensor,
+        split: str,
+        batch_size: int,
+        image_size: int,
+        train: bool,
+        seed: int,
+        drop_last: bool = False,
+        limit: int | None = None,
+        augment: AugmentPolicy | None = None,
+        device: str = "cpu",
+        workers: int | None = None,
+    ) -> BatchLoader:
+        """A loader over a split already in memory, as ``recast.data.storage.read_split_bytes``
+        returns it: uint8 images (N, C, H, W) of a ``raw`` task or one JPEG's bytes per row of a
+        ``jpeg`` task, and int64 labels (N,); other arguments as the constructor's."""
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}; choose one of {SPLITS}")
+        if limit is not None and limit <= 0:
+            raise ValueError(f"limit={limit}; must be a positive number of examples or None")
+        if manifest.encoding == "jpeg":
+            if not isinstance(images, list) or len(images) != len(labels):
+                raise ValueError(f"a jpeg task's images must be a list of JPEG bytes, one per label; got "
+                                 f"{type(images).__name__} for {len(labels)} labels")
+        elif (not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4
+              or labels.shape != images.shape[:1]):
+            raise ValueError(f"images must be uint8 (N, C, H, W) with labels (N,), got {getattr(images, 'shape', None)} "
+                             f"{getattr(images, 'dtype', type(images).__name__)} and {tuple(labels.shape)}")
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        loader = cls.__new__(cls)
+        loader._setup(manifest, images, labels, split, batch_size, image_size, train, seed, drop_last, augment,
+                      device, workers)
+        return loader
+
+    def _setup(self, manifest: TaskManifest, images: torch.Tensor | list[bytes], labels: torch.Tensor, split: str,
+               batch_size: int, image_size: int, train: bool, seed: int, drop_last: bool,
+               augment: AugmentPolicy | None, device: str, workers: int | None) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size}; must be >= 1")
         if image_size <= 0:
             raise ValueError(f"image_size={image_size}; must be >= 1")
-        self.manifest: TaskManifest
-        self.manifest, self.images, self.labels = _load(task_dir, split, limit, verify)
+        self.manifest: TaskManifest = manifest
+        self.images, self.labels = images, labels
         self.split, self.batch_size, self.image_size = split, batch_size, image_size
         self.train, self.seed, self.drop_last = train, seed, drop_last
         self.policy = (augment or self.manifest.augment) if train else None
         self.epoch = 0
+        self.device, self.workers = device, workers or default_workers()
 
     @property
     def num_classes(self) -> int:
@@ -104,12 +159,22 @@ class BatchLoader:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         n = self.num_examples
         order = torch.randperm(n, generator=generator) if self.train else torch.arange(n)
-        for i in range(len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            x = transform_batch(
-                self.images[idx], self.image_size, self.manifest.mean, self.manifest.std, self.policy, generator
-            )
-            yield x, self.labels[idx]
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            for i in range(len(self)):
+                idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+                x = transform_batch(
+                    self._pixels(idx, pool), self.image_size, self.manifest.mean, self.manifest.std, self.policy,
+                    generator,
+                )
+                yield x, self.labels[idx].to(self.device)
+
+    def _pixels(self, idx: torch.Tensor, pool: ThreadPoolExecutor) -> torch.Tensor:
+        """uint8 (B, C, H, W) of the rows ``idx`` on ``device`` (JPEG rows decoded at
+        min(stored side, image_size): a reduced-scale decode where that is smaller)."""
+        if isinstance(self.images, torch.Tensor):
+            return self.images[idx].to(self.device)
+        side = min(self.manifest.image_size[0], self.image_size)
+        return decode_jpeg([self.images[j] for j in idx.tolist()], side, self.device, pool)
 
 
 class TaskDataset(Dataset):
@@ -156,7 +221,9 @@ class TaskDataset(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} examples")
         index = index % len(self)
-        x = transform_batch(
-            self.images[index : index + 1], self.image_size, self.manifest.mean, self.manifest.std, self.policy
-        )
+        if isinstance(self.images, torch.Tensor):
+            pixels = self.images[index : index + 1]
+        else:
+            pixels = decode_jpeg([self.images[index]], min(self.manifest.image_size[0], self.image_size))
+        x = transform_batch(pixels, self.image_size, self.manifest.mean, self.manifest.std, self.policy)
         return x[0], int(self.labels[index])

@@ -16,11 +16,14 @@ from typing import Any, Literal
 
 from recast.data.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 2 added ``encoding``; a version-1 manifest is raw
 MANIFEST_NAME = "manifest.json"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 CropMode = Literal["none", "pad", "resized"]
 CROP_MODES: tuple[str, ...] = ("none", "pad", "resized")
+Encoding = Literal["raw", "jpeg"]
+ENCODINGS: tuple[str, ...] = ("raw", "jpeg")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class TaskManifest:
         origin: where the raw data came from.
         seed: seed of the random choices (val split, row order, synthetic transforms).
         val_fraction: fraction of the official train split carved out as val.
+        encoding: how the ``image`` column stores a row: ``raw`` (C*H*W uint8 pixels, CHW) or
+            ``jpeg`` (a JPEG file of the stored (H, W), decoded by the loader).
     """
 
     name: str
@@ -85,6 +90,7 @@ class TaskManifest:
     origin: str = ""
     seed: int = 0
     val_fraction: float = 0.1
+    encoding: Encoding = "raw"
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -98,6 +104,8 @@ class TaskManifest:
             raise ValueError(f"manifest {self.name!r}: mean/std need {self.channels} values")
         if any(not math.isfinite(s) or s <= 0 for s in self.std):
             raise ValueError(f"manifest {self.name!r}: std={self.std} must be finite and > 0")
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"manifest {self.name!r}: encoding={self.encoding!r}; choose one of {ENCODINGS}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -113,8 +121,8 @@ class TaskManifest:
         if not isinstance(data, dict):
             raise DataError(source, f"manifest must be a JSON object, got {type(data).__name__}")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise DataError(source, f"format_version={version!r}; this reader understands {FORMAT_VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise DataError(source, f"format_version={version!r}; this reader understands {READABLE_VERSIONS}")
         try:
             kwargs = dict(data)
             kwargs["class_names"] = tuple(data["class_names"])
@@ -123,6 +131,7 @@ class TaskManifest:
             kwargs["std"] = tuple(float(v) for v in data["std"])
             kwargs["counts"] = {str(k): int(v) for k, v in data["counts"].items()}
             kwargs["augment"] = AugmentPolicy(**data.get("augment", {}))
+            kwargs["format_version"] = FORMAT_VERSION
             return cls(**kwargs)
         except KeyError as err:
             raise DataError(source, f"manifest lacks key {err.args[0]!r}") from None

@@ -10,9 +10,9 @@ Expected locations under ``data_root`` (the first layout found wins):
 - cub200: ``CUB_200_2011/`` with ``images/``, ``images.txt``, ``image_class_labels.txt``,
   ``train_test_split.txt``, ``classes.txt``.
 
-Stored form: CIFAR stays at its native 32x32 (loaders resize on the fly); every other task is
-decoded once, its shorter side resized to ``image_size`` (bilinear) and centre-cropped to a
-square. Test is the official test split; val is carved, stratified and seeded, from the
+Stored form: CIFAR stays raw at its native 32x32 (loaders resize on the fly); every other task is
+decoded once, its shorter side resized to ``image_size`` (bilinear), centre-cropped to a square
+and stored as JPEG (quality 95; the loader decodes and resizes, see ``recast.data.jpeg``). Test is the official test split; val is carved, stratified and seeded, from the
 official train (+ val) split. Augmentation recorded in the manifest: CIFAR random crop
 (padding 4) + flip; the others random resized crop (area 25-100%) + flip.
 """
@@ -29,6 +29,7 @@ import numpy as np
 
 from recast.data.cifar import CIFAR10_BIN, CIFAR10_PY, read_cifar_binary, read_cifar_python
 from recast.data.errors import DataError
+from recast.data.jpeg import JPEG_QUALITY
 from recast.data.manifest import AugmentPolicy
 from recast.data.raw import RawTask, iter_chunks
 from recast.data.readers import read_aircraft, read_cub200, read_flowers102, read_indoor67
@@ -176,11 +177,13 @@ def prepare_paper_task(
     test_order = np.random.default_rng([seed, 1]).permutation(len(raw.test.labels))
     splits = {"train": raw.trainval.take(keep), "val": raw.trainval.take(val), "test": raw.test.take(test_order)}
     augment = AugmentPolicy("pad", 4, True) if is_cifar else AugmentPolicy("resized", 0, True, scale_min=0.25)
-    preprocessing = "native 32x32" if is_cifar else f"shorter side resized to {size}, centre crop {size}x{size}"
+    preprocessing = ("native 32x32" if is_cifar else
+                     f"shorter side resized to {size}, centre crop {size}x{size}, JPEG quality {JPEG_QUALITY}")
     writer = TaskWriter(
         out_dir, name, raw.class_names, size,
         description=f"{DESCRIPTIONS[name]} Stored RGB uint8, {preprocessing}; val carved from train.",
         augment=augment, origin=str(directory), seed=seed, val_fraction=val_fraction,
+        encoding="raw" if is_cifar else "jpeg",
     )
     with writer:
         for split, data in splits.items():

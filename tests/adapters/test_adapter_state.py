@@ -45,3 +45,25 @@ def test_load_rejects_a_state_of_another_structure(vit, resnet):
     bad["blocks.0.attn.qkv.lora_A.0"] = torch.zeros(3, 64)
     with pytest.raises(ValueError, match=r"blocks.0.attn.qkv.lora_A.0' has shape \(3, 64\)"):
         load_adapter_state(other, bad)
+
+
+def test_piggyback_state_is_bit_packed_and_roundtrips(resnet, x, tmp_path):
+    fresh = copy.deepcopy(resnet)
+    add_adapters(resnet, adapter_preset("piggyback"))
+    add_adapters(fresh, adapter_preset("piggyback"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a random binary pattern: about half of every mask below the threshold
+        for p in adapter_parameters(resnet):
+            p.copy_(torch.rand(p.shape, generator=gen) * 2e-2 - 5e-3)
+    state = adapter_state(resnet)
+    assert all(k.endswith(".mask_bits") and v.dtype == torch.uint8 for k, v in state.items())
+    weights = sum(p.numel() for p in adapter_parameters(resnet))
+    assert sum(v.numel() for v in state.values()) == adapter_payload_bytes(resnet) == 78_528 == weights // 8
+    save_file(state, str(tmp_path / "t.safetensors"))
+    assert (tmp_path / "t.safetensors").stat().st_size < 78_528 + 8_000  # bytes on disk: the bits + header
+    load_adapter_state(fresh, load_file(str(tmp_path / "t.safetensors")))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), resnet(x))
+    bad = {k: v[:-1] for k, v in state.items()}
+    with pytest.raises(ValueError, match="mask_bits' has shape"):
+        load_adapter_state(fresh, bad)

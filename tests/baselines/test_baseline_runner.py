@@ -15,7 +15,7 @@ def run(name, backbone, tasks, cfg=CFG):
     return run_sequential(make_method(name, backbone, SMALL.get(name)), tasks, cfg, progress=False)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"recast"}))  # recast takes a RecastModel: test_baseline_recast.py
 def test_every_method_learns_two_tasks_on_vit(name, vit, tasks):
     r = run(name, vit, tasks)
     assert r.method == name and r.task_names == ["a", "b"]

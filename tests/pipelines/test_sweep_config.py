@@ -3,6 +3,7 @@ bad RECAST variants fail early, naming the key or the variant."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from pipelines.config import SWEEP_NAMES, GnSweep, load_config, runtime_params
 from pipelines.specs import build_specs
 from pipelines.sweep import preflight, sweep_key
 from stages.common import ParamsError
+from stages.inputs import InputStore
 
 EXPECTED_TRIALS = {"gn": 6, "k": 4, "targets": 6, "budget": 11, "order": 4, "seeds": 9}
 
@@ -18,27 +20,30 @@ EXPECTED_TRIALS = {"gn": 6, "k": 4, "targets": 6, "budget": 11, "order": 4, "see
 @pytest.mark.parametrize("sweep", SWEEP_NAMES)
 def test_shipped_configs_expand_to_trials(stage_outputs, sweep: str) -> None:
     cfg = load_config(sweep)
-    specs = build_specs(sweep, cfg, "cpu")
+    specs = build_specs(sweep, cfg, "cpu", InputStore())
     assert len(specs) == EXPECTED_TRIALS[sweep]
     assert len({s["id"] for s in specs}) == len(specs)
-    assert all(Path(s["pretrain_dir"]).is_absolute() and s["backbone_sha"] for s in specs)
+    # inputs are named by content digest, never by a path on the driver
+    assert all(s["inputs"]["backbone"].startswith("backbone-") for s in specs)
+    assert not any(str(stage_outputs) in json.dumps(s) for s in specs)
     preflight(specs, cfg)  # every RECAST variant fits test_vit (6 blocks)
 
 
 def test_gn_pairs_keep_template_parameters_constant(stage_outputs) -> None:
-    specs = build_specs("gn", load_config("gn"), "cpu")
+    specs = build_specs("gn", load_config("gn"), "cpu", InputStore())
     products = {(s["point"]["G"], s["point"]["n"]): s["point"]["G_times_n"] for s in specs}
     assert products == {(1, 2): 2, (2, 1): 2, (1, 6): 6, (2, 3): 6, (3, 2): 6, (6, 1): 6}
     assert all(s["method"]["recast"]["overrides"]["coef_sets"] == 2 for s in specs)
 
 
 def test_order_sweep_runs_every_permutation(stage_outputs) -> None:
-    specs = build_specs("order", load_config("order"), "cpu")
+    specs = build_specs("order", load_config("order"), "cpu", InputStore())
     assert sorted((s["kind"], s["task"]) for s in specs) == [
         ("continual", "mnist_hi5_inv>mnist_lo5"), ("continual", "mnist_lo5>mnist_hi5_inv"),
         ("recast_sequence", "mnist_hi5_inv>mnist_lo5"), ("recast_sequence", "mnist_lo5>mnist_hi5_inv")]
     continual = next(s for s in specs if s["kind"] == "continual")
-    assert list(continual["task_dirs"]) == continual["order"]  # continual_job trains in dict order
+    assert continual["task_order"] == continual["order"]  # continual_job trains in this order
+    assert {f"task/{t}" for t in continual["order"]} <= set(continual["inputs"])
 
 
 def test_unknown_and_ill_typed_keys_are_named(tmp_path: Path) -> None:
@@ -59,13 +64,13 @@ def test_unknown_and_ill_typed_keys_are_named(tmp_path: Path) -> None:
 def test_preflight_names_a_variant_that_does_not_fit(stage_outputs) -> None:
     cfg = GnSweep(pairs=[(4, 1)])  # 4 groups do not divide 6 blocks
     with pytest.raises(ValueError, match=r"recast_att_mlp with .*'groups': 4.* does not fit arch 'vit'"):
-        preflight(build_specs("gn", cfg, "cpu"), cfg)
+        preflight(build_specs("gn", cfg, "cpu", InputStore()), cfg)
 
 
 def test_runtime_overrides_and_sweep_identity(stage_outputs) -> None:
     cfg = load_config("k")
     rt = runtime_params(cfg.model_copy(update={"runtime": {"cache_dir": "/tmp/x"}}), num_cpus=1)
     assert (rt.cache_dir, rt.num_cpus) == ("/tmp/x", 1)
-    specs = build_specs("k", cfg, "cpu")
+    specs = build_specs("k", cfg, "cpu", InputStore())
     assert sweep_key("k", specs) == sweep_key("k", list(reversed(specs)))
     assert sweep_key("k", specs) != sweep_key("k", specs[:-1])

@@ -9,17 +9,20 @@ from pipelines.config import BudgetSweep, GnSweep, OrderSweep, TrialMethod
 from stages.memory import current_rss_mb, peak_memory, reset_peak_memory
 from pipelines.specs import build_specs
 from pipelines.trials import run_trial
+from stages.inputs import InputStore
 
 ROLE = 64 * 192  # test_vit: qkv, fc1 and fc2 weights each hold 12,288 values
 
 
 def _specs(sweep, cfg):
-    return {s["name"]: s for s in build_specs(sweep, cfg, "cpu")}
+    """{name: (spec, its JobInputs read from the stage outputs)}."""
+    store = InputStore()
+    return {s["name"]: (s, store.local(s["inputs"])) for s in build_specs(sweep, cfg, "cpu", store)}
 
 
 def test_gn_points_count_templates_and_coefficients(stage_outputs, tiny_train) -> None:
     specs = _specs("gn", GnSweep(pairs=[(1, 2), (2, 1), (6, 1)], train=tiny_train))
-    metas = {name: run_trial(spec)[0] for name, spec in specs.items()}
+    metas = {name: run_trial(*spec)[0] for name, spec in specs.items()}
     for name in ("G1-n2", "G2-n1"):  # G*n = 2: the same template parameters, a third of the weights
         assert metas[name]["templates"] == 2 * 3 * ROLE
         assert metas[name]["template_ratio"] == pytest.approx(1 / 3)
@@ -39,9 +42,9 @@ def test_budget_rows_count_lora_and_recast_lora(stage_outputs, tiny_train) -> No
         "lora": TrialMethod(adapter={"preset": "lora_tiny"}),
         "recast_lora": TrialMethod(recast=recast, adapter={"preset": "lora_tiny"})})
     specs = _specs("budget", cfg)
-    assert (specs["lora"]["family"], specs["recast_lora"]["family"]) == ("lora", "recast+lora")
-    lora, _ = run_trial(specs["lora"])
-    both, _ = run_trial(specs["recast_lora"])
+    assert (specs["lora"][0]["family"], specs["recast_lora"][0]["family"]) == ("lora", "recast+lora")
+    lora, _ = run_trial(*specs["lora"])
+    both, _ = run_trial(*specs["recast_lora"])
     assert lora["adapter_params"] == lora["task_params"] == 64 + 192  # r=1 on blocks.0.attn.qkv
     assert both["coefficients"] == 72 and both["task_params"] == 72 + 256
     assert both["stored_params"] == both["trainable_params"] == 72 + 256 + 325
@@ -49,7 +52,8 @@ def test_budget_rows_count_lora_and_recast_lora(stage_outputs, tiny_train) -> No
 
 def test_recast_sequence_is_order_invariant(stage_outputs, tiny_train) -> None:
     cfg = OrderSweep(tasks=["mnist_lo5", "mnist_hi5_inv"], continual=[], train=tiny_train)
-    metas = [run_trial(s)[0] for s in build_specs("order", cfg, "cpu")]
+    store = InputStore()
+    metas = [run_trial(s, store.local(s["inputs"]))[0] for s in build_specs("order", cfg, "cpu", store)]
     assert [m["task_names"] for m in metas] == [["mnist_lo5", "mnist_hi5_inv"], ["mnist_hi5_inv", "mnist_lo5"]]
     assert metas[0]["final_acc"] == metas[1]["final_acc"]  # exactly: same start, same seed per task
     for m in metas:

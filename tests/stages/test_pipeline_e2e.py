@@ -44,6 +44,8 @@ def test_clean_run_produces_sane_metrics(pipeline):
     gain = [report[f"{a}/recast"]["avg_test_acc"] - report[f"{a}/head_only"]["avg_test_acc"] for a in ("vit", "resnet")]
     assert sum(gain) / 2 > 0, gain
     assert report["vit/recast"]["avg_forgetting"] == 0.0 and report["resnet/recast"]["avg_forgetting"] == 0.0
+    seq = json.loads((root / "metrics" / "tune.json").read_text())["vit/recast (sequential)"]["acc_matrix"]
+    assert all(seq[i][j] == seq[j][j] for j in range(5) for i in range(j, 5))  # trained in sequence, nothing moved
     assert report["vit/recast"]["trainable_params"] < report["vit/lora_tiny"]["trainable_params"]
     mimic = json.loads((root / "metrics" / "mimic.json").read_text())
     for arch in ("vit", "resnet"):
@@ -55,7 +57,7 @@ def test_clean_run_produces_sane_metrics(pipeline):
     payloads = list((root / "outputs" / "tune" / "payloads" / "vit" / "recast").glob("*.safetensors"))
     assert len(payloads) == 5
     rows = json.loads((root / "outputs" / "tune" / "results.json").read_text())
-    assert len(rows) == 25 + 2  # per-task jobs and the two sequential baselines; each measures its own peak
+    assert len(rows) == 25 + 5  # per-task jobs and the sequential runs (ewc, lwf, inflora, recast x2); each measures its own peak
     assert all(0 < r["rss_start_mb"] <= r["peak_rss_mb"] < 8192 and r["ray_node"] for r in rows)
 
 

@@ -11,7 +11,7 @@ from stages.fanout import FAULT_ENV, run_jobs, spec_key
 from stages.params import RuntimeParams
 
 
-def square_job(spec):
+def square_job(spec, inputs):
     """A job: returns metrics and a tensor."""
     x = torch.full((3,), float(spec["x"]))
     return {"y": spec["x"] ** 2, "pid": os.getpid()}, {"x": x}
@@ -94,3 +94,20 @@ def test_cache_key_covers_the_code(monkeypatch, tmp_path):
         monkeypatch.undo()
         fanout.code_fingerprint.cache_clear()
     assert spec_key(spec) == key
+
+
+def test_stored_tensors_share_the_job_cache_file(tmp_path):
+    from safetensors.torch import load_file
+
+    from stages.fanout import _write_cached, job_file, store_tensors
+
+    rt = RuntimeParams(cache_dir=str(tmp_path / "cache"))
+    spec = {"id": "sq/7", "x": 7}
+    tensors = {"x": torch.arange(1000, dtype=torch.float32)}
+    fresh = store_tensors(rt, "sq", spec, tensors, {"n": 1}, tmp_path / "out" / "fresh")  # nothing cached yet
+    assert fresh.stat().st_nlink == 1
+    _write_cached(tmp_path / "cache" / "sq", spec_key(spec), ({"y": 49}, tensors))
+    st = store_tensors(rt, "sq", spec, tensors, {"n": 1}, tmp_path / "out" / "p")
+    assert os.path.samefile(st, job_file(rt, "sq", spec, ".safetensors")) and st.stat().st_nlink == 2
+    assert torch.equal(load_file(str(st))["x"], tensors["x"]) and st.read_bytes() == fresh.read_bytes()
+    assert (tmp_path / "out" / "p.json").read_text().strip().replace(" ", "").replace("\n", "") == '{"n":1}'

@@ -58,7 +58,7 @@ def test_default_plan(default_params):
     plan = validate_all(default_params)
     assert plan["suite"] == "offline" and len(plan["tasks"]) == 5
     assert plan["mimic"]["vit"]["coefficients_per_task"] == 6 * 3 * 2 * 2
-    assert plan["jobs"]["tune"] == 5 * 5 + 3  # (vit: 3 methods, resnet: 2) x 5 tasks + ewc, lwf, inflora on vit
+    assert plan["jobs"]["tune"] == 5 * 5 + 5  # (vit: 3 methods, resnet: 2) x 5 tasks + ewc, lwf, inflora, recast on vit, recast on resnet
 
 
 def test_paper_config_dry_run():

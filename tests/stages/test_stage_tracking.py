@@ -102,3 +102,21 @@ def test_registry_cli_lists_and_fetches(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "device" / "uci_digits-s42.json").read_text() == '{"task": "uci_digits"}'
     assert main(["fetch", "vit", "cifar10", "--out", str(tmp_path / "device")]) == 1
     assert "no payload 'best' for arch=vit task=cifar10" in capsys.readouterr().err
+
+
+def test_artifacts_are_logged_once_per_job_and_linked(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    from stages.tracking import Tracker
+
+    payload = tmp_path / "p.safetensors"
+    payload.write_bytes(os.urandom(50_000))
+    record = tmp_path / "cache" / "key.mlflow.json"
+    first = Tracker("tune", "once")
+    rid = first.child("job", {}, {"acc": 0.5}, [payload], logged_at=record)
+    again = Tracker("tune", "once")  # a re-run: the job's result came from the cache
+    rid2 = again.child("job", {}, {"acc": 0.5}, [payload], logged_at=record)
+    logged = list((tmp_path / "mlartifacts").rglob("p.safetensors"))
+    assert len(logged) == 1 and os.path.samefile(logged[0], payload)  # one copy: MLflow's is a hard link
+    run2 = again.client.get_run(rid2)
+    assert run2.data.tags["artifacts_run_id"] == rid and run2.data.tags["artifacts_uri"].endswith("/payload")
+    assert again.client.list_artifacts(rid2) == [] and len(first.client.list_artifacts(rid, "payload")) == 1
