@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 from dataclasses import asdict
 from pathlib import Path
 
@@ -53,13 +54,35 @@ def save_tensors(tensors: dict[str, torch.Tensor], meta: dict, path: str | os.Pa
     """Write ``<path>.safetensors`` + ``<path>.json`` atomically (temp names, then rename)."""
     st, js = _paths(path)
     st.parent.mkdir(parents=True, exist_ok=True)
-    tmp_st, tmp_js = st.with_name(st.name + ".tmp"), js.with_name(js.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp_st),
-              metadata=TENSOR_FILE_METADATA)
+    unique = f".{os.getpid()}-{secrets.token_hex(4)}.tmp"  # one temp name per writer
+    tmp_st, tmp_js = st.with_name(st.name + unique), js.with_name(js.name + unique)
+    write_tensor_file(tensors, tmp_st)
     tmp_js.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     os.replace(tmp_st, st)
     os.replace(tmp_js, js)
     return st
+
+
+def write_tensor_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """``path`` as safetensors with the project's header metadata, byte-reproducible: the same
+    tensors always give the same bytes (no temp file: callers write to a temp name and rename)."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=TENSOR_FILE_METADATA)
+    _sort_metadata(Path(path))
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header's ``__metadata__`` in sorted key order, in place (safetensors
+    writes it in hash order, so identical tensors gave different bytes). Same length: the
+    tensor offsets do not move."""
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(size)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        fixed = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        assert len(fixed) <= size, "safetensors header grew"
+        fh.seek(8)
+        fh.write(fixed.ljust(size, b" "))
 
 
 def _config_dict(rc: RecastModel) -> dict:

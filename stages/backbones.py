@@ -3,7 +3,9 @@
 ``<pretrain_dir>/<arch>.{safetensors,json}``: the pretrained state dict and its metadata
 (model name, kwargs, metrics, sha256). ``<mimic_dir>/<arch>/``: ``banks`` and ``base``
 (safetensors + JSON sidecar each), ``recast.json`` (RecastConfig, apply seed, bank sha256).
-Every file is written through ``recast.io.save_tensors`` (temp file + rename).
+Every file is written through ``recast.io.save_tensors`` (temp file + rename), and every
+tensor file read back is checked against the sha256 recorded beside it (``load_verified``):
+a corrupt file is an ``IntegrityError`` naming it.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from recast.config import RecastConfig
 from recast.io import save_tensors, tensors_sha256
 from recast.recipes import Backbone
-from stages.common import write_json_atomic
+from stages.common import IntegrityError, check_digest, write_json_atomic
 
 
 def pretrained_sidecar(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
@@ -37,7 +40,7 @@ def pretrained_meta(pretrain_dir: Path, arch: str) -> dict[str, Any]:
     path = pretrain_dir / f"{arch}.json"
     if not path.exists():
         raise FileNotFoundError(f"no pretrained backbone for arch '{arch}' at {path}: run the pretrain stage")
-    return json.loads(path.read_text())
+    return read_sidecar(path)
 
 
 def save_mimicked(out_dir: Path, arch: str, config: RecastConfig, apply_seed: int,
@@ -59,25 +62,50 @@ def bank_meta(mimic_dir: Path, arch: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def read_sidecar(path: Path) -> dict[str, Any]:
+    """A JSON sidecar (metadata + recorded digests); unreadable JSON is an IntegrityError."""
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IntegrityError(f"{path}: unreadable JSON ({err}); rebuild it with the stage that wrote it") from None
+
+
+def load_verified(path: Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:
+    """Load a safetensors file and check ``recast.io.tensors_sha256`` of its tensors against the
+    recorded digest; a mismatch or an unreadable file is an IntegrityError naming ``path``."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise IntegrityError(f"{path}: unreadable safetensors file ({err}); rebuild it with the stage that wrote it") from None
+    check_digest(path, tensors_sha256(tensors), expected_sha256)
+    return tensors
+
+
 def load_backbone(arch: str, pretrain_dir: Path, mimic_dir: Path | None = None) -> Backbone:
     """The Backbone of ``arch`` from the stage outputs (with its RECAST form if ``mimic_dir``)."""
     meta = pretrained_meta(pretrain_dir, arch)
-    state = load_file(str(pretrain_dir / f"{arch}.safetensors"))
+    state = load_verified(pretrain_dir / f"{arch}.safetensors", meta.get("sha256"))
     if mimic_dir is None:
         return backbone_from(meta, state)
     rdir = mimic_dir / arch
-    return backbone_from(meta, state, json.loads((rdir / "recast.json").read_text()),
-                         load_file(str(rdir / "banks.safetensors")), load_file(str(rdir / "base.safetensors")))
+    rmeta = read_sidecar(rdir / "recast.json")
+    return backbone_from(meta, state, rmeta, load_verified(rdir / "banks.safetensors", rmeta.get("bank_sha256")),
+                         load_verified(rdir / "base.safetensors", read_sidecar(rdir / "base.json").get("sha256")))
 
 
 def backbone_from(meta: dict[str, Any], state: dict[str, torch.Tensor], recast_meta: dict[str, Any] | None = None,
                   banks: dict[str, torch.Tensor] | None = None, base: dict[str, torch.Tensor] | None = None) -> Backbone:
     """A Backbone from in-memory stage outputs: the pretrained ``<arch>.json`` metadata and state
-    dict, and for the RECAST form ``recast.json`` with the banks and base coefficients."""
+    dict, and for the RECAST form ``recast.json`` with the banks and base coefficients. The
+    tensors are checked against the sha256 their metadata records (``IntegrityError``)."""
+    check_digest("pretrained weights", tensors_sha256(state), meta.get("sha256"))
     bb = Backbone(meta["model"], dict(meta["kwargs"]), state, num_classes=meta.get("num_classes"))
     if recast_meta is not None:
         if banks is None or base is None:
             raise ValueError("backbone_from: recast_meta needs both banks and base")
+        check_digest("banks", tensors_sha256(banks), recast_meta.get("bank_sha256"))
         bb.recast_config = RecastConfig(**recast_meta["config"])
         bb.apply_seed = recast_meta.get("apply_seed", 0)
         bb.banks, bb.base = banks, base

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stages.common import PARAMS_ENV, read_params
+from stages.common import PARAMS_ENV, StageKilled, read_params
 from stages.params import SECTIONS
 from stages.validate import validate_all
 
@@ -42,5 +42,9 @@ def entry(name: str, spec) -> None:
     if name != "__main__":
         return
     module = importlib.import_module(spec.name if spec is not None else name)
-    result = module.main()
+    try:
+        result = module.main()
+    except StageKilled as err:  # SIGTERM outside a ray.get (inside one, Ray raises KeyboardInterrupt)
+        print(f"{spec.name if spec is not None else name}: {err}", file=sys.stderr)
+        sys.exit(128 + 15)
     sys.exit(result if isinstance(result, int) else 0)

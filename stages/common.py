@@ -4,10 +4,14 @@ seeding, repo-relative paths. The section models are in ``stages.params``."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import random
 import re
+import secrets
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +37,25 @@ class Section(BaseModel):
 
 class ParamsError(ValueError):
     """A params.yaml value is invalid; the message names the key."""
+
+
+class IntegrityError(ValueError):
+    """A file read back does not match the digest recorded for it (corrupt or edited); the
+    message names the file and both digests."""
+
+
+class StageKilled(KeyboardInterrupt):
+    """Raised in a stage's driver by SIGTERM, as KeyboardInterrupt is by SIGINT (Ray cancels a
+    ``ray.get`` on either), so that its ``finally`` blocks run: MLflow runs end KILLED."""
+
+
+def check_digest(path: str | os.PathLike, actual: str, expected: str | None, what: str = "sha256") -> None:
+    """Raise IntegrityError unless ``actual`` equals the recorded ``expected`` digest."""
+    if not expected:
+        raise IntegrityError(f"{path}: no recorded {what} to verify it against")
+    if actual != expected:
+        raise IntegrityError(f"{path}: content {what} {actual[:16]} does not match the recorded {expected[:16]} "
+                             "(corrupt or edited file); rebuild it with the stage that wrote it")
 
 
 def read_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -100,15 +123,61 @@ def determinism_tags(meta: dict[str, Any]) -> dict[str, str]:
     return {"torch.deterministic": "warn_only", "nondeterministic_ops": "; ".join(meta.get("_nondeterministic") or []) or "none"}
 
 
+def temp_path(path: str | os.PathLike) -> Path:
+    """A temp name beside ``path``, unique per writer (pid + random), for write + rename."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, waiting: str | None = None) -> Iterator[None]:
+    """Hold an advisory exclusive lock (fcntl) on ``path`` (created if missing); released on exit,
+    and by the OS when the process dies. ``waiting`` is printed to stderr when another process
+    holds it (this one then blocks until it is free)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                fh.seek(0)
+                holder = fh.read().strip() or "?"
+                print(f"{waiting} (lock {path} held by {holder}); waiting", file=sys.stderr, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fh.truncate(0)
+            fh.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+            fh.flush()
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def metrics_path(stage: str, out_dir: str, default_out_dir: str) -> Path:
+    """Where a stage writes its metrics: ``metrics/<stage>.json`` for the configured ``out_dir``
+    (the one dvc.yaml tracks); ``<out_dir>/metrics.json`` for a side run writing elsewhere, so
+    it never overwrites the main run's metrics."""
+    if resolve(out_dir) == resolve(default_out_dir):
+        return resolve(f"metrics/{stage}.json")
+    return resolve(out_dir) / "metrics.json"
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to ``path`` through a temp file + rename so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp = temp_path(path)
     with open(tmp, "w") as fh:
         json.dump(obj, fh, indent=2, sort_keys=True)
         fh.write("\n")
     os.replace(tmp, path)
+
+
+def manifest_sha(task_dir: Path) -> str:
+    """Short sha256 of a prepared task's manifest (which holds its files' digests); "" if absent."""
+    path = task_dir / "manifest.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else ""
 
 
 def resolve(path: str | os.PathLike) -> Path:

@@ -33,14 +33,14 @@ from recast.io import load_payload  # noqa: E402
 from recast.paper_results import PAPER_AVG_ACC  # noqa: E402
 from recast.training import evaluate  # noqa: E402
 from stages.cli import entry, stage_params  # noqa: E402
-from stages.common import resolve, validate_section, write_json_atomic  # noqa: E402
+from stages.common import metrics_path, resolve, validate_section, write_json_atomic  # noqa: E402
 from stages.fanout import run_jobs  # noqa: E402
 from stages.inputs import InputStore, JobInputs, backbone_bundle, banks_bundle, file_bundle, task_bundle  # noqa: E402
 from stages.lineage import TaskData, stage_lineage  # noqa: E402
-from stages.params import CombineParams, EvaluateParams, PrepareParams, RuntimeParams, TuneParams  # noqa: E402
+from stages.params import CombineParams, EvaluateParams, MimicParams, PrepareParams, RuntimeParams, TuneParams  # noqa: E402
 from stages.runtime import job_device  # noqa: E402
 from stages.specs import task_names  # noqa: E402
-from stages.runlog import log_datasets, log_file  # noqa: E402
+from stages.runlog import log_datasets  # noqa: E402
 from stages.tables import accuracies, method_stats, read_results, task_stats, write_parquet  # noqa: E402
 from stages.tracking import Tracker  # noqa: E402
 
@@ -237,21 +237,20 @@ def markdown(summary: dict[str, dict], tasks: pd.DataFrame, methods: pd.DataFram
 def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: str = "outputs/combine",
         suite: str = "offline") -> dict[str, Any]:
     lineage = stage_lineage("evaluate")
-    summary = {}
-    for stage in ("tune", "combine"):
-        mpath = resolve(f"metrics/{stage}.json")
+    results, summary = [], {}  # results: the rows as the stages wrote them (lists intact)
+    for stage, out_dir, model in (("tune", p_tune.out_dir, TuneParams), ("combine", combine_dir, CombineParams)):
+        path = resolve(out_dir) / "results.json"
+        if path.exists():
+            results += json.loads(path.read_text())
+        mpath = metrics_path(stage, out_dir, model.model_fields["out_dir"].default)
         if mpath.exists():
             summary.update(json.loads(mpath.read_text()))
     frame = read_results([resolve(p_tune.out_dir) / "results.parquet", resolve(combine_dir) / "results.parquet"])
     acc = accuracies(frame)
     tasks = task_stats(acc)
     methods = method_stats(acc, PAPER_AVG_ACC if suite == "paper" else None)
-    results = []  # the rows as the stages wrote them (lists intact), for the forgetting and reload jobs
-    for out_dir in (p_tune.out_dir, combine_dir):
-        path = resolve(out_dir) / "results.json"
-        if path.exists():
-            results += json.loads(path.read_text())
-    mimic = json.loads(resolve("metrics/mimic.json").read_text()) if resolve("metrics/mimic.json").exists() else {}
+    mimic_metrics = metrics_path("mimic", p_tune.mimic_dir, MimicParams.model_fields["out_dir"].default)
+    mimic = json.loads(mimic_metrics.read_text()) if mimic_metrics.exists() else {}
     forgetting = sequential_forgetting(results, p.forgetting_method)
     reload = payload_reload(p.forgetting_archs, resolve(p_tune.out_dir), results, p_tune, rt, p.forgetting_method)
     report_dir = resolve(p.report_dir)
@@ -267,13 +266,13 @@ def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: s
                         "trainable_params": tp if not isinstance(tp, list) else statistics.mean(tp),
                         "avg_forgetting": forgetting.get(key.split("/")[0], {}).get("avg_forgetting", 0.0)
                         if key.endswith("/recast") else v.get("avg_forgetting")}
-    write_json_atomic(resolve("metrics/report.json"), metrics)
-    tracker = Tracker("evaluate", rt.experiment, p.model_dump(), tags=lineage.tags())
-    data = resolve(p_tune.data_dir)
-    log_datasets(tracker, tracker.parent_id, [TaskData.of(t, data / t) for t in task_names(p_tune)], context="eval")
-    for name in ("report.md", "params_vs_acc.png", "tasks.parquet", "methods.parquet"):
-        log_file(tracker, tracker.parent_id, report_dir / name)
-    tracker.finish({f"{k.replace('/', '.')}.avg_test_acc": v["avg_test_acc"] for k, v in metrics.items()})
+    write_json_atomic(metrics_path("report", p.report_dir, EvaluateParams.model_fields["report_dir"].default), metrics)
+    with Tracker("evaluate", rt.experiment, p.model_dump(), tags=lineage.tags()) as tracker:
+        data = resolve(p_tune.data_dir)
+        log_datasets(tracker, tracker.parent_id, [TaskData.of(t, data / t) for t in task_names(p_tune)], context="eval")
+        tracker.log_artifacts(tracker.parent_id, [report_dir / name for name in
+                                                  ("report.md", "params_vs_acc.png", "tasks.parquet", "methods.parquet")])
+        tracker.finish({f"{k.replace('/', '.')}.avg_test_acc": v["avg_test_acc"] for k, v in metrics.items()})
     return {"metrics": metrics, "forgetting": forgetting, "reload": reload}
 
 

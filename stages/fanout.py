@@ -2,10 +2,14 @@
 
 Each job is a JSON-serialisable spec with a stable id; its result (a JSON dict plus optional
 tensors) comes back to the driver, which writes it to the job cache
-(``<cache_dir>/<stage>/<key>.{json,safetensors}``, keyed by a hash of the spec) through
-temp-file + rename. ``store_tensors`` publishes a job's tensor file as a hard link to that
-cache file, so a stage output and the job cache hold one copy. A re-run of a killed stage finds finished jobs there and skips them.
-Ray retries a task whose worker dies (``max_retries``).
+(``<cache_dir>/<stage>/<key>.{json,safetensors}``, keyed by a hash of the spec without its
+paths) through temp-file + rename, under a per-entry file lock. The JSON records the sha256 of
+the metadata and of the tensor file; an entry that does not match them (a flipped byte, a
+truncated file) is discarded with a warning and the job computed again. A re-run of a killed
+stage finds finished jobs there and skips them. Ray retries a task whose worker dies
+(``max_retries``). ``stage_lock`` serialises concurrent runs of one stage.
+``store_tensors`` publishes a job's tensor file as a hard link to its cache file, so a stage
+output and the job cache hold one copy.
 
 Jobs read nothing from the driver's disk: their inputs come from a ``stages.inputs.InputStore``
 (object refs, or a storage URI), and the code they run is the driver's source tree, shipped as
@@ -16,24 +20,28 @@ the job and the original error's type and message.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 import traceback
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from recast.io import TENSOR_FILE_METADATA, save_tensors
-from stages.common import resolve, write_json_atomic
+from recast.io import save_tensors, write_tensor_file
+from stages.common import file_lock, resolve, temp_path, write_json_atomic
 from stages.inputs import InputStore, JobInputs
 from stages.params import RuntimeParams
 
@@ -81,9 +89,23 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+# Fields holding where an input lives; its content enters the key through a digest field
+# (backbone_sha, bank_sha, task_sha, source_sha), so a copied or moved project keys the same.
+PATH_FIELDS = frozenset({"task_dir", "task_dirs", "data_dir", "pretrain_dir", "mimic_dir", "out_dir", "cache_dir"})
+
+
+def _without_paths(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items() if k not in PATH_FIELDS}
+    if isinstance(value, (list, tuple)):
+        return [_without_paths(v) for v in value]
+    return value
+
+
 def spec_key(spec: dict[str, Any]) -> str:
-    """Stable hash of a job spec and of the code that runs it (the job's cache key)."""
-    keyed = {"spec": spec, "code": code_fingerprint()}
+    """Stable hash of a job spec (without its path fields, ``PATH_FIELDS``) and of the code that
+    runs it: the job's cache key."""
+    keyed = {"spec": _without_paths(spec), "code": code_fingerprint()}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -111,11 +133,17 @@ def init_ray(rt: RuntimeParams):
     if os.environ.get(FAULT_ENV):
         env_vars[FAULT_ENV] = os.environ[FAULT_ENV]
     runtime_env: dict[str, Any] = {"env_vars": env_vars, "working_dir": str(CODE_ROOT), "excludes": CODE_EXCLUDES}
+    sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
     else:
+        # The local Ray's ports are open on the node's address (ray resolves 127.0.0.1 to it), so
+        # it runs with token authentication: ray >= 2.59 turns it on for a new local cluster
+        # unless RAY_AUTH_MODE=disabled (pyproject pins the version; tests/reliability checks it).
         ray.init(num_cpus=rt.num_cpus, include_dashboard=False, runtime_env=runtime_env,
                  log_to_driver=False, configure_logging=False)
+    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)  # ray.init replaced the stage's handler (runs end KILLED)
     return ray
 
 
@@ -191,8 +219,7 @@ def store_tensors(rt: RuntimeParams, stage: str, spec: dict, tensors: dict[str, 
         return save_tensors(tensors, meta, dest)
     st = dest.with_name(dest.name + ".safetensors")
     st.parent.mkdir(parents=True, exist_ok=True)
-    tmp = st.with_name(f"{st.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
+    tmp = temp_path(st)
     try:
         os.link(cached, tmp)
     except OSError:  # another file system (or no hard links): one copy more
@@ -202,24 +229,67 @@ def store_tensors(rt: RuntimeParams, stage: str, spec: dict, tensors: dict[str, 
     return st
 
 
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _meta_sha256(meta: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def _entry_lock(cache: Path, key: str):
+    return file_lock(cache / f"{key}.lock")
+
+
 def _read_cached(cache: Path, key: str) -> Result | None:
+    """A cached result whose digests match, else None (a bad entry is removed, with a warning)."""
     js, st = _cache_paths(cache, key)
     if not js.exists():
         return None
-    meta = json.loads(js.read_text())
-    tensors = load_file(str(st)) if meta.get("_has_tensors") else {}
-    return meta, tensors
+    with _entry_lock(cache, key):
+        try:
+            entry = json.loads(js.read_text())
+            meta, tensors_sha = entry["meta"], entry["tensors_sha256"]
+            if _meta_sha256(meta) != entry["meta_sha256"]:
+                raise ValueError("metadata does not match its sha256")
+            tensors = {}
+            if tensors_sha is not None:
+                if _file_sha256(st) != tensors_sha:
+                    raise ValueError(f"{st.name} does not match its sha256")
+                tensors = load_file(str(st))
+            return meta, tensors
+        except (OSError, ValueError, KeyError, TypeError) as err:  # unreadable, truncated or edited
+            warnings.warn(f"job cache entry {js} is corrupt ({type(err).__name__}: {err}); discarding it, "
+                          "the job runs again", stacklevel=2)
+            js.unlink(missing_ok=True)
+            st.unlink(missing_ok=True)
+            return None
 
 
 def _write_cached(cache: Path, key: str, result: Result) -> None:
     meta, tensors = result
     js, st = _cache_paths(cache, key)
     cache.mkdir(parents=True, exist_ok=True)
-    if tensors:
-        tmp = st.with_name(st.name + f".{os.getpid()}.tmp")
-        save_file(tensors, str(tmp), metadata=TENSOR_FILE_METADATA)
-        os.replace(tmp, st)
-    write_json_atomic(js, {**meta, "_has_tensors": bool(tensors)})
+    with _entry_lock(cache, key):
+        tensors_sha = None
+        if tensors:
+            tmp = temp_path(st)
+            write_tensor_file(tensors, tmp)  # the same header as recast.io's files: publishable as a hard link
+            tensors_sha = _file_sha256(tmp)
+            os.replace(tmp, st)
+        write_json_atomic(js, {"meta": meta, "meta_sha256": _meta_sha256(meta), "tensors_sha256": tensors_sha})
+
+
+@contextlib.contextmanager
+def stage_lock(stage: str, rt: RuntimeParams) -> Iterator[None]:
+    """Hold ``<cache_dir>/<stage>.lock`` for a whole stage run: a second run of the same stage
+    waits, then finds the first one's jobs in the cache."""
+    with file_lock(resolve(rt.cache_dir) / f"{stage}.lock", waiting=f"{stage}: another run of this stage is in progress"):
+        yield
 
 
 def run_jobs(

@@ -24,11 +24,11 @@ from recast.io import tensors_sha256
 from recast.training import evaluate
 from stages.backbones import pretrained_meta, save_mimicked
 from stages.cli import entry, stage_params
-from stages.common import (ParamsError, determinism_tags, record_nondeterminism, resolve, seed_everything,
-                           validate_section, write_json_atomic)
-from stages.fanout import job_file, run_jobs
+from stages.common import (ParamsError, determinism_tags, metrics_path, record_nondeterminism, resolve,
+                           seed_everything, validate_section, write_json_atomic)
+from stages.fanout import job_file, run_jobs, spec_key, stage_lock
 from stages.inputs import InputStore, JobInputs, backbone_bundle, task_bundle
-from stages.lineage import TaskData, stage_lineage
+from stages.lineage import StageLineage, TaskData, stage_lineage
 from stages.params import MimicParams, RuntimeParams
 from stages.runlog import log_datasets, log_history
 from stages.runtime import job_device
@@ -117,19 +117,27 @@ def run(p: MimicParams, rt: RuntimeParams) -> dict[str, dict]:
     for arch in p.archs:
         if not (resolve(p.pretrain_dir) / f"{arch}.json").exists():
             raise ParamsError(f"mimic.archs.{arch}: no pretrained backbone at {resolve(p.pretrain_dir)}/{arch}.json")
-    lineage = stage_lineage("mimic")
-    tracker = Tracker("mimic", rt.experiment, p.model_dump(), tags=lineage.tags())
     store = InputStore(rt.storage)
     data = resolve(p.data_dir)
     src = data / "source"
     source = [TaskData.of("source", src)] if src.exists() else []
-    log_datasets(tracker, tracker.parent_id, source, context="eval")
     roles = {"source": store.add(task_bundle(src))} if src.exists() else {}
     roles.update({f"task/{t}": store.add(task_bundle(data / t)) for t in _suite_tasks(data)})
     params = p.model_dump(exclude={"pretrain_dir", "data_dir", "out_dir"})  # inputs are named by digest
     specs = [{"id": f"mimic/{arch}", "arch": arch, "params": params, "device": job_device(rt),
               "inputs": {"backbone": store.add(backbone_bundle(resolve(p.pretrain_dir), arch)), **roles}}
              for arch in p.archs]
+    with stage_lock("mimic", rt):
+        lineage = stage_lineage("mimic")  # before any output is written: what dvc.lock will record
+        with Tracker("mimic", rt.experiment, p.model_dump(), tags=lineage.tags()) as tracker:
+            log_datasets(tracker, tracker.parent_id, source, context="eval")
+            summary = _run(p, rt, specs, tracker, store, lineage, source)
+            write_json_atomic(metrics_path("mimic", p.out_dir, MimicParams.model_fields["out_dir"].default), summary)
+    return summary
+
+
+def _run(p: MimicParams, rt: RuntimeParams, specs: list[dict], tracker: Tracker, store: InputStore,
+         lineage: StageLineage, source: list[TaskData]) -> dict[str, dict]:
     rows = []
     summary = {}
 
@@ -156,18 +164,17 @@ def run(p: MimicParams, rt: RuntimeParams) -> dict[str, dict]:
                             artifacts=[d / "report.json", d / "recast.json"],
                             tags={"cached": str(cached), **lineage.tags(), **determinism_tags(meta),
                                   "backbone_sha256": backbone_sha, "bank_sha256": bank_sha},
-                            logged_at=job_file(rt, "mimic", spec, ".mlflow.json"))
-        log_datasets(tracker, rid, source, context="eval")
-        if clean.get("loss_history"):  # gradient mimicry: the noise-free loss every eval_every steps
-            log_history(tracker, rid, clean["loss_history"], "step", "mimicry")
+                            key=spec_key(spec), logged_at=job_file(rt, "mimic", spec, ".mlflow.json"))
+        if rid is not None:  # None: the store is unreachable (the Tracker is offline)
+            log_datasets(tracker, rid, source, context="eval")
+            if clean.get("loss_history"):  # gradient mimicry: the noise-free loss every eval_every steps
+                log_history(tracker, rid, clean["loss_history"], "step", "mimicry")
         rows.append({"arch": arch, **summary[arch], "final_loss": clean.get("final_loss"), "steps": clean.get("steps"),
-                     "run_id": rid, "backbone_sha256": backbone_sha, "bank_sha256": bank_sha,
+                     "run_id": rid or "", "backbone_sha256": backbone_sha, "bank_sha256": bank_sha,
                      "data_sha256": ",".join(t.sha256 for t in source), **lineage.columns()})
 
     run_jobs("mimic", mimic_job, specs, rt, on_result, inputs=store)
     write_results(sorted(rows, key=lambda r: r["arch"]), resolve(p.out_dir))
-    write_json_atomic(resolve("metrics/mimic.json"), summary)
-    tracker.finish()
     return summary
 
 

@@ -18,10 +18,10 @@ from recast.training import TuneConfig, evaluate, fit
 from recast.io import tensors_sha256
 from stages.backbones import pretrained_sidecar
 from stages.cli import entry, stage_params
-from stages.common import (ParamsError, determinism_tags, record_nondeterminism, resolve, seed_everything,
-                           validate_section, write_json_atomic)
+from stages.common import (ParamsError, determinism_tags, metrics_path, record_nondeterminism, resolve,
+                           seed_everything, validate_section, write_json_atomic)
 from stages.curves import plot_curves
-from stages.fanout import run_jobs, store_tensors
+from stages.fanout import run_jobs, spec_key, stage_lock, store_tensors
 from stages.inputs import InputStore, JobInputs, file_bundle, task_bundle
 from stages.lineage import TaskData, stage_lineage
 from stages.params import ArchParams, PretrainParams, RuntimeParams
@@ -86,38 +86,44 @@ def build_specs(p: PretrainParams, device: str, store: InputStore) -> list[dict]
 def run(p: PretrainParams, rt: RuntimeParams) -> dict[str, dict]:
     if p.source == "train" and not (resolve(p.data_dir) / "source").exists():
         raise ParamsError(f"pretrain.data_dir: no 'source' set under {resolve(p.data_dir)}; run the prepare stage")
-    lineage = stage_lineage("pretrain")
-    tracker = Tracker("pretrain", rt.experiment, p.model_dump(), tags=lineage.tags())
     source = [TaskData.of("source", resolve(p.data_dir) / "source")] if p.source == "train" else []
-    log_datasets(tracker, tracker.parent_id, source)
     store = InputStore(rt.storage)
     specs = build_specs(p, job_device(rt), store)
     out = resolve(p.out_dir)
     rows, histories = [], {}
+    with stage_lock("pretrain", rt):
+        lineage = stage_lineage("pretrain")  # before any output is written: what dvc.lock will record
+        with Tracker("pretrain", rt.experiment, p.model_dump(), tags=lineage.tags()) as tracker:
+            log_datasets(tracker, tracker.parent_id, source)
 
-    def on_result(spec, result, cached):
-        meta, state = result
-        arch = spec["id"].split("/", 1)[1]
-        clean = {k: v for k, v in meta.items() if not k.startswith("_")}
-        if p.source == "timm":  # the job saw the file's bytes only; record where it came from
-            clean = {**clean, "checkpoint_file": p.archs[arch].checkpoint_file}
-        store_tensors(rt, "pretrain", spec, state, pretrained_sidecar(state, clean), out / arch)
-        rid = tracker.child(spec["id"], {"arch": arch, **spec["arch"]}, clean,
-                            tags={"cached": str(cached), **lineage.tags(), **determinism_tags(meta)})
-        log_datasets(tracker, rid, source)
-        if meta.get("_history"):
-            log_history(tracker, rid, meta["_history"], "epoch", "epoch")
-            histories[spec["id"]] = meta["_history"]
-        rows.append({"arch": arch, **clean, "run_id": rid, "backbone_sha256": tensors_sha256(state),
-                     "data_sha256": ",".join(t.sha256 for t in source), **lineage.columns()})
+            def on_result(spec, result, cached):
+                meta, state = result
+                arch = spec["id"].split("/", 1)[1]
+                clean = {k: v for k, v in meta.items() if not k.startswith("_")}
+                if p.source == "timm":  # the job saw the file's bytes only; record where it came from
+                    clean = {**clean, "checkpoint_file": p.archs[arch].checkpoint_file}
+                store_tensors(rt, "pretrain", spec, state, pretrained_sidecar(state, clean), out / arch)
+                rid = tracker.child(spec["id"], {"arch": arch, **spec["arch"]}, clean,
+                                    tags={"cached": str(cached), **lineage.tags(), **determinism_tags(meta)},
+                                    key=spec_key(spec))
+                if rid is not None:  # None: the store is unreachable (the Tracker is offline)
+                    log_datasets(tracker, rid, source)
+                    if meta.get("_history"):
+                        log_history(tracker, rid, meta["_history"], "epoch", "epoch")
+                if meta.get("_history"):
+                    histories[spec["id"]] = meta["_history"]
+                rows.append({"arch": arch, **clean, "run_id": rid or "", "backbone_sha256": tensors_sha256(state),
+                             "data_sha256": ",".join(t.sha256 for t in source), **lineage.columns()})
 
-    results = run_jobs("pretrain", pretrain_job, specs, rt, on_result, inputs=store)
-    summary = {sid.split("/", 1)[1]: {k: v for k, v in meta.items() if not k.startswith("_")} for sid, (meta, _) in results.items()}
-    write_results(sorted(rows, key=lambda r: r["arch"]), out)
-    if histories:
-        log_file(tracker, tracker.parent_id, plot_curves(histories, out / "curves.png", title="pretrain: per-epoch curves"))
-    write_json_atomic(resolve("metrics/pretrain.json"), summary)
-    tracker.finish()
+            results = run_jobs("pretrain", pretrain_job, specs, rt, on_result, inputs=store)
+            summary = {sid.split("/", 1)[1]: {k: v for k, v in meta.items() if not k.startswith("_")}
+                       for sid, (meta, _) in results.items()}
+            write_results(sorted(rows, key=lambda r: r["arch"]), out)
+            if histories:
+                log_file(tracker, tracker.parent_id,
+                         plot_curves(histories, out / "curves.png", title="pretrain: per-epoch curves"))
+            write_json_atomic(metrics_path("pretrain", p.out_dir, PretrainParams.model_fields["out_dir"].default),
+                              summary)
     return summary
 
 

@@ -1,5 +1,9 @@
 """What the tune and combine stages do with a finished job: write its payload, log it to
-MLflow as a child run, register the payload, and summarise all jobs per arch/method."""
+MLflow as a child run, register the payload, and summarise all jobs per arch/method.
+
+A job from the cache is published the same way: its child run is found again by its cache key
+and its payload registered unless its run has a version already, so a resumed stage catches up
+on what an interrupted one did not log."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import torch
 from recast.io import tensors_sha256
 from stages.backbones import pretrained_meta
 from stages.common import determinism_tags, resolve
-from stages.fanout import job_file, store_tensors
+from stages.fanout import job_file, spec_key, store_tensors
 from stages.inputs import InputStore
 from stages.lineage import StageLineage, TaskData
 from stages.params import RuntimeParams
@@ -104,29 +108,32 @@ class Publisher:
             tags.update(self.lineage.tags())
         tags.update({"backbone_sha256": bb_sha, "bank_sha256": str(spec.get("bank_sha", ""))})
         rid = self.tracker.child(spec["id"], params, metrics, artifacts, tags=tags,
-                                 logged_at=job_file(self.rt, self.stage, spec, ".mlflow.json"))
-        log_datasets(self.tracker, rid, tasks)
-        log_json(self.tracker, rid, {"spec": spec, "sources": sources, "torch_threads": meta.get("torch_threads")},
-                 JOB_SPEC_ARTIFACT)
+                                 key=spec_key(spec), logged_at=job_file(self.rt, self.stage, spec, ".mlflow.json"))
+        if rid is not None:  # None: the store is unreachable (the Tracker is offline)
+            log_datasets(self.tracker, rid, tasks)
+            log_json(self.tracker, rid, {"spec": spec, "sources": sources, "torch_threads": meta.get("torch_threads")},
+                     JOB_SPEC_ARTIFACT)
+            if history:
+                log_history(self.tracker, rid, history, "epoch", "epoch")
+            if meta.get("sequential") and meta.get("acc_matrix"):
+                log_history(self.tracker, rid, acc_matrix_history(meta["task_names"], meta["acc_matrix"]),
+                            "task_index", "acc_matrix")
         if history:
-            log_history(self.tracker, rid, history, "epoch", "epoch")
             self.histories[spec["id"]] = history
-        if meta.get("sequential") and meta.get("acc_matrix"):
-            log_history(self.tracker, rid, acc_matrix_history(meta["task_names"], meta["acc_matrix"]),
-                        "task_index", "acc_matrix")
-        lineage = {"run_id": rid, **(self.lineage.columns() if self.lineage is not None else {}),
+        lineage = {"run_id": rid or "", **(self.lineage.columns() if self.lineage is not None else {}),
                    "backbone_sha256": bb_sha, "bank_sha256": str(spec.get("bank_sha", "")),
                    "data_sha256": ",".join(t.sha256 for t in tasks), "payload_sha256": payload_sha}
         self.rows.append({**meta, **lineage})
-        if tensors and not cached:
+        if tensors and rid is not None:
             version_tags = {"test_acc": f"{meta['test_acc']:.6f}", "seed": str(spec["seed"]), "bytes": str(meta["bytes"]),
                             "run_id": rid, "git.commit": lineage.get("git_commit", ""),
                             "git.dirty": lineage.get("git_dirty", ""), "data.task": spec["task"],
                             "data.sha256": lineage["data_sha256"], "backbone_sha256": lineage["backbone_sha256"],
                             "bank_sha256": str(spec.get("bank_sha")), "payload_sha256": payload_sha,
                             "params_sha256": lineage.get("params_sha256", ""), "deps_sha256": lineage.get("deps_sha256", "")}
-            register_payload(rid, spec["arch"], spec["task"], spec["method_name"], version_tags,
-                             accuracy=meta["test_acc"])
+            self.tracker.guard(lambda: register_payload(rid, spec["arch"], spec["task"], spec["method_name"],
+                                                        version_tags, accuracy=meta["test_acc"]),
+                               f"registration of {spec['id']}")
 
     def sorted_rows(self, task_order: list[str]) -> list[dict]:
         """Rows by arch, method, task (in the configured order), seed."""

@@ -1,7 +1,9 @@
 """What the stages log to MLflow beyond a run's params and final metrics: dataset inputs,
 metric curves (one point per epoch or step), JSON and figure artifacts.
 
-Every write goes through ``stages.tracking.retry`` on the tracker's client.
+Every write goes through ``stages.tracking.retry`` on the tracker's client, inside
+``Tracker.guard``: once the store is unreachable the write is listed as missing, not raised
+(the stage's next run logs it: see ``stages.tracking``).
 """
 
 from __future__ import annotations
@@ -34,18 +36,27 @@ def log_datasets(tracker: Tracker, run_id: str, tasks: Iterable[TaskData], conte
     """Log each task as a dataset input of ``run_id`` (context tag ``mlflow.data.context``)."""
     inputs = [DatasetInput(dataset_entity(t), tags=[InputTag("mlflow.data.context", context)]) for t in tasks]
     if inputs:
-        retry(lambda: tracker.client.log_inputs(run_id, datasets=inputs), uri=tracker.uri)
+        what = f"dataset inputs of {run_id}"
+        tracker.guard(lambda: retry(lambda: tracker.client.log_inputs(run_id, datasets=inputs), tracker.uri, what), what)
 
 
 def log_history(tracker: Tracker, run_id: str, history: list[dict[str, Any]], step_key: str, prefix: str) -> int:
     """Log every numeric field of each history row as ``<prefix>/<field>`` at step ``row[step_key]``;
-    returns the number of points."""
+    returns the number of points logged. A run that already has ``<prefix>/...`` metrics (a child
+    run found again by a resumed stage) gets none, so no curve is logged twice."""
     ts = int(time.time() * 1000)
     points = [Metric(f"{prefix}/{k}", float(v), ts, int(row[step_key])) for row in history
               for k, v in row.items() if k != step_key and isinstance(v, (int, float)) and not isinstance(v, bool)]
-    for i in range(0, len(points), 500):
-        retry(lambda chunk=points[i:i + 500]: tracker.client.log_batch(run_id, metrics=chunk), uri=tracker.uri)
-    return len(points)
+    what = f"{prefix} curves of {run_id}"
+
+    def log() -> int:
+        if any(k.startswith(f"{prefix}/") for k in tracker.client.get_run(run_id).data.metrics):
+            return 0
+        for i in range(0, len(points), 500):
+            tracker.client.log_batch(run_id, metrics=points[i:i + 500])
+        return len(points)
+
+    return tracker.guard(lambda: retry(log, tracker.uri, what), what) or 0
 
 
 def acc_matrix_history(task_names: list[str], acc_matrix: list[list[float | None]]) -> list[dict[str, Any]]:
@@ -64,12 +75,16 @@ def log_json(tracker: Tracker, run_id: str, obj: Any, artifact_file: str) -> Non
     with tempfile.TemporaryDirectory(prefix="recast-artifact-") as tmp:
         local = Path(tmp) / path.name
         local.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-        retry(lambda: tracker.client.log_artifact(run_id, str(local), artifact_path=str(path.parent) or None),
-              uri=tracker.uri)
+        what = f"artifact {artifact_file} of {run_id}"
+        tracker.guard(lambda: retry(lambda: tracker.client.log_artifact(
+            run_id, str(local), artifact_path=str(path.parent) or None), tracker.uri, what), what)
 
 
 def log_file(tracker: Tracker, run_id: str, path: Path, artifact_path: str | None = None) -> None:
-    retry(lambda: tracker.client.log_artifact(run_id, str(path), artifact_path=artifact_path), uri=tracker.uri)
+    """Log the file ``path`` as an artifact of ``run_id`` (under ``artifact_path``)."""
+    what = f"artifact {Path(path).name} of {run_id}"
+    tracker.guard(lambda: retry(lambda: tracker.client.log_artifact(run_id, str(path), artifact_path=artifact_path),
+                                tracker.uri, what), what)
 
 
 def load_json_artifact(run_id: str, artifact_file: str, uri: str) -> Any:

@@ -1,0 +1,133 @@
+"""Every file the pipeline reads back is checked against a recorded digest: a flipped byte or a
+truncated file in the job cache is discarded (with a warning) and the job computed again; in a
+payload, the pretrained weights, the banks or the base coefficients it is a named IntegrityError
+(which survives pickling), never a silently wrong number."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages import fanout
+from stages.backbones import load_backbone
+from stages.common import IntegrityError
+from stages.evaluate import recast_forgetting
+from stages.params import TuneParams
+
+from faults import TASKS, flip_byte
+
+RESULT = ({"acc": 0.5440, "epochs": 3}, {"head": torch.arange(12, dtype=torch.float32).reshape(3, 4)})
+
+
+def _cache(tmp_path: Path) -> Path:
+    cache = tmp_path / "cache" / "tune"
+    fanout._write_cached(cache, "k1", RESULT)
+    meta, tensors = fanout._read_cached(cache, "k1")
+    assert meta == RESULT[0] and torch.equal(tensors["head"], RESULT[1]["head"])  # the clean entry is reused
+    return cache
+
+
+def _corrupt_json_value(path: Path) -> None:
+    path.write_text(path.read_text().replace("0.544", "0.844"))  # still valid JSON, another accuracy
+
+
+@pytest.mark.parametrize("fault", ["json value", "json byte", "tensor byte", "tensor header byte",
+                                   "truncated tensors", "truncated json", "missing tensors"])
+def test_bad_cache_entry_is_discarded_with_a_warning(tmp_path, fault):
+    cache = _cache(tmp_path)
+    js, st = cache / "k1.json", cache / "k1.safetensors"
+    if fault == "json value":
+        _corrupt_json_value(js)
+    elif fault == "json byte":
+        flip_byte(js, len(js.read_bytes()) // 2)
+    elif fault == "tensor byte":
+        flip_byte(st)
+    elif fault == "tensor header byte":
+        flip_byte(st, 12)
+    elif fault == "truncated tensors":
+        st.write_bytes(st.read_bytes()[:-7])
+    elif fault == "truncated json":
+        js.write_bytes(js.read_bytes()[:40])
+    else:
+        st.unlink()
+    with pytest.warns(UserWarning, match="corrupt.*runs again"):
+        assert fanout._read_cached(cache, "k1") is None
+    assert not js.exists() and not st.exists()  # discarded: the next write starts clean
+    fanout._write_cached(cache, "k1", RESULT)  # ... and the recomputed result is cached again
+    assert fanout._read_cached(cache, "k1")[0] == RESULT[0]
+
+
+def test_run_jobs_recomputes_a_corrupt_entry(tmp_path, monkeypatch):
+    """run_jobs reuses the good entries and computes only the corrupt one again."""
+    from stages.params import RuntimeParams
+
+    rt = RuntimeParams(cache_dir=str(tmp_path / "cache"), progress=False)
+    specs = [{"id": f"j/{i}", "x": i} for i in range(3)]
+    cache = tmp_path / "cache" / "j"
+    for s in specs:
+        fanout._write_cached(cache, fanout.spec_key(s), ({"y": s["x"] ** 2}, {"t": torch.full((2,), float(s["x"]))}))
+    flip_byte(cache / f"{fanout.spec_key(specs[1])}.safetensors")
+    recomputed = []
+
+    def fake_ray(rt):  # the pending jobs, run inline instead of on Ray
+        raise _Pending([s["id"] for s in pending_specs])
+
+    class _Pending(Exception):
+        pass
+
+    pending_specs = []
+    real_read = fanout._read_cached
+
+    def read(cache_dir, key):
+        got = real_read(cache_dir, key)
+        if got is None:
+            pending_specs.extend(s for s in specs if fanout.spec_key(s) == key)
+        return got
+
+    monkeypatch.setattr(fanout, "_read_cached", read)
+    monkeypatch.setattr(fanout, "init_ray", fake_ray)
+    seen = []
+    with pytest.warns(UserWarning, match="corrupt"), pytest.raises(_Pending) as err:
+        fanout.run_jobs("j", lambda s: None, specs, rt, lambda s, r, cached: seen.append((s["id"], cached, r[0]["y"])))
+    recomputed = err.value.args[0]
+    assert recomputed == ["j/1"]
+    assert sorted(seen) == [("j/0", True, 0), ("j/2", True, 4)]
+
+
+@pytest.mark.parametrize("name, flip_at", [("pretrain/vit.safetensors", -1), ("pretrain/vit.safetensors", 20),
+                                           ("mimic/vit/banks.safetensors", -1), ("mimic/vit/base.safetensors", -1)])
+def test_corrupt_backbone_files_are_named_errors(stage_files, name, flip_at):
+    out = stage_files / "outputs"
+    bb = load_backbone("vit", out / "pretrain", out / "mimic")  # clean files load
+    assert bb.banks and bb.base
+    flip_byte(out / name, flip_at)
+    with pytest.raises(IntegrityError, match=Path(name).name.replace(".", r"\.")) as err:
+        load_backbone("vit", out / "pretrain", out / "mimic")
+    again = pickle.loads(pickle.dumps(err.value))  # crosses a Ray task boundary intact
+    assert type(again) is IntegrityError and str(again) == str(err.value)
+
+
+@pytest.mark.parametrize("flip_at", [-1, 20])
+def test_corrupt_payload_fails_the_forgetting_check(stage_files, monkeypatch, flip_at):
+    """evaluate's forgetting matrix loads payloads through their recorded sha256."""
+    monkeypatch.setattr("stages.common.REPO_ROOT", stage_files)
+    p_tune = TuneParams(archs=["vit"], tasks=list(TASKS), seeds=[42], methods={"recast": {"kind": "recast"}})
+    rows = [{"arch": "vit", "method": "recast", "seed": 42, "task": t, "num_classes": 10, "test_acc": 0.5} for t in TASKS]
+    payload = stage_files / "outputs/tune/payloads/vit/recast/task_a-s42.safetensors"
+    flip_byte(payload, flip_at)
+    with pytest.raises(IntegrityError, match="task_a-s42.safetensors"):
+        recast_forgetting("vit", stage_files / "outputs/tune", rows, p_tune)
+
+
+def test_payload_against_other_banks_fails_the_forgetting_check(stage_files, monkeypatch):
+    monkeypatch.setattr("stages.common.REPO_ROOT", stage_files)
+    side = stage_files / "outputs/tune/payloads/vit/recast/task_a-s42.json"
+    side.write_text(json.dumps({**json.loads(side.read_text()), "bank_sha256": "0" * 64}))
+    p_tune = TuneParams(archs=["vit"], tasks=list(TASKS), seeds=[42], methods={"recast": {"kind": "recast"}})
+    rows = [{"arch": "vit", "method": "recast", "seed": 42, "task": t, "num_classes": 10, "test_acc": 0.5} for t in TASKS]
+    with pytest.raises(IntegrityError, match="trained against banks 000000000000"):
+        recast_forgetting("vit", stage_files / "outputs/tune", rows, p_tune)
