@@ -202,8 +202,8 @@ def test_registered_payload_leads_back_and_reproduces_bytes(repro, client, tmp_p
 
     real = registry.dispatch
 
-    def perturbed(spec):
-        meta, tensors = real(spec)
+    def perturbed(spec, inputs):
+        meta, tensors = real(spec, inputs)
         key = sorted(tensors)[0]
         tensors[key] = tensors[key].clone()
         tensors[key].view(-1)[0] += 1.0
