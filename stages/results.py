@@ -21,6 +21,7 @@ from stages.inputs import InputStore
 from stages.lineage import StageLineage, TaskData
 from stages.params import RuntimeParams
 from stages.runlog import acc_matrix_history, log_datasets, log_history, log_json
+from stages.tables import SEQUENTIAL_SUFFIX
 from stages.tracking import Tracker, register_payload
 
 JOB_SPEC_ARTIFACT = "job/spec.json"  # the job spec on its child run: what `stages.registry reproduce` re-runs
@@ -164,7 +165,7 @@ def summarise(results: list[dict]) -> dict[str, Any]:
         if r.get("sequential"):
             key = f"{r['arch']}/{r['method']}"
             if key in groups:  # e.g. RECAST, which also runs per task: its protocol row gets its own name
-                key += " (sequential)"
+                key += SEQUENTIAL_SUFFIX
             out[key] = {k: r[k] for k in ("avg_forgetting", "forgetting", "acc_matrix", "task_names") if k in r}
             out[key].update(avg_test_acc=r["avg_acc"], test_acc=dict(zip(r["task_names"], r["final_acc"])),
                             trainable_params=statistics.mean(r["trainable_params"]),

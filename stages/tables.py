@@ -49,17 +49,23 @@ def read_results(paths: list[Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+SEQUENTIAL_SUFFIX = " (sequential)"  # as ``stages.results.summarise`` names such a protocol row
+
+
 def accuracies(results: pd.DataFrame) -> pd.DataFrame:
     """Long table ``arch, method, task, seed, test_acc``: one row per per-task job, and one per
-    task of each sequential baseline (its final accuracy on that task)."""
+    task of each sequential baseline (its final accuracy on that task). A sequential method that
+    also runs per task (RECAST) is named ``<method> (sequential)``, so the two never mix."""
     cols = ["arch", "method", "task", "seed", "test_acc"]
     if results.empty:
         return pd.DataFrame(columns=cols)
     sequential = results["sequential"].eq(True) if "sequential" in results else pd.Series(False, index=results.index)
     parts = [results.loc[~sequential, cols]]
+    per_task = set(zip(results.loc[~sequential, "arch"], results.loc[~sequential, "method"]))
     for _, r in results.loc[sequential].iterrows():
         names, final = json.loads(r["task_names"]), json.loads(r["final_acc"])
-        parts.append(pd.DataFrame({"arch": r["arch"], "method": r["method"], "task": names, "seed": r["seed"],
+        method = r["method"] + SEQUENTIAL_SUFFIX if (r["arch"], r["method"]) in per_task else r["method"]
+        parts.append(pd.DataFrame({"arch": r["arch"], "method": method, "task": names, "seed": r["seed"],
                                    "test_acc": final}))
     return pd.concat(parts, ignore_index=True)
 
