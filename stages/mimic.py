@@ -11,6 +11,8 @@ of their penultimate features; gradient mimicry's loss every ``eval_every`` step
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
