@@ -28,9 +28,9 @@ JOB_SPEC_ARTIFACT = "job/spec.json"  # the job spec on its child run: what `stag
 
 
 def input_sources(spec: dict, store: InputStore) -> dict[str, str]:
-    """Role -> the folder on the driver that role's bundle was read from (the task folder; the
-    pretrain dir of a backbone; the mimic dir of banks), repo-relative where possible:
-    ``stages.registry reproduce`` rebuilds the same bundles from there."""
+    """Role -> the absolute folder on the driver that role's bundle was read from (the task
+    folder; the pretrain dir of a backbone; the mimic dir of banks): ``stages.registry reproduce``
+    rebuilds the same bundles from there."""
     out = {}
     for role, key in spec.get("inputs", {}).items():
         b = store.bundles[key]
@@ -39,7 +39,7 @@ def input_sources(spec: dict, store: InputStore) -> dict[str, str]:
             continue
         folder = b.files[first].parent.resolve()
         folder = folder.parent if b.kind == "banks" else folder  # <mimic_dir>/<arch>/recast.json
-        out[role] = str(folder.relative_to(resolve("."))) if folder.is_relative_to(resolve(".")) else str(folder)
+        out[role] = str(folder)
     return out
 
 
