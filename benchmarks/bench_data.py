@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("| stored form | bytes/image |\n|---|---|")
     for k, v in sizes.items():
         print(f"| {k} | {v:,.0f} |")
-    print(f"\n| loader (train, 224, augmented) | images/s | ViT-S step images/s | loader / step |\n|---|---|---|---|")
+    print("\n| loader (train, 224, augmented) | images/s | ViT-S step images/s | loader / step |\n|---|---|---|---|")
     for k, v in loaders.items():
         print(f"| {k} | {v:,.1f} | {step:,.2f} | {v / step:,.1f} |")
     args.json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     for stage in STAGES:
         rows[stage]["stage"] = _timed([py, "-m", f"stages.{stage}"], root, env)
     total = sum(r["stage"] for r in rows.values())
-    print(f"| stage | import s | stage wall s |\n|---|---|---|")
+    print("| stage | import s | stage wall s |\n|---|---|---|")
     for stage, r in rows.items():
         print(f"| {stage} | {r['import']:.1f} | {r['stage']:.1f} |")
     print(f"\nray.init + shutdown {ray_init:.1f} s; MLflow store + parent run {mlflow:.1f} s; "

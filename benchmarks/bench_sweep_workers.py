@@ -1,7 +1,7 @@
 """Sweep wall time with 1 and with N local Ray workers (issue: scale sweeps).
 
 Runs one shipped sweep (default ``gn``: 6 trials) twice through ``pipelines.sweep.main``, with
-``--num-cpus 1`` and then ``--num-cpus N`` (one CPU per trial), each time with an empty job cache,
+``--num-cpus 1`` and then ``--num-cpus N`` (one CPU per trial), each time with empty Tune storage,
 its own output folder and its own sqlite MLflow store, so nothing is reused between the two
 runs, each in a fresh process. Both wall times include the imports, Ray's start, MLflow logging
 and the report: what a user waits for; the fan-out time is the trials alone.
@@ -43,7 +43,7 @@ def run_once(sweep: str, config: dict, workers: int, scratch: Path) -> dict:
     wall = time.perf_counter() - t0
     summary = json.loads((scratch / f"out{workers}" / sweep / "summary.json").read_text())
     return {"wall_s": wall, "fanout_s": summary["wall_s"], "trials": summary["trials"],
-            "computed": summary["computed"], "trial_seconds_total": summary["trial_seconds_total"]}
+            "computed": summary["logged_here"], "trial_seconds_total": summary["trial_seconds_total"]}
 
 
 def main(argv: list[str] | None = None) -> dict:

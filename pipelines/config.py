@@ -21,8 +21,8 @@ from stages.params import MimicArch
 from stages.params import RuntimeParams
 from stages.params import MethodParams, TrainParams
 
-SweepName = Literal["gn", "k", "targets", "budget", "order", "seeds"]
-SWEEP_NAMES: tuple[str, ...] = ("gn", "k", "targets", "budget", "order", "seeds")
+SweepName = Literal["gn", "k", "targets", "budget", "order", "seeds", "hpo"]
+SWEEP_NAMES: tuple[str, ...] = ("gn", "k", "targets", "budget", "order", "seeds", "hpo")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # Tiny tuning recipe shared by the default sweep configs: a few epochs on a few hundred images.
@@ -206,9 +206,41 @@ class SeedsSweep(SweepBase):
     mimic_dir: str = "outputs/mimic"
 
 
+class HpoSweep(SweepBase):
+    """Hyperparameter search per method, task and seed: lr and weight decay log-uniform, epochs
+    uniform integers (bounds inclusive), ``num_samples`` random trials each; with ``asha``, the
+    ASHA scheduler stops trials whose validation accuracy trails at its rungs.
+
+    Attributes:
+        methods: the methods searched (RECAST and LoRA at a matched budget in the shipped config).
+        grace_period, reduction_factor: ASHA's first rung (in reported epochs) and its halving rate.
+        search_seed: seed of the random search (the same trials with and without ASHA).
+    """
+
+    methods: dict[str, TrialMethod] = Field(min_length=1)
+    lr: tuple[float, float] = (1e-3, 1e-1)
+    weight_decay: tuple[float, float] = (1e-6, 1e-2)
+    epochs: tuple[int, int] = (1, 4)
+    num_samples: int = Field(8, ge=1)
+    asha: bool = True
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    search_seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self):
+        for key in ("lr", "weight_decay", "epochs"):
+            lo, hi = getattr(self, key)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{key}: need 0 < low <= high, got [{lo}, {hi}]")
+        if any(m.lr is not None for m in self.methods.values()):
+            raise ValueError("methods: lr is searched; remove the methods' lr")
+        return self
+
+
 SWEEPS: dict[str, type[SweepBase]] = {
     "gn": GnSweep, "k": KSweep, "targets": TargetsSweep, "budget": BudgetSweep, "order": OrderSweep,
-    "seeds": SeedsSweep,
+    "seeds": SeedsSweep, "hpo": HpoSweep,
 }
 
 

@@ -2,7 +2,8 @@
 summary per sweep point), ``summary.json`` and a PNG per sweep under ``outputs/sweeps/<sweep>/``.
 
 Plots: accuracy vs parameters per task on a log axis (``budget``, paper Fig. 3), accuracy vs G at
-constant G*n and vs K (``gn``/``k``, paper Fig. 7), and bars for targets, orders and seeds.
+constant G*n and vs K (``gn``/``k``, paper Fig. 7), bars for targets, orders and seeds, and
+validation accuracy vs learning rate for ``hpo`` (trials stopped early by ASHA hollow).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "order": ("name", "order", "seed", "avg_acc", "avg_forgetting", "final_acc", "seconds_per_step", "peak_rss_mb"),
     "seeds": ("name", "family", "task", "seed", "test_acc", "val_acc", "trainable_params", "stored_params",
               "seconds_per_step", "peak_rss_mb"),
+    "hpo": ("name", "task", "seed", "lr", "epochs", "weight_decay", "training_iteration", "final", "val_acc",
+            "test_acc", "task_params", "trial_seconds"),
 }
 _POINT_COLUMNS = ("family", "G_times_n", "G", "n", "K", "task_params", "trainable_params", "coefficients", "templates",
                   "acc_mean",
@@ -42,14 +45,13 @@ _POINT_KEYS = ("family", "G_times_n", "G", "n", "K", "targets", "task_params", "
                "adapter_params", "templates", "template_ratio", "trainable_params", "stored_params")
 
 
-def make_row(spec: dict, meta: dict[str, Any], cached: bool) -> dict[str, Any]:
+def make_row(spec: dict, meta: dict[str, Any]) -> dict[str, Any]:
     """One table row: the spec's identity and sweep point, then the trial's metrics."""
     row: dict[str, Any] = {k: spec[k] for k in _ROW_KEYS}
     row.update(spec.get("point", {}))
     for k, v in meta.items():
         if not k.startswith("_") and k not in row and k not in ("method", "sequential"):
             row[k] = v
-    row["cached"] = cached
     return row
 
 
@@ -146,6 +148,15 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+SWEEP_NOTES = {
+    "k": ("What K can and cannot change: eq. 2 uses only the mean of the K coefficient sets, so K adds no "
+          "expressiveness (effective coefficients stay L*M*n). Closed-form mimicry writes K identical sets, which "
+          "stay identical; from the paper's random-init gradient mimicry, K changes the initial mean, the mimicry "
+          "noise on the mean and what gradient clipping sees, and under Adam the mean then moves as with K=1 up to "
+          "Adam's epsilon."),
+}
+
+
 def write_report(sweep: str, rows: list[dict], out_dir: Path,
                  extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[Path]]:
     """Write the sweep's table, summary and plot; returns the summary and the written paths."""
@@ -162,7 +173,7 @@ def write_report(sweep: str, rows: list[dict], out_dir: Path,
     shown = [{**r, "order": r["task"]} if sweep == "order" else r for r in rows]
     point_rows = [{"point": name, **p} for name, p in summary["points"].items()]
     point_cols = ["point"] + [c for c in _POINT_COLUMNS if any(c in p for p in point_rows)]
-    header = [f"# Sweep `{sweep}`", ""]
+    header = [f"# Sweep `{sweep}`", ""] + ([SWEEP_NOTES[sweep], ""] if sweep in SWEEP_NOTES else [])
     if extra:
         header += [", ".join(f"{k}: {_fmt(v)}" for k, v in extra.items()), ""]
     text = "\n".join(header + [f"## Per point ({summary['accuracy']}: mean over seeds and tasks; std over seeds)", "",
@@ -281,5 +292,20 @@ def _plot_seeds(ax, rows, points) -> None:
     ax.set_title("Seeds")
 
 
+def _plot_hpo(ax, rows, points) -> None:
+    for name in sorted({r["name"] for r in rows}):
+        for final, fill in ((True, None), (False, "none")):
+            pts = [(r["lr"], r["val_acc"]) for r in rows if r["name"] == name and bool(r.get("final")) == final]
+            if pts:
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], facecolors=fill,
+                           edgecolors=None if fill is None else "tab:grey",
+                           label=f"{name}{'' if final else ' (stopped early)'}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log)")
+    ax.set_ylabel("validation accuracy (last report)")
+    ax.set_title("Hyperparameter search")
+    ax.legend(fontsize=8)
+
+
 _PLOTS = {"budget": _plot_budget, "gn": _plot_gn, "k": _plot_k, "targets": _plot_targets, "order": _plot_order,
-          "seeds": _plot_seeds}
+          "seeds": _plot_seeds, "hpo": _plot_hpo}

@@ -1,9 +1,10 @@
-"""Trial specs of each sweep: JSON-serialisable dicts, one Ray task each (``pipelines.trials``).
+"""Trial specs of each sweep: JSON-serialisable dicts, one Tune trial each (``pipelines.trials``).
 
 A spec holds everything its trial needs (the method, the recipe) and its inputs by content
 (``spec["inputs"]``: role -> key of a ``stages.inputs.InputStore`` bundle: backbone, task,
-banks), so its ``stages.fanout.spec_key`` changes whenever a result would (the key also hashes
-the code) and never depends on where the project lies. ``point`` holds the sweep coordinates that land in the table.
+banks), so the sweep's key (``pipelines.sweep.sweep_key``, over each spec's
+``stages.fanout.spec_key``) changes whenever a result would (the key also hashes the code) and
+never depends on where the project lies. ``point`` holds the sweep coordinates that land in the table.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from pipelines.config import (
     BudgetSweep,
     GnSweep,
+    HpoSweep,
     KSweep,
     OrderSweep,
     SeedsSweep,
@@ -133,8 +135,13 @@ def seeds_specs(store: InputStore, cfg: SeedsSweep, device: str) -> list[dict]:
     return specs
 
 
+def hpo_specs(store: InputStore, cfg: HpoSweep, device: str) -> list[dict]:
+    """One base spec per method, task and seed; the search adds lr, epochs and weight decay."""
+    return _tune_specs("hpo", cfg, device, store, [(name, m, {}) for name, m in cfg.methods.items()])
+
+
 _BUILDERS = {"gn": gn_specs, "k": k_specs, "targets": targets_specs, "budget": budget_specs, "order": order_specs,
-             "seeds": seeds_specs}
+             "seeds": seeds_specs, "hpo": hpo_specs}
 
 
 def build_specs(sweep: str, cfg: SweepBase, device: str, store: InputStore) -> list[dict]:

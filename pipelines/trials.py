@@ -1,4 +1,4 @@
-"""Trial functions of the sweeps: ``run_trial(spec, inputs) -> (metrics, tensors)`` runs as one Ray task
+"""Trial functions of the sweeps: ``run_trial(spec, inputs, on_epoch) -> metrics`` runs inside one Tune trial
 (``inputs``: the trial's ``stages.inputs.JobInputs``).
 
 Kinds (``spec["kind"]``):
@@ -12,43 +12,37 @@ Kinds (``spec["kind"]``):
   final accuracies do not depend on the order).
 - ``continual``: a sequential baseline over the order (``stages.sequential.continual_job``).
 
-Every kind reports the peak memory of the trial itself (the worker's resident-set high-water
-mark is reset first), so reused Ray workers do not inflate it.
+``on_epoch`` receives every epoch of ``recast.training.fit`` (the sweep reports it to Tune); the
+continual baselines report only their final result. Every kind reports the peak memory of the
+trial itself (the worker's resident-set high-water mark is reset first).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-import torch
-
+from pipelines.config import TrialMethod
+from recast.accounting import count_parameters
+from recast.adapters import count_adapter_parameters
+from recast.baselines.results import forgetting_per_task
+from recast.model import RecastModel
+from recast.recipes import MethodSpec, build_method
+from recast.training import evaluate, fit
+from stages.common import seed_everything
+from stages.inputs import JobInputs
+from stages.jobs import task_loaders, tune_job
 from stages.memory import current_rss_mb, peak_memory, reset_peak_memory
+from stages.params import MimicArch, TrainParams
+from stages.sequential import continual_job
 
-Result = tuple[dict[str, Any], dict[str, torch.Tensor]]
+EpochHook = Callable[[dict[str, Any]], None] | None
 
 
 # ----------------------------------------------------------------------------- helpers
-def _loaders(data, train_params, seed: int):
-    """train, val and test loaders of a ``stages.inputs.TaskData``."""
-    tr = train_params
-
-    def make(split: str, train: bool, limit: int | None):
-        return data.loader(split, tr.batch_size, tr.image_size, train=train, seed=seed, limit=limit)
-
-    return make("train", True, tr.limit_train), make("val", False, tr.limit_eval), make("test", False, tr.limit_eval)
-
-
-def _tune_config(train_params, lr: float | None, device: str):
-    from recast.training import TuneConfig
-
-    tr = train_params
-    return TuneConfig(epochs=tr.epochs, lr=lr or tr.lr, weight_decay=tr.weight_decay, step_size=tr.step_size,
-                      gamma=tr.gamma, grad_clip=tr.grad_clip, device=device, progress=False)
-
-
-def _mimicked(backbone, variant, apply_seed: int, mimic_seed: int):
+def _mimicked(backbone, variant: MimicArch, apply_seed: int, mimic_seed: int):
     """``recast.apply`` + ``recast.mimic`` on the plain backbone; returns (RecastModel, report)."""
     import recast
     from recast.config import MimicryConfig
@@ -65,8 +59,6 @@ def _mimic_metrics(report) -> dict[str, float]:
 
 
 def _head_params(model) -> int:
-    from recast.model import RecastModel
-
     if isinstance(model, RecastModel):
         heads = model.task_heads
         head = heads.heads[heads.task] if heads is not None and heads.task is not None else None
@@ -76,17 +68,8 @@ def _head_params(model) -> int:
 
 
 # ----------------------------------------------------------------------------- kinds
-def tune_trial(spec: dict, inputs) -> Result:
+def tune_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -> dict[str, Any]:
     """Apply + mimic the spec's RECAST variant (if any), add its adapter (if any), tune one task."""
-    from pipelines.config import TrialMethod
-    from recast.accounting import count_parameters
-    from recast.adapters import count_adapter_parameters
-    from recast.model import RecastModel
-    from recast.recipes import MethodSpec, build_method
-    from recast.training import evaluate, fit
-    from stages.common import seed_everything
-    from stages.params import TrainParams
-
     seed_everything(spec["seed"])
     tr = TrainParams(**spec["train"])
     method = TrialMethod(**spec["method"])
@@ -106,9 +89,9 @@ def tune_trial(spec: dict, inputs) -> Result:
     else:
         mspec = MethodSpec("recast" if method.recast is not None else "head_only")
     built = build_method(mspec, backbone, task, num_classes)
-    train, val, test = _loaders(data, tr, spec["seed"])
-    cfg = _tune_config(tr, method.lr, spec["device"])
-    res = fit(built.model, built.trainable, train, val, cfg, desc=spec["id"])
+    train, val, test = task_loaders(data, tr, spec["seed"])
+    cfg = tr.recipe(spec["device"], method.lr)
+    res = fit(built.model, built.trainable, train, val, cfg, desc=spec["id"], on_epoch=on_epoch)
     trainable = sum(p.numel() for p in built.trainable)
     head = _head_params(built.model)
     root = built.model.model if isinstance(built.model, RecastModel) else built.model
@@ -124,27 +107,21 @@ def tune_trial(spec: dict, inputs) -> Result:
         meta.update(coefficients=counts.coefficients, effective_coefficients=counts.effective_coefficients,
                     templates=counts.templates, replaced=counts.replaced,
                     template_ratio=counts.templates / max(counts.replaced, 1))
-    return meta, {}
+    return meta
 
 
-def recast_sequence_trial(spec: dict, inputs) -> Result:
+def recast_sequence_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -> dict[str, Any]:
     """RECAST-FT over the spec's task order in one model; accuracy matrix after every task.
 
     Each task is seeded the same way whatever its position (``seed_everything`` before its head
     is created), so equal final accuracies across orders show order invariance exactly.
     """
-    from recast.accounting import count_parameters
-    from recast.training import evaluate, fit
-    from stages.common import seed_everything
-    from stages.params import MimicArch
-    from stages.params import TrainParams
-
     tr = TrainParams(**spec["train"])
     order = list(spec["order"])
     backbone = inputs.backbone("backbone")
     rc, report = _mimicked(backbone, MimicArch(**spec["recast"]), spec["apply_seed"], spec["seed"])
     rc.drop_reference()
-    cfg = _tune_config(tr, None, spec["device"])
+    cfg = tr.recipe(spec["device"])
     tests, acc_matrix, val_acc, seconds, steps = {}, [], {}, 0.0, 0
     step_time = 0.0
     for i, task in enumerate(order):
@@ -152,8 +129,10 @@ def recast_sequence_trial(spec: dict, inputs) -> Result:
         seed_everything(spec["seed"])
         rc.add_task(task, num_classes=data.num_classes)
         rc.set_task(task)
-        train, val, tests[task] = _loaders(data, tr, spec["seed"])
-        res = fit(rc, [p for p in rc.parameters() if p.requires_grad], train, val, cfg, desc=f"{spec['id']}:{task}")
+        train, val, tests[task] = task_loaders(data, tr, spec["seed"])
+        hook = None if on_epoch is None else (lambda h, i=i: on_epoch({**h, "task_index": i}))
+        res = fit(rc, [p for p in rc.parameters() if p.requires_grad], train, val, cfg, desc=f"{spec['id']}:{task}",
+                  on_epoch=hook)
         val_acc[task], seconds, steps = res.best_val_acc, seconds + res.seconds, steps + res.steps
         step_time += res.seconds_per_step * res.steps
         row = []
@@ -162,49 +141,43 @@ def recast_sequence_trial(spec: dict, inputs) -> Result:
             row.append(evaluate(rc, tests[earlier], cfg.device))
         acc_matrix.append(row + [None] * (len(order) - i - 1))
     final = {t: acc_matrix[-1][j] for j, t in enumerate(order)}
-    forgetting = [max(acc_matrix[r][j] for r in range(j, len(order))) - final[t] for j, t in enumerate(order[:-1])]
+    forgetting = [f for f in forgetting_per_task(acc_matrix) if f is not None]
     counts = count_parameters(rc, order[0])
-    meta = {
+    return {
         **_mimic_metrics(report), "task_names": order, "acc_matrix": acc_matrix, "final_acc": final,
         "val_acc_per_task": val_acc, "avg_acc": sum(final.values()) / len(final),
         "avg_forgetting": sum(forgetting) / len(forgetting) if forgetting else 0.0,
         "coefficients": counts.coefficients, "templates": counts.templates,
         "train_seconds": seconds, "steps": steps, "seconds_per_step": step_time / max(steps, 1),
     }
-    return meta, {}
 
 
-def continual_trial(spec: dict, inputs) -> Result:
-    """``stages.sequential.continual_job`` over the spec's order, final accuracies keyed by task."""
-    from stages.sequential import continual_job
-
-    meta, tensors = continual_job(spec, inputs)
+def continual_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -> dict[str, Any]:
+    """``stages.sequential.continual_job`` over the spec's order, final accuracies keyed by task
+    (``recast.baselines.run_sequential`` has no per-epoch hook: one final report)."""
+    meta, _ = continual_job(spec, inputs)
     meta["final_acc"] = dict(zip(meta["task_names"], meta["final_acc"], strict=True))
-    return meta, tensors
+    return meta
 
 
-def stage_tune_trial(spec: dict, inputs) -> Result:
-    """The tune stage's per-task job, unchanged."""
-    from stages.jobs import tune_job
-
-    meta, _ = tune_job(spec, inputs)
-    return meta, {}  # the sweep keeps metrics only; the tune stage stores payloads
+def stage_tune_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -> dict[str, Any]:
+    """The tune stage's per-task job, unchanged; the sweep keeps its metrics, not its payload."""
+    meta, _ = tune_job(spec, inputs, on_epoch=on_epoch)
+    return meta
 
 
 _KINDS = {"tune": tune_trial, "stage_tune": stage_tune_trial, "recast_sequence": recast_sequence_trial,
           "continual": continual_trial}
 
 
-def run_trial(spec: dict, inputs) -> Result:
-    """Ray entry point: run the spec's kind with its ``stages.inputs.JobInputs``; add the trial's
-    peak memory and wall time."""
+def run_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -> dict[str, Any]:
+    """Run the spec's kind with its inputs; add the trial's peak memory and wall time."""
     kind = spec.get("kind")
     if kind not in _KINDS:
         raise ValueError(f"unknown trial kind {kind!r}; choose one of {sorted(_KINDS)}")
     reset_peak_memory(spec["device"])
     rss_start = current_rss_mb()
     start = time.perf_counter()
-    meta, tensors = _KINDS[kind](spec, inputs)
-    meta = {**meta, "trial_seconds": time.perf_counter() - start, "rss_start_mb": rss_start,
+    meta = _KINDS[kind](spec, inputs, on_epoch)
+    return {**meta, "trial_seconds": time.perf_counter() - start, "rss_start_mb": rss_start,
             **peak_memory(spec["device"])}
-    return meta, tensors

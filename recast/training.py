@@ -171,12 +171,14 @@ def fit(
     cfg: TuneConfig,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     desc: str = "tune",
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> FitResult:
     """Train ``params`` of ``model`` on ``train``; keep the state with the best ``val`` accuracy.
 
     Only ``params`` are optimised (the caller sets requires_grad); the best state of exactly
     those tensors, and with ``cfg.freeze_bn_stats=False`` of the BatchNorm buffers, is
-    restored at the end.
+    restored at the end. ``on_epoch`` (if given) receives each epoch's history entry as soon
+    as it is measured (e.g. to report it to a scheduler).
     """
     params = [p for p in params if p.requires_grad]
     if not params:
@@ -213,6 +215,8 @@ def fit(
             sched.step()
         acc = evaluate(model, val, cfg.device)
         history.append({"epoch": epoch, "train_loss": total_loss / max(batches, 1), "val_acc": acc, "lr": lr})
+        if on_epoch is not None:
+            on_epoch(dict(history[-1]))
         if acc > best_acc:
             best_acc, best_epoch = acc, epoch
             best_state = [t.detach().clone() for t in restored]

@@ -32,8 +32,9 @@ import tempfile  # noqa: E402
 from recast.io import load_payload  # noqa: E402
 from recast.paper_results import PAPER_AVG_ACC  # noqa: E402
 from recast.training import evaluate  # noqa: E402
+from stages.backbones import bank_meta, load_verified, read_sidecar  # noqa: E402
 from stages.cli import entry, stage_params  # noqa: E402
-from stages.common import metrics_path, resolve, validate_section, write_json_atomic  # noqa: E402
+from stages.common import IntegrityError, metrics_path, resolve, validate_section, write_json_atomic  # noqa: E402
 from stages.fanout import run_jobs  # noqa: E402
 from stages.inputs import InputStore, JobInputs, backbone_bundle, banks_bundle, file_bundle, task_bundle  # noqa: E402
 from stages.lineage import TaskData, stage_lineage  # noqa: E402
@@ -58,8 +59,14 @@ def reload_spec(arch: str, tune_dir: Path, results: list[dict], p_tune: TunePara
     data = resolve(p_tune.data_dir)
     roles = {"backbone": store.add(backbone_bundle(resolve(p_tune.pretrain_dir), arch)),
              "banks": store.add(banks_bundle(resolve(p_tune.mimic_dir), arch))}
+    banks_sha = bank_meta(resolve(p_tune.mimic_dir), arch)["bank_sha256"]
     for r in rows:
         stem = tune_dir / "payloads" / arch / method / f"{r['task']}-s{seed}"
+        side = read_sidecar(stem.with_suffix(".json"))  # checked here, before any job: fail fast, name the file
+        if side.get("bank_sha256") != banks_sha:
+            raise IntegrityError(f"{stem}.safetensors: payload trained against banks {str(side.get('bank_sha256'))[:12]}, "
+                                 f"the mimic stage's banks are {banks_sha[:12]}; re-run the tune stage")
+        load_verified(stem.with_suffix(".safetensors"), side.get("payload_sha256"))
         roles[f"payload/{r['task']}"] = store.add(file_bundle(stem.with_suffix(".safetensors")))
         roles[f"sidecar/{r['task']}"] = store.add(file_bundle(stem.with_suffix(".json")))
         roles[f"task/{r['task']}"] = store.add(task_bundle(data / r["task"]))

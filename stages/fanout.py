@@ -48,6 +48,7 @@ from stages.params import RuntimeParams
 Result = tuple[dict[str, Any], dict[str, torch.Tensor]]
 JobFn = Callable[[dict, JobInputs], Result]
 FAULT_ENV = "RECAST_FAULT_ONCE_DIR"  # tests: a job whose marker is absent kills its worker once
+MARKER_ENV = "RECAST_TRIAL_MARKER_DIR"  # tests: each sweep trial that computes leaves a file here
 
 
 CODE_PACKAGES = ("recast", "stages", "pipelines")
@@ -130,8 +131,7 @@ def init_ray(rt: RuntimeParams):
     address = os.environ.get("RAY_ADDRESS")
     env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
                 "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
-    if os.environ.get(FAULT_ENV):
-        env_vars[FAULT_ENV] = os.environ[FAULT_ENV]
+    env_vars.update({k: os.environ[k] for k in (FAULT_ENV, MARKER_ENV) if os.environ.get(k)})
     runtime_env: dict[str, Any] = {"env_vars": env_vars, "working_dir": str(CODE_ROOT), "excludes": CODE_EXCLUDES}
     sigterm = signal.getsignal(signal.SIGTERM)
     if address:
@@ -147,7 +147,8 @@ def init_ray(rt: RuntimeParams):
     return ray
 
 
-def _maybe_fault(job_id: str) -> None:
+def maybe_fault(job_id: str) -> None:
+    """Tests: with RECAST_FAULT_ONCE_DIR set, exit this process the first time ``job_id`` runs."""
     fault_dir = os.environ.get(FAULT_ENV)
     if not fault_dir:
         return
@@ -170,7 +171,7 @@ def _execute(fn: JobFn, spec: dict, threads: int, code: str, refs: dict[str, Any
     becomes a JobError naming the job (which pickles whatever the original error was)."""
     from stages.memory import current_rss_mb, peak_memory, reset_peak_memory
 
-    _maybe_fault(spec["id"])
+    maybe_fault(spec["id"])
     try:
         check_code(code)
         torch.set_num_threads(max(1, threads))

@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from recast.data import BatchLoader
 from recast.recipes import MethodSpec, build_method
 from recast.training import evaluate, fit
 from stages.common import record_nondeterminism, seed_everything
-from stages.inputs import JobInputs
+from stages.inputs import JobInputs, TaskData
 from stages.params import MethodParams, TrainParams
 from stages.sequential import continual_job
 
 
-def tune_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
+def task_loaders(data: TaskData, tr: TrainParams, seed: int,
+                 device: str = "cpu") -> tuple[BatchLoader, BatchLoader, BatchLoader]:
+    """The (train, val, test) loaders of one task input under the recipe ``tr``."""
+
+    def loader(split: str, train: bool, limit: int | None) -> BatchLoader:
+        return data.loader(split, tr.batch_size, tr.image_size, train=train, seed=seed, limit=limit, device=device)
+
+    return (loader("train", True, tr.limit_train), loader("val", False, tr.limit_eval),
+            loader("test", False, tr.limit_eval))
+
+
+def tune_job(spec: dict, inputs: JobInputs,
+             on_epoch: Callable[[dict[str, float]], None] | None = None) -> tuple[dict, dict]:
     """Train one method on one task (inputs ``task``, ``backbone``, ``banks`` for RECAST);
-    returns (metrics, payload tensors). The metrics carry the per-epoch ``_history`` and the
-    ``_nondeterministic`` ops torch warned about."""
+    returns (metrics, payload tensors). ``on_epoch`` receives each epoch's
+    ``recast.training.fit`` history entry (a sweep reports it). The metrics carry the per-epoch
+    ``_history`` and the ``_nondeterministic`` ops torch warned about."""
     seed_everything(spec["seed"])
     tr = TrainParams(**spec["train"])
     m = MethodParams(**spec["method"])
@@ -24,17 +40,13 @@ def tune_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
     bb = inputs.backbone("backbone", banks="banks" if m.needs_recast else None)
     built = build_method(MethodSpec(m.kind, m.adapter, m.recast, m.overrides, m.lr), bb, spec["task"],
                          manifest.num_classes)
-
-    def loader(split: str, train: bool, limit: int | None):
-        return data.loader(split, tr.batch_size, tr.image_size, train=train, seed=spec["seed"], limit=limit,
-                           device=spec["device"])
-
     cfg = tr.recipe(spec["device"], m.lr)
-    built.prepare(loader("train", True, tr.limit_train), cfg.device)  # RoSA's gradient support; else a no-op
+    built.prepare(data.loader("train", tr.batch_size, tr.image_size, train=True, seed=spec["seed"],  # RoSA's
+                              limit=tr.limit_train, device=spec["device"]), cfg.device)  # gradient support
+    train, val, test = task_loaders(data, tr, spec["seed"], spec["device"])  # fresh: as if prepare never ran
     with record_nondeterminism() as nondeterministic:
-        res = fit(built.model, built.trainable, loader("train", True, tr.limit_train),
-                  loader("val", False, tr.limit_eval), cfg, desc=spec["id"])
-        test_acc = evaluate(built.model, loader("test", False, tr.limit_eval), cfg.device)
+        res = fit(built.model, built.trainable, train, val, cfg, desc=spec["id"], on_epoch=on_epoch)
+        test_acc = evaluate(built.model, test, cfg.device)
     payload = built.payload()
     meta = {
         "arch": spec["arch"], "method": spec["method_name"], "task": spec["task"], "seed": spec["seed"],

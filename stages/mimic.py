@@ -115,20 +115,27 @@ def agreement(original: nn.Module, reconstructed: nn.Module, loader: BatchLoader
     return {"top1_agreement": same / total, "penultimate_cosine": float(torch.cat(cosines).mean()), "images": total}
 
 
+def build_specs(p: MimicParams, device: str, store: InputStore) -> list[dict]:
+    """One job per arch; its inputs (backbone, the source set, every task) are added to ``store``
+    and named in the spec by content digest, so the cache key follows content, not paths."""
+    data = resolve(p.data_dir)
+    src = data / "source"
+    roles = {"source": store.add(task_bundle(src))} if src.exists() else {}
+    roles.update({f"task/{t}": store.add(task_bundle(data / t)) for t in _suite_tasks(data)})
+    params = p.model_dump(exclude={"pretrain_dir", "data_dir", "out_dir"})
+    return [{"id": f"mimic/{arch}", "arch": arch, "params": params, "device": device,
+             "inputs": {"backbone": store.add(backbone_bundle(resolve(p.pretrain_dir), arch)), **roles}}
+            for arch in p.archs]
+
+
 def run(p: MimicParams, rt: RuntimeParams) -> dict[str, dict]:
     for arch in p.archs:
         if not (resolve(p.pretrain_dir) / f"{arch}.json").exists():
             raise ParamsError(f"mimic.archs.{arch}: no pretrained backbone at {resolve(p.pretrain_dir)}/{arch}.json")
     store = InputStore(rt.storage)
-    data = resolve(p.data_dir)
-    src = data / "source"
+    src = resolve(p.data_dir) / "source"
     source = [TaskData.of("source", src)] if src.exists() else []
-    roles = {"source": store.add(task_bundle(src))} if src.exists() else {}
-    roles.update({f"task/{t}": store.add(task_bundle(data / t)) for t in _suite_tasks(data)})
-    params = p.model_dump(exclude={"pretrain_dir", "data_dir", "out_dir"})  # inputs are named by digest
-    specs = [{"id": f"mimic/{arch}", "arch": arch, "params": params, "device": job_device(rt),
-              "inputs": {"backbone": store.add(backbone_bundle(resolve(p.pretrain_dir), arch)), **roles}}
-             for arch in p.archs]
+    specs = build_specs(p, job_device(rt), store)
     with stage_lock("mimic", rt):
         lineage = stage_lineage("mimic")  # before any output is written: what dvc.lock will record
         with Tracker("mimic", rt.experiment, p.model_dump(), tags=lineage.tags()) as tracker:

@@ -38,7 +38,8 @@ class RuntimeParams(Section):
     Ray is local unless RAY_ADDRESS is set (then ``num_cpus`` is ignored: the cluster's count);
     MLflow uses an sqlite store under the repo unless MLFLOW_TRACKING_URI is set. Jobs get their
     inputs through Ray's object store, or from ``storage`` (``s3://``, ``gs://``, ``file://``)
-    when set (``stages.inputs``). ``gpus_per_task`` is a fraction of one GPU (several jobs
+    when set (``stages.inputs``); the sweeps also keep their Ray Tune experiments there (None:
+    ``<cache_dir>/tune`` on the driver's disk). ``gpus_per_task`` is a fraction of one GPU (several jobs
     share it) or a whole number; ``device: auto`` gives jobs cuda exactly when it is > 0.
     """
 

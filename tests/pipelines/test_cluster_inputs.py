@@ -181,8 +181,7 @@ def test_tune_combine_and_a_sweep_run_on_a_node_without_the_files(cluster, stage
     table = pq.read_table(tmp_path / "sweeps/seeds/results.parquet").to_pylist()
     sweep_store = InputStore()
     (spec,) = build_specs("seeds", load_config("seeds", sweep_cfg), "cpu", sweep_store)
-    meta, _ = run_trial(spec, sweep_store.local(spec["inputs"]))
+    meta = run_trial(spec, sweep_store.local(spec["inputs"]))
     assert len(table) == 1 and table[0]["id"] == spec["id"]
     assert (table[0]["test_acc"], table[0]["val_acc"]) == (meta["test_acc"], meta["val_acc"])
-    cached = [json.loads(p.read_text()) for p in (tmp_path / "cache/sweep_seeds").glob("*.json")]
-    assert [c["ray_node"] for c in cached] == [node]
+    assert table[0]["ray_node"] == node  # the trial ran on the worker node

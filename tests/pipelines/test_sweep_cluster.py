@@ -1,11 +1,12 @@
-"""A sweep on a real multi-process Ray cluster on loopback, with an MLflow tracking server, losing
-its worker node mid-sweep.
+"""A Tune sweep on a real multi-process Ray cluster on loopback, with an MLflow tracking server,
+losing its worker node mid-sweep.
 
 ``infra/ray/start_local.sh`` starts a head and a worker node (each in its own session, 1 CPU each)
 and ``infra/mlflow/start_local.sh`` an MLflow server; the sweep driver runs as a subprocess with
-RAY_ADDRESS and MLFLOW_TRACKING_URI. While a trial runs on the worker node, every process of that
-node's session is SIGKILLed (by pid; never ``ray stop``, which would stop other clusters). The
-sweep must finish on the head, with every trial logged exactly once and present in the table.
+RAY_ADDRESS and MLFLOW_TRACKING_URI. While a trial runs on the worker node (its marker file names
+a pid of that node's session), every process of that node's session is SIGKILLed (by pid; never
+``ray stop``, which would stop other clusters). Tune retries the lost trial on the head
+(``FailureConfig``); every trial is logged exactly once and present in the table.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
+from stages.fanout import MARKER_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -102,14 +105,16 @@ def services(tmp_path: Path):
         assert leftovers == {sid: [] for sid in sids}, "services left processes behind"
 
 
-def wait_for_task_on(sid: int, driver: subprocess.Popen, timeout: float) -> int:
-    """Pid of a worker of session ``sid`` executing a trial (Ray titles it ``ray::_execute``)."""
+def wait_for_trial_on(sid: int, markers: Path, driver: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    """(pid, trial) of a trial computing on a process of session ``sid`` (from the trials' markers)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert driver.poll() is None, "the sweep ended before a trial ran on the worker node"
-        busy = [pid for pid in session_pids(sid) if cmdline(pid).startswith("ray::_execute")]
-        if busy:
-            return busy[0]
+        node = set(session_pids(sid))
+        for marker in markers.glob("*") if markers.exists() else []:
+            text = marker.read_text().strip()
+            if text and int(text) in node:
+                return int(text), marker.name.rsplit(".", 1)[0]
         time.sleep(0.2)
     raise AssertionError(f"no trial started on the worker node within {timeout} s")
 
@@ -122,13 +127,15 @@ def test_sweep_survives_losing_the_worker_node(services, stage_root: Path, tmp_p
     config.write_text(yaml.safe_dump({
         "pairs": PAIRS, "train": TRAIN, "out_dir": str(tmp_path / "sweeps"),
         "data_dir": str(stage_root / "data/prepared/offline"), "pretrain_dir": str(stage_root / "outputs/pretrain"),
-        "runtime": {"cache_dir": str(tmp_path / "cache"), "experiment": "cluster-test", "progress": False,
-                    "max_retries": 3}}))
+        "runtime": {"cache_dir": str(tmp_path / "cache"), "storage": (tmp_path / "tune").as_uri(),
+                    "experiment": "cluster-test", "progress": False, "max_retries": 3}}))
+    markers = tmp_path / "markers"
     log = (tmp_path / "driver.log").open("w")
     driver = subprocess.Popen([sys.executable, "-m", "pipelines.sweep", "--sweep", "gn", "--config", str(config)],
-                              cwd=REPO, env=services["env"], stdout=log, stderr=subprocess.STDOUT)
+                              cwd=REPO, env={**services["env"], MARKER_ENV: str(markers)}, stdout=log,
+                              stderr=subprocess.STDOUT)
     try:
-        victim = wait_for_task_on(services["worker_sid"], driver, timeout=120)
+        victim, trial = wait_for_trial_on(services["worker_sid"], markers, driver, timeout=180)
         node = session_pids(services["worker_sid"])
         assert any("raylet" in cmdline(pid) for pid in node)
         for pid in node:  # the whole worker node: raylet, agents and the busy task worker
@@ -142,6 +149,9 @@ def test_sweep_survives_losing_the_worker_node(services, stage_root: Path, tmp_p
     output = (tmp_path / "driver.log").read_text()
     assert rc == 0, output[-4000:]
     assert victim in node and session_pids(services["worker_sid"]) == []
+    assert list(tmp_path.glob("tune/gn-*/tuner.pkl")), "runtime.storage holds the Tune experiment"
+    started = collections.Counter(p.name.rsplit(".", 1)[0] for p in markers.iterdir())
+    assert started[trial] == 2 and sorted(started.values()) == [1] * (len(PAIRS) - 1) + [2]  # only the lost trial re-ran
 
     ids = {f"gn/vit/G{g}-n{n}/mnist_lo5/s42" for g, n in PAIRS}
     client = MlflowClient(services["uri"])

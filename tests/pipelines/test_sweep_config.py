@@ -14,7 +14,7 @@ from pipelines.sweep import preflight, sweep_key
 from stages.common import ParamsError
 from stages.inputs import InputStore
 
-EXPECTED_TRIALS = {"gn": 6, "k": 4, "targets": 6, "budget": 11, "order": 4, "seeds": 9}
+EXPECTED_TRIALS = {"gn": 6, "k": 4, "targets": 6, "budget": 11, "order": 4, "seeds": 9, "hpo": 2}  # hpo: per method
 
 
 @pytest.mark.parametrize("sweep", SWEEP_NAMES)
@@ -57,6 +57,12 @@ def test_unknown_and_ill_typed_keys_are_named(tmp_path: Path) -> None:
     bad.write_text("pairs: [[1, 2]]\nrecast: {preset: recast_att, overrides: {groups: 2}}\n")
     with pytest.raises(ParamsError, match=r"recast.overrides sets \['groups'\]"):
         load_config("gn", bad)
+    bad.write_text("methods: {r: {recast: {preset: recast_att}}}\nlr: [0.1, 0.01]\n")
+    with pytest.raises(ParamsError, match=r"lr: need 0 < low <= high, got \[0.1, 0.01\]"):
+        load_config("hpo", bad)
+    bad.write_text("methods: {r: {recast: {preset: recast_att}, lr: 0.1}}\n")
+    with pytest.raises(ParamsError, match=r"lr is searched"):
+        load_config("hpo", bad)
     with pytest.raises(ValueError, match="unknown sweep 'lr'"):
         load_config("lr")
 

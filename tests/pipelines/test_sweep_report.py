@@ -16,7 +16,7 @@ def _row(name: str, family: str, task: str, seed: int, acc: float, **extra) -> d
     spec = {"id": f"budget/vit/{name}/{task}/s{seed}", "sweep": "budget", "name": name, "family": family,
             "arch": "vit", "task": task, "seed": seed, "point": {}}
     return make_row(spec, {"test_acc": acc, "val_acc": acc, "seconds_per_step": 0.01, "peak_rss_mb": 900.0,
-                           "method": "dropped", "_has_tensors": False, **extra}, cached=False)
+                           "method": "dropped", "_has_tensors": False, **extra})
 
 
 def test_budget_report_files(tmp_path: Path) -> None:
@@ -30,7 +30,7 @@ def test_budget_report_files(tmp_path: Path) -> None:
     assert table.num_rows == 4 and "method" not in table.column_names and "_has_tensors" not in table.column_names
     assert table.schema.field("task_params").type == pa.int64()
     assert table.schema.field("test_acc").type == pa.float64()
-    assert table.schema.field("cached").type == pa.bool_()
+    assert "cached" not in table.column_names
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     lora = summary["points"]["lora_r1"]
     assert (lora["acc_mean"], lora["trials"], lora["task_params"]) == (pytest.approx(0.65), 2, 256)
@@ -54,7 +54,7 @@ def test_order_summary_measures_spread_over_orders() -> None:
         spec = {"id": f"order/vit/{name}/{order}/s1", "sweep": "order", "name": name, "family": name,
                 "arch": "vit", "task": order, "seed": 1, "point": {"order": order}}
         return make_row(spec, {"final_acc": finals, "avg_acc": sum(finals.values()) / 2,
-                               "avg_forgetting": forgetting}, cached=True)
+                               "avg_forgetting": forgetting})
 
     rows = [order_row("recast", "a>b", {"a": 0.9, "b": 0.8}, 0.0),
             order_row("recast", "b>a", {"b": 0.8, "a": 0.9}, 0.0),
@@ -68,10 +68,11 @@ def test_order_summary_measures_spread_over_orders() -> None:
 
 @pytest.mark.parametrize("sweep, point", [("gn", {"G": 2, "n": 1, "K": 2, "G_times_n": 2}),
                                           ("k", {"G": 3, "n": 2, "K": 4}),
-                                          ("targets", {"targets": "attn.qkv"}), ("seeds", {})])
+                                          ("targets", {"targets": "attn.qkv"}), ("seeds", {}),
+                                          ("hpo", {"lr": 0.01, "epochs": 2, "weight_decay": 1e-4})])
 def test_every_sweep_plots(tmp_path: Path, sweep: str, point: dict) -> None:
     spec = {"id": f"{sweep}/x/t/s1", "sweep": sweep, "name": "p", "family": "recast", "arch": "vit", "task": "t",
             "seed": 1, "point": point}
-    rows = [make_row(spec, {"test_acc": 0.7, "coefficients": 72}, cached=False)]
+    rows = [make_row(spec, {"test_acc": 0.7, "val_acc": 0.6, "final": True, "coefficients": 72})]
     _, paths = write_report(sweep, rows, tmp_path)
     assert paths[-1].name == f"{sweep}.png" and paths[-1].stat().st_size > 1000

@@ -22,7 +22,7 @@ def _specs(sweep, cfg):
 
 def test_gn_points_count_templates_and_coefficients(stage_outputs, tiny_train) -> None:
     specs = _specs("gn", GnSweep(pairs=[(1, 2), (2, 1), (6, 1)], train=tiny_train))
-    metas = {name: run_trial(*spec)[0] for name, spec in specs.items()}
+    metas = {name: run_trial(*spec) for name, spec in specs.items()}
     for name in ("G1-n2", "G2-n1"):  # G*n = 2: the same template parameters, a third of the weights
         assert metas[name]["templates"] == 2 * 3 * ROLE
         assert metas[name]["template_ratio"] == pytest.approx(1 / 3)
@@ -43,8 +43,8 @@ def test_budget_rows_count_lora_and_recast_lora(stage_outputs, tiny_train) -> No
         "recast_lora": TrialMethod(recast=recast, adapter={"preset": "lora_tiny"})})
     specs = _specs("budget", cfg)
     assert (specs["lora"][0]["family"], specs["recast_lora"][0]["family"]) == ("lora", "recast+lora")
-    lora, _ = run_trial(*specs["lora"])
-    both, _ = run_trial(*specs["recast_lora"])
+    lora = run_trial(*specs["lora"])
+    both = run_trial(*specs["recast_lora"])
     assert lora["adapter_params"] == lora["task_params"] == 64 + 192  # r=1 on blocks.0.attn.qkv
     assert both["coefficients"] == 72 and both["task_params"] == 72 + 256
     assert both["stored_params"] == both["trainable_params"] == 72 + 256 + 325
@@ -53,13 +53,21 @@ def test_budget_rows_count_lora_and_recast_lora(stage_outputs, tiny_train) -> No
 def test_recast_sequence_is_order_invariant(stage_outputs, tiny_train) -> None:
     cfg = OrderSweep(tasks=["mnist_lo5", "mnist_hi5_inv"], continual=[], train=tiny_train)
     store = InputStore()
-    metas = [run_trial(s, store.local(s["inputs"]))[0] for s in build_specs("order", cfg, "cpu", store)]
+    metas = [run_trial(s, store.local(s["inputs"])) for s in build_specs("order", cfg, "cpu", store)]
     assert [m["task_names"] for m in metas] == [["mnist_lo5", "mnist_hi5_inv"], ["mnist_hi5_inv", "mnist_lo5"]]
     assert metas[0]["final_acc"] == metas[1]["final_acc"]  # exactly: same start, same seed per task
     for m in metas:
         assert m["avg_forgetting"] == 0.0
         assert m["acc_matrix"][0][0] == m["acc_matrix"][1][0]  # the first task is untouched by the second
         assert m["coefficients"] == 72
+
+
+def test_trials_report_every_epoch(stage_outputs, tiny_train) -> None:
+    cfg = BudgetSweep(train={**tiny_train, "epochs": 2}, methods={"head_only": TrialMethod()})
+    epochs: list[dict] = []
+    meta = run_trial(*_specs("budget", cfg)["head_only"], on_epoch=epochs.append)
+    assert [e["epoch"] for e in epochs] == [0, 1] and meta["steps"] == 2
+    assert meta["val_acc"] == max(e["val_acc"] for e in epochs)  # the best epoch's state is kept
 
 
 def test_peak_memory_is_per_trial() -> None:

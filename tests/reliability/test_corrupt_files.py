@@ -15,7 +15,8 @@ import torch
 from stages import fanout
 from stages.backbones import load_backbone
 from stages.common import IntegrityError
-from stages.evaluate import recast_forgetting
+from stages.evaluate import reload_spec
+from stages.inputs import InputStore
 from stages.params import TuneParams
 
 from faults import TASKS, flip_byte
@@ -120,7 +121,7 @@ def test_corrupt_payload_fails_the_forgetting_check(stage_files, monkeypatch, fl
     payload = stage_files / "outputs/tune/payloads/vit/recast/task_a-s42.safetensors"
     flip_byte(payload, flip_at)
     with pytest.raises(IntegrityError, match="task_a-s42.safetensors"):
-        recast_forgetting("vit", stage_files / "outputs/tune", rows, p_tune)
+        reload_spec("vit", stage_files / "outputs/tune", rows, p_tune, "cpu", InputStore(None))
 
 
 def test_payload_against_other_banks_fails_the_forgetting_check(stage_files, monkeypatch):
@@ -130,4 +131,4 @@ def test_payload_against_other_banks_fails_the_forgetting_check(stage_files, mon
     p_tune = TuneParams(archs=["vit"], tasks=list(TASKS), seeds=[42], methods={"recast": {"kind": "recast"}})
     rows = [{"arch": "vit", "method": "recast", "seed": 42, "task": t, "num_classes": 10, "test_acc": 0.5} for t in TASKS]
     with pytest.raises(IntegrityError, match="trained against banks 000000000000"):
-        recast_forgetting("vit", stage_files / "outputs/tune", rows, p_tune)
+        reload_spec("vit", stage_files / "outputs/tune", rows, p_tune, "cpu", InputStore(None))

@@ -15,6 +15,7 @@ from stages import fanout
 from stages.mimic import build_specs as mimic_specs
 from stages.params import MimicParams, PretrainParams, RuntimeParams, TuneParams
 from stages.pretrain import build_specs as pretrain_specs
+from stages.inputs import InputStore
 from stages.specs import method_specs
 
 
@@ -36,13 +37,15 @@ def _all_specs(monkeypatch, root):
                       methods={"recast": {"kind": "recast"}, "head_only": {"kind": "head_only"}})
     pre = PretrainParams(archs={"vit": {"model": "test_vit"}})
     mim = MimicParams(archs={"vit": {"preset": "recast_att_mlp", "overrides": {"groups": 3}}})
-    return method_specs("tune", tune, tune.methods, "cpu") + pretrain_specs(pre, "cpu") + mimic_specs(mim)
+    store = InputStore(None)
+    return (method_specs("tune", tune, tune.methods, "cpu", store) + pretrain_specs(pre, "cpu", store)
+            + mimic_specs(mim, "cpu", store))
 
 
 def test_moved_project_reuses_every_cached_job(tmp_path, monkeypatch):
     a = write_stage_files(tmp_path / "a")
     specs_a = _all_specs(monkeypatch, a)
-    assert len(specs_a) == 4 + 1 + 1 and any(str(a) in str(s) for s in specs_a)  # specs do hold paths
+    assert len(specs_a) == 4 + 1 + 1 and not any(str(a) in str(s) for s in specs_a)  # inputs named by digest
     rt = RuntimeParams(progress=False)  # cache_dir relative: it moves with the project
     for s in specs_a:
         fanout._write_cached(fanout.resolve(rt.cache_dir) / s["id"].split("/")[0], fanout.spec_key(s),

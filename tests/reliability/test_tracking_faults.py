@@ -137,7 +137,7 @@ def test_side_run_metrics_never_overwrite_the_main_ones(stage_files, sqlite_uri,
     row = {"arch": "vit", "method": "head_only", "seed": 0, "test_acc": 0.5, "trainable_params": 1,
            "stored_params": 1, "bytes": 4, "seconds_per_step": 0.1, "train_seconds": 1.0}
 
-    def fake_run_jobs(stage, fn, specs, rt, on_result):
+    def fake_run_jobs(stage, fn, specs, rt, on_result, inputs=None):
         for spec in specs:
             on_result(spec, ({**row, "task": spec["task"]}, {}), False)
 
@@ -149,7 +149,7 @@ def test_side_run_metrics_never_overwrite_the_main_ones(stage_files, sqlite_uri,
     assert summary["vit/head_only"]["avg_test_acc"] == 0.5
     assert (stage_files / "side/metrics.json").exists() and not (stage_files / "metrics").exists()
 
-    def failing(stage, fn, specs, rt, on_result):
+    def failing(stage, fn, specs, rt, on_result, inputs=None):
         raise RuntimeError("a job failed")
 
     monkeypatch.setattr(tuning, "run_jobs", failing)
