@@ -55,6 +55,8 @@ class MimicryReport:
         feature_cosine: per layer container (``blocks.3``), mean per-sample cosine of its
             output between the reconstructed and the reference model on the given batch.
         final_loss: mimicry loss of the kept state (gradient methods; 0 for closed form).
+        loss_history: gradient methods: ``{"step", "loss"}`` every ``eval_every`` steps and at
+            the last step (the loss that scores the best state); empty for closed form.
     """
 
     method: str
@@ -63,6 +65,7 @@ class MimicryReport:
     feature_cosine: dict[str, float] = field(default_factory=dict)
     final_loss: float = 0.0
     steps: int = 0
+    loss_history: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def min_weight_cosine(self) -> float:
@@ -142,11 +145,13 @@ def _role_weight(cfg: MimicryConfig, role: str) -> float:
     return cfg.default_weight
 
 
-def gradient(rc: RecastModel, cfg: MimicryConfig) -> tuple[float, int]:
+def gradient(rc: RecastModel, cfg: MimicryConfig, history: list[dict[str, float]] | None = None) -> tuple[float, int]:
     """The paper's gradient mimicry on the current banks/coefficients; returns (best loss, steps).
 
     The best loss is noise-free with ``cfg.best_state="clean"`` and the noisy training loss of
-    the kept state with ``"noisy"`` (see ``MimicryConfig.best_state``).
+    the kept state with ``"noisy"`` (see ``MimicryConfig.best_state``). ``history``, when given,
+    receives ``{"step", "loss"}`` every ``eval_every`` steps and at the last step (the noise-free
+    loss, or with ``"noisy"`` the noisy loss of that step).
     """
     gen = torch.Generator().manual_seed(cfg.seed)
     layers = dict(rc.recast_layers())
@@ -188,6 +193,8 @@ def gradient(rc: RecastModel, cfg: MimicryConfig) -> tuple[float, int]:
             noisy = float(loss.detach())
             if noisy < best[0]:
                 best = (noisy, snapshot())
+            if history is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                history.append({"step": step + 1, "loss": noisy})
             bar.set_postfix(loss=f"{noisy:.3e}", refresh=False)
         loss.backward()
         if cfg.grad_clip is not None:
@@ -198,6 +205,8 @@ def gradient(rc: RecastModel, cfg: MimicryConfig) -> tuple[float, int]:
             continue
         with torch.no_grad():
             clean = float(total_loss(noise=False))
+        if history is not None:
+            history.append({"step": step + 1, "loss": clean})
         if clean < best[0]:
             best = (clean, snapshot())
         bar.set_postfix(loss=f"{clean:.3e}", refresh=False)
@@ -284,7 +293,7 @@ def mimic(rc: RecastModel, cfg: MimicryConfig | None = None, batch: torch.Tensor
             f"tasks {others} exist: mimicry rewrites the shared banks they were tuned against, so their "
             "outputs would change; run mimicry before add_task, or pass force=True")
     start = time.perf_counter()
-    loss, steps = 0.0, 0
+    loss, steps, history = 0.0, 0, []
     if cfg.method in ("closed_form", "refine"):
         closed_form(rc, seed=cfg.seed)
     elif cfg.method == "vae":
@@ -298,9 +307,9 @@ def mimic(rc: RecastModel, cfg: MimicryConfig | None = None, batch: torch.Tensor
                 layer.coefs[rc.config.base_task].copy_(
                     random_unit_coefficients(layer.coef_sets, layer.bank.num_templates, gen))
     if cfg.method in ("gradient", "refine"):
-        loss, steps = gradient(rc, cfg)
+        loss, steps = gradient(rc, cfg, history)
     seconds = time.perf_counter() - start
-    report = MimicryReport(cfg.method, seconds, weight_cosines(rc), final_loss=loss, steps=steps)
+    report = MimicryReport(cfg.method, seconds, weight_cosines(rc), final_loss=loss, steps=steps, loss_history=history)
     if batch is not None:
         task = rc.active_task
         rc.set_task(rc.config.base_task, freeze=False)

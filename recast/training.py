@@ -83,7 +83,8 @@ class TuneConfig:
 
 @dataclass
 class FitResult:
-    """Outcome of ``fit``: best validation accuracy/epoch, per-epoch history, timing."""
+    """Outcome of ``fit``: best validation accuracy/epoch, timing, and ``history``: one row per
+    epoch (``epoch``, mean ``train_loss``, ``val_acc``, the ``lr`` it trained with)."""
 
     best_val_acc: float
     best_epoch: int
@@ -209,10 +210,11 @@ def fit(
             total_loss += float(loss.detach())
             batches += 1
             steps += 1
+        lr = float(opt.param_groups[0]["lr"])  # the rate this epoch trained with
         if sched is not None:
             sched.step()
         acc = evaluate(model, val, cfg.device)
-        history.append({"epoch": epoch, "train_loss": total_loss / max(batches, 1), "val_acc": acc})
+        history.append({"epoch": epoch, "train_loss": total_loss / max(batches, 1), "val_acc": acc, "lr": lr})
         if on_epoch is not None:
             on_epoch(dict(history[-1]))
         if acc > best_acc:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
-from stages.common import StageKilled, read_params
+from stages.common import PARAMS_ENV, StageKilled, read_params
 from stages.params import SECTIONS
 from stages.validate import validate_all
 
@@ -27,6 +29,8 @@ def stage_params(argv: list[str] | None, description: str | None, partial_ok: bo
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--params", default=None, help="params file (default: params.yaml at the repo root)")
     args = ap.parse_args(argv)
+    if args.params is not None:  # the lineage of the stage's runs names and hashes this file
+        os.environ[PARAMS_ENV] = str(Path(args.params).resolve())
     data = read_params(args.params)
     if not partial_ok or set(SECTIONS) <= set(data):
         validate_all(data)

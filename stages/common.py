@@ -12,6 +12,7 @@ import random
 import re
 import secrets
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
+PARAMS_ENV = "RECAST_PARAMS"  # the params file of this process (``--params`` sets it)
 
 M = TypeVar("M", bound="Section")
 
@@ -58,7 +60,7 @@ def check_digest(path: str | os.PathLike, actual: str, expected: str | None, wha
 
 def read_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Read params.yaml (or ``path``) into a dict."""
-    path = Path(path or os.environ.get("RECAST_PARAMS", DEFAULT_PARAMS))
+    path = Path(path or os.environ.get(PARAMS_ENV, DEFAULT_PARAMS))
     if not path.exists():
         raise ParamsError(f"params file not found: {path}")
     with open(path) as fh:
@@ -99,6 +101,26 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@contextlib.contextmanager
+def record_nondeterminism() -> Iterator[list[str]]:
+    """Collect torch's warnings about ops without a deterministic implementation (raised under
+    ``use_deterministic_algorithms(True, warn_only=True)``); yields the list of messages."""
+    found: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield found
+        finally:
+            found.extend(sorted({str(w.message).split("\n")[0] for w in caught
+                                 if "deterministic" in str(w.message).lower()}))
+
+
+def determinism_tags(meta: dict[str, Any]) -> dict[str, str]:
+    """Run tags saying how deterministic a job was: torch's mode (``seed_everything``) and the
+    ops it warned about (a job's ``_nondeterministic`` list)."""
+    return {"torch.deterministic": "warn_only", "nondeterministic_ops": "; ".join(meta.get("_nondeterministic") or []) or "none"}
 
 
 def temp_path(path: str | os.PathLike) -> Path:

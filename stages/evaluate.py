@@ -4,8 +4,12 @@
   order, into ONE RecastModel on the shared banks, and every earlier task is re-evaluated after
   each addition (task identity is known, so this must stay exactly unchanged). One Ray job per
   architecture (``stages.fanout.run_jobs``), on ``runtime.device``.
-- A task-wise accuracy table per architecture (Tables 1/2 style) with average accuracy,
-  forgetting, trainable parameters and bytes per task, and wall time.
+- A task-wise accuracy table per architecture (Tables 1/2 style), built with pandas from the
+  tune and combine stages' ``results.parquet``: per task the mean ± std of the test accuracy
+  over seeds, the average over tasks (mean ± std over seeds) and the number of seeds; with the
+  paper configuration (``prepare.suite: paper``) the paper's published average
+  (``recast.paper_results``) and our difference to it; forgetting, method and head parameters
+  and bytes per task, and wall time. ``reports/{tasks,methods}.parquet`` hold those two tables.
 - ``metrics/report.json`` for ``dvc metrics show``; ``reports/params_vs_acc.png`` for
   ``dvc plots``; ``reports/report.md``.
 """
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import pandas as pd
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -25,15 +30,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import tempfile  # noqa: E402
 
 from recast.io import load_payload  # noqa: E402
+from recast.paper_results import PAPER_AVG_ACC  # noqa: E402
 from recast.training import evaluate  # noqa: E402
 from stages.backbones import bank_meta, load_verified, read_sidecar  # noqa: E402
 from stages.cli import entry, stage_params  # noqa: E402
 from stages.common import IntegrityError, metrics_path, resolve, validate_section, write_json_atomic  # noqa: E402
 from stages.fanout import run_jobs  # noqa: E402
 from stages.inputs import InputStore, JobInputs, backbone_bundle, banks_bundle, file_bundle, task_bundle  # noqa: E402
-from stages.params import CombineParams, EvaluateParams, MimicParams, RuntimeParams, TuneParams  # noqa: E402
+from stages.lineage import TaskData, stage_lineage  # noqa: E402
+from stages.params import CombineParams, EvaluateParams, MimicParams, PrepareParams, RuntimeParams, TuneParams  # noqa: E402
 from stages.runtime import job_device  # noqa: E402
 from stages.specs import task_names  # noqa: E402
+from stages.runlog import log_datasets  # noqa: E402
+from stages.tables import accuracies, method_stats, read_results, task_stats, write_parquet  # noqa: E402
 from stages.tracking import Tracker  # noqa: E402
 
 
@@ -141,6 +150,11 @@ def plot_params_vs_acc(summary: dict[str, dict], path: Path) -> None:
     tmp.replace(path)
 
 
+def _pm(mean: float, std: float) -> str:
+    """``mean ± std`` in percent; ``-`` for the std of a single seed."""
+    return f"{100 * mean:.2f} ± " + ("-" if pd.isna(std) else f"{100 * std:.2f}")
+
+
 def _count(value: float | list | None) -> int | str:
     """A per-task count for the report: the mean of a per-task list, ``-`` when absent."""
     if value is None:
@@ -152,8 +166,11 @@ def _cell(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
     return "-" if value is None else f"{scale * value:.{digits}f}"
 
 
-def markdown(summary: dict[str, dict], results: list[dict], forgetting: dict[str, dict], mimic: dict,
-             task_order: list[str] | None = None, reload: dict[str, dict] | None = None) -> str:
+def markdown(summary: dict[str, dict], tasks: pd.DataFrame, methods: pd.DataFrame, forgetting: dict[str, dict],
+             mimic: dict, task_order: list[str] | None = None, reload: dict[str, dict] | None = None,
+             lineage: pd.DataFrame | None = None) -> str:
+    """The report. ``tasks``/``methods``: ``stages.tables.task_stats``/``method_stats`` frames;
+    ``lineage``: the jobs' results table (its lineage columns)."""
     lines = ["# RECAST report", ""]
     if mimic:
         lines += ["## Neural Mimicry", "",
@@ -168,19 +185,27 @@ def markdown(summary: dict[str, dict], results: list[dict], forgetting: dict[str
                          f"{m.get('templates', '')} | {m.get('coefficients_per_task', '')} | {m.get('seconds', 0):.2f} |")
         lines.append("")
     archs = sorted({k.split("/")[0] for k in summary})
+    paper = "paper" in methods.columns
     for arch in archs:
-        present = {r["task"] for r in results if r["arch"] == arch and not r.get("sequential")}
-        tasks = [t for t in (task_order or []) if t in present] + sorted(present - set(task_order or []))
-        lines += [f"## {arch}: task-wise test accuracy (%)", "",
-                  "| method | " + " | ".join(tasks) + " | avg | forgetting | method params/task | head params/task "
-                  "| bytes/task | wall s |",
-                  "|---" * (len(tasks) + 7) + "|"]
+        t_arch = tasks[tasks["arch"] == arch]
+        present = [t for t in t_arch["task"].unique()]
+        order = [t for t in (task_order or []) if t in present] + sorted(set(present) - set(task_order or []))
+        head = ["method", *order, "avg (mean ± std over seeds)", "seeds", *(["paper", "ours - paper"] if paper else []),
+                "forgetting", "method params/task", "head params/task", "bytes/task", "wall s"]
+        lines += [f"## {arch}: task-wise test accuracy (%), mean ± std over seeds", "",
+                  "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        m_arch = methods[methods["arch"] == arch].set_index("method")
         for key, v in sorted(summary.items(), key=lambda kv: kv[1].get("trainable_params", 0) if not isinstance(kv[1].get("trainable_params"), list) else 0):
             a, method = key.split("/", 1)
-            if a != arch:
+            if a != arch or method not in m_arch.index:
                 continue
-            accs = v.get("test_acc") or dict(zip(v.get("tasks", tasks), v.get("final_acc", [])))
-            cells = [f"{100 * accs[t]:.2f}" if t in accs else "-" for t in tasks]
+            cells_df = t_arch[t_arch["method"] == method].set_index("task")
+            cells = [_pm(cells_df.at[t, "mean"], cells_df.at[t, "std"]) if t in cells_df.index else "-" for t in order]
+            m = m_arch.loc[method]
+            extra = []
+            if paper:
+                extra = ["-" if pd.isna(m["paper"]) else f"{m['paper']:.1f}",
+                         "-" if pd.isna(m["diff"]) else f"{m['diff']:+.2f}"]
             forg = v.get("avg_forgetting")
             if method == "recast" and arch in forgetting:
                 forg = forgetting[arch]["avg_forgetting"]
@@ -190,8 +215,9 @@ def markdown(summary: dict[str, dict], results: list[dict], forgetting: dict[str
             by = int(statistics.mean(by)) if isinstance(by, list) else (int(by) if by != "-" else by)
             wall = v.get("train_seconds", v.get("wall_time_s", 0))
             wall = sum(wall) if isinstance(wall, list) else wall
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {100 * v['avg_test_acc']:.2f} | "
-                         f"{'-' if forg is None else f'{100 * forg:.2f}'} | {tp} | {hp} | {by} | {wall:.1f} |")
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {_pm(m['mean'], m['std'])} | {int(m['n_seeds'])} | "
+                         + "".join(f"{x} | " for x in extra)
+                         + f"{'-' if forg is None else f'{100 * forg:.2f}'} | {tp} | {hp} | {by} | {wall:.1f} |")
         lines.append("")
     for title, tables in (("RECAST trained task after task on one model: every task re-evaluated after each "
                            "new one (continual protocol; forgetting above comes from this)", forgetting),
@@ -203,11 +229,22 @@ def markdown(summary: dict[str, dict], results: list[dict], forgetting: dict[str
             for t, row in zip(f["tasks"], f["acc_matrix"]):
                 lines.append(f"| {t} | " + " | ".join("" if a is None else f"{100 * a:.2f}" for a in row) + " |")
             lines.append("")
+    if lineage is not None and "git_commit" in lineage.columns:
+        lines += ["## Lineage", "",
+                  "Every accuracy above is the mean over the jobs of `outputs/{tune,combine}/results.parquet`; each "
+                  "row there names its MLflow run (`run_id`), code (`git_commit`), params and data digests.", "",
+                  "| git commit | dirty | params sha256 | jobs |", "|---|---|---|---|"]
+        groups = lineage.groupby(["git_commit", "git_dirty", "params_sha256"], dropna=False).size()
+        for (commit, dirty, params), n in groups.items():
+            lines.append(f"| {commit} | {dirty} | {str(params)[:16]} | {n} |")
+        lines.append("")
     return "\n".join(lines)
 
 
-def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: str = "outputs/combine") -> dict[str, Any]:
-    results, summary = [], {}
+def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: str = "outputs/combine",
+        suite: str = "offline") -> dict[str, Any]:
+    lineage = stage_lineage("evaluate")
+    results, summary = [], {}  # results: the rows as the stages wrote them (lists intact)
     for stage, out_dir, model in (("tune", p_tune.out_dir, TuneParams), ("combine", combine_dir, CombineParams)):
         path = resolve(out_dir) / "results.json"
         if path.exists():
@@ -215,13 +252,19 @@ def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: s
         mpath = metrics_path(stage, out_dir, model.model_fields["out_dir"].default)
         if mpath.exists():
             summary.update(json.loads(mpath.read_text()))
+    frame = read_results([resolve(p_tune.out_dir) / "results.parquet", resolve(combine_dir) / "results.parquet"])
+    acc = accuracies(frame)
+    tasks = task_stats(acc)
+    methods = method_stats(acc, PAPER_AVG_ACC if suite == "paper" else None)
     mimic_metrics = metrics_path("mimic", p_tune.mimic_dir, MimicParams.model_fields["out_dir"].default)
     mimic = json.loads(mimic_metrics.read_text()) if mimic_metrics.exists() else {}
     forgetting = sequential_forgetting(results, p.forgetting_method)
     reload = payload_reload(p.forgetting_archs, resolve(p_tune.out_dir), results, p_tune, rt, p.forgetting_method)
     report_dir = resolve(p.report_dir)
     plot_params_vs_acc(summary, report_dir / "params_vs_acc.png")
-    md = markdown(summary, results, forgetting, mimic, task_names(p_tune), reload)
+    write_parquet(tasks, report_dir / "tasks.parquet")
+    write_parquet(methods, report_dir / "methods.parquet")
+    md = markdown(summary, tasks, methods, forgetting, mimic, task_names(p_tune), reload, frame)
     (report_dir / "report.md").write_text(md + "\n")
     metrics = {}
     for key, v in summary.items():
@@ -231,8 +274,11 @@ def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: s
                         "avg_forgetting": forgetting.get(key.split("/")[0], {}).get("avg_forgetting", 0.0)
                         if key.endswith("/recast") else v.get("avg_forgetting")}
     write_json_atomic(metrics_path("report", p.report_dir, EvaluateParams.model_fields["report_dir"].default), metrics)
-    with Tracker("evaluate", rt.experiment, p.model_dump()) as tracker:
-        tracker.log_artifacts(tracker.parent_id, [report_dir / "report.md", report_dir / "params_vs_acc.png"])
+    with Tracker("evaluate", rt.experiment, p.model_dump(), tags=lineage.tags()) as tracker:
+        data = resolve(p_tune.data_dir)
+        log_datasets(tracker, tracker.parent_id, [TaskData.of(t, data / t) for t in task_names(p_tune)], context="eval")
+        tracker.log_artifacts(tracker.parent_id, [report_dir / name for name in
+                                                  ("report.md", "params_vs_acc.png", "tasks.parquet", "methods.parquet")])
         tracker.finish({f"{k.replace('/', '.')}.avg_test_acc": v["avg_test_acc"] for k, v in metrics.items()})
     return {"metrics": metrics, "forgetting": forgetting, "reload": reload}
 
@@ -243,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     p_tune = validate_section("tune", TuneParams, data)
     rt = validate_section("runtime", RuntimeParams, data)
     combine = validate_section("combine", CombineParams, data)
-    run(p, p_tune, rt, combine.out_dir)
+    prepare = validate_section("prepare", PrepareParams, data)
+    run(p, p_tune, rt, combine.out_dir, prepare.suite)
     print((resolve(p.report_dir) / "report.md").read_text())
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from recast.data import BatchLoader
 from recast.recipes import MethodSpec, build_method
 from recast.training import evaluate, fit
-from stages.common import seed_everything
+from stages.common import record_nondeterminism, seed_everything
 from stages.inputs import JobInputs, TaskData
 from stages.params import MethodParams, TrainParams
 from stages.sequential import continual_job
@@ -28,7 +30,8 @@ def tune_job(spec: dict, inputs: JobInputs,
              on_epoch: Callable[[dict[str, float]], None] | None = None) -> tuple[dict, dict]:
     """Train one method on one task (inputs ``task``, ``backbone``, ``banks`` for RECAST);
     returns (metrics, payload tensors). ``on_epoch`` receives each epoch's
-    ``recast.training.fit`` history entry (a sweep reports it)."""
+    ``recast.training.fit`` history entry (a sweep reports it). The metrics carry the per-epoch
+    ``_history`` and the ``_nondeterministic`` ops torch warned about."""
     seed_everything(spec["seed"])
     tr = TrainParams(**spec["train"])
     m = MethodParams(**spec["method"])
@@ -41,8 +44,9 @@ def tune_job(spec: dict, inputs: JobInputs,
     built.prepare(data.loader("train", tr.batch_size, tr.image_size, train=True, seed=spec["seed"],  # RoSA's
                               limit=tr.limit_train, device=spec["device"]), cfg.device)  # gradient support
     train, val, test = task_loaders(data, tr, spec["seed"], spec["device"])  # fresh: as if prepare never ran
-    res = fit(built.model, built.trainable, train, val, cfg, desc=spec["id"], on_epoch=on_epoch)
-    test_acc = evaluate(built.model, test, cfg.device)
+    with record_nondeterminism() as nondeterministic:
+        res = fit(built.model, built.trainable, train, val, cfg, desc=spec["id"], on_epoch=on_epoch)
+        test_acc = evaluate(built.model, test, cfg.device)
     payload = built.payload()
     meta = {
         "arch": spec["arch"], "method": spec["method_name"], "task": spec["task"], "seed": spec["seed"],
@@ -53,7 +57,8 @@ def tune_job(spec: dict, inputs: JobInputs,
         "stored_params": int(sum(t.numel() for t in payload.values())),
         "bytes": int(sum(t.numel() * t.element_size() for t in payload.values())),
         "seconds_per_step": res.seconds_per_step, "train_seconds": res.seconds, "steps": res.steps,
-        "num_classes": manifest.num_classes, "recast": m.needs_recast,
+        "num_classes": manifest.num_classes, "recast": m.needs_recast, "torch_threads": torch.get_num_threads(),
+        "_history": res.history, "_nondeterministic": nondeterministic,
     }
     return meta, payload
 

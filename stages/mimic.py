@@ -5,7 +5,8 @@ Outputs ``outputs/mimic/<arch>/{banks,base}.safetensors`` (+ JSON sidecars), ``r
 source images (Gaussian noise when there is no source set), source-task accuracy of the
 reconstructed model vs the original (when there is a source set), and, on each prepared task's
 own test images, the top-1 agreement of the two models' source-class predictions and the cosine
-of their penultimate features. Jobs run on ``runtime.device``.
+of their penultimate features; gradient mimicry's loss every ``eval_every`` steps. Also
+``results.parquet`` (one row per arch, with lineage). Jobs run on ``runtime.device``.
 """
 
 from __future__ import annotations
@@ -21,14 +22,19 @@ from torch import nn
 import recast
 from recast.config import MimicryConfig
 from recast.data import BatchLoader
+from recast.io import tensors_sha256
 from recast.training import evaluate
-from stages.backbones import save_mimicked
+from stages.backbones import pretrained_meta, save_mimicked
 from stages.cli import entry, stage_params
-from stages.common import ParamsError, metrics_path, resolve, validate_section, write_json_atomic
+from stages.common import (ParamsError, determinism_tags, metrics_path, record_nondeterminism, resolve,
+                           seed_everything, validate_section, write_json_atomic)
 from stages.fanout import job_file, run_jobs, spec_key, stage_lock
 from stages.inputs import InputStore, JobInputs, backbone_bundle, task_bundle
+from stages.lineage import StageLineage, TaskData, stage_lineage
 from stages.params import MimicParams, RuntimeParams
+from stages.runlog import log_datasets, log_history
 from stages.runtime import job_device
+from stages.tables import write_results
 from stages.tracking import Tracker
 
 
@@ -36,6 +42,7 @@ def mimic_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
     """Ray task: apply + mimic one backbone (input ``backbone``; ``source``, the prepared source
     task, when there is one); returns (report, tensors)."""
     p = MimicParams(**spec["params"])
+    seed_everything(p.seed)
     arch, device = spec["arch"], spec["device"]
     a = p.archs[arch]
     bb = inputs.backbone("backbone")
@@ -51,9 +58,10 @@ def mimic_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
     else:
         batch = torch.randn(p.feature_batch, 3, p.image_size, p.image_size, generator=torch.Generator().manual_seed(p.seed))
     mcfg = MimicryConfig(**{"seed": p.seed, "progress": False, **a.mimicry})
-    report = recast.mimic(rc, mcfg, batch=batch.to(device))
+    with record_nondeterminism() as nondeterministic:
+        report = recast.mimic(rc, mcfg, batch=batch.to(device))
     out: dict[str, Any] = {"arch": arch, "device": device, **report.as_dict(),
-                           "counts": recast.count_parameters(rc).as_dict()}
+                           "counts": recast.count_parameters(rc).as_dict(), "_nondeterministic": nondeterministic}
     rc.set_task(cfg.base_task, freeze=False)
     if loader is not None:
         out["acc_original"] = evaluate(plain, loader, device)
@@ -125,14 +133,21 @@ def run(p: MimicParams, rt: RuntimeParams) -> dict[str, dict]:
         if not (resolve(p.pretrain_dir) / f"{arch}.json").exists():
             raise ParamsError(f"mimic.archs.{arch}: no pretrained backbone at {resolve(p.pretrain_dir)}/{arch}.json")
     store = InputStore(rt.storage)
+    src = resolve(p.data_dir) / "source"
+    source = [TaskData.of("source", src)] if src.exists() else []
     specs = build_specs(p, job_device(rt), store)
-    with stage_lock("mimic", rt), Tracker("mimic", rt.experiment, p.model_dump()) as tracker:
-        summary = _run(p, rt, specs, tracker, store)
-        write_json_atomic(metrics_path("mimic", p.out_dir, MimicParams.model_fields["out_dir"].default), summary)
+    with stage_lock("mimic", rt):
+        lineage = stage_lineage("mimic")  # before any output is written: what dvc.lock will record
+        with Tracker("mimic", rt.experiment, p.model_dump(), tags=lineage.tags()) as tracker:
+            log_datasets(tracker, tracker.parent_id, source, context="eval")
+            summary = _run(p, rt, specs, tracker, store, lineage, source)
+            write_json_atomic(metrics_path("mimic", p.out_dir, MimicParams.model_fields["out_dir"].default), summary)
     return summary
 
 
-def _run(p: MimicParams, rt: RuntimeParams, specs: list[dict], tracker: Tracker, store: InputStore) -> dict[str, dict]:
+def _run(p: MimicParams, rt: RuntimeParams, specs: list[dict], tracker: Tracker, store: InputStore,
+         lineage: StageLineage, source: list[TaskData]) -> dict[str, dict]:
+    rows = []
     summary = {}
 
     def on_result(spec, result, cached):
@@ -152,11 +167,23 @@ def _run(p: MimicParams, rt: RuntimeParams, specs: list[dict], tracker: Tracker,
             summary[arch][f"ablation.{name}"] = {k: ab[k] for k in ("min_weight_cosine", "mean_weight_cosine",
                                                                    "min_feature_cosine", "seconds", "acc_reconstructed")
                                                  if k in ab}
-        tracker.child(spec["id"], {"arch": arch, **p.archs[arch].model_dump()}, summary[arch],
-                      artifacts=[d / "report.json", d / "recast.json"], tags={"cached": str(cached)},
-                      key=spec_key(spec), logged_at=job_file(rt, "mimic", spec, ".mlflow.json"))
+        bank_sha = tensors_sha256(banks)
+        backbone_sha = str(pretrained_meta(resolve(p.pretrain_dir), arch).get("sha256", ""))
+        rid = tracker.child(spec["id"], {"arch": arch, **p.archs[arch].model_dump()}, summary[arch],
+                            artifacts=[d / "report.json", d / "recast.json"],
+                            tags={"cached": str(cached), **lineage.tags(), **determinism_tags(meta),
+                                  "backbone_sha256": backbone_sha, "bank_sha256": bank_sha},
+                            key=spec_key(spec), logged_at=job_file(rt, "mimic", spec, ".mlflow.json"))
+        if rid is not None:  # None: the store is unreachable (the Tracker is offline)
+            log_datasets(tracker, rid, source, context="eval")
+            if clean.get("loss_history"):  # gradient mimicry: the noise-free loss every eval_every steps
+                log_history(tracker, rid, clean["loss_history"], "step", "mimicry")
+        rows.append({"arch": arch, **summary[arch], "final_loss": clean.get("final_loss"), "steps": clean.get("steps"),
+                     "run_id": rid or "", "backbone_sha256": backbone_sha, "bank_sha256": bank_sha,
+                     "data_sha256": ",".join(t.sha256 for t in source), **lineage.columns()})
 
     run_jobs("mimic", mimic_job, specs, rt, on_result, inputs=store)
+    write_results(sorted(rows, key=lambda r: r["arch"]), resolve(p.out_dir))
     return summary
 
 

@@ -3,7 +3,8 @@
 ``source: train`` (default suite, offline) trains each tiny timm model on the prepared
 ``source`` set; ``source: timm`` (paper configuration) takes timm's pretrained weights, from
 the hub or from a local file (``checkpoint_file``, through ``pretrained_cfg_overlay``).
-Either way the result is ``outputs/pretrain/<arch>.safetensors`` + ``<arch>.json``.
+Either way the result is ``outputs/pretrain/<arch>.safetensors`` + ``<arch>.json``, plus
+``results.parquet`` (one row per arch, with lineage) and ``curves.png``.
 """
 
 from __future__ import annotations
@@ -14,13 +15,19 @@ from pathlib import Path
 import timm
 
 from recast.training import TuneConfig, evaluate, fit
+from recast.io import tensors_sha256
 from stages.backbones import pretrained_sidecar
 from stages.cli import entry, stage_params
-from stages.common import ParamsError, metrics_path, resolve, seed_everything, validate_section, write_json_atomic
+from stages.common import (ParamsError, determinism_tags, metrics_path, record_nondeterminism, resolve,
+                           seed_everything, validate_section, write_json_atomic)
+from stages.curves import plot_curves
 from stages.fanout import run_jobs, spec_key, stage_lock, store_tensors
 from stages.inputs import InputStore, JobInputs, file_bundle, task_bundle
+from stages.lineage import TaskData, stage_lineage
 from stages.params import ArchParams, PretrainParams, RuntimeParams
+from stages.runlog import log_datasets, log_file, log_history
 from stages.runtime import job_device
+from stages.tables import write_results
 from stages.tracking import Tracker
 
 
@@ -48,11 +55,14 @@ def pretrain_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
     cfg = TuneConfig(epochs=epochs, lr=lr, weight_decay=spec["weight_decay"],
                      step_size=max(1, (2 * epochs) // 3), freeze_bn_stats=False, progress=False,
                      device=spec["device"])
-    res = fit(model, list(model.parameters()), loader("train", True), loader("val", False), cfg, desc=f"pretrain {spec['id']}")
-    test_acc = evaluate(model, loader("test", False), cfg.device)
+    with record_nondeterminism() as nondeterministic:
+        res = fit(model, list(model.parameters()), loader("train", True), loader("val", False), cfg,
+                  desc=f"pretrain {spec['id']}")
+        test_acc = evaluate(model, loader("test", False), cfg.device)
     meta = {"model": arch.model, "kwargs": arch.kwargs, "num_classes": manifest.num_classes, "source": "train",
             "val_acc": res.best_val_acc, "test_acc": test_acc, "epochs": epochs,
-            "seconds_per_step": res.seconds_per_step, "train_seconds": res.seconds}
+            "seconds_per_step": res.seconds_per_step, "train_seconds": res.seconds,
+            "_history": res.history, "_nondeterministic": nondeterministic}
     return meta, {k: v.cpu() for k, v in model.state_dict().items()}
 
 
@@ -76,24 +86,44 @@ def build_specs(p: PretrainParams, device: str, store: InputStore) -> list[dict]
 def run(p: PretrainParams, rt: RuntimeParams) -> dict[str, dict]:
     if p.source == "train" and not (resolve(p.data_dir) / "source").exists():
         raise ParamsError(f"pretrain.data_dir: no 'source' set under {resolve(p.data_dir)}; run the prepare stage")
+    source = [TaskData.of("source", resolve(p.data_dir) / "source")] if p.source == "train" else []
     store = InputStore(rt.storage)
     specs = build_specs(p, job_device(rt), store)
     out = resolve(p.out_dir)
-    with stage_lock("pretrain", rt), Tracker("pretrain", rt.experiment, p.model_dump()) as tracker:
+    rows, histories = [], {}
+    with stage_lock("pretrain", rt):
+        lineage = stage_lineage("pretrain")  # before any output is written: what dvc.lock will record
+        with Tracker("pretrain", rt.experiment, p.model_dump(), tags=lineage.tags()) as tracker:
+            log_datasets(tracker, tracker.parent_id, source)
 
-        def on_result(spec, result, cached):
-            meta, state = result
-            arch = spec["id"].split("/", 1)[1]
-            if p.source == "timm":  # the job saw the file's bytes only; record where it came from
-                meta = {**meta, "checkpoint_file": p.archs[arch].checkpoint_file}
-            store_tensors(rt, "pretrain", spec, state, pretrained_sidecar(state, meta), out / arch)
-            tracker.child(spec["id"], {"arch": arch, **spec["arch"]}, meta, tags={"cached": str(cached)},
-                          key=spec_key(spec))
+            def on_result(spec, result, cached):
+                meta, state = result
+                arch = spec["id"].split("/", 1)[1]
+                clean = {k: v for k, v in meta.items() if not k.startswith("_")}
+                if p.source == "timm":  # the job saw the file's bytes only; record where it came from
+                    clean = {**clean, "checkpoint_file": p.archs[arch].checkpoint_file}
+                store_tensors(rt, "pretrain", spec, state, pretrained_sidecar(state, clean), out / arch)
+                rid = tracker.child(spec["id"], {"arch": arch, **spec["arch"]}, clean,
+                                    tags={"cached": str(cached), **lineage.tags(), **determinism_tags(meta)},
+                                    key=spec_key(spec))
+                if rid is not None:  # None: the store is unreachable (the Tracker is offline)
+                    log_datasets(tracker, rid, source)
+                    if meta.get("_history"):
+                        log_history(tracker, rid, meta["_history"], "epoch", "epoch")
+                if meta.get("_history"):
+                    histories[spec["id"]] = meta["_history"]
+                rows.append({"arch": arch, **clean, "run_id": rid or "", "backbone_sha256": tensors_sha256(state),
+                             "data_sha256": ",".join(t.sha256 for t in source), **lineage.columns()})
 
-        results = run_jobs("pretrain", pretrain_job, specs, rt, on_result, inputs=store)
-        summary = {sid.split("/", 1)[1]: {k: v for k, v in meta.items() if not k.startswith("_")}
-                   for sid, (meta, _) in results.items()}
-        write_json_atomic(metrics_path("pretrain", p.out_dir, PretrainParams.model_fields["out_dir"].default), summary)
+            results = run_jobs("pretrain", pretrain_job, specs, rt, on_result, inputs=store)
+            summary = {sid.split("/", 1)[1]: {k: v for k, v in meta.items() if not k.startswith("_")}
+                       for sid, (meta, _) in results.items()}
+            write_results(sorted(rows, key=lambda r: r["arch"]), out)
+            if histories:
+                log_file(tracker, tracker.parent_id,
+                         plot_curves(histories, out / "curves.png", title="pretrain: per-epoch curves"))
+            write_json_atomic(metrics_path("pretrain", p.out_dir, PretrainParams.model_fields["out_dir"].default),
+                              summary)
     return summary
 
 

@@ -14,9 +14,45 @@ from typing import Any
 import torch
 
 from recast.io import tensors_sha256
+from stages.backbones import pretrained_meta
+from stages.common import determinism_tags, resolve
 from stages.fanout import job_file, spec_key, store_tensors
+from stages.inputs import InputStore
+from stages.lineage import StageLineage, TaskData
 from stages.params import RuntimeParams
+from stages.runlog import acc_matrix_history, log_datasets, log_history, log_json
+from stages.tables import SEQUENTIAL_SUFFIX
 from stages.tracking import Tracker, register_payload
+
+JOB_SPEC_ARTIFACT = "job/spec.json"  # the job spec on its child run: what `stages.registry reproduce` re-runs
+
+
+def input_sources(spec: dict, store: InputStore) -> dict[str, str]:
+    """Role -> the absolute folder on the driver that role's bundle was read from (the task
+    folder; the pretrain dir of a backbone; the mimic dir of banks): ``stages.registry reproduce``
+    rebuilds the same bundles from there."""
+    out = {}
+    for role, key in spec.get("inputs", {}).items():
+        b = store.bundles[key]
+        first = {"task": "manifest.json", "backbone": "meta.json", "banks": "recast.json"}.get(b.kind)
+        if first is None:
+            continue
+        folder = b.files[first].parent.resolve()
+        folder = folder.parent if b.kind == "banks" else folder  # <mimic_dir>/<arch>/recast.json
+        out[role] = str(folder)
+    return out
+
+
+def job_tasks(spec: dict, sources: dict[str, str]) -> list[TaskData]:
+    """The prepared tasks a job reads: its task, or every task of a sequential baseline."""
+    if "task_order" in spec:
+        return [TaskData.of(t, resolve(sources[f"task/{t}"])) for t in spec["task_order"]]
+    return [TaskData.of(spec["task"], resolve(sources["task"]))]
+
+
+def backbone_sha(sources: dict[str, str], arch: str) -> str:
+    """The sha256 of the backbone state a job read (from its pretrain sidecar)."""
+    return str(pretrained_meta(resolve(sources["backbone"]), arch).get("sha256", "")) if "backbone" in sources else ""
 
 
 def payload_sidecar(spec: dict, meta: dict) -> dict[str, Any]:
@@ -37,30 +73,68 @@ class Publisher:
     """Collects the rows of a stage and publishes each finished job (``run_jobs``'s ``on_result``).
 
     A payload file is a hard link to the job's cache entry (``stages.fanout.store_tensors``), and
-    it is logged to MLflow once: a cached job's child run points at the first run's artifacts."""
+    it is logged to MLflow once: a cached job's child run points at the first run's artifacts.
 
-    def __init__(self, tracker: Tracker, out_dir: Path, stage: str, rt: RuntimeParams):
+    Each child run gets its tasks as dataset inputs, its job spec and input folders as the
+    artifact ``job/spec.json`` (``stages.registry reproduce`` re-runs it) and its curves; with
+    ``lineage`` also the stage's lineage tags. Each row gets the lineage columns, the run id and
+    the data/backbone/bank digests. ``store``: the ``InputStore`` the specs' inputs were added to.
+    """
+
+    def __init__(self, tracker: Tracker, out_dir: Path, stage: str, rt: RuntimeParams, store: InputStore,
+                 lineage: StageLineage | None = None):
         self.tracker, self.out_dir, self.stage, self.rt, self.rows = tracker, out_dir, stage, rt, []
+        self.store, self.lineage = store, lineage
+        self.histories: dict[str, list[dict]] = {}
 
     def __call__(self, spec: dict, result: tuple[dict, dict[str, torch.Tensor]], cached: bool) -> None:
         meta, tensors = result
+        history, nondeterministic = meta.get("_history", []), meta.get("_nondeterministic", [])
         meta = {k: v for k, v in meta.items() if not k.startswith("_")}
-        self.rows.append(meta)
         artifacts = []
+        payload_sha = ""
         if tensors:
-            side = {**payload_sidecar(spec, meta), "payload_sha256": tensors_sha256(tensors)}
+            payload_sha = tensors_sha256(tensors)
+            side = {**payload_sidecar(spec, meta), "payload_sha256": payload_sha}
             st = store_tensors(self.rt, self.stage, spec, tensors, side, payload_path(self.out_dir, spec))
             artifacts = [st, st.with_suffix(".json")]
         params = {k: spec[k] for k in ("arch", "method_name", "seed") if k in spec}
         params.update({"task": spec.get("task", "sequential"), "method": spec.get("method", spec.get("options"))})
         metrics = {k: v for k, v in meta.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        rid = self.tracker.child(spec["id"], params, metrics, artifacts, tags={"cached": str(cached)},
+        sources = input_sources(spec, self.store)
+        tasks = job_tasks(spec, sources)
+        bb_sha = backbone_sha(sources, spec["arch"])
+        tags = {"cached": str(cached), **determinism_tags({"_nondeterministic": nondeterministic})}
+        if self.lineage is not None:
+            tags.update(self.lineage.tags())
+        tags.update({"backbone_sha256": bb_sha, "bank_sha256": str(spec.get("bank_sha", ""))})
+        rid = self.tracker.child(spec["id"], params, metrics, artifacts, tags=tags,
                                  key=spec_key(spec), logged_at=job_file(self.rt, self.stage, spec, ".mlflow.json"))
+        if rid is not None:  # None: the store is unreachable (the Tracker is offline)
+            log_datasets(self.tracker, rid, tasks)
+            log_json(self.tracker, rid, {"spec": spec, "sources": sources, "torch_threads": meta.get("torch_threads")},
+                     JOB_SPEC_ARTIFACT)
+            if history:
+                log_history(self.tracker, rid, history, "epoch", "epoch")
+            if meta.get("sequential") and meta.get("acc_matrix"):
+                log_history(self.tracker, rid, acc_matrix_history(meta["task_names"], meta["acc_matrix"]),
+                            "task_index", "acc_matrix")
+        if history:
+            self.histories[spec["id"]] = history
+        lineage = {"run_id": rid or "", **(self.lineage.columns() if self.lineage is not None else {}),
+                   "backbone_sha256": bb_sha, "bank_sha256": str(spec.get("bank_sha", "")),
+                   "data_sha256": ",".join(t.sha256 for t in tasks), "payload_sha256": payload_sha}
+        self.rows.append({**meta, **lineage})
         if tensors and rid is not None:
-            tags = {"test_acc": f"{meta['test_acc']:.6f}", "bank_sha256": str(spec.get("bank_sha")),
-                    "seed": str(spec["seed"]), "bytes": str(meta["bytes"])}
-            self.tracker.guard(lambda: register_payload(rid, spec["arch"], spec["task"], spec["method_name"], tags,
-                                                        accuracy=meta["test_acc"]), f"registration of {spec['id']}")
+            version_tags = {"test_acc": f"{meta['test_acc']:.6f}", "seed": str(spec["seed"]), "bytes": str(meta["bytes"]),
+                            "run_id": rid, "git.commit": lineage.get("git_commit", ""),
+                            "git.dirty": lineage.get("git_dirty", ""), "data.task": spec["task"],
+                            "data.sha256": lineage["data_sha256"], "backbone_sha256": lineage["backbone_sha256"],
+                            "bank_sha256": str(spec.get("bank_sha")), "payload_sha256": payload_sha,
+                            "params_sha256": lineage.get("params_sha256", ""), "deps_sha256": lineage.get("deps_sha256", "")}
+            self.tracker.guard(lambda: register_payload(rid, spec["arch"], spec["task"], spec["method_name"],
+                                                        version_tags, accuracy=meta["test_acc"]),
+                               f"registration of {spec['id']}")
 
     def sorted_rows(self, task_order: list[str]) -> list[dict]:
         """Rows by arch, method, task (in the configured order), seed."""
@@ -91,7 +165,7 @@ def summarise(results: list[dict]) -> dict[str, Any]:
         if r.get("sequential"):
             key = f"{r['arch']}/{r['method']}"
             if key in groups:  # e.g. RECAST, which also runs per task: its protocol row gets its own name
-                key += " (sequential)"
+                key += SEQUENTIAL_SUFFIX
             out[key] = {k: r[k] for k in ("avg_forgetting", "forgetting", "acc_matrix", "task_names") if k in r}
             out[key].update(avg_test_acc=r["avg_acc"], test_acc=dict(zip(r["task_names"], r["final_acc"])),
                             trainable_params=statistics.mean(r["trainable_params"]),

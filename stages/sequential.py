@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
+
 from recast.baselines import TaskSpec, TrainConfig, make_method, run_sequential
-from stages.common import resolve, seed_everything
+from stages.common import record_nondeterminism, resolve, seed_everything
 from stages.inputs import InputStore, JobInputs, backbone_bundle, banks_bundle, task_bundle
 from stages.params import TrainParams, TuneParams
 from stages.specs import common_fields, task_names
@@ -60,5 +62,7 @@ def continual_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
         cfg = TrainConfig(epochs=spec["epochs"], lr=spec["lr"], seed=spec["seed"], device=spec["device"],
                           grad_clip=tr.grad_clip)
     method = make_method(spec["method_name"], backbone, spec.get("options") or None)
-    out = run_sequential(method, tasks, cfg, progress=False).to_json()
-    return {**out, "arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"], "sequential": True}, {}
+    with record_nondeterminism() as nondeterministic:
+        out = run_sequential(method, tasks, cfg, progress=False).to_json()
+    return {**out, "arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"], "sequential": True,
+            "torch_threads": torch.get_num_threads(), "_nondeterministic": nondeterministic}, {}

@@ -164,3 +164,13 @@ def test_sparser_best_state_checks_follow_the_same_trajectory(tiny_vit):
     assert losses[1] <= losses[7] <= losses[40] * (1 + 1e-6)
     with pytest.raises(ValueError, match="eval_every"):
         MimicryConfig(eval_every=0)
+
+
+def test_gradient_mimicry_records_its_loss_every_eval_every_steps(tiny_vit):
+    rc = recast.apply(tiny_vit, preset("recast_mlp", groups=3))
+    rep = recast.mimic(rc, MimicryConfig(method="gradient", steps=10, step_size=100, eval_every=4, progress=False))
+    assert [h["step"] for h in rep.loss_history] == [4, 8, 10]  # and the last step
+    assert rep.final_loss == pytest.approx(min(h["loss"] for h in rep.loss_history))
+    assert rep.as_dict()["loss_history"] == rep.loss_history
+    closed = recast.mimic(recast.apply(tiny_vit, preset("recast_mlp", groups=3)))
+    assert closed.loss_history == []

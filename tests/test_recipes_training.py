@@ -120,3 +120,12 @@ def test_fit_with_a_constant_learning_rate(backbone):
     res = fit(built.model, built.trainable, _batches(), _batches(seed=1),
               TuneConfig(epochs=2, lr=0.02, step_size=None, progress=False))
     assert len(res.history) == 2 and res.steps == 8
+
+
+def test_fit_history_has_one_row_per_epoch_with_the_lr_it_trained_with(backbone):
+    built = build_method(MethodSpec("recast"), backbone, "t", 3)
+    res = fit(built.model, built.trainable, _batches(), _batches(seed=1),
+              TuneConfig(epochs=3, lr=0.02, step_size=2, gamma=0.1, progress=False))
+    assert [h["epoch"] for h in res.history] == [0, 1, 2]
+    assert [h["lr"] for h in res.history] == pytest.approx([0.02, 0.02, 0.002])  # StepLR(2, 0.1)
+    assert all(h["train_loss"] > 0 and 0 <= h["val_acc"] <= 1 for h in res.history)

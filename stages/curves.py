@@ -1,0 +1,39 @@
+"""The parent run's picture of its jobs' learning curves (train loss, validation accuracy and
+learning rate per epoch), one line per job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PANELS = (("train_loss", "train loss"), ("val_acc", "validation accuracy"), ("lr", "learning rate"))
+
+
+def plot_curves(histories: dict[str, list[dict]], path: Path, title: str = "") -> Path:
+    """One column per metric in ``PANELS``, one line per job id; writes a PNG to ``path``."""
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5.0 * len(PANELS), 4.0), squeeze=False)
+    for ax, (key, label) in zip(axes[0], PANELS):
+        for job, rows in sorted(histories.items()):
+            points = [(r["epoch"], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points), marker=".", linewidth=1, label=job)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if key == "lr":
+            ax.set_yscale("log")
+    if 0 < len(histories) <= 12:
+        axes[0][-1].legend(fontsize=6)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,91 @@
+"""Results tables as pandas DataFrames, stored as Parquet (``outputs/<stage>/results.parquet``,
+one row per job).
+
+A column whose values are not all scalars (lists, dicts: e.g. a sequential baseline's
+accuracy matrix) is stored as JSON text, so every column has one Parquet type.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+SCALARS = (str, int, float, bool, type(None))
+
+
+def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per job; non-scalar columns become JSON text (sorted keys)."""
+    frame = pd.DataFrame.from_records(rows)
+    for col in frame.columns:
+        values = frame[col].tolist()
+        if not all(isinstance(v, SCALARS) or (isinstance(v, float) and v != v) for v in values):
+            frame[col] = [None if v is None or (isinstance(v, float) and v != v) else json.dumps(v, sort_keys=True)
+                          for v in values]
+    return frame
+
+
+def write_parquet(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write ``frame`` to ``path`` through a temp file + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def write_results(rows: list[dict[str, Any]], out_dir: str | os.PathLike) -> Path:
+    """``<out_dir>/results.parquet`` from the stage's rows."""
+    return write_parquet(results_frame(rows), Path(out_dir) / "results.parquet")
+
+
+def read_results(paths: list[Path]) -> pd.DataFrame:
+    """The rows of every existing results table, concatenated."""
+    frames = [pd.read_parquet(p) for p in paths if p.exists()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+SEQUENTIAL_SUFFIX = " (sequential)"  # as ``stages.results.summarise`` names such a protocol row
+
+
+def accuracies(results: pd.DataFrame) -> pd.DataFrame:
+    """Long table ``arch, method, task, seed, test_acc``: one row per per-task job, and one per
+    task of each sequential baseline (its final accuracy on that task). A sequential method that
+    also runs per task (RECAST) is named ``<method> (sequential)``, so the two never mix."""
+    cols = ["arch", "method", "task", "seed", "test_acc"]
+    if results.empty:
+        return pd.DataFrame(columns=cols)
+    sequential = results["sequential"].eq(True) if "sequential" in results else pd.Series(False, index=results.index)
+    parts = [results.loc[~sequential, cols]]
+    per_task = set(zip(results.loc[~sequential, "arch"], results.loc[~sequential, "method"]))
+    for _, r in results.loc[sequential].iterrows():
+        names, final = json.loads(r["task_names"]), json.loads(r["final_acc"])
+        method = r["method"] + SEQUENTIAL_SUFFIX if (r["arch"], r["method"]) in per_task else r["method"]
+        parts.append(pd.DataFrame({"arch": r["arch"], "method": method, "task": names, "seed": r["seed"],
+                                   "test_acc": final}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def task_stats(acc: pd.DataFrame) -> pd.DataFrame:
+    """Per arch, method and task: mean and (sample) std of the test accuracy over seeds, and the
+    number of seeds."""
+    return (acc.groupby(["arch", "method", "task"], sort=False)["test_acc"]
+            .agg(mean="mean", std="std", n_seeds="count").reset_index())
+
+
+def method_stats(acc: pd.DataFrame, paper: dict[tuple[str, str], float] | None = None) -> pd.DataFrame:
+    """Per arch and method: the accuracy averaged over tasks, its mean and std over seeds, the
+    number of seeds; with ``paper`` ({(arch, method): percent}), the paper's number and ours minus
+    it (percentage points)."""
+    per_seed = acc.groupby(["arch", "method", "seed"], sort=False)["test_acc"].mean().reset_index()
+    out = (per_seed.groupby(["arch", "method"], sort=False)["test_acc"]
+           .agg(mean="mean", std="std", n_seeds="count").reset_index())
+    if paper is not None:
+        out["paper"] = [paper.get((a, m)) for a, m in zip(out["arch"], out["method"])]
+        out["paper"] = out["paper"].astype("float64")
+        out["diff"] = 100 * out["mean"] - out["paper"]
+    return out
