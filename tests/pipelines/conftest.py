@@ -45,9 +45,10 @@ def tiny_stage_params() -> dict:
     params["pretrain"].update(limit=512, epochs=1)
     params["pretrain"]["archs"] = {"vit": {**params["pretrain"]["archs"]["vit"], "epochs": 1}}
     params["mimic"].update(eval_limit=64)
-    params["mimic"]["archs"] = {"vit": params["mimic"]["archs"]["vit"]}
+    params["mimic"]["archs"] = {"vit": {**params["mimic"]["archs"]["vit"], "ablations": {}}}  # sweeps use the main banks
     # later stages are not run, but every section is validated against the archs above
     params["tune"]["archs"] = ["vit"]
+    params["tune"]["continual"]["methods"] = {"vit": params["tune"]["continual"]["methods"]["vit"]}
     params["combine"]["methods"] = {k: m for k, m in params["combine"]["methods"].items() if m.get("archs") == ["vit"]}
     params["evaluate"]["forgetting_archs"] = ["vit"]
     return params
