@@ -66,7 +66,7 @@ def params_for(stage_root: Path, tmp: Path) -> dict:
                           continual={"methods": {"vit": ["ewc"]}, "epochs": 1})
     params["combine"]["methods"] = {"adaptformer_recast": params["combine"]["methods"]["adaptformer_recast"]}
     params["pretrain"]["archs"] = {"vit": params["pretrain"]["archs"]["vit"]}
-    params["mimic"]["archs"] = {"vit": params["mimic"]["archs"]["vit"]}
+    params["mimic"]["archs"] = {"vit": {**params["mimic"]["archs"]["vit"], "ablations": {}}}
     params["evaluate"]["forgetting_archs"] = ["vit"]
     return params
 

@@ -46,7 +46,7 @@ def tiny_params() -> dict:
     params["pretrain"].update(limit=256, epochs=1)
     params["pretrain"]["archs"] = {"vit": {**params["pretrain"]["archs"]["vit"], "epochs": 2}}
     params["mimic"].update(eval_limit=64)
-    params["mimic"]["archs"] = {"vit": params["mimic"]["archs"]["vit"]}
+    params["mimic"]["archs"] = {"vit": {**params["mimic"]["archs"]["vit"], "ablations": {}}}
     params["tune"].update(archs=["vit"], seeds=SEEDS)
     params["tune"]["train"].update(epochs=EPOCHS, step_size=1, limit_train=64, limit_eval=64, batch_size=32)
     params["tune"]["methods"] = {"head_only": {"kind": "head_only"}, "recast": {"kind": "recast"}}
