@@ -183,6 +183,11 @@ def markdown(summary: dict[str, dict], tasks: pd.DataFrame, methods: pd.DataFram
                          f"{_cell(m.get('acc_reconstructed'), 100)} | {_cell(m.get('top1_agreement'), 100)} | "
                          f"{_cell(m.get('penultimate_cosine'), digits=6)} | "
                          f"{m.get('templates', '')} | {m.get('coefficients_per_task', '')} | {m.get('seconds', 0):.2f} |")
+            for key, ab in sorted(m.items()):  # other reconstructions, never tuned (gradient, VAE ablation)
+                if key.startswith("ablation.") and isinstance(ab, dict):
+                    lines.append(f"| {arch} ({key[len('ablation.'):]}) | {_cell(ab.get('min_weight_cosine'), digits=6)} | "
+                                 f"{_cell(ab.get('min_feature_cosine'), digits=6)} | - | "
+                                 f"{_cell(ab.get('acc_reconstructed'), 100)} | - | - | | | {ab.get('seconds', 0):.2f} |")
         lines.append("")
     archs = sorted({k.split("/")[0] for k in summary})
     paper = "paper" in methods.columns

@@ -53,6 +53,8 @@ def test_clean_run_produces_sane_metrics(pipeline):
         assert mimic[arch]["acc_reconstructed"] == pytest.approx(mimic[arch]["acc_original"], abs=0.002)
     md = (root / "reports" / "report.md").read_text()
     assert "| recast |" in md and "re-evaluated after each new task" in md
+    for arch, name in (("vit", "gradient"), ("vit", "vae"), ("resnet", "gradient")):  # ablations beside the closed form
+        assert f"| {arch} ({name}) |" in md, name
     assert (root / "reports" / "params_vs_acc.png").stat().st_size > 10_000
     payloads = list((root / "outputs" / "tune" / "payloads" / "vit" / "recast").glob("*.safetensors"))
     assert len(payloads) == 5
