@@ -114,13 +114,13 @@ def test_paper_path_task_order_counts_and_bytes(paper_run):
     for arch in ("vit", "resnet"):
         header = lines[lines.index(f"## {arch}: task-wise test accuracy (%)") + 2]
         assert header.split(" | ")[1:7] == PAPER_ORDER, header
-        assert f"## {arch}: RECAST tasks re-evaluated" in md
+        assert f"## {arch}: RECAST trained task after task on one model" in md and f"## {arch}: loading check" in md
     assert "nan" not in md
-    evaluate_rows = [json.loads(p.read_text()) for p in (root / "outputs/.jobcache/forgetting").glob("*.json")]
+    evaluate_rows = [json.loads(p.read_text())["meta"] for p in (root / "outputs/.jobcache/reload").glob("*.json")]
     assert sorted(r["tasks"] == PAPER_ORDER for r in evaluate_rows) == [True, True]
     rows = json.loads((root / "outputs/tune/results.json").read_text())
     seq = [r for r in rows if r.get("sequential")]
-    assert {r["method"] for r in seq} == {"l2p", "inflora", "ewc", "lwf", "gdumb", "er_ace", "derpp", "hat"}
+    assert {r["method"] for r in seq} == {"l2p", "inflora", "ewc", "lwf", "gdumb", "er_ace", "derpp", "hat", "recast"}
     assert all(r["task_names"] == PAPER_ORDER for r in seq)
 
     # every method of configs/paper.yaml ran on every task
