@@ -112,7 +112,8 @@ def test_paper_path_task_order_counts_and_bytes(paper_run):
     md = (root / "reports/report.md").read_text()
     lines = md.splitlines()
     for arch in ("vit", "resnet"):
-        header = lines[lines.index(f"## {arch}: task-wise test accuracy (%)") + 2]
+        start = next(i for i, line in enumerate(lines) if line.startswith(f"## {arch}: task-wise test accuracy (%)"))
+        header = lines[start + 2]
         assert header.split(" | ")[1:7] == PAPER_ORDER, header
         assert f"## {arch}: RECAST trained task after task on one model" in md and f"## {arch}: loading check" in md
     assert "nan" not in md
