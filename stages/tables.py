@@ -49,13 +49,13 @@ def read_results(paths: list[Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-SEQUENTIAL_SUFFIX = " (sequential)"  # as ``stages.results.summarise`` names such a protocol row
+SEQUENTIAL_SUFFIX = "_sequential"  # a valid MLflow metric name part; as ``stages.results.summarise`` names such a protocol row
 
 
 def accuracies(results: pd.DataFrame) -> pd.DataFrame:
     """Long table ``arch, method, task, seed, test_acc``: one row per per-task job, and one per
     task of each sequential baseline (its final accuracy on that task). A sequential method that
-    also runs per task (RECAST) is named ``<method> (sequential)``, so the two never mix."""
+    also runs per task (RECAST) is named ``<method>_sequential``, so the two never mix."""
     cols = ["arch", "method", "task", "seed", "test_acc"]
     if results.empty:
         return pd.DataFrame(columns=cols)

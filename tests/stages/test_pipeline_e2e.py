@@ -44,7 +44,7 @@ def test_clean_run_produces_sane_metrics(pipeline):
     gain = [report[f"{a}/recast"]["avg_test_acc"] - report[f"{a}/head_only"]["avg_test_acc"] for a in ("vit", "resnet")]
     assert sum(gain) / 2 > 0, gain
     assert report["vit/recast"]["avg_forgetting"] == 0.0 and report["resnet/recast"]["avg_forgetting"] == 0.0
-    seq = json.loads((root / "metrics" / "tune.json").read_text())["vit/recast (sequential)"]["acc_matrix"]
+    seq = json.loads((root / "metrics" / "tune.json").read_text())["vit/recast_sequential"]["acc_matrix"]
     assert all(seq[i][j] == seq[j][j] for j in range(5) for i in range(j, 5))  # trained in sequence, nothing moved
     assert report["vit/recast"]["trainable_params"] < report["vit/lora_tiny"]["trainable_params"]
     mimic = json.loads((root / "metrics" / "mimic.json").read_text())

@@ -19,11 +19,11 @@ def test_sequential_recast_does_not_mix_with_per_task_recast():
     frame = results_frame(rows)
     frame = pd.read_parquet(_roundtrip(frame))  # as evaluate reads it: list columns are JSON text
     acc = accuracies(frame)
-    assert sorted(acc["method"].unique()) == ["lwf", "recast", "recast (sequential)"]
+    assert sorted(acc["method"].unique()) == ["lwf", "recast", "recast_sequential"]
     stats = task_stats(acc).set_index(["method", "task"])
     assert stats.loc[("recast", "a"), "n_seeds"] == 2 and abs(stats.loc[("recast", "a"), "mean"] - 0.8) < 1e-12
-    assert stats.loc[("recast (sequential)", "b"), "n_seeds"] == 1
-    assert abs(stats.loc[("recast (sequential)", "b"), "mean"] - 0.4) < 1e-12
+    assert stats.loc[("recast_sequential", "b"), "n_seeds"] == 1
+    assert abs(stats.loc[("recast_sequential", "b"), "mean"] - 0.4) < 1e-12
     methods = method_stats(acc).set_index("method")
     assert abs(methods.loc["recast", "mean"] - 0.75) < 1e-12 and methods.loc["recast", "n_seeds"] == 2
     assert abs(methods.loc["lwf", "mean"] - 0.25) < 1e-12
