@@ -47,7 +47,7 @@ def job_tasks(spec: dict, sources: dict[str, str]) -> list[TaskData]:
     """The prepared tasks a job reads: its task, or every task of a sequential baseline."""
     if "task_order" in spec:
         return [TaskData.of(t, resolve(sources[f"task/{t}"])) for t in spec["task_order"]]
-    return [TaskData.of(spec["task"], resolve(sources["task"]))]
+    return [TaskData.of(spec["task"], resolve(sources["task"]))] if "task" in sources else []
 
 
 def backbone_sha(sources: dict[str, str], arch: str) -> str:

@@ -16,12 +16,13 @@ import torch
 
 from stages.cli import entry
 from stages.fanout import run_jobs, stage_lock
+from stages.inputs import InputStore
 from stages.params import RuntimeParams
 from stages.results import Publisher
 from stages.tracking import Tracker
 
 
-def fake_job(spec: dict) -> tuple[dict, dict]:
+def fake_job(spec: dict, inputs) -> tuple[dict, dict]:
     """Sleep, then return a tune job's metrics and a 3-number payload."""
     Path(spec["marks"], f"{spec['task']}.{os.getpid()}.{time.time_ns()}").touch()
     time.sleep(spec["sleep"])
@@ -43,13 +44,14 @@ def main() -> None:
               "index": i, "sleep": sleep, "marks": str(root / "marks"), "bank_sha": "b"} for i in range(n)]
     cached_flags: dict[str, bool] = {}
     with stage_lock("fake", rt), Tracker("fake", rt.experiment, {"n": n}) as tracker:
-        publish = Publisher(tracker, root / "out")
+        store = InputStore()
+        publish = Publisher(tracker, root / "out", "fake", rt, store)
 
         def on_result(spec: dict, result, cached: bool) -> None:
             cached_flags[spec["id"]] = cached
             publish(spec, result, cached)
 
-        run_jobs("fake", fake_job, specs, rt, on_result)
+        run_jobs("fake", fake_job, specs, rt, on_result, inputs=store)
         tracker.finish({"jobs": float(n)})
     print(json.dumps({"cached": cached_flags}))
 
