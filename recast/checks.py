@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -17,3 +18,16 @@ def check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
     if not ok or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be a number {bound}, got {value!r}")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training met a NaN or infinite loss; the job stops and nothing of it is kept.
+
+    Built from one message, so it survives pickling (a Ray task's error reaches the driver)."""
+
+
+def check_finite_loss(loss: float, where: str, epoch: int, step: int) -> None:
+    """Raise NonFiniteLossError unless the loss value is finite."""
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(f"{where}: the training loss is {loss} at epoch {epoch}, step {step}; "
+                                 "nothing is kept. Lower the learning rate or check the inputs")

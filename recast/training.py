@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from recast.checks import check_int, check_positive
+from recast.checks import check_finite_loss, check_int, check_positive
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -201,13 +201,15 @@ def fit(
             t0 = time.perf_counter()
             x, y = x.to(cfg.device), y.to(cfg.device)
             loss = loss_fn(model(x), y)
+            value = float(loss.detach())
+            check_finite_loss(value, desc, epoch, steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             step_time += time.perf_counter() - t0
-            total_loss += float(loss.detach())
+            total_loss += value
             batches += 1
             steps += 1
         lr = float(opt.param_groups[0]["lr"])  # the rate this epoch trained with

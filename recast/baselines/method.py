@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from recast.baselines.common import MultiHeadNet, TaskSpec, prefixed
+from recast.checks import check_finite_loss
 from recast.training import TuneConfig, make_optimizer, make_scheduler, module_device, train_mode
 
 
@@ -147,6 +148,7 @@ def train_epochs(method: ContinualMethod, batches: Iterable[Any], loss_fn: Calla
         for index, batch in enumerate(batches):
             method.batch_index = index
             loss = loss_fn(move(batch, device))
+            check_finite_loss(float(loss.detach()), desc, epoch, index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             method.before_step()
