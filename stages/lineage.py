@@ -49,6 +49,9 @@ def git_state(root: Path | None = None) -> dict[str, str]:
     return {"commit": head.stdout.strip(), "dirty": str(bool(status.stdout.strip())).lower()}
 
 
+ABSENT = "absent"  # the lineage value of a dvc.yaml dep that does not exist in this work tree
+
+
 def dvc_hash(path: Path, root: Path | None = None) -> str:
     """The hash ``dvc.lock`` records for ``path``: its md5, or ``<md5>.dir`` for a folder."""
     root = root or resolve(".")
@@ -135,7 +138,9 @@ def stage_lineage(stage: str, root: Path | None = None, params_path: Path | None
     """Compute the lineage of ``stage`` now, from the work tree (call it before writing outputs)."""
     root = root or resolve(".")
     decl = stage_declaration(stage, root)
-    deps = {str(d): dvc_hash(root / str(d), root) for d in decl.get("deps", [])}
+    # a side run (``--params other.yaml``) may read its inputs from elsewhere: a dvc.yaml dep that
+    # is absent is recorded as such; each job's own input digests are tagged on its run anyway
+    deps = {str(d): dvc_hash(root / str(d), root) if (root / str(d)).exists() else ABSENT for d in decl.get("deps", [])}
     path = params_path or params_file(root)
     path = path if path.is_absolute() else root / path
     git = git_state(root)

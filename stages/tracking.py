@@ -74,18 +74,28 @@ def _lock_path(uri: str) -> Path | None:
     return None
 
 
+_HELD = threading.local()  # the store locks this thread holds: a nested ``retry`` must not wait on itself
+
+
 @contextlib.contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
+    """An advisory lock on the sqlite store, across processes and threads; re-entrant per thread
+    (two ``flock`` calls on separate descriptors of one file block each other, even in one thread)."""
     path = _lock_path(uri)
-    if path is None:
+    held = getattr(_HELD, "paths", None)
+    if held is None:
+        held = _HELD.paths = set()
+    if path is None or path in held:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
+        held.add(path)
         try:
             yield
         finally:
+            held.discard(path)
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
