@@ -88,24 +88,29 @@ def load_backbone(arch: str, pretrain_dir: Path, mimic_dir: Path | None = None) 
     meta = pretrained_meta(pretrain_dir, arch)
     state = load_verified(pretrain_dir / f"{arch}.safetensors", meta.get("sha256"))
     if mimic_dir is None:
-        return backbone_from(meta, state)
+        return backbone_from(meta, state, verified=True)
     rdir = mimic_dir / arch
     rmeta = read_sidecar(rdir / "recast.json")
     return backbone_from(meta, state, rmeta, load_verified(rdir / "banks.safetensors", rmeta.get("bank_sha256")),
-                         load_verified(rdir / "base.safetensors", read_sidecar(rdir / "base.json").get("sha256")))
+                         load_verified(rdir / "base.safetensors", read_sidecar(rdir / "base.json").get("sha256")),
+                         verified=True)
 
 
 def backbone_from(meta: dict[str, Any], state: dict[str, torch.Tensor], recast_meta: dict[str, Any] | None = None,
-                  banks: dict[str, torch.Tensor] | None = None, base: dict[str, torch.Tensor] | None = None) -> Backbone:
+                  banks: dict[str, torch.Tensor] | None = None, base: dict[str, torch.Tensor] | None = None,
+                  verified: bool = False) -> Backbone:
     """A Backbone from in-memory stage outputs: the pretrained ``<arch>.json`` metadata and state
     dict, and for the RECAST form ``recast.json`` with the banks and base coefficients. The
-    tensors are checked against the sha256 their metadata records (``IntegrityError``)."""
-    check_digest("pretrained weights", tensors_sha256(state), meta.get("sha256"))
+    tensors are checked against the sha256 their metadata records (``IntegrityError``), unless
+    the caller already did (``verified``: ``load_backbone`` checks each file as it reads it)."""
+    if not verified:
+        check_digest("pretrained weights", tensors_sha256(state), meta.get("sha256"))
     bb = Backbone(meta["model"], dict(meta["kwargs"]), state, num_classes=meta.get("num_classes"))
     if recast_meta is not None:
         if banks is None or base is None:
             raise ValueError("backbone_from: recast_meta needs both banks and base")
-        check_digest("banks", tensors_sha256(banks), recast_meta.get("bank_sha256"))
+        if not verified:
+            check_digest("banks", tensors_sha256(banks), recast_meta.get("bank_sha256"))
         bb.recast_config = RecastConfig(**recast_meta["config"])
         bb.apply_seed = recast_meta.get("apply_seed", 0)
         bb.banks, bb.base = banks, base

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import random
@@ -172,12 +171,6 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         json.dump(obj, fh, indent=2, sort_keys=True)
         fh.write("\n")
     os.replace(tmp, path)
-
-
-def manifest_sha(task_dir: Path) -> str:
-    """Short sha256 of a prepared task's manifest (which holds its files' digests); "" if absent."""
-    path = task_dir / "manifest.json"
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else ""
 
 
 def resolve(path: str | os.PathLike) -> Path:
