@@ -30,10 +30,17 @@ def plot_curves(histories: dict[str, list[dict]], path: Path, title: str = "") -
         axes[0][-1].legend(fontsize=6)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    return save_figure(fig, path, dpi=100)
+
+
+def save_figure(fig: plt.Figure, path: Path, dpi: int) -> Path:
+    """Lay out, write atomically (a reader never sees half a PNG) and close ``fig``."""
+    try:
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + ".tmp.png")
+        fig.savefig(tmp, dpi=dpi)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
     return path

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +28,47 @@ import pandas as pd
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import tempfile  # noqa: E402
-
 from recast.io import load_payload  # noqa: E402
 from recast.paper_results import PAPER_AVG_ACC  # noqa: E402
 from recast.training import evaluate  # noqa: E402
 from stages.backbones import bank_meta, load_verified, read_sidecar  # noqa: E402
 from stages.cli import entry, stage_params  # noqa: E402
-from stages.common import IntegrityError, metrics_path, resolve, validate_section, write_json_atomic  # noqa: E402
+from stages.common import (  # noqa: E402
+    IntegrityError,
+    metrics_path,
+    resolve,
+    validate_section,
+    write_json_atomic,
+)
+from stages.curves import save_figure  # noqa: E402
 from stages.fanout import run_jobs  # noqa: E402
-from stages.inputs import InputStore, JobInputs, backbone_bundle, banks_bundle, file_bundle, task_bundle  # noqa: E402
+from stages.inputs import (  # noqa: E402
+    InputStore,
+    JobInputs,
+    backbone_bundle,
+    banks_bundle,
+    file_bundle,
+    task_bundle,
+)
 from stages.lineage import TaskData, stage_lineage  # noqa: E402
-from stages.params import CombineParams, EvaluateParams, MimicParams, PrepareParams, RuntimeParams, TuneParams  # noqa: E402
+from stages.params import (  # noqa: E402
+    CombineParams,
+    EvaluateParams,
+    MimicParams,
+    PrepareParams,
+    RuntimeParams,
+    TuneParams,
+)
+from stages.runlog import log_datasets  # noqa: E402
 from stages.runtime import job_device  # noqa: E402
 from stages.specs import task_names  # noqa: E402
-from stages.runlog import log_datasets  # noqa: E402
-from stages.tables import accuracies, method_stats, read_results, task_stats, write_parquet  # noqa: E402
+from stages.tables import (  # noqa: E402
+    accuracies,
+    method_stats,
+    read_results,
+    task_stats,
+    write_parquet,
+)
 from stages.tracking import Tracker  # noqa: E402
 
 
@@ -142,12 +168,7 @@ def plot_params_vs_acc(summary: dict[str, dict], path: Path) -> None:
         ax.set_ylabel("average test accuracy (%)")
         ax.set_title(arch)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=110)
 
 
 def _pm(mean: float, std: float) -> str:
