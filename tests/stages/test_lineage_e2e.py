@@ -1,5 +1,6 @@
-"""Issue 10 end to end, on a tiny configuration (ViT only, two tasks, two seeds, short training):
-a fresh `dvc repro` in a committed copy of the repo, then
+"""Issue 10 end to end, on the shared run of ``conftest.pipeline_run`` (the default pipeline's
+structure, two tasks, two seeds, short training): a fresh `dvc repro` in a committed copy of the
+repo, then
 
 - every MLflow run (parent and child) carries the lineage tags, equal to what dvc.lock records
   for its stage, and its tasks as dataset inputs;
@@ -16,22 +17,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 from dvc.utils.serialize import load_yaml
+from e2e_sizes import EPOCHS, EXPERIMENT, SEEDS, TASKS
 
-REPO = Path(__file__).resolve().parents[2]
-TASKS = ["mnist_lo5", "uci_digits"]
-SEEDS = [42, 7]
-EPOCHS = 2
 TIMING = ("seconds", "rss", "peak", "host", "ray_node", "run_id")  # wall clock, memory, where, MLflow ids
+PER_TASK_METHODS = 3 + 2  # vit: head_only, recast, lora_tiny; resnet: head_only, recast
+SEQUENTIAL_METHODS = 4 + 1  # vit: ewc, lwf, inflora, recast; resnet: recast
+COMBINE_METHODS = 2 + 2  # vit: adaptformer(_recast); resnet: clr(_recast)
+N_TUNE = PER_TASK_METHODS * len(TASKS) * len(SEEDS)
+N_COMBINE = COMBINE_METHODS * len(TASKS) * len(SEEDS)
+N_SEQUENTIAL = SEQUENTIAL_METHODS * len(SEEDS)
 
 
 def _timing(name: str) -> bool:
@@ -39,42 +40,9 @@ def _timing(name: str) -> bool:
     return name.endswith("_s") or any(s in name for s in TIMING)
 
 
-def tiny_params() -> dict:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["runtime"].update(num_cpus=2, progress=False, experiment="lineage")
-    params["prepare"]["tasks"] = TASKS
-    params["pretrain"].update(limit=256, epochs=1)
-    params["pretrain"]["archs"] = {"vit": {**params["pretrain"]["archs"]["vit"], "epochs": 2}}
-    params["mimic"].update(eval_limit=64)
-    params["mimic"]["archs"] = {"vit": {**params["mimic"]["archs"]["vit"], "ablations": {}}}
-    params["tune"].update(archs=["vit"], seeds=SEEDS)
-    params["tune"]["train"].update(epochs=EPOCHS, step_size=1, limit_train=64, limit_eval=64, batch_size=32)
-    params["tune"]["methods"] = {"head_only": {"kind": "head_only"}, "recast": {"kind": "recast"}}
-    params["tune"]["continual"] = {"methods": {"vit": ["lwf"]}, "epochs": 1, "lr": 0.001}
-    params["combine"]["methods"] = {"adaptformer_recast": params["combine"]["methods"]["adaptformer_recast"]}
-    params["evaluate"]["forgetting_archs"] = ["vit"]
-    return params
-
-
-def _env(root: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RECAST_PARAMS")}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    env.update(TQDM_DISABLE="1", RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true")
-    return env
-
-
 @pytest.fixture(scope="module")
-def repro(tmp_path_factory, source_tree):
-    root = source_tree(tmp_path_factory.mktemp("lineage"))
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
-    subprocess.run([*git, "add", "-A"], cwd=root, check=True)
-    subprocess.run([*git, "commit", "-qm", "tiny"], cwd=root, check=True)
-    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=root, env=_env(root),
-                          capture_output=True, text=True, timeout=3000)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-    return root, commit
+def repro(pipeline_run):
+    return pipeline_run.root, pipeline_run.commit
 
 
 @pytest.fixture
@@ -87,7 +55,7 @@ def client(repro, monkeypatch):
 
 
 def _runs(client):
-    exp = client.get_experiment_by_name("lineage")
+    exp = client.get_experiment_by_name(EXPERIMENT)
     return client.search_runs([exp.experiment_id], max_results=1000)
 
 
@@ -116,11 +84,10 @@ def test_every_run_has_the_lineage_dvc_lock_records(repro, client):
     data = root / "data" / "prepared" / "offline"
     sha = {t: hashlib.sha256((data / t / "manifest.json").read_bytes()).hexdigest() for t in [*TASKS, "source"]}
     jobs = [r for r in runs if r.data.tags.get("dvc.stage") in ("tune", "combine") and "job" in r.data.tags]
-    assert len(jobs) == 2 * 2 * 2 + 2 + 2 * 2  # tune: 2 methods x 2 tasks x 2 seeds + lwf x 2 seeds; combine: 1 x 2 x 2
+    assert len(jobs) == N_TUNE + N_SEQUENTIAL + N_COMBINE
     for r in jobs:
         inputs = {d.dataset.name: d.dataset for d in r.inputs.dataset_inputs}
-        expected = TASKS if r.data.tags["job"].endswith(("/sequential/s42", "/sequential/s7")) else \
-            [r.data.params["task"]]
+        expected = TASKS if "/sequential/" in r.data.tags["job"] else [r.data.params["task"]]
         assert sorted(inputs) == sorted(expected), r.info.run_name
         for name, ds in inputs.items():
             assert json.loads(ds.profile)["manifest_sha256"] == sha[name] and sha[name].startswith(ds.digest)
@@ -135,7 +102,7 @@ def test_every_tuning_job_has_per_epoch_curves(repro, client):
     runs = _runs(client)
     per_task = [r for r in runs if r.data.tags.get("dvc.stage") in ("tune", "combine") and "job" in r.data.tags
                 and "/sequential/" not in r.data.tags["job"]]
-    assert len(per_task) == 12
+    assert len(per_task) == N_TUNE + N_COMBINE
     for r in per_task:
         for key in ("epoch/train_loss", "epoch/val_acc", "epoch/lr"):
             hist = sorted(client.get_metric_history(r.info.run_id, key), key=lambda m: m.step)
@@ -145,7 +112,7 @@ def test_every_tuning_job_has_per_epoch_curves(repro, client):
         best = max(m.value for m in client.get_metric_history(r.info.run_id, "epoch/val_acc"))
         assert r.data.metrics["val_acc"] == pytest.approx(best)
     seq = [r for r in runs if "/sequential/" in r.data.tags.get("job", "")]
-    assert len(seq) == len(SEEDS)
+    assert len(seq) == N_SEQUENTIAL
     for r in seq:
         hist = client.get_metric_history(r.info.run_id, "acc_matrix/avg_seen")
         assert sorted(m.step for m in hist) == [0, 1]  # one step per task
@@ -159,7 +126,7 @@ def test_every_tuning_job_has_per_epoch_curves(repro, client):
 @pytest.mark.slow
 def test_results_tables_and_report(repro):
     root, commit = repro
-    for stage, n in (("pretrain", 1), ("mimic", 1), ("tune", 10), ("combine", 4)):
+    for stage, n in (("pretrain", 2), ("mimic", 2), ("tune", N_TUNE + N_SEQUENTIAL), ("combine", N_COMBINE)):
         df = pd.read_parquet(root / "outputs" / stage / "results.parquet")
         assert len(df) == n, stage
         assert (df["git_commit"] == commit).all() and df["run_id"].str.len().eq(32).all()
@@ -168,8 +135,9 @@ def test_results_tables_and_report(repro):
     per_task = tune[tune["sequential"].ne(True)]
     assert per_task["bank_sha256"].str.len().eq(64).all() and per_task["payload_sha256"].str.len().eq(64).all()
     tasks = pd.read_parquet(root / "reports" / "tasks.parquet")
-    row = tasks[(tasks["method"] == "recast") & (tasks["task"] == TASKS[0])].iloc[0]
-    accs = per_task[(per_task["method"] == "recast") & (per_task["task"] == TASKS[0])]["test_acc"]
+    row = tasks[(tasks["arch"] == "vit") & (tasks["method"] == "recast") & (tasks["task"] == TASKS[0])].iloc[0]
+    accs = per_task[(per_task["arch"] == "vit") & (per_task["method"] == "recast") & (per_task["task"] == TASKS[0])]
+    accs = accs["test_acc"]
     assert row["n_seeds"] == 2 and row["mean"] == pytest.approx(accs.mean()) and row["std"] == pytest.approx(accs.std())
     md = (root / "reports" / "report.md").read_text()
     assert f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f}" in md
@@ -226,19 +194,19 @@ def test_registered_payload_leads_back_and_reproduces_bytes(repro, client, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_tune_stage_from_scratch_is_bit_identical(repro, tmp_path):
+def test_tune_stage_from_scratch_is_bit_identical(repro, pipeline_run, tmp_path):
     root, _ = repro
     first = tmp_path / "first-tune"
     shutil.copytree(root / "outputs" / "tune", first)
     shutil.copy(root / "metrics" / "tune.json", first / "metrics.json")
     shutil.rmtree(root / "outputs" / ".jobcache" / "tune")
     shutil.rmtree(root / "outputs" / "tune")
-    proc = subprocess.run([sys.executable, "-m", "stages.tune"], cwd=root, env=_env(root), capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "stages.tune"], cwd=root, env=pipeline_run.env, capture_output=True,
                           text=True, timeout=800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     again = root / "outputs" / "tune"
     payloads = sorted(p.relative_to(first) for p in (first / "payloads").rglob("*.*"))
-    assert len(payloads) == 2 * 2 * 2 * 2  # safetensors + json per per-task job
+    assert len(payloads) == 2 * N_TUNE  # safetensors + json per per-task job
     for rel in payloads:
         assert (first / rel).read_bytes() == (again / rel).read_bytes(), rel
 
