@@ -48,6 +48,11 @@ def micro_params(root: Path, device: str) -> dict:
         a["kwargs"] = NARROW[arch]
     for a in p["mimic"]["archs"].values():
         a["mimicry"].update(steps=3, step_size=2)
+        for ablation in a.get("ablations", {}).values():  # the same rows, a few steps each
+            if "steps" in ablation:
+                ablation["steps"] = 3
+            if "step_size" in ablation:
+                ablation["step_size"] = 2
     p["mimic"].update(image_size=SIZE, feature_batch=4, eval_limit=8)
     p["tune"]["seeds"] = [42]
     p["tune"]["train"].update(epochs=1, step_size=1, batch_size=8, image_size=SIZE, limit_train=8, limit_eval=8)
