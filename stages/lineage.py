@@ -137,15 +137,18 @@ class StageLineage:
 def stage_lineage(stage: str, root: Path | None = None, params_path: Path | None = None) -> StageLineage:
     """Compute the lineage of ``stage`` now, from the work tree (call it before writing outputs)."""
     root = root or resolve(".")
-    decl = stage_declaration(stage, root)
+    # outside a DVC project (the stage called as a library function) there is nothing to declare
+    decl = stage_declaration(stage, root) if (root / "dvc.yaml").exists() else {}
     # a side run (``--params other.yaml``) may read its inputs from elsewhere: a dvc.yaml dep that
     # is absent is recorded as such; each job's own input digests are tagged on its run anyway
     deps = {str(d): dvc_hash(root / str(d), root) if (root / str(d)).exists() else ABSENT for d in decl.get("deps", [])}
     path = params_path or params_file(root)
     path = path if path.is_absolute() else root / path
     git = git_state(root)
-    return StageLineage(stage, git["commit"], git["dirty"], deps, _params_values(decl.get("params", []), read_params(path)),
-                        str(path.relative_to(root)) if path.is_relative_to(root) else str(path), file_md5(path))
+    values = _params_values(decl.get("params", []), read_params(path)) if path.exists() else {}
+    return StageLineage(stage, git["commit"], git["dirty"], deps, values,
+                        str(path.relative_to(root)) if path.is_relative_to(root) else str(path),
+                        file_md5(path) if path.exists() else "")
 
 
 def manifest_sha256(task_dir: str | Path) -> str:
