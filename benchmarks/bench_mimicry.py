@@ -25,40 +25,22 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import timm
 import torch
 
 import recast
+from benchmarks.environment import environment
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 VIT_TARGETS = ("mlp.fc1", "mlp.fc2", "attn.qkv", "attn.proj")
 WEIGHT_COS_TARGET = 0.9999
 FEATURE_COS_TARGET = 0.9999
 SECONDS_TARGET = 5.0
-
-
-def environment(device: str) -> dict:
-    """Date, machine load and library versions, recorded beside every result."""
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "load_avg_1_5_15": [round(v, 2) for v in load],
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "device": device if device == "cpu" else torch.cuda.get_device_name(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "recast": recast.__version__,
-    }
 
 
 def create_vit(name: str, image_size: int) -> torch.nn.Module:

@@ -29,7 +29,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import random
 import resource
 import statistics
@@ -37,7 +36,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import timm
@@ -46,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import recast
+from benchmarks.environment import environment
 from recast.training import train_mode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -60,23 +59,6 @@ INFERENCE_RATIO_TARGET = 1.05
 TRAIN_RATIO_TARGET = 1.2
 NUM_CLASSES = 100
 MODES = ("recast_ft", "full_ft")
-
-
-def environment(device: str) -> dict:
-    """Date, machine load and library versions, recorded beside every result."""
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "load_avg_1_5_15": [round(v, 2) for v in load],
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "device": device if device == "cpu" else torch.cuda.get_device_name(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "recast": recast.__version__,
-    }
 
 
 # ----------------------------------------------------------------------------- models
