@@ -107,7 +107,7 @@ def _phase(device: str, fn) -> dict[str, Any]:
     out = fn()
     if device == "cuda":
         torch.cuda.synchronize()
-    out.update(wall_s=time.perf_counter() - start, rss_start_mb=start_rss, **peak_memory(device))
+    out.update(wall_s=time.perf_counter() - start, rss_start_mb=start_rss, **peak_memory(device, start_rss))
     out["rss_delta_mb"] = max(0.0, out["peak_rss_mb"] - start_rss)  # the peak may be the start itself
     return out
 

@@ -180,4 +180,4 @@ def run_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -> dict
     start = time.perf_counter()
     meta = _KINDS[kind](spec, inputs, on_epoch)
     return {**meta, "trial_seconds": time.perf_counter() - start, "rss_start_mb": rss_start,
-            **peak_memory(spec["device"])}
+            **peak_memory(spec["device"], rss_start)}

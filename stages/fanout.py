@@ -182,7 +182,7 @@ def _execute(fn: JobFn, spec: dict, threads: int, code: str, refs: dict[str, Any
         meta, tensors = fn(spec, JobInputs.fetch(spec.get("inputs", {}), refs))
     except Exception as err:  # noqa: BLE001 - every job error reaches the driver as a JobError
         raise JobError(spec["id"], type(err).__name__, str(err), traceback.format_exc()) from None
-    measured = {"rss_start_mb": rss_start, **peak_memory(device)}  # a job's own finer measurement wins
+    measured = {"rss_start_mb": rss_start, **peak_memory(device, rss_start)}  # a job's own finer measurement wins
     meta = {**measured, **meta, "job_wall_s": time.perf_counter() - start, "host": os.uname().nodename,
             "ray_node": _ray_node()}
     return meta, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}

@@ -39,10 +39,15 @@ def current_rss_mb() -> float:
     return _status_mb("VmRSS") or 0.0
 
 
-def peak_memory(device: str = "cpu") -> dict[str, float]:
-    """Peak resident memory since ``reset_peak_memory`` (MiB), and peak CUDA memory on GPU."""
+def peak_memory(device: str = "cpu", start_rss_mb: float = 0.0) -> dict[str, float]:
+    """Peak resident memory since ``reset_peak_memory`` (MiB), and peak CUDA memory on GPU.
+
+    The kernel updates ``VmHWM`` lazily, so it can read a fraction of a MiB below the resident
+    size measured just after the reset (``start_rss_mb``) or now: the peak is the largest of the
+    three."""
     hwm = _status_mb("VmHWM")
-    out = {"peak_rss_mb": hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    hwm = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    out = {"peak_rss_mb": max(hwm, current_rss_mb(), start_rss_mb)}
     if device == "cuda" and torch.cuda.is_available():
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out

@@ -36,9 +36,14 @@ def finish(proc: subprocess.Popen, root: Path, timeout: float = 240) -> tuple[in
     return rc, (root / f"driver{proc.index}.out").read_text(), (root / f"driver{proc.index}.err").read_text()
 
 
+def cached_jobs(root: Path) -> int:
+    """Finished job cache entries (``<key>.json``; not ``<key>.mlflow.json``, the record of its run)."""
+    return sum(1 for p in (root / "cache" / "fake").glob("*.json") if p.name.count(".") == 1)
+
+
 def wait_cached(root: Path, count: int, proc: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
-    while len(list((root / "cache" / "fake").glob("*.json"))) < count:
+    while cached_jobs(root) < count:
         assert proc.poll() is None, f"driver exited early ({proc.returncode})"
         assert time.monotonic() < deadline, "the driver cached nothing"
         time.sleep(0.2)
@@ -75,7 +80,7 @@ def test_sigterm_then_sigkill_then_resume(tmp_path):
     first.send_signal(signal.SIGTERM)  # the driver only, as a scheduler would
     rc, _, err = finish(first, root)
     assert rc in (1, 130, 143) and ("KeyboardInterrupt" in err or "SIGTERM" in err), err[-3000:]
-    done = len(list((root / "cache" / "fake").glob("*.json")))  # jobs in flight may finish while the first ends
+    done = cached_jobs(root)  # jobs in flight may finish while the first ends
     second = start(root, n, 1.5, uri)
     wait_cached(root, done + 1, second)  # a job of its own: its parent run exists
     os.killpg(second.pid, signal.SIGKILL)  # the driver and its Ray, no cleanup at all
@@ -123,7 +128,7 @@ def test_mlflow_stopped_mid_stage_then_back(tmp_path, mlflow_server):
     rc, _, err = finish(first, root)
     assert rc != 0 and "became unreachable" in err and "Run the stage again" in err, err[-3000:]
     assert "retry 1" in err  # what is retried is said
-    assert len(list((root / "cache" / "fake").glob("*.json"))) == n  # kept computing and caching
+    assert cached_jobs(root) == n  # kept computing and caching
     assert marks(root) == [f"t{i}" for i in range(n)]
     mlflow_server.start()
     rc, out, err = finish(start(root, n, 2.0, mlflow_server.uri, **env), root)

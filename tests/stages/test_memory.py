@@ -1,0 +1,21 @@
+"""Per-job peak memory: never below the resident size at the job's start, and it sees a job's
+own allocation after the reset (Linux)."""
+
+import sys
+
+import pytest
+import torch
+
+from stages.memory import current_rss_mb, peak_memory, reset_peak_memory
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and clear_refs are Linux")
+def test_peak_is_at_least_the_start_and_sees_an_allocation():
+    reset_peak_memory()
+    start = current_rss_mb()
+    assert peak_memory(start_rss_mb=start + 0.5)["peak_rss_mb"] >= start + 0.5  # lazily updated VmHWM never wins below
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    during = current_rss_mb()
+    del block
+    peak = peak_memory(start_rss_mb=start)["peak_rss_mb"]
+    assert during - start > 48 and peak >= during - 1.0, (start, during, peak)
