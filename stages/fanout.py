@@ -138,8 +138,10 @@ def init_ray(rt: RuntimeParams):
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
     else:
         # The local Ray's ports are open on the node's address (ray resolves 127.0.0.1 to it), so
-        # it runs with token authentication: ray >= 2.59 turns it on for a new local cluster
-        # unless RAY_AUTH_MODE=disabled (pyproject pins the version; tests/reliability checks it).
+        # it runs with token authentication: ray >= 2.59 (pinned in pyproject) turns it on for a
+        # new local cluster unless RAY_AUTH_MODE=disabled, and writes a token to ~/.ray/auth_token.
+        # Setting RAY_AUTH_MODE here would come too late for Ray's already-read config; the
+        # driver-fault test checks the mode of the cluster a stage started.
         ray.init(num_cpus=rt.num_cpus, include_dashboard=False, runtime_env=runtime_env,
                  log_to_driver=False, configure_logging=False)
     if callable(sigterm) and threading.current_thread() is threading.main_thread():

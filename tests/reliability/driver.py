@@ -2,7 +2,7 @@
 from the repo root: the tune stage's machinery (stage lock, Tracker, ``run_jobs`` and its job
 cache, ``Publisher``: payload files, child runs, registry) around a job that sleeps and returns
 a tiny payload. Each computation leaves a mark file in ``ROOT/marks``; the last stdout line is
-JSON ``{"cached": {job id: bool}}``."""
+JSON ``{"cached": {job id: bool}, "token_auth": bool or None (no Ray started)}``."""
 
 from __future__ import annotations
 
@@ -53,7 +53,14 @@ def main() -> None:
 
         run_jobs("fake", fake_job, specs, rt, on_result, inputs=store)
         tracker.finish({"jobs": float(n)})
-    print(json.dumps({"cached": cached_flags}))
+    import ray
+
+    token_auth = None  # no Ray started: every job came from the cache
+    if ray.is_initialized():
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+        token_auth = is_token_auth_enabled()
+    print(json.dumps({"cached": cached_flags, "token_auth": token_auth}))
 
 
 entry(__name__, __spec__)
