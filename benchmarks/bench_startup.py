@@ -8,7 +8,10 @@ process so nothing is warm:
 - ``import``: ``import stages.<stage>`` (the stage module and everything it imports);
 - ``ray_init``: a local ``ray.init`` with the runtime's CPUs, then shutdown;
 - ``mlflow``: opening a fresh sqlite store and creating the stage's parent run (``Tracker``);
-- ``stage``: ``python -m stages.<stage>`` on the copy, in pipeline order (a clean run).
+- ``stage``: ``python -m stages.<stage>`` on the copy, in pipeline order (a clean run);
+- ``floor``: the stage's compute alone, from its jobs' own wall times in the job cache
+  (``job_wall_s``): the longer of its longest job and their sum over the runtime's CPUs, a lower
+  bound on the stage's wall time however small every start-up cost became.
 
 It prints a Markdown table and writes JSON. Run it on an idle machine: the figures are seconds.
 """
@@ -25,8 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "pretrain", "mimic", "tune", "combine", "evaluate")
+JOB_CACHES = {"pretrain": "pretrain", "mimic": "mimic", "tune": "tune", "combine": "combine", "evaluate": "reload"}
 
 
 def _copy_tree(dst: Path) -> None:
@@ -45,6 +51,15 @@ def _timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return time.perf_counter() - t0
+
+
+def compute_floor(cache: Path, cpus: int) -> dict[str, float]:
+    """Jobs, their summed wall time, the longest, and the floor max(longest, sum / cpus) (seconds)
+    of one stage's job cache (``<key>.json`` entries; ``<key>.mlflow.json`` are run records)."""
+    walls = [json.loads(p.read_text())["meta"]["job_wall_s"] for p in sorted(cache.glob("*.json"))
+             if not p.name.endswith(".mlflow.json")]
+    longest, total = max(walls, default=0.0), sum(walls)
+    return {"jobs": len(walls), "job_sum": total, "longest": longest, "floor": max(longest, total / cpus)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -67,14 +82,20 @@ def main(argv: list[str] | None = None) -> dict:
     load = os.getloadavg()[0]
     for stage in STAGES:
         rows[stage]["stage"] = _timed([py, "-m", f"stages.{stage}"], root, env)
+    cpus = yaml.safe_load((root / "params.yaml").read_text())["runtime"]["num_cpus"]
+    for stage, cache in JOB_CACHES.items():
+        rows[stage].update(compute_floor(root / "outputs" / ".jobcache" / cache, cpus))
     total = sum(r["stage"] for r in rows.values())
-    print("| stage | import s | stage wall s |\n|---|---|---|")
+    floor = sum(r.get("floor", 0.0) for r in rows.values())
+    print("| stage | import s | stage wall s | jobs | job wall sum s | compute floor s |\n|---|---|---|---|---|---|")
     for stage, r in rows.items():
-        print(f"| {stage} | {r['import']:.1f} | {r['stage']:.1f} |")
+        print(f"| {stage} | {r['import']:.1f} | {r['stage']:.1f} | {r.get('jobs', '-')} | "
+              f"{r.get('job_sum', 0.0):.1f} | {r.get('floor', 0.0):.1f} |")
     print(f"\nray.init + shutdown {ray_init:.1f} s; MLflow store + parent run {mlflow:.1f} s; "
-          f"clean pipeline {total:.0f} s ({total / 60:.1f} min); load average at start {load:.2f}")
-    out = {"stages": rows, "ray_init_s": ray_init, "mlflow_s": mlflow, "total_s": total, "loadavg_1min": load,
-           "cpus": os.cpu_count()}
+          f"clean pipeline {total:.0f} s ({total / 60:.1f} min), of which the jobs' compute floor is {floor:.0f} s "
+          f"on {cpus} CPUs; load average at start {load:.2f}")
+    out = {"stages": rows, "ray_init_s": ray_init, "mlflow_s": mlflow, "total_s": total, "floor_s": floor,
+           "runtime_cpus": cpus, "loadavg_1min": load, "cpus": os.cpu_count()}
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(out, indent=2) + "\n")
     if args.keep is None:

@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -169,11 +170,16 @@ def _ray_node() -> str:
 
 
 def _execute(fn: JobFn, spec: dict, threads: int, code: str, refs: dict[str, Any]) -> tuple[dict, dict]:
-    """The Ray task: check the code version, fetch the inputs, run ``fn``, measure it. Any error
-    becomes a JobError naming the job (which pickles whatever the original error was)."""
+    """The Ray task: ``_measured`` with the inputs fetched through Ray (or from the storage URI)."""
+    maybe_fault(spec["id"])
+    return _measured(fn, spec, threads, code, lambda: JobInputs.fetch(spec.get("inputs", {}), refs))
+
+
+def _measured(fn: JobFn, spec: dict, threads: int, code: str, inputs: Callable[[], JobInputs]) -> tuple[dict, dict]:
+    """Check the code version, get the inputs, run ``fn``, measure it. Any error becomes a
+    JobError naming the job (which pickles whatever the original error was)."""
     from stages.memory import current_rss_mb, peak_memory, reset_peak_memory
 
-    maybe_fault(spec["id"])
     try:
         check_code(code)
         torch.set_num_threads(max(1, threads))
@@ -181,13 +187,33 @@ def _execute(fn: JobFn, spec: dict, threads: int, code: str, refs: dict[str, Any
         reset_peak_memory(device)  # a reused Ray worker's earlier jobs must not count
         rss_start = current_rss_mb()
         start = time.perf_counter()
-        meta, tensors = fn(spec, JobInputs.fetch(spec.get("inputs", {}), refs))
+        meta, tensors = fn(spec, inputs())
     except Exception as err:  # noqa: BLE001 - every job error reaches the driver as a JobError
         raise JobError(spec["id"], type(err).__name__, str(err), traceback.format_exc()) from None
     measured = {"rss_start_mb": rss_start, **peak_memory(device, rss_start)}  # a job's own finer measurement wins
     meta = {**measured, **meta, "job_wall_s": time.perf_counter() - start, "host": os.uname().nodename,
             "ray_node": _ray_node()}
     return meta, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def runs_inline(rt: RuntimeParams, pending: int) -> bool:
+    """Whether a stage's ``pending`` jobs run in the driver process instead of as Ray tasks: at
+    most ``rt.inline_jobs`` of them, no cluster (RAY_ADDRESS unset), no Ray already running in
+    this process, and no fault injection (it simulates losing a Ray worker). A local Ray's start
+    and its workers' imports cost about 15 s per stage, more than one small job."""
+    if pending > rt.inline_jobs or os.environ.get("RAY_ADDRESS") or os.environ.get(FAULT_ENV):
+        return False
+    ray = sys.modules.get("ray")
+    return not (ray is not None and ray.is_initialized())
+
+
+def _run_inline(fn: JobFn, spec: dict, threads: int, store: InputStore) -> Result:
+    """One job in this process, measured like a Ray task; its inputs read from the driver's files."""
+    previous = torch.get_num_threads()
+    try:
+        return _measured(fn, spec, threads, code_fingerprint(), lambda: store.local(spec.get("inputs", {})))
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _job_error(job_id: str, err: Exception) -> JobError:
@@ -305,6 +331,9 @@ def run_jobs(
 ) -> dict[str, Result]:
     """Run ``fn(spec, job_inputs)`` for every spec as Ray tasks; returns {spec id: (meta, tensors)}.
 
+    Jobs found in the cache are not run; when at most ``rt.inline_jobs`` remain and Ray is local
+    (``runs_inline``), they run in this process without starting Ray.
+
     A spec's ``inputs`` (role -> key of ``inputs``) reach its job as ``stages.inputs.JobInputs``;
     each bundle is put into the object store (or uploaded to ``rt.storage``) once per call.
     ``on_result(spec, result, cached)`` is called in the driver as results arrive (MLflow).
@@ -327,10 +356,18 @@ def run_jobs(
             pending.append(spec)
     if not pending:
         return results
+    threads = max(1, int(rt.cpus_per_task))
+    if runs_inline(rt, len(pending)):
+        for spec in pending:
+            result = _run_inline(fn, spec, threads, store)
+            _write_cached(cache, spec_key(spec), result)
+            results[spec["id"]] = result
+            if on_result:
+                on_result(spec, result, False)
+        return results
     ray = init_ray(rt)
     refs_by_key = store.refs(pending)
     remote = ray.remote(num_cpus=rt.cpus_per_task, num_gpus=rt.gpus_per_task, max_retries=rt.max_retries)(_execute)
-    threads = max(1, int(rt.cpus_per_task))
     code = code_fingerprint()
     refs = {}
     for spec in pending:

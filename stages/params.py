@@ -41,6 +41,8 @@ class RuntimeParams(Section):
     when set (``stages.inputs``); the sweeps also keep their Ray Tune experiments there (None:
     ``<cache_dir>/tune`` on the driver's disk). ``gpus_per_task`` is a fraction of one GPU (several jobs
     share it) or a whole number; ``device: auto`` gives jobs cuda exactly when it is > 0.
+    A stage with at most ``inline_jobs`` jobs left to compute runs them in its own process,
+    without starting a local Ray (never with RAY_ADDRESS set; 0: always Ray).
     """
 
     num_cpus: PosInt = 2
@@ -52,6 +54,7 @@ class RuntimeParams(Section):
     cache_dir: str = "outputs/.jobcache"
     progress: bool = True
     storage: str | None = None
+    inline_jobs: NonNegInt = 1
 
     @field_validator("gpus_per_task")
     @classmethod
@@ -282,7 +285,7 @@ class TuneParams(Section):
 
     @model_validator(mode="after")
     def _check_overrides(self):
-        for arch, values in self.train_overrides.items():
+        for arch in self.train_overrides:
             if arch not in self.archs:
                 raise ValueError(f"train_overrides.{arch}: not one of archs {self.archs}")
             self.train_for(arch)

@@ -29,8 +29,10 @@ def run_tuning(stage: str, p: TuneParams, methods: dict[str, MethodParams], rt: 
     """Run the stage's jobs (per-task methods, plus the sequential baselines when ``continual``)."""
     device = job_device(rt)
     store = InputStore(rt.storage)
-    specs = method_specs(stage, p, methods, device, store)
-    specs += continual_specs(stage, p, device, store) if continual else []
+    # the sequential baselines first: each is several per-task jobs long, and Ray starts tasks in
+    # submission order, so the short jobs fill the other workers instead of idling at the end
+    specs = continual_specs(stage, p, device, store) if continual else []
+    specs += method_specs(stage, p, methods, device, store)
     default_out = (TuneParams if stage == "tune" else CombineParams).model_fields["out_dir"].default
     params = {"methods": {k: v.model_dump() for k, v in methods.items()}, "train": p.train.model_dump(),
               "archs": p.archs, "seeds": p.seeds}

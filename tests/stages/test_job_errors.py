@@ -78,13 +78,29 @@ def test_job_error_reaches_the_driver_through_ray(tmp_path) -> None:
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     if ray.is_initialized():
         ray.shutdown()
-    rt = RuntimeParams(num_cpus=1, max_retries=0, cache_dir=str(tmp_path), progress=False)
+    rt = RuntimeParams(num_cpus=1, max_retries=0, cache_dir=str(tmp_path), progress=False, inline_jobs=0)
     try:
         with pytest.raises(JobError) as info:
             run_jobs("err", failing_job, [{"id": "err/vit/recast/mnist_lo5/s42", "task": "mnist_lo5"}], rt)
     finally:
         ray.shutdown()
-    err = info.value
+    _assert_job_error(info.value, tmp_path)
+
+
+def test_job_error_of_an_inline_job_is_the_same(tmp_path) -> None:
+    """A single job runs in the driver (no Ray start): its error reads exactly as through Ray."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    rt = RuntimeParams(num_cpus=1, max_retries=0, cache_dir=str(tmp_path), progress=False)
+    with pytest.raises(JobError) as info:
+        run_jobs("err", failing_job, [{"id": "err/vit/recast/mnist_lo5/s42", "task": "mnist_lo5"}], rt)
+    assert not ray.is_initialized()
+    _assert_job_error(info.value, tmp_path)
+
+
+def _assert_job_error(err: JobError, tmp_path) -> None:
     assert type(err) is JobError  # not Ray's wrapper: the driver re-raises the job's own JobError
     assert (err.job_id, err.error_type) == ("err/vit/recast/mnist_lo5/s42", "DataError")
     assert err.message == "/nowhere/mnist_lo5/manifest.json: manifest not found (run the prepare stage first)"

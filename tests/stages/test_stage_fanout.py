@@ -61,6 +61,49 @@ def test_killed_workers_are_retried_and_rerun_resumes(ray_with_faults, tmp_path)
     assert again["sq/new"][0]["y"] == 49
 
 
+def noisy_job(spec, inputs):
+    """A job whose result depends on torch's RNG and float arithmetic: bit-comparable."""
+    torch.manual_seed(spec["seed"])
+    w = torch.randn(64, 64)
+    x = torch.randn(128, 64)
+    for _ in range(3):
+        x = torch.tanh(x @ w / 8)
+    return {"sum": float(x.sum()), "pid": os.getpid()}, {"x": x}
+
+
+def test_a_single_job_runs_in_the_driver_bit_identical_to_ray(tmp_path, monkeypatch):
+    """One job left to compute: no local Ray start (``runtime.inline_jobs``); its result is the
+    one a Ray worker computes, bit for bit, and the driver's torch threads are left as they were."""
+    import sys
+
+    import ray
+    from ray import cloudpickle
+
+    monkeypatch.delenv(FAULT_ENV, raising=False)  # fault injection needs Ray workers
+    if ray.is_initialized():
+        ray.shutdown()
+    spec = {"id": "noisy/1", "seed": 3}
+    torch.set_num_threads(2)
+    inline = run_jobs("noisy", noisy_job, [spec], RuntimeParams(cache_dir=str(tmp_path / "a"), progress=False))
+    assert not ray.is_initialized() and torch.get_num_threads() == 2
+    meta, tensors = inline["noisy/1"]
+    assert meta["pid"] == os.getpid() and meta["ray_node"] == "" and meta["job_wall_s"] > 0
+    assert (tmp_path / "a" / "noisy" / f"{spec_key(spec)}.json").exists()  # cached like a Ray job
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        on_ray = run_jobs("noisy", noisy_job, [spec],
+                          RuntimeParams(num_cpus=1, cache_dir=str(tmp_path / "b"), progress=False, inline_jobs=0))
+        assert ray.is_initialized()
+    finally:
+        ray.shutdown()
+    ray_meta, ray_tensors = on_ray["noisy/1"]
+    assert ray_meta["pid"] != os.getpid() and ray_meta["ray_node"]
+    assert ray_meta["sum"] == meta["sum"] and torch.equal(ray_tensors["x"], tensors["x"])
+    assert (tmp_path / "a" / "noisy" / f"{spec_key(spec)}.safetensors").read_bytes() == \
+        (tmp_path / "b" / "noisy" / f"{spec_key(spec)}.safetensors").read_bytes()
+
+
 def test_duplicate_ids_rejected(tmp_path):
     rt = RuntimeParams(cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match="duplicate"):
