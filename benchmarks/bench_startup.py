@@ -11,7 +11,10 @@ process so nothing is warm:
 - ``stage``: ``python -m stages.<stage>`` on the copy, in pipeline order (a clean run);
 - ``floor``: the stage's compute alone, from its jobs' own wall times in the job cache
   (``job_wall_s``): the longer of its longest job and their sum over the runtime's CPUs, a lower
-  bound on the stage's wall time however small every start-up cost became.
+  bound on the stage's wall time however small every start-up cost became;
+- ``one_job``: ``python -m stages.tune`` again with one per-task job's cache entry removed (a re-run
+  after a one-job change), with ``runtime.inline_jobs`` 1 (that job runs in-process, no Ray
+  start) and 0 (through a local Ray); the other jobs come from the cache both times.
 
 It prints a Markdown table and writes JSON. Run it on an idle machine: the figures are seconds.
 """
@@ -62,6 +65,28 @@ def compute_floor(cache: Path, cpus: int) -> dict[str, float]:
     return {"jobs": len(walls), "job_sum": total, "longest": longest, "floor": max(longest, total / cpus)}
 
 
+def one_job_rerun(root: Path, env: dict[str, str]) -> dict[str, float]:
+    """Wall time of ``stages.tune`` with one job left to compute, in-process vs through Ray."""
+    cache = root / "outputs" / ".jobcache" / "tune"
+    entry = next(p for p in sorted(cache.glob("*.json"))  # a per-task job, not a sequential baseline
+                 if not p.name.endswith(".mlflow.json") and not json.loads(p.read_text())["meta"].get("sequential"))
+    saved = {p: p.read_bytes() for p in (entry, entry.with_suffix(".safetensors")) if p.exists()}
+    params = root / "params.yaml"
+    original = params.read_text()
+    out = {}
+    try:
+        for inline in (1, 0):
+            for p in saved:
+                p.unlink(missing_ok=True)
+            data = yaml.safe_load(original)
+            data["runtime"]["inline_jobs"] = inline
+            params.write_text(yaml.safe_dump(data, sort_keys=False))
+            out[f"inline_jobs_{inline}"] = _timed([sys.executable, "-m", "stages.tune"], root, env)
+    finally:
+        params.write_text(original)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep", type=Path, default=None, help="run in this folder and keep it")
@@ -85,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     cpus = yaml.safe_load((root / "params.yaml").read_text())["runtime"]["num_cpus"]
     for stage, cache in JOB_CACHES.items():
         rows[stage].update(compute_floor(root / "outputs" / ".jobcache" / cache, cpus))
+    one_job = one_job_rerun(root, env)
     total = sum(r["stage"] for r in rows.values())
     floor = sum(r.get("floor", 0.0) for r in rows.values())
     print("| stage | import s | stage wall s | jobs | job wall sum s | compute floor s |\n|---|---|---|---|---|---|")
@@ -94,8 +120,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nray.init + shutdown {ray_init:.1f} s; MLflow store + parent run {mlflow:.1f} s; "
           f"clean pipeline {total:.0f} s ({total / 60:.1f} min), of which the jobs' compute floor is {floor:.0f} s "
           f"on {cpus} CPUs; load average at start {load:.2f}")
+    print(f"tune re-run with one job to compute: {one_job['inline_jobs_1']:.1f} s in-process, "
+          f"{one_job['inline_jobs_0']:.1f} s through a local Ray")
     out = {"stages": rows, "ray_init_s": ray_init, "mlflow_s": mlflow, "total_s": total, "floor_s": floor,
-           "runtime_cpus": cpus, "loadavg_1min": load, "cpus": os.cpu_count()}
+           "runtime_cpus": cpus, "one_job_tune_rerun_s": one_job, "loadavg_1min": load, "cpus": os.cpu_count()}
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(out, indent=2) + "\n")
     if args.keep is None:
