@@ -39,8 +39,10 @@ NARROW = {"vit": {"img_size": SIZE, "embed_dim": 48, "num_heads": 2},
 def micro_params(root: Path, device: str) -> dict:
     """configs/paper.yaml with the sizes cut down and paths inside ``root``; structure unchanged."""
     p = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
+    # pretrain, mimic and the loading check have 2 jobs each (one per arch), seconds at this size:
+    # in-process, without a local Ray start each; tune and combine still fan out through Ray
     p["runtime"].update(num_cpus=2, cpus_per_task=1, gpus_per_task=1 if device == "cuda" else 0, device=device,
-                        experiment="paper-micro", progress=False)
+                        experiment="paper-micro", progress=False, inline_jobs=2)
     p["prepare"].update(data_root=str(root / "raw"), image_size=SIZE, val_fraction=0.4)
     p["pretrain"].update(image_size=SIZE)
     for arch, a in p["pretrain"]["archs"].items():
@@ -125,6 +127,11 @@ def test_paper_path_task_order_counts_and_bytes(paper_run):
     evaluate_rows = [json.loads(p.read_text())["meta"] for p in (root / "outputs/.jobcache/reload").glob("*.json")]
     assert sorted(r["tasks"] == PAPER_ORDER for r in evaluate_rows) == [True, True]
     rows = json.loads((root / "outputs/tune/results.json").read_text())
+    # runtime.inline_jobs=2: each arch's pretrain job ran in its stage's process; tune fanned out on Ray
+    pretrained = [json.loads(p.read_text())["meta"] for p in (root / "outputs/.jobcache/pretrain").glob("*.json")
+                  if not p.name.endswith(".mlflow.json")]
+    assert len(pretrained) == 2 and not any(m["ray_node"] for m in pretrained)
+    assert len(rows) > 2 and all(r["ray_node"] for r in rows)
     seq = [r for r in rows if r.get("sequential")]
     assert {r["method"] for r in seq} == {"l2p", "inflora", "ewc", "lwf", "gdumb", "er_ace", "derpp", "hat", "recast"}
     assert all(r["task_names"] == PAPER_ORDER for r in seq)
