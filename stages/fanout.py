@@ -381,14 +381,24 @@ def run_jobs(
             try:
                 result = ray.get(done[0])
             except ray.exceptions.RayError as err:
-                for ref in refs:
-                    ray.cancel(ref)
                 raise _job_error(spec["id"], err) from None
             _write_cached(cache, spec_key(spec), result)
             results[spec["id"]] = result
             if on_result:
                 on_result(spec, result, False)
             bar.update(1)
+    except BaseException:
+        _cancel(ray, refs)
+        raise
     finally:
         bar.close()
     return results
+
+
+def _cancel(ray: Any, refs: dict) -> None:
+    """Cancel a stopped stage's outstanding jobs (a failed job, SIGTERM, Ctrl-C): queued ones never
+    start and running ones are killed, instead of computing results nobody will collect until
+    Ray shuts down."""
+    for ref in refs:
+        with contextlib.suppress(Exception):  # Ray may be going down already: the original error wins
+            ray.cancel(ref, force=True)

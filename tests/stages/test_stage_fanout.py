@@ -3,6 +3,8 @@ from the job cache instead of recomputing."""
 
 import copy
 import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,6 +104,45 @@ def test_a_single_job_runs_in_the_driver_bit_identical_to_ray(tmp_path, monkeypa
     assert ray_meta["sum"] == meta["sum"] and torch.equal(ray_tensors["x"], tensors["x"])
     assert (tmp_path / "a" / "noisy" / f"{spec_key(spec)}.safetensors").read_bytes() == \
         (tmp_path / "b" / "noisy" / f"{spec_key(spec)}.safetensors").read_bytes()
+
+
+def sleepy_job(spec, inputs):
+    """Leave a mark when started, then sleep."""
+    Path(spec["marks"], f"{spec['id'].replace('/', '_')}.{os.getpid()}").touch()
+    time.sleep(spec["sleep"])
+    return {"i": spec["i"]}, {}
+
+
+def test_a_stopped_stage_cancels_its_outstanding_jobs(tmp_path, monkeypatch):
+    """SIGTERM (StageKilled) while the driver publishes the first result: the job in flight is
+    killed and the queued ones never start, although this process's Ray stays up."""
+    import sys
+
+    import ray
+    from ray import cloudpickle
+
+    from stages.common import StageKilled
+
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    if ray.is_initialized():
+        ray.shutdown()
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    specs = [{"id": f"slow/{i}", "i": i, "sleep": 1.0, "marks": str(marks)} for i in range(5)]
+
+    def killed(spec, result, cached):
+        raise StageKilled
+
+    rt = RuntimeParams(num_cpus=1, cache_dir=str(tmp_path / "cache"), progress=False, inline_jobs=0)
+    try:
+        with pytest.raises(StageKilled):
+            run_jobs("slow", sleepy_job, specs, rt, killed)
+        time.sleep(5.0)  # uncancelled, the worker would run the 4 queued jobs (1 s each) meanwhile
+        started = sorted(p.name.split(".")[0] for p in marks.iterdir())
+    finally:
+        ray.shutdown()
+    assert started in (["slow_0"], ["slow_0", "slow_1"]), started  # the first, at most the next one in flight
 
 
 def test_duplicate_ids_rejected(tmp_path):
