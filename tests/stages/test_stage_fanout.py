@@ -142,7 +142,9 @@ def test_a_stopped_stage_cancels_its_outstanding_jobs(tmp_path, monkeypatch):
         started = sorted(p.name.split(".")[0] for p in marks.iterdir())
     finally:
         ray.shutdown()
-    assert started in (["slow_0"], ["slow_0", "slow_1"]), started  # the first, at most the next one in flight
+    # Ray does not dispatch queued tasks in submission order, so count them: the job whose result
+    # stopped the stage, and at most the one the worker had taken up meanwhile. Uncancelled: all 5.
+    assert 1 <= len(started) <= 2, started
 
 
 def test_duplicate_ids_rejected(tmp_path):
