@@ -356,14 +356,17 @@ def run_jobs(
             pending.append(spec)
     if not pending:
         return results
+
+    def finish(spec: dict, result: Result) -> None:
+        _write_cached(cache, spec_key(spec), result)
+        results[spec["id"]] = result
+        if on_result:
+            on_result(spec, result, False)
+
     threads = max(1, int(rt.cpus_per_task))
     if runs_inline(rt, len(pending)):
         for spec in pending:
-            result = _run_inline(fn, spec, threads, store)
-            _write_cached(cache, spec_key(spec), result)
-            results[spec["id"]] = result
-            if on_result:
-                on_result(spec, result, False)
+            finish(spec, _run_inline(fn, spec, threads, store))
         return results
     ray = init_ray(rt)
     refs_by_key = store.refs(pending)
@@ -382,10 +385,7 @@ def run_jobs(
                 result = ray.get(done[0])
             except ray.exceptions.RayError as err:
                 raise _job_error(spec["id"], err) from None
-            _write_cached(cache, spec_key(spec), result)
-            results[spec["id"]] = result
-            if on_result:
-                on_result(spec, result, False)
+            finish(spec, result)
             bar.update(1)
     except BaseException:
         _cancel(ray, refs)
