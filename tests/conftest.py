@@ -10,7 +10,9 @@ import torch
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
-torch.set_num_threads(2)
+# Under pytest-xdist (``make test`` runs two workers) the cores are shared between the workers.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, 2 // WORKERS))
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATED = ("outputs/", "data/", "metrics/", "reports/", "mlflow.db", "mlartifacts/")
@@ -47,3 +49,20 @@ def tiny_vit():
 def tiny_resnet():
     torch.manual_seed(0)
     return timm.create_model("test_resnet", pretrained=False, num_classes=10, layers=(2, 3, 2, 2)).eval()
+
+
+SHARED_FIXTURE_GROUPS = {  # test files that share an expensive session fixture run on one worker
+    "tests/stages/test_pipeline_e2e.py": "e2e",  # pipeline_run: one clean dvc repro (minutes)
+    "tests/stages/test_lineage_e2e.py": "e2e",
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """``--dist loadgroup`` (``make test``): every test file is one unit of work, so module
+    fixtures are built once; files that share a session fixture form one group. Runs before
+    xdist's own hook, which reads the marks."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            path = item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(SHARED_FIXTURE_GROUPS.get(path, path)))
