@@ -18,7 +18,7 @@ pipeline: setup
 	. $(BIN)/activate && dvc repro
 
 test: setup
-	. $(BIN)/activate && python -m pytest -q -rs -n 2 --dist loadgroup
+	. $(BIN)/activate && python -m pytest -q -rs -n 2 --dist loadfile
 
 test-fast: setup
 	. $(BIN)/activate && python -m pytest -q -m "not slow"

@@ -51,18 +51,34 @@ def tiny_resnet():
     return timm.create_model("test_resnet", pretrained=False, num_classes=10, layers=(2, 3, 2, 2)).eval()
 
 
-SHARED_FIXTURE_GROUPS = {  # test files that share an expensive session fixture run on one worker
-    "tests/stages/test_pipeline_e2e.py": "e2e",  # pipeline_run: one clean dvc repro (minutes)
+# ``make test`` runs two pytest-xdist workers with ``--dist loadfile``: a test file is one unit of
+# work, so its module fixtures are built once. The hooks below (inert without xdist) keep files
+# that share an expensive session fixture on one worker and hand out the slow files first, so
+# that neither worker is left with a long file at the end while the other idles.
+SHARED_FIXTURE_FILES = {  # file -> work unit
+    "tests/stages/test_pipeline_e2e.py": "e2e",  # both read pipeline_run: one clean dvc repro (minutes)
     "tests/stages/test_lineage_e2e.py": "e2e",
 }
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedFixtureScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return SHARED_FIXTURE_FILES.get(path, path)
+
+    config.option.loadscopereorder = False  # keep the order of pytest_collection_modifyitems below
+    return SharedFixtureScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """``--dist loadgroup`` (``make test``): every test file is one unit of work, so module
-    fixtures are built once; files that share a session fixture form one group. Runs before
-    xdist's own hook, which reads the marks."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            path = item.nodeid.split("::")[0]
-            item.add_marker(pytest.mark.xdist_group(SHARED_FIXTURE_GROUPS.get(path, path)))
+    """Under xdist: files with a test marked ``slow`` first (stable: files stay contiguous)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)
