@@ -21,7 +21,7 @@ test: setup
 	. $(BIN)/activate && python -m pytest -q -rs -n 2 --dist loadfile
 
 test-fast: setup
-	. $(BIN)/activate && python -m pytest -q -m "not slow"
+	. $(BIN)/activate && python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 bench: setup
 	. $(BIN)/activate && python -m benchmarks.bench_mimicry && python -m benchmarks.bench_speed
