@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# two pytest-xdist workers, a test file per unit of work (see tests/conftest.py)
+XDIST := -n 2 --dist loadfile
 
 .PHONY: setup pipeline test test-fast bench clean-outputs
 
@@ -18,10 +20,10 @@ pipeline: setup
 	. $(BIN)/activate && dvc repro
 
 test: setup
-	. $(BIN)/activate && python -m pytest -q -rs -n 2 --dist loadfile
+	. $(BIN)/activate && python -m pytest -q -rs $(XDIST)
 
 test-fast: setup
-	. $(BIN)/activate && python -m pytest -q -n 2 --dist loadfile -m "not slow"
+	. $(BIN)/activate && python -m pytest -q $(XDIST) -m "not slow"
 
 bench: setup
 	. $(BIN)/activate && python -m benchmarks.bench_mimicry && python -m benchmarks.bench_speed
