@@ -1,4 +1,4 @@
-"""Cost of moving job inputs (``stages.inputs``): object store vs local read, and how the driver
+"""Cost of moving job inputs (``stages.jobs.inputs``): object store vs local read, and how the driver
 grows with the number of tasks.
 
 1. Per job: one synthetic prepared task (``--images`` 32x32 train images, a tenth as many val and
@@ -10,7 +10,7 @@ grows with the number of tasks.
 2. Driver scaling: for 5, 20 and 100 synthetic tasks (``--small-images`` train images each), a
    stage-like run builds one spec per task (input keys), puts every bundle once and runs one
    trivial job per task that fetches and decodes its task. Reports the driver's wall time and the
-   growth of its peak resident memory (``stages.memory``) per task count, and ratios against 5.
+   growth of its peak resident memory (``stages.jobs.memory``) per task count, and ratios against 5.
 
     python -m benchmarks.bench_inputs [--images 10000] [--repeats 5] [--counts 5 20 100]
 
@@ -33,12 +33,12 @@ import timm
 
 from recast.data import AugmentPolicy
 from recast.data.storage import TaskWriter, write_task_arrays
-from stages.backbones import save_pretrained
-from stages.common import REPO_ROOT
-from stages.fanout import run_jobs
-from stages.inputs import InputStore, JobInputs, backbone_bundle, task_bundle
-from stages.memory import current_rss_mb, peak_memory, reset_peak_memory
-from stages.params import RuntimeParams
+from stages.jobs.backbones import save_pretrained
+from stages.config.common import REPO_ROOT
+from stages.jobs.fanout import run_jobs
+from stages.jobs.inputs import InputStore, JobInputs, backbone_bundle, task_bundle
+from stages.jobs.memory import current_rss_mb, peak_memory, reset_peak_memory
+from stages.config.params import RuntimeParams
 
 
 def write_task(out: Path, name: str, n_train: int, seed: int) -> Path:

@@ -1,7 +1,7 @@
 """Ray speedup of the ``tune`` stage: the same jobs with 1 worker and with N workers.
 
 Runs the stage's job list (from params.yaml, after prepare/pretrain/mimic have run) twice
-through ``stages.fanout.run_jobs`` with an empty job cache each time, ``runtime.num_cpus`` = 1
+through ``stages.jobs.fanout.run_jobs`` with an empty job cache each time, ``runtime.num_cpus`` = 1
 then N (one CPU per task), and prints wall times and the speedup. MLflow logging is skipped
 (the driver's callbacks are not passed), so only the fan-out is measured.
 
@@ -17,18 +17,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.common import REPO_ROOT, read_params, validate_section
-from stages.inputs import InputStore
-from stages.jobs import dispatch
-from stages.params import RuntimeParams, TuneParams
-from stages.runtime import job_device
-from stages.specs import method_specs
+from stages.config.common import REPO_ROOT, read_params, validate_section
+from stages.jobs.inputs import InputStore
+from stages.jobs.train import dispatch
+from stages.config.params import RuntimeParams, TuneParams
+from stages.jobs.runtime import job_device
+from stages.jobs.specs import method_specs
 
 
 def measure(workers: int, specs: list[dict], rt: RuntimeParams, store: InputStore) -> float:
     import ray
 
-    from stages.fanout import run_jobs
+    from stages.jobs.fanout import run_jobs
 
     cache = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     try:

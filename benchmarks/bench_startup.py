@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     py = sys.executable
     rows: dict[str, dict[str, float]] = {}
     ray_init = _timed([py, "-c", "import ray; ray.init(num_cpus=2, include_dashboard=False); ray.shutdown()"], root, env)
-    mlflow = _timed([py, "-c", "from stages.tracking import Tracker; Tracker('bench', 'bench-startup').finish()"],
+    mlflow = _timed([py, "-c", "from stages.tracking.runs import Tracker; Tracker('bench', 'bench-startup').finish()"],
                     root, env)
     for stage in STAGES:
         rows[stage] = {"import": _timed([py, "-c", f"import stages.{stage}"], root, env)}

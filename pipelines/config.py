@@ -1,6 +1,6 @@
 """Sweep configurations: one pydantic model per sweep, read from a small YAML file.
 
-Every model forbids unknown keys (``stages.common.Section``), so a typo fails at once with the
+Every model forbids unknown keys (``stages.config.common.Section``), so a typo fails at once with the
 key named (``gn.pairs.0: ...``). The defaults are tiny (a few epochs on a few hundred examples of
 one task) so that each sweep runs in a minute or two on two CPU cores; the YAML files under
 ``pipelines/configs/`` spell them out.
@@ -16,10 +16,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from stages.common import ParamsError, Section, read_params, validate_section
-from stages.params import MimicArch
-from stages.params import RuntimeParams
-from stages.params import MethodParams, TrainParams
+from stages.config.common import ParamsError, Section, read_params, validate_section
+from stages.config.params import MimicArch
+from stages.config.params import RuntimeParams
+from stages.config.params import MethodParams, TrainParams
 
 SweepName = Literal["gn", "k", "targets", "budget", "order", "seeds", "hpo"]
 SWEEP_NAMES: tuple[str, ...] = ("gn", "k", "targets", "budget", "order", "seeds", "hpo")
@@ -199,7 +199,7 @@ class OrderSweep(SweepBase):
 
 
 class SeedsSweep(SweepBase):
-    """Seeds: the standard per-task methods of the tune stage (``stages.jobs.tune_job``)."""
+    """Seeds: the standard per-task methods of the tune stage (``stages.jobs.train.tune_job``)."""
 
     seeds: list[int] = Field(default_factory=lambda: [42, 1998, 3142592], min_length=1)
     methods: dict[str, MethodParams] = Field(min_length=1)

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.common import write_json_atomic
+from stages.config.common import write_json_atomic
 
 _ROW_KEYS = ("id", "sweep", "name", "family", "arch", "task", "seed")
 COLUMNS: dict[str, tuple[str, ...]] = {

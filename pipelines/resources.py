@@ -34,9 +34,9 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from stages.common import Section, read_params, resolve, validate_section, write_json_atomic
-from stages.params import MimicArch
-from stages.params import RuntimeParams
+from stages.config.common import Section, read_params, resolve, validate_section, write_json_atomic
+from stages.config.params import MimicArch
+from stages.config.params import RuntimeParams
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "resources.yaml"
 
@@ -97,7 +97,7 @@ def _phase(device: str, fn) -> dict[str, Any]:
     """Run ``fn() -> dict`` with memory peaks reset; add wall time and memory."""
     import torch
 
-    from stages.memory import current_rss_mb, peak_memory, reset_peak_memory
+    from stages.jobs.memory import current_rss_mb, peak_memory, reset_peak_memory
 
     reset_peak_memory(device)
     start_rss = current_rss_mb()
@@ -117,7 +117,7 @@ def _build(name: str, arch: ResourceArch, pretrain_dir: Path, mimic_dir: Path):
     import timm
 
     from recast.config import RecastConfig
-    from stages.backbones import load_backbone
+    from stages.jobs.backbones import load_backbone
 
     if arch.model is None:
         backbone = load_backbone(name, pretrain_dir)
@@ -234,8 +234,8 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 
 
 def run(cfg: ResourcesConfig, rt: RuntimeParams, paper_archs: bool) -> list[dict[str, Any]]:
-    from stages.runtime import pick_device
-    from stages.tracking import Tracker
+    from stages.jobs.runtime import pick_device
+    from stages.tracking.runs import Tracker
 
     device = pick_device(rt.device)
     tracker = Tracker("resources", rt.experiment, {**cfg.model_dump(exclude={"runtime"}), "paper_archs": paper_archs,

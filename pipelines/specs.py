@@ -1,9 +1,9 @@
 """Trial specs of each sweep: JSON-serialisable dicts, one Tune trial each (``pipelines.trials``).
 
 A spec holds everything its trial needs (the method, the recipe) and its inputs by content
-(``spec["inputs"]``: role -> key of a ``stages.inputs.InputStore`` bundle: backbone, task,
+(``spec["inputs"]``: role -> key of a ``stages.jobs.inputs.InputStore`` bundle: backbone, task,
 banks), so the sweep's key (``pipelines.sweep.sweep_key``, over each spec's
-``stages.fanout.spec_key``) changes whenever a result would (the key also hashes the code) and
+``stages.jobs.fanout.spec_key``) changes whenever a result would (the key also hashes the code) and
 never depends on where the project lies. ``point`` holds the sweep coordinates that land in the table.
 """
 
@@ -23,10 +23,10 @@ from pipelines.config import (
     TargetsSweep,
     TrialMethod,
 )
-from stages.backbones import pretrained_meta
-from stages.common import ParamsError, resolve
-from stages.inputs import InputStore, backbone_bundle, banks_bundle, task_bundle
-from stages.params import MimicArch
+from stages.jobs.backbones import pretrained_meta
+from stages.config.common import ParamsError, resolve
+from stages.jobs.inputs import InputStore, backbone_bundle, banks_bundle, task_bundle
+from stages.config.params import MimicArch
 
 
 def _task_key(store: InputStore, cfg: SweepBase, task: str) -> str:
@@ -103,7 +103,7 @@ def order_specs(store: InputStore, cfg: OrderSweep, device: str) -> list[dict]:
                 specs.append({**base, "id": f"order/{cfg.arch}/recast/{label}/s{seed}", "kind": "recast_sequence",
                               "name": "recast", "family": "recast", "recast": cfg.recast.model_dump()})
             for method in cfg.continual:
-                # the keys stages.sequential.continual_job reads
+                # the keys stages.jobs.sequential.continual_job reads
                 specs.append({**base, "id": f"order/{cfg.arch}/{method}/{label}/s{seed}", "kind": "continual",
                               "name": method, "family": method, "method_name": method,
                               "epochs": cfg.continual_epochs, "lr": cfg.continual_lr,
@@ -112,7 +112,7 @@ def order_specs(store: InputStore, cfg: OrderSweep, device: str) -> list[dict]:
 
 
 def seeds_specs(store: InputStore, cfg: SeedsSweep, device: str) -> list[dict]:
-    """The keys ``stages.jobs.tune_job`` reads, plus the sweep's own."""
+    """The keys ``stages.jobs.train.tune_job`` reads, plus the sweep's own."""
     common = _common("seeds", cfg, device, store)
     tasks = {task: _task_key(store, cfg, task) for task in cfg.tasks}
     mimic_dir = resolve(cfg.mimic_dir)

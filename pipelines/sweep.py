@@ -9,7 +9,7 @@ and seed, random search over lr, epochs and weight decay, ASHA on validation acc
 ``pipelines.trials.run_trial`` with the resources of params.yaml's ``runtime`` section (overridden
 by the sweep config's ``runtime``), report each epoch through ``tune.report`` and are retried
 ``runtime.max_retries`` times (``FailureConfig``). Inputs reach them through a
-``stages.inputs.InputStore`` (Ray's object store, or ``runtime.storage``): the driver passes the
+``stages.jobs.inputs.InputStore`` (Ray's object store, or ``runtime.storage``): the driver passes the
 refs with ``tune.with_parameters``, each trial resolves its own with ``JobInputs.fetch``.
 
 Experiments persist under ``runtime.storage`` (default ``<runtime.cache_dir>/tune``), one per sweep
@@ -44,12 +44,12 @@ from pipelines.specs import build_specs, recast_variants
 from pipelines.tracking import TrialLogger
 from pipelines.trials import run_trial
 from recast.targets import build_plan
-from stages.backbones import load_backbone
-from stages.common import resolve
-from stages.fanout import MARKER_ENV, check_code, code_fingerprint, init_ray, maybe_fault, spec_key
-from stages.inputs import InputStore, JobInputs
-from stages.params import RuntimeParams
-from stages.runtime import job_device
+from stages.jobs.backbones import load_backbone
+from stages.config.common import resolve
+from stages.jobs.fanout import MARKER_ENV, check_code, code_fingerprint, init_ray, maybe_fault, spec_key
+from stages.jobs.inputs import InputStore, JobInputs
+from stages.config.params import RuntimeParams
+from stages.jobs.runtime import job_device
 
 SEARCHED = ("lr", "epochs", "weight_decay")
 

@@ -1,6 +1,6 @@
 """MLflow for the Tune sweeps: one parent run per sweep, one child run per finished trial, each once.
 
-``TrialLogger`` is a Ray Tune callback around ``stages.tracking.Tracker``: it finds the sweep's
+``TrialLogger`` is a Ray Tune callback around ``stages.tracking.runs.Tracker``: it finds the sweep's
 parent run again by its ``sweep_key`` tag (a rerun that restores the Tune experiment logs under
 the same parent), logs a child run as each trial completes, tagged with the trial's key, and
 skips a key that has a finished child already. A child left unfinished by a killed driver is
@@ -18,7 +18,7 @@ from typing import Any
 from mlflow.entities import Metric, ViewType
 from ray import tune
 
-from stages.tracking import Tracker, make_client, retry, tracking_uri
+from stages.tracking.runs import Tracker, make_client, retry, tracking_uri
 
 _LIVE: dict[str, TrialLogger] = {}  # sweep_key -> the driver's logger (Tune pickles its callbacks)
 

@@ -1,16 +1,16 @@
 """Trial functions of the sweeps: ``run_trial(spec, inputs, on_epoch) -> metrics`` runs inside one Tune trial
-(``inputs``: the trial's ``stages.inputs.JobInputs``).
+(``inputs``: the trial's ``stages.jobs.inputs.JobInputs``).
 
 Kinds (``spec["kind"]``):
 
 - ``tune``: build the trial's RecastConfig, ``recast.apply`` + closed-form ``recast.mimic`` on the
   pretrained backbone, then tune one task with ``recast.recipes.build_method`` (RECAST,
   an adapter alone, both by eq. 6, or head only) and ``recast.training.fit``.
-- ``stage_tune``: the tune stage's own job (``stages.jobs.tune_job``).
+- ``stage_tune``: the tune stage's own job (``stages.jobs.train.tune_job``).
 - ``recast_sequence``: one RecastModel trained task after task in the spec's order; every earlier
   task is re-evaluated after each new one (its accuracy matrix shows zero forgetting, and the
   final accuracies do not depend on the order).
-- ``continual``: a sequential baseline over the order (``stages.sequential.continual_job``).
+- ``continual``: a sequential baseline over the order (``stages.jobs.sequential.continual_job``).
 
 ``on_epoch`` receives every epoch of ``recast.training.fit`` (the sweep reports it to Tune); the
 continual baselines report only their final result. Every kind reports the peak memory of the
@@ -31,12 +31,12 @@ from recast.baselines.results import forgetting_per_task
 from recast.model import RecastModel
 from recast.recipes import MethodSpec, build_method
 from recast.training import evaluate, fit
-from stages.common import seed_everything
-from stages.inputs import JobInputs
-from stages.jobs import task_loaders, tune_job
-from stages.memory import current_rss_mb, peak_memory, reset_peak_memory
-from stages.params import MimicArch, TrainParams
-from stages.sequential import continual_job
+from stages.config.common import seed_everything
+from stages.jobs.inputs import JobInputs
+from stages.jobs.train import task_loaders, tune_job
+from stages.jobs.memory import current_rss_mb, peak_memory, reset_peak_memory
+from stages.config.params import MimicArch, TrainParams
+from stages.jobs.sequential import continual_job
 
 EpochHook = Callable[[dict[str, Any]], None] | None
 
@@ -153,7 +153,7 @@ def recast_sequence_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = N
 
 
 def continual_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -> dict[str, Any]:
-    """``stages.sequential.continual_job`` over the spec's order, final accuracies keyed by task
+    """``stages.jobs.sequential.continual_job`` over the spec's order, final accuracies keyed by task
     (``recast.baselines.run_sequential`` has no per-epoch hook: one final report)."""
     meta, _ = continual_job(spec, inputs)
     meta["final_acc"] = dict(zip(meta["task_names"], meta["final_acc"], strict=True))

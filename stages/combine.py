@@ -3,10 +3,10 @@ driver as ``tune`` (its training recipe, tasks and seeds come from the ``tune`` 
 
 from __future__ import annotations
 
-from stages.cli import entry, stage_params
-from stages.common import validate_section
-from stages.params import CombineParams, RuntimeParams, TuneParams
-from stages.tuning import run_tuning
+from stages.config.cli import entry, stage_params
+from stages.config.common import validate_section
+from stages.config.params import CombineParams, RuntimeParams, TuneParams
+from stages.jobs.tuning import run_tuning
 
 
 def main(argv: list[str] | None = None) -> None:

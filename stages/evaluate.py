@@ -3,7 +3,7 @@
 - Forgetting, measured: for each architecture, every task's RECAST payload is loaded, in task
   order, into ONE RecastModel on the shared banks, and every earlier task is re-evaluated after
   each addition (task identity is known, so this must stay exactly unchanged). One Ray job per
-  architecture (``stages.fanout.run_jobs``), on ``runtime.device``.
+  architecture (``stages.jobs.fanout.run_jobs``), on ``runtime.device``.
 - A task-wise accuracy table per architecture (Tables 1/2 style), built with pandas from the
   tune and combine stages' ``results.parquet``: per task the mean ± std of the test accuracy
   over seeds, the average over tasks (mean ± std over seeds) and the number of seeds; with the
@@ -31,18 +31,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 from recast.io import load_payload  # noqa: E402
 from recast.paper_results import PAPER_AVG_ACC  # noqa: E402
 from recast.training import evaluate  # noqa: E402
-from stages.backbones import bank_meta, load_verified, read_sidecar  # noqa: E402
-from stages.cli import entry, stage_params  # noqa: E402
-from stages.common import (  # noqa: E402
+from stages.jobs.backbones import bank_meta, load_verified, read_sidecar  # noqa: E402
+from stages.config.cli import entry, stage_params  # noqa: E402
+from stages.config.common import (  # noqa: E402
     IntegrityError,
     metrics_path,
     resolve,
     validate_section,
     write_json_atomic,
 )
-from stages.curves import save_figure  # noqa: E402
-from stages.fanout import run_jobs  # noqa: E402
-from stages.inputs import (  # noqa: E402
+from stages.report.curves import save_figure  # noqa: E402
+from stages.jobs.fanout import run_jobs  # noqa: E402
+from stages.jobs.inputs import (  # noqa: E402
     InputStore,
     JobInputs,
     backbone_bundle,
@@ -50,8 +50,8 @@ from stages.inputs import (  # noqa: E402
     file_bundle,
     task_bundle,
 )
-from stages.lineage import TaskData, stage_lineage  # noqa: E402
-from stages.params import (  # noqa: E402
+from stages.tracking.lineage import TaskData, stage_lineage  # noqa: E402
+from stages.config.params import (  # noqa: E402
     CombineParams,
     EvaluateParams,
     MimicParams,
@@ -59,17 +59,17 @@ from stages.params import (  # noqa: E402
     RuntimeParams,
     TuneParams,
 )
-from stages.runlog import log_datasets  # noqa: E402
-from stages.runtime import job_device  # noqa: E402
-from stages.specs import task_names  # noqa: E402
-from stages.tables import (  # noqa: E402
+from stages.tracking.runlog import log_datasets  # noqa: E402
+from stages.jobs.runtime import job_device  # noqa: E402
+from stages.jobs.specs import task_names  # noqa: E402
+from stages.report.tables import (  # noqa: E402
     accuracies,
     method_stats,
     read_results,
     task_stats,
     write_parquet,
 )
-from stages.tracking import Tracker  # noqa: E402
+from stages.tracking.runs import Tracker  # noqa: E402
 
 
 def reload_spec(arch: str, tune_dir: Path, results: list[dict], p_tune: TuneParams, device: str,
@@ -133,7 +133,7 @@ def reload_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
 
 def payload_reload(archs: list[str], tune_dir: Path, results: list[dict], p_tune: TuneParams,
                    rt: RuntimeParams, method: str = "recast") -> dict[str, dict[str, Any]]:
-    """``reload_job`` for each arch with payloads, as Ray jobs (``stages.fanout.run_jobs``)."""
+    """``reload_job`` for each arch with payloads, as Ray jobs (``stages.jobs.fanout.run_jobs``)."""
     device = job_device(rt)
     store = InputStore(rt.storage)
     specs = [s for arch in archs if (s := reload_spec(arch, tune_dir, results, p_tune, device, store, method))]
@@ -190,7 +190,7 @@ def _cell(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
 def markdown(summary: dict[str, dict], tasks: pd.DataFrame, methods: pd.DataFrame, forgetting: dict[str, dict],
              mimic: dict, task_order: list[str] | None = None, reload: dict[str, dict] | None = None,
              lineage: pd.DataFrame | None = None) -> str:
-    """The report. ``tasks``/``methods``: ``stages.tables.task_stats``/``method_stats`` frames;
+    """The report. ``tasks``/``methods``: ``stages.report.tables.task_stats``/``method_stats`` frames;
     ``lineage``: the jobs' results table (its lineage columns)."""
     lines = ["# RECAST report", ""]
     if mimic:

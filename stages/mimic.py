@@ -24,18 +24,18 @@ from recast.config import MimicryConfig
 from recast.data import BatchLoader
 from recast.io import tensors_sha256
 from recast.training import evaluate
-from stages.backbones import pretrained_meta, save_mimicked
-from stages.cli import entry, stage_params
-from stages.common import (ParamsError, determinism_tags, metrics_path, record_nondeterminism, resolve,
+from stages.jobs.backbones import pretrained_meta, save_mimicked
+from stages.config.cli import entry, stage_params
+from stages.config.common import (ParamsError, determinism_tags, metrics_path, record_nondeterminism, resolve,
                            seed_everything, validate_section, write_json_atomic)
-from stages.fanout import job_file, run_jobs, spec_key, stage_lock
-from stages.inputs import InputStore, JobInputs, backbone_bundle, task_bundle
-from stages.lineage import StageLineage, TaskData, stage_lineage
-from stages.params import MimicParams, RuntimeParams
-from stages.runlog import log_datasets, log_history
-from stages.runtime import job_device
-from stages.tables import write_results
-from stages.tracking import Tracker
+from stages.jobs.fanout import job_file, run_jobs, spec_key, stage_lock
+from stages.jobs.inputs import InputStore, JobInputs, backbone_bundle, task_bundle
+from stages.tracking.lineage import StageLineage, TaskData, stage_lineage
+from stages.config.params import MimicParams, RuntimeParams
+from stages.tracking.runlog import log_datasets, log_history
+from stages.jobs.runtime import job_device
+from stages.report.tables import write_results
+from stages.tracking.runs import Tracker
 
 
 def mimic_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:

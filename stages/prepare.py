@@ -15,9 +15,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from recast.data import DataError, build_offline_suite, locate, prepare_paper_task, read_manifest
-from stages.cli import entry, stage_params
-from stages.common import ParamsError, resolve, seed_everything, validate_section, write_json_atomic
-from stages.params import PrepareParams, suite_tasks
+from stages.config.cli import entry, stage_params
+from stages.config.common import ParamsError, resolve, seed_everything, validate_section, write_json_atomic
+from stages.config.params import PrepareParams, suite_tasks
 
 
 def validate(params: PrepareParams) -> list[str]:

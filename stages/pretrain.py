@@ -16,19 +16,19 @@ import timm
 
 from recast.training import TuneConfig, evaluate, fit
 from recast.io import tensors_sha256
-from stages.backbones import pretrained_sidecar
-from stages.cli import entry, stage_params
-from stages.common import (ParamsError, determinism_tags, metrics_path, record_nondeterminism, resolve,
+from stages.jobs.backbones import pretrained_sidecar
+from stages.config.cli import entry, stage_params
+from stages.config.common import (ParamsError, determinism_tags, metrics_path, record_nondeterminism, resolve,
                            seed_everything, validate_section, write_json_atomic)
-from stages.curves import plot_curves
-from stages.fanout import run_jobs, spec_key, stage_lock, store_tensors
-from stages.inputs import InputStore, JobInputs, file_bundle, task_bundle
-from stages.lineage import TaskData, stage_lineage
-from stages.params import ArchParams, PretrainParams, RuntimeParams
-from stages.runlog import log_datasets, log_file, log_history
-from stages.runtime import job_device
-from stages.tables import write_results
-from stages.tracking import Tracker
+from stages.report.curves import plot_curves
+from stages.jobs.fanout import run_jobs, spec_key, stage_lock, store_tensors
+from stages.jobs.inputs import InputStore, JobInputs, file_bundle, task_bundle
+from stages.tracking.lineage import TaskData, stage_lineage
+from stages.config.params import ArchParams, PretrainParams, RuntimeParams
+from stages.tracking.runlog import log_datasets, log_file, log_history
+from stages.jobs.runtime import job_device
+from stages.report.tables import write_results
+from stages.tracking.runs import Tracker
 
 
 def pretrain_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:

@@ -1,5 +1,5 @@
 """Stage ``tune``: every method of ``tune.methods`` on every task and seed, and the sequential
-continual-learning baselines of ``tune.continual``, as Ray jobs (``stages.tuning``).
+continual-learning baselines of ``tune.continual``, as Ray jobs (``stages.jobs.tuning``).
 
 Each per-task job writes ``outputs/tune/payloads/<arch>/<method>/<task>-s<seed>`` (safetensors
 + JSON) and becomes an MLflow child run whose payload is registered.
@@ -7,10 +7,10 @@ Each per-task job writes ``outputs/tune/payloads/<arch>/<method>/<task>-s<seed>`
 
 from __future__ import annotations
 
-from stages.cli import entry, stage_params
-from stages.common import validate_section
-from stages.params import RuntimeParams, TuneParams
-from stages.tuning import run_tuning
+from stages.config.cli import entry, stage_params
+from stages.config.common import validate_section
+from stages.config.params import RuntimeParams, TuneParams
+from stages.jobs.tuning import run_tuning
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from recast.data import read_manifest
-from stages.common import ParamsError
-from stages.params import PrepareParams
+from stages.config.common import ParamsError
+from stages.config.params import PrepareParams
 from stages.prepare import main, run
 
 

@@ -75,7 +75,7 @@ def stage_root(tmp_path_factory, source_tree) -> Path:
 @pytest.fixture
 def stage_outputs(stage_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The stage root, with relative params paths (``outputs/pretrain``...) resolving inside it."""
-    monkeypatch.setattr("stages.common.REPO_ROOT", stage_root)
+    monkeypatch.setattr("stages.config.common.REPO_ROOT", stage_root)
     return stage_root
 
 

@@ -27,11 +27,11 @@ from safetensors.torch import load_file
 from pipelines.config import load_config
 from pipelines.specs import build_specs
 from pipelines.trials import run_trial
-from stages.inputs import InputStore
-from stages.jobs import dispatch
-from stages.params import CombineParams, TuneParams
-from stages.sequential import continual_specs
-from stages.specs import method_specs
+from stages.jobs.inputs import InputStore
+from stages.jobs.train import dispatch
+from stages.config.params import CombineParams, TuneParams
+from stages.jobs.sequential import continual_specs
+from stages.jobs.specs import method_specs
 from test_sweep_cluster import exports_of, free_port, run_script
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,8 @@ import pytest
 from pipelines.config import SWEEP_NAMES, GnSweep, load_config, runtime_params
 from pipelines.specs import build_specs
 from pipelines.sweep import preflight, sweep_key
-from stages.common import ParamsError
-from stages.inputs import InputStore
+from stages.config.common import ParamsError
+from stages.jobs.inputs import InputStore
 
 EXPECTED_TRIALS = {"gn": 6, "k": 4, "targets": 6, "budget": 11, "order": 4, "seeds": 9, "hpo": 2}  # hpo: per method
 

@@ -45,7 +45,7 @@ def test_paper_archs_have_the_paper_counts() -> None:
 
 
 def test_resources_config_names_bad_keys(tmp_path: Path) -> None:
-    from stages.common import ParamsError
+    from stages.config.common import ParamsError
 
     assert set(load_config().archs) == {"vit", "resnet"}
     bad = tmp_path / "resources.yaml"

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from pipelines.config import BudgetSweep, GnSweep, OrderSweep, TrialMethod
-from stages.memory import current_rss_mb, peak_memory, reset_peak_memory
+from stages.jobs.memory import current_rss_mb, peak_memory, reset_peak_memory
 from pipelines.specs import build_specs
 from pipelines.trials import run_trial
-from stages.inputs import InputStore
+from stages.jobs.inputs import InputStore
 
 ROLE = 64 * 192  # test_vit: qkv, fc1 and fc2 weights each hold 12,288 values
 

@@ -36,8 +36,8 @@ ORDER_ITERATIONS = {"recast": 3, "lwf": 1}
 @pytest.fixture(scope="module")
 def module_ray():
     ray = pytest.importorskip("ray")
-    from stages.fanout import init_ray
-    from stages.params import RuntimeParams
+    from stages.jobs.fanout import init_ray
+    from stages.config.params import RuntimeParams
 
     old = os.environ.pop("RAY_ADDRESS", None)
     if ray.is_initialized():
@@ -95,7 +95,7 @@ def test_inputs_reach_trials_through_the_object_store(stage_outputs, module_ray)
     bundles of its spec: the bytes of the driver's files, only the roles it names."""
     from pipelines.config import SeedsSweep
     from pipelines.specs import build_specs
-    from stages.inputs import InputStore, JobInputs
+    from stages.jobs.inputs import InputStore, JobInputs
 
     cfg = SeedsSweep(tasks=TWO_TASKS, seeds=[1], methods={"head": {"kind": "head_only"}, "recast": {"kind": "recast"}})
     store = InputStore()

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from stages.cli import entry
-from stages.fanout import run_jobs, stage_lock
-from stages.inputs import InputStore
-from stages.params import RuntimeParams
-from stages.results import Publisher
-from stages.tracking import Tracker
+from stages.config.cli import entry
+from stages.jobs.fanout import run_jobs, stage_lock
+from stages.jobs.inputs import InputStore
+from stages.config.params import RuntimeParams
+from stages.jobs.results import Publisher
+from stages.tracking.runs import Tracker
 
 
 def fake_job(spec: dict, inputs) -> tuple[dict, dict]:

@@ -18,8 +18,8 @@ import torch
 
 import recast
 from recast.io import save_tensors, tensors_sha256
-from stages.backbones import save_mimicked, save_pretrained
-from stages.params import MimicArch
+from stages.jobs.backbones import save_mimicked, save_pretrained
+from stages.config.params import MimicArch
 
 REPO = Path(__file__).resolve().parents[2]
 VIT = {"model": "test_vit", "kwargs": {"img_size": 32, "patch_size": 8, "global_pool": "avg"}}

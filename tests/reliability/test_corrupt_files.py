@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import fanout
-from stages.backbones import load_backbone
-from stages.common import IntegrityError
+from stages.jobs import fanout
+from stages.jobs.backbones import load_backbone
+from stages.config.common import IntegrityError
 from stages.evaluate import reload_spec
-from stages.inputs import InputStore
-from stages.params import TuneParams
+from stages.jobs.inputs import InputStore
+from stages.config.params import TuneParams
 
 from faults import TASKS, flip_byte
 
@@ -67,7 +67,7 @@ def test_run_jobs_recomputes_a_corrupt_entry(tmp_path, monkeypatch):
     one job left needs no Ray), then caches it afresh."""
     import ray
 
-    from stages.params import RuntimeParams
+    from stages.config.params import RuntimeParams
 
     if ray.is_initialized():
         ray.shutdown()
@@ -113,7 +113,7 @@ def test_corrupt_backbone_files_are_named_errors(stage_files, name, flip_at):
 @pytest.mark.parametrize("flip_at", [-1, 20])
 def test_corrupt_payload_fails_the_forgetting_check(stage_files, monkeypatch, flip_at):
     """evaluate's forgetting matrix loads payloads through their recorded sha256."""
-    monkeypatch.setattr("stages.common.REPO_ROOT", stage_files)
+    monkeypatch.setattr("stages.config.common.REPO_ROOT", stage_files)
     p_tune = TuneParams(archs=["vit"], tasks=list(TASKS), seeds=[42], methods={"recast": {"kind": "recast"}})
     rows = [{"arch": "vit", "method": "recast", "seed": 42, "task": t, "num_classes": 10, "test_acc": 0.5} for t in TASKS]
     payload = stage_files / "outputs/tune/payloads/vit/recast/task_a-s42.safetensors"
@@ -123,7 +123,7 @@ def test_corrupt_payload_fails_the_forgetting_check(stage_files, monkeypatch, fl
 
 
 def test_payload_against_other_banks_fails_the_forgetting_check(stage_files, monkeypatch):
-    monkeypatch.setattr("stages.common.REPO_ROOT", stage_files)
+    monkeypatch.setattr("stages.config.common.REPO_ROOT", stage_files)
     side = stage_files / "outputs/tune/payloads/vit/recast/task_a-s42.json"
     side.write_text(json.dumps({**json.loads(side.read_text()), "bank_sha256": "0" * 64}))
     p_tune = TuneParams(archs=["vit"], tasks=list(TASKS), seeds=[42], methods={"recast": {"kind": "recast"}})

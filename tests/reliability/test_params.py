@@ -10,8 +10,8 @@ import math
 import pytest
 import yaml
 
-from stages.common import REPO_ROOT, ParamsError
-from stages.validate import validate_all
+from stages.config.common import REPO_ROOT, ParamsError
+from stages.config.validate import validate_all
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ import torch
 from faults import write_stage_files
 
 from recast.io import save_tensors
-from stages import fanout
+from stages.jobs import fanout
 from stages.mimic import build_specs as mimic_specs
-from stages.params import MimicParams, PretrainParams, RuntimeParams, TuneParams
+from stages.config.params import MimicParams, PretrainParams, RuntimeParams, TuneParams
 from stages.pretrain import build_specs as pretrain_specs
-from stages.inputs import InputStore
-from stages.specs import method_specs
+from stages.jobs.inputs import InputStore
+from stages.jobs.specs import method_specs
 
 
 def test_payload_bytes_are_reproducible(tmp_path):
@@ -32,7 +32,7 @@ def test_payload_bytes_are_reproducible(tmp_path):
 
 def _all_specs(monkeypatch, root):
     """Every job spec of pretrain, mimic and tune for the project at ``root``."""
-    monkeypatch.setattr("stages.common.REPO_ROOT", root)
+    monkeypatch.setattr("stages.config.common.REPO_ROOT", root)
     tune = TuneParams(archs=["vit"], tasks=["task_a", "task_b"], seeds=[42],
                       methods={"recast": {"kind": "recast"}, "head_only": {"kind": "head_only"}})
     pre = PretrainParams(archs={"vit": {"model": "test_vit"}})

@@ -12,9 +12,9 @@ import pytest
 from faults import free_port
 from mlflow.tracking import MlflowClient
 
-from stages import tracking
-from stages.common import IntegrityError, StageKilled, metrics_path
-from stages.tracking import Tracker, TrackingUnavailable, register_payload, retry
+from stages.tracking import runs as tracking
+from stages.config.common import IntegrityError, StageKilled, metrics_path
+from stages.tracking.runs import Tracker, TrackingUnavailable, register_payload, retry
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +129,10 @@ def test_errors_survive_pickling():
 def test_side_run_metrics_never_overwrite_the_main_ones(stage_files, sqlite_uri, request, monkeypatch):
     """A tune run with another out_dir writes ``<out_dir>/metrics.json``, not ``metrics/tune.json``;
     a failing tune run ends its parent run FAILED."""
-    import stages.tuning as tuning
-    from stages.params import RuntimeParams, TuneParams
+    import stages.jobs.tuning as tuning
+    from stages.config.params import RuntimeParams, TuneParams
 
-    monkeypatch.setattr("stages.common.REPO_ROOT", stage_files)
+    monkeypatch.setattr("stages.config.common.REPO_ROOT", stage_files)
     assert metrics_path("tune", "outputs/tune", "outputs/tune") == stage_files / "metrics/tune.json"
     assert metrics_path("tune", str(stage_files / "outputs/tune"), "outputs/tune") == stage_files / "metrics/tune.json"
     row = {"arch": "vit", "method": "head_only", "seed": 0, "test_acc": 0.5, "trainable_params": 1,

@@ -1,4 +1,4 @@
-"""Job inputs (stages.inputs): bundles named by content, moved through a storage URI or read
+"""Job inputs (stages.jobs.inputs): bundles named by content, moved through a storage URI or read
 locally, decoded into the same batches and backbones the path-based readers give."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import torch
 
 from recast.data import AugmentPolicy, BatchLoader, DataError
 from recast.data.storage import TaskWriter, write_task_arrays
-from stages.backbones import load_backbone, save_pretrained
-from stages.common import ParamsError, validate_section
-from stages.inputs import InputStore, JobInputs, backbone_bundle, task_bundle
-from stages.params import RuntimeParams
-from stages.runtime import job_device
+from stages.jobs.backbones import load_backbone, save_pretrained
+from stages.config.common import ParamsError, validate_section
+from stages.jobs.inputs import InputStore, JobInputs, backbone_bundle, task_bundle
+from stages.config.params import RuntimeParams
+from stages.jobs.runtime import job_device
 
 
 def write_task(out: Path, name: str = "tiny") -> Path:

@@ -13,8 +13,8 @@ import sys
 import pytest
 
 from recast.data import DataError
-from stages.fanout import CodeVersionError, JobError, check_code, code_fingerprint, run_jobs
-from stages.params import RuntimeParams
+from stages.jobs.fanout import CodeVersionError, JobError, check_code, code_fingerprint, run_jobs
+from stages.config.params import RuntimeParams
 
 PACKAGES = ("recast", "stages", "pipelines")
 SAMPLE = {"str": "value-{name}", "int": 7, "float": 0.25}

@@ -8,7 +8,7 @@ repo, then
   sequential baseline its growing accuracy matrix, the parents a curves PNG;
 - every stage wrote results.parquet with the lineage columns; the report is mean ± std over seeds;
 - a registered payload version leads back to run, commit, data, backbone and bank digests, and
-  `stages.registry reproduce` rebuilds it byte for byte;
+  `stages.tracking.registry reproduce` rebuilds it byte for byte;
 - the tune stage, run again from scratch (no job cache, no outputs), gives bit-identical
   payloads and metrics.
 """
@@ -49,7 +49,7 @@ def repro(pipeline_run):
 def client(repro, monkeypatch):
     root, _ = repro
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-    from stages.tracking import make_client
+    from stages.tracking.runs import make_client
 
     return make_client()
 
@@ -147,7 +147,7 @@ def test_results_tables_and_report(repro):
 @pytest.mark.slow
 def test_registered_payload_leads_back_and_reproduces_bytes(repro, client, tmp_path, capsys):
     root, commit = repro
-    from stages.registry import main
+    from stages.tracking.registry import main
 
     name = f"recast.vit.recast.{TASKS[0]}"
     assert main(["show", f"{name}@current"]) == 0
@@ -171,7 +171,7 @@ def test_registered_payload_leads_back_and_reproduces_bytes(repro, client, tmp_p
     assert out["identical_safetensors"] and out["identical_json"]
     assert out["payload_sha256"] == out["registered_sha256"] == tags["payload_sha256"]
     # the comparison can fail: a job whose payload differs in one value is reported, exit code 2
-    import stages.registry as registry
+    import stages.tracking.registry as registry
 
     real = registry.dispatch
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from stages.memory import current_rss_mb, peak_memory, reset_peak_memory
+from stages.jobs.memory import current_rss_mb, peak_memory, reset_peak_memory
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and clear_refs are Linux")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.fanout import FAULT_ENV, run_jobs, spec_key
-from stages.params import RuntimeParams
+from stages.jobs.fanout import FAULT_ENV, run_jobs, spec_key
+from stages.config.params import RuntimeParams
 
 
 def square_job(spec, inputs):
@@ -121,7 +121,7 @@ def test_a_stopped_stage_cancels_its_outstanding_jobs(tmp_path, monkeypatch):
     import ray
     from ray import cloudpickle
 
-    from stages.common import StageKilled
+    from stages.config.common import StageKilled
 
     monkeypatch.delenv(FAULT_ENV, raising=False)
     if ray.is_initialized():
@@ -155,7 +155,7 @@ def test_duplicate_ids_rejected(tmp_path):
 
 def test_cache_key_covers_the_code(monkeypatch, tmp_path):
     """A result computed by other code is never reused: the key hashes recast/, stages/, pipelines/."""
-    import stages.fanout as fanout
+    import stages.jobs.fanout as fanout
 
     spec = {"id": "sq/1", "x": 1}
     key = spec_key(spec)
@@ -185,7 +185,7 @@ def test_cache_key_covers_the_code(monkeypatch, tmp_path):
 def test_stored_tensors_share_the_job_cache_file(tmp_path):
     from safetensors.torch import load_file
 
-    from stages.fanout import _write_cached, job_file, store_tensors
+    from stages.jobs.fanout import _write_cached, job_file, store_tensors
 
     rt = RuntimeParams(cache_dir=str(tmp_path / "cache"))
     spec = {"id": "sq/7", "x": 7}

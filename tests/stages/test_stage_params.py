@@ -5,8 +5,8 @@ import copy
 import pytest
 import yaml
 
-from stages.common import REPO_ROOT, ParamsError
-from stages.validate import validate_all
+from stages.config.common import REPO_ROOT, ParamsError
+from stages.config.validate import validate_all
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_paper_config_dry_run():
 
 def test_train_overrides_give_the_arch_its_own_recipe(default_params):
     """``tune.train_overrides.<arch>`` reaches that arch's jobs only (paper: ResNet batch 64)."""
-    from stages.params import TuneParams
+    from stages.config.params import TuneParams
 
     tune = {**default_params["tune"], "train_overrides": {"resnet": {"batch_size": 64}}}
     p = TuneParams.model_validate(tune)

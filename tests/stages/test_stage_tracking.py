@@ -8,7 +8,7 @@ import pytest
 
 def _worker(uri: str, idx: int, n: int) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    from stages.tracking import Tracker, register_payload
+    from stages.tracking.runs import Tracker, register_payload
 
     tr = Tracker(f"stage{idx}", "concurrency")
     for j in range(n):
@@ -33,7 +33,7 @@ def test_concurrent_writers_lose_nothing(tmp_path, monkeypatch):
         assert p.exitcode == 0
     from mlflow.tracking import MlflowClient
 
-    from stages.tracking import list_registered
+    from stages.tracking.runs import list_registered
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("concurrency")
@@ -60,7 +60,7 @@ def test_download_payload_reads_the_configured_store(tmp_path, monkeypatch):
     process, with MLFLOW_TRACKING_URI set again since) must not redirect the download."""
     import mlflow
 
-    from stages.tracking import Tracker, download_payload, register_payload
+    from stages.tracking.runs import Tracker, download_payload, register_payload
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -82,8 +82,8 @@ def test_download_payload_reads_the_configured_store(tmp_path, monkeypatch):
 
 
 def test_registry_cli_lists_and_fetches(tmp_path, monkeypatch, capsys):
-    from stages.registry import main
-    from stages.tracking import Tracker, register_payload
+    from stages.tracking.registry import main
+    from stages.tracking.runs import Tracker, register_payload
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     tr = Tracker("tune", "cli")
@@ -106,7 +106,7 @@ def test_registry_cli_lists_and_fetches(tmp_path, monkeypatch, capsys):
 
 def test_artifacts_are_logged_once_per_job_and_linked(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    from stages.tracking import Tracker
+    from stages.tracking.runs import Tracker
 
     payload = tmp_path / "p.safetensors"
     payload.write_bytes(os.urandom(50_000))

@@ -6,7 +6,7 @@ import io
 
 import pandas as pd
 
-from stages.tables import accuracies, method_stats, results_frame, task_stats
+from stages.report.tables import accuracies, method_stats, results_frame, task_stats
 
 
 def test_sequential_recast_does_not_mix_with_per_task_recast():

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stages.common import PARAMS_ENV, StageKilled, read_params
-from stages.params import SECTIONS
-from stages.validate import validate_all
+from stages.config.common import PARAMS_ENV, StageKilled, read_params
+from stages.config.params import SECTIONS
+from stages.config.validate import validate_all
 
 
 def stage_params(argv: list[str] | None, description: str | None, partial_ok: bool = False) -> dict[str, Any]:

@@ -8,10 +8,10 @@ from dataclasses import replace
 import torch
 
 from recast.baselines import TaskSpec, TrainConfig, make_method, run_sequential
-from stages.common import record_nondeterminism, resolve, seed_everything
-from stages.inputs import InputStore, JobInputs, backbone_bundle, banks_bundle, task_bundle
-from stages.params import TrainParams, TuneParams
-from stages.specs import common_fields, task_names
+from stages.config.common import record_nondeterminism, resolve, seed_everything
+from stages.jobs.inputs import InputStore, JobInputs, backbone_bundle, banks_bundle, task_bundle
+from stages.config.params import TrainParams, TuneParams
+from stages.jobs.specs import common_fields, task_names
 
 
 def continual_specs(stage: str, p: TuneParams, device: str, store: InputStore) -> list[dict]:

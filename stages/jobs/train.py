@@ -9,10 +9,10 @@ import torch
 from recast.data import BatchLoader
 from recast.recipes import MethodSpec, build_method
 from recast.training import evaluate, fit
-from stages.common import record_nondeterminism, seed_everything
-from stages.inputs import JobInputs, TaskData
-from stages.params import MethodParams, TrainParams
-from stages.sequential import continual_job
+from stages.config.common import record_nondeterminism, seed_everything
+from stages.jobs.inputs import JobInputs, TaskData
+from stages.config.params import MethodParams, TrainParams
+from stages.jobs.sequential import continual_job
 
 
 def task_loaders(data: TaskData, tr: TrainParams, seed: int,

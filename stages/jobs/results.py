@@ -14,22 +14,22 @@ from typing import Any
 import torch
 
 from recast.io import tensors_sha256
-from stages.backbones import pretrained_meta
-from stages.common import determinism_tags, resolve
-from stages.fanout import job_file, spec_key, store_tensors
-from stages.inputs import InputStore
-from stages.lineage import StageLineage, TaskData
-from stages.params import RuntimeParams
-from stages.runlog import acc_matrix_history, log_datasets, log_history, log_json
-from stages.tables import SEQUENTIAL_SUFFIX
-from stages.tracking import Tracker, register_payload
+from stages.jobs.backbones import pretrained_meta
+from stages.config.common import determinism_tags, resolve
+from stages.jobs.fanout import job_file, spec_key, store_tensors
+from stages.jobs.inputs import InputStore
+from stages.tracking.lineage import StageLineage, TaskData
+from stages.config.params import RuntimeParams
+from stages.tracking.runlog import acc_matrix_history, log_datasets, log_history, log_json
+from stages.report.tables import SEQUENTIAL_SUFFIX
+from stages.tracking.runs import Tracker, register_payload
 
-JOB_SPEC_ARTIFACT = "job/spec.json"  # the job spec on its child run: what `stages.registry reproduce` re-runs
+JOB_SPEC_ARTIFACT = "job/spec.json"  # the job spec on its child run: what `stages.tracking.registry reproduce` re-runs
 
 
 def input_sources(spec: dict, store: InputStore) -> dict[str, str]:
     """Role -> the absolute folder on the driver that role's bundle was read from (the task
-    folder; the pretrain dir of a backbone; the mimic dir of banks): ``stages.registry reproduce``
+    folder; the pretrain dir of a backbone; the mimic dir of banks): ``stages.tracking.registry reproduce``
     rebuilds the same bundles from there."""
     out = {}
     for role, key in spec.get("inputs", {}).items():
@@ -72,11 +72,11 @@ def payload_path(out_dir: Path, spec: dict) -> Path:
 class Publisher:
     """Collects the rows of a stage and publishes each finished job (``run_jobs``'s ``on_result``).
 
-    A payload file is a hard link to the job's cache entry (``stages.fanout.store_tensors``), and
+    A payload file is a hard link to the job's cache entry (``stages.jobs.fanout.store_tensors``), and
     it is logged to MLflow once: a cached job's child run points at the first run's artifacts.
 
     Each child run gets its tasks as dataset inputs, its job spec and input folders as the
-    artifact ``job/spec.json`` (``stages.registry reproduce`` re-runs it) and its curves; with
+    artifact ``job/spec.json`` (``stages.tracking.registry reproduce`` re-runs it) and its curves; with
     ``lineage`` also the stage's lineage tags. Each row gets the lineage columns, the run id and
     the data/backbone/bank digests. ``store``: the ``InputStore`` the specs' inputs were added to.
     """

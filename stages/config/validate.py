@@ -1,6 +1,6 @@
 """Validate every params.yaml section before any compute, and print the stage plan.
 
-``python -m stages.validate [--params FILE]`` is the dry run of a configuration (for example
+``python -m stages.config.validate [--params FILE]`` is the dry run of a configuration (for example
 ``configs/paper.yaml``): it checks types and unknown keys of every section, that timm knows
 every model, that tasks exist in the chosen suite, that each RECAST variant fits its model
 (G divides the targeted depth, targets match), lists the jobs each stage would run and
@@ -23,8 +23,8 @@ from recast.baselines.common import config_from_mapping
 from recast.data.offline import SPECS as OFFLINE_SPECS
 from recast.data.offline import TEST_FRACTION
 from recast.targets import build_plan
-from stages.common import ParamsError, read_params, validate_section
-from stages.params import SECTIONS, suite_tasks
+from stages.config.common import ParamsError, read_params, validate_section
+from stages.config.params import SECTIONS, suite_tasks
 
 
 def _plan_recast(arch_name: str, pre, mim) -> dict[str, Any]:

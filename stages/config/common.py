@@ -1,5 +1,5 @@
 """Helpers shared by every stage: reading and validating params sections, atomic JSON writes,
-seeding, repo-relative paths. The section models are in ``stages.params``."""
+seeding, repo-relative paths. The section models are in ``stages.config.params``."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 PARAMS_ENV = "RECAST_PARAMS"  # the params file of this process (``--params`` sets it)
 

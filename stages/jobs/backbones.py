@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from recast.config import RecastConfig
 from recast.io import save_tensors, tensors_sha256
 from recast.recipes import Backbone
-from stages.common import IntegrityError, check_digest, write_json_atomic
+from stages.config.common import IntegrityError, check_digest, write_json_atomic
 
 
 def pretrained_sidecar(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def pretrained_sidecar(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
 
 def save_pretrained(out_dir: Path, arch: str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """``<out_dir>/<arch>.safetensors`` + ``<arch>.json`` outside a stage (tests, benchmarks); the
-    pretrain stage publishes the same files from its job cache (``stages.fanout.store_tensors``)."""
+    pretrain stage publishes the same files from its job cache (``stages.jobs.fanout.store_tensors``)."""
     return save_tensors(state, pretrained_sidecar(state, meta), out_dir / arch)
 
 

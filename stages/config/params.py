@@ -2,8 +2,8 @@
 
 ``SECTIONS`` maps each section name onto its model. Unknown keys, wrong types, booleans where a
 number is expected and non-finite floats (``.inf``, ``.nan``) are errors that name the key
-(``stages.common.validate_section``). Cross-section checks and the stage plan live in
-``stages.validate``.
+(``stages.config.common.validate_section``). Cross-section checks and the stage plan live in
+``stages.config.validate``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from recast.config import MimicryConfig
 from recast.data import OFFLINE_TASKS, PAPER_TASKS
 from recast.presets import PRESET_NAMES, preset
 from recast.training import TuneConfig
-from stages.common import ParamsError, Section
+from stages.config.common import ParamsError, Section
 
 PosInt = Annotated[StrictInt, Field(ge=1)]
 NonNegInt = Annotated[StrictInt, Field(ge=0)]
@@ -38,7 +38,7 @@ class RuntimeParams(Section):
     Ray is local unless RAY_ADDRESS is set (then ``num_cpus`` is ignored: the cluster's count);
     MLflow uses an sqlite store under the repo unless MLFLOW_TRACKING_URI is set. Jobs get their
     inputs through Ray's object store, or from ``storage`` (``s3://``, ``gs://``, ``file://``)
-    when set (``stages.inputs``); the sweeps also keep their Ray Tune experiments there (None:
+    when set (``stages.jobs.inputs``); the sweeps also keep their Ray Tune experiments there (None:
     ``<cache_dir>/tune`` on the driver's disk). ``gpus_per_task`` is a fraction of one GPU (several jobs
     share it) or a whole number; ``device: auto`` gives jobs cuda exactly when it is > 0.
     A stage with at most ``inline_jobs`` jobs left to compute runs them in its own process,

@@ -1,10 +1,10 @@
 """The coefficient registry from the command line: list the registered task payloads, or fetch
 one (safetensors + JSON sidecar) into a folder, e.g. to ship it to a device.
 
-    python -m stages.registry list [--arch vit] [--method recast]
-    python -m stages.registry fetch vit mnist_rot [--method recast] [--alias best] [--out payloads/]
-    python -m stages.registry show recast.vit.recast.mnist_rot[@best|@current|@<version>]
-    python -m stages.registry reproduce recast.vit.recast.mnist_rot[@...] [--out reproduced/]
+    python -m stages.tracking.registry list [--arch vit] [--method recast]
+    python -m stages.tracking.registry fetch vit mnist_rot [--method recast] [--alias best] [--out payloads/]
+    python -m stages.tracking.registry show recast.vit.recast.mnist_rot[@best|@current|@<version>]
+    python -m stages.tracking.registry reproduce recast.vit.recast.mnist_rot[@...] [--out reproduced/]
 
 ``show`` prints a payload version's lineage: its run, git commit, the stage's dvc deps and
 params hashes, the task data digest, backbone and bank sha256. ``reproduce`` re-runs the job
@@ -31,12 +31,12 @@ import torch
 from mlflow.entities.model_registry import ModelVersion
 
 from recast.io import save_tensors, tensors_sha256
-from stages.common import resolve
-from stages.inputs import InputStore, backbone_bundle, banks_bundle, task_bundle
-from stages.jobs import dispatch
-from stages.results import JOB_SPEC_ARTIFACT, payload_sidecar
-from stages.runlog import load_json_artifact
-from stages.tracking import download_payload, list_registered, make_client, tracking_uri
+from stages.config.common import resolve
+from stages.jobs.inputs import InputStore, backbone_bundle, banks_bundle, task_bundle
+from stages.jobs.train import dispatch
+from stages.jobs.results import JOB_SPEC_ARTIFACT, payload_sidecar
+from stages.tracking.runlog import load_json_artifact
+from stages.tracking.runs import download_payload, list_registered, make_client, tracking_uri
 
 
 def list_table(arch: str | None = None, method: str | None = None) -> list[dict]:

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from stages.common import REPO_ROOT, StageKilled, write_json_atomic
+from stages.config.common import REPO_ROOT, StageKilled, write_json_atomic
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")

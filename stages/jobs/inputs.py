@@ -31,7 +31,7 @@ Job side (inside the Ray task or Tune trial; ``refs`` passed as an argument)::
     backbone = inputs.backbone("backbone", banks="banks")
 
 ``store.local(spec["inputs"])`` builds the same ``JobInputs`` from the driver's files, without
-Ray (tests, benchmarks, inline runs). ``stages.fanout.run_jobs(..., inputs=store)`` does all of
+Ray (tests, benchmarks, inline runs). ``stages.jobs.fanout.run_jobs(..., inputs=store)`` does all of
 the above for the stages: their job functions take ``(spec, inputs)``.
 """
 
@@ -53,7 +53,7 @@ from recast.data import BatchLoader, DataError, TaskManifest
 from recast.data.manifest import MANIFEST_NAME, SPLITS
 from recast.data.storage import read_split_bytes
 from recast.recipes import Backbone
-from stages.backbones import backbone_from
+from stages.jobs.backbones import backbone_from
 
 Payload = dict[str, np.ndarray]  # file name -> uint8 bytes of the file
 

@@ -1,9 +1,9 @@
 """What the stages log to MLflow beyond a run's params and final metrics: dataset inputs,
 metric curves (one point per epoch or step), JSON and figure artifacts.
 
-Every write goes through ``stages.tracking.retry`` on the tracker's client, inside
+Every write goes through ``stages.tracking.runs.retry`` on the tracker's client, inside
 ``Tracker.guard``: once the store is unreachable the write is listed as missing, not raised
-(the stage's next run logs it: see ``stages.tracking``).
+(the stage's next run logs it: see ``stages.tracking.runs``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 import mlflow
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric
 
-from stages.lineage import TaskData
-from stages.tracking import Tracker, retry
+from stages.tracking.lineage import TaskData
+from stages.tracking.runs import Tracker, retry
 
 DIGEST_CHARS = 32  # MLflow stores a dataset digest in a VARCHAR(36); the full sha256 is in the profile
 

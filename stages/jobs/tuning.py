@@ -8,20 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.common import metrics_path, resolve, write_json_atomic
-from stages.curves import plot_curves
-from stages.fanout import run_jobs, stage_lock
-from stages.inputs import InputStore
-from stages.jobs import dispatch
-from stages.lineage import TaskData, stage_lineage
-from stages.params import CombineParams, MethodParams, RuntimeParams, TuneParams
-from stages.results import Publisher, summarise
-from stages.runlog import log_datasets, log_file
-from stages.runtime import job_device
-from stages.sequential import continual_specs
-from stages.specs import method_specs, task_names
-from stages.tables import write_results
-from stages.tracking import Tracker
+from stages.config.common import metrics_path, resolve, write_json_atomic
+from stages.report.curves import plot_curves
+from stages.jobs.fanout import run_jobs, stage_lock
+from stages.jobs.inputs import InputStore
+from stages.jobs.train import dispatch
+from stages.tracking.lineage import TaskData, stage_lineage
+from stages.config.params import CombineParams, MethodParams, RuntimeParams, TuneParams
+from stages.jobs.results import Publisher, summarise
+from stages.tracking.runlog import log_datasets, log_file
+from stages.jobs.runtime import job_device
+from stages.jobs.sequential import continual_specs
+from stages.jobs.specs import method_specs, task_names
+from stages.report.tables import write_results
+from stages.tracking.runs import Tracker
 
 
 def run_tuning(stage: str, p: TuneParams, methods: dict[str, MethodParams], rt: RuntimeParams, out_dir: str,

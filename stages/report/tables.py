@@ -49,7 +49,7 @@ def read_results(paths: list[Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-SEQUENTIAL_SUFFIX = "_sequential"  # a valid MLflow metric name part; as ``stages.results.summarise`` names such a protocol row
+SEQUENTIAL_SUFFIX = "_sequential"  # a valid MLflow metric name part; as ``stages.jobs.results.summarise`` names such a protocol row
 
 
 def accuracies(results: pd.DataFrame) -> pd.DataFrame:

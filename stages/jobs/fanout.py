@@ -11,7 +11,7 @@ stage finds finished jobs there and skips them. Ray retries a task whose worker 
 ``store_tensors`` publishes a job's tensor file as a hard link to its cache file, so a stage
 output and the job cache hold one copy.
 
-Jobs read nothing from the driver's disk: their inputs come from a ``stages.inputs.InputStore``
+Jobs read nothing from the driver's disk: their inputs come from a ``stages.jobs.inputs.InputStore``
 (object refs, or a storage URI), and the code they run is the driver's source tree, shipped as
 Ray's ``runtime_env.working_dir`` (a local Ray included); each job checks that its code
 fingerprint equals the driver's. A job that fails reaches the driver as a ``JobError`` naming
@@ -42,9 +42,9 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from recast.io import save_tensors, write_tensor_file
-from stages.common import file_lock, resolve, temp_path, write_json_atomic
-from stages.inputs import InputStore, JobInputs
-from stages.params import RuntimeParams
+from stages.config.common import file_lock, resolve, temp_path, write_json_atomic
+from stages.jobs.inputs import InputStore, JobInputs
+from stages.config.params import RuntimeParams
 
 Result = tuple[dict[str, Any], dict[str, torch.Tensor]]
 JobFn = Callable[[dict, JobInputs], Result]
@@ -53,7 +53,7 @@ MARKER_ENV = "RECAST_TRIAL_MARKER_DIR"  # tests: each sweep trial that computes 
 
 
 CODE_PACKAGES = ("recast", "stages", "pipelines")
-CODE_ROOT = Path(__file__).resolve().parent.parent  # the source tree shipped to every job
+CODE_ROOT = Path(__file__).resolve().parents[2]  # the source tree shipped to every job
 # not shipped (gitignore patterns, anchored at CODE_ROOT; Ray also skips what .gitignore lists)
 CODE_EXCLUDES = ["/.git", "/.venv", "/data", "/outputs", "/mlartifacts", "/mlruns", "/mlflow.db", "/.dvc/cache",
                  "/metrics", "/reports", "/benchmarks/results", "__pycache__", "*.safetensors", "*.parquet"]
@@ -178,7 +178,7 @@ def _execute(fn: JobFn, spec: dict, threads: int, code: str, refs: dict[str, Any
 def _measured(fn: JobFn, spec: dict, threads: int, code: str, inputs: Callable[[], JobInputs]) -> tuple[dict, dict]:
     """Check the code version, get the inputs, run ``fn``, measure it. Any error becomes a
     JobError naming the job (which pickles whatever the original error was)."""
-    from stages.memory import current_rss_mb, peak_memory, reset_peak_memory
+    from stages.jobs.memory import current_rss_mb, peak_memory, reset_peak_memory
 
     try:
         check_code(code)
@@ -334,7 +334,7 @@ def run_jobs(
     Jobs found in the cache are not run; when at most ``rt.inline_jobs`` remain and Ray is local
     (``runs_inline``), they run in this process without starting Ray.
 
-    A spec's ``inputs`` (role -> key of ``inputs``) reach its job as ``stages.inputs.JobInputs``;
+    A spec's ``inputs`` (role -> key of ``inputs``) reach its job as ``stages.jobs.inputs.JobInputs``;
     each bundle is put into the object store (or uploaded to ``rt.storage``) once per call.
     ``on_result(spec, result, cached)`` is called in the driver as results arrive (MLflow).
     The first failed job raises ``JobError`` (id, original error type and message).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from stages.params import RuntimeParams
+from stages.config.params import RuntimeParams
 
 
 def pick_device(device: str) -> str:

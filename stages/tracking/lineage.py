@@ -5,7 +5,7 @@ DVC writes ``dvc.lock`` only after a stage ends, so a running stage computes the
 itself, with DVC's own hashing (``dvc_data``): md5 of a file, DVC's ``<md5>.dir`` hash of a
 folder (honouring ``.dvcignore``). The params a stage declares in ``dvc.yaml`` are hashed as
 sha256 of their canonical JSON (``dvc.lock`` stores their values), and the params file as a
-whole as its md5. Nothing here talks to MLflow (``stages.runlog`` logs these).
+whole as its md5. Nothing here talks to MLflow (``stages.tracking.runlog`` logs these).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dvc.ignore import DvcIgnoreFilter
 from dvc_data.hashfile.build import build
 from dvc_data.hashfile.db import HashFileDB
 
-from stages.common import PARAMS_ENV, read_params, resolve
+from stages.config.common import PARAMS_ENV, read_params, resolve
 
 
 def params_file(root: Path | None = None) -> Path:

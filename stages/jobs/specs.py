@@ -1,15 +1,15 @@
 """Job specs of the tune and combine stages: one JSON-serialisable dict per (arch, method,
 task, seed), with a stable id and everything a Ray job needs. Inputs are named by content
-(``spec["inputs"]``: role -> ``stages.inputs`` key), never by a path on the driver."""
+(``spec["inputs"]``: role -> ``stages.jobs.inputs`` key), never by a path on the driver."""
 
 from __future__ import annotations
 
 import json
 
-from stages.backbones import bank_meta
-from stages.common import ParamsError, resolve
-from stages.inputs import InputStore, backbone_bundle, banks_bundle, task_bundle
-from stages.params import MethodParams, TuneParams
+from stages.jobs.backbones import bank_meta
+from stages.config.common import ParamsError, resolve
+from stages.jobs.inputs import InputStore, backbone_bundle, banks_bundle, task_bundle
+from stages.config.params import MethodParams, TuneParams
 
 
 def task_names(p: TuneParams) -> list[str]:

@@ -1,0 +1,1 @@
+"""jobs: job specs, their inputs, the fan-out onto Ray and the jobs themselves (tune, sequential, results)."""

@@ -1,0 +1,1 @@
+"""report: results tables (pandas, Parquet), learning-curve figures and the Markdown report."""

@@ -1,0 +1,1 @@
+"""serving: the registered tasks of one backbone as an MLflow pyfunc model."""
