@@ -18,7 +18,8 @@ from typing import Any
 from mlflow.entities import Metric, ViewType
 from ray import tune
 
-from stages.tracking.runs import Tracker, make_client, retry, tracking_uri
+from stages.tracking.runs import Tracker
+from stages.tracking.store import make_client, retry, tracking_uri
 
 _LIVE: dict[str, TrialLogger] = {}  # sweep_key -> the driver's logger (Tune pickles its callbacks)
 

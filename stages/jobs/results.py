@@ -22,7 +22,8 @@ from stages.tracking.lineage import StageLineage, TaskData
 from stages.config.params import RuntimeParams
 from stages.tracking.runlog import acc_matrix_history, log_datasets, log_history, log_json
 from stages.report.tables import SEQUENTIAL_SUFFIX
-from stages.tracking.runs import Tracker, register_payload
+from stages.tracking.payloads import register_payload
+from stages.tracking.runs import Tracker
 
 JOB_SPEC_ARTIFACT = "job/spec.json"  # the job spec on its child run: what `stages.tracking.registry reproduce` re-runs
 

@@ -36,7 +36,8 @@ from stages.jobs.inputs import InputStore, backbone_bundle, banks_bundle, task_b
 from stages.jobs.train import dispatch
 from stages.jobs.results import JOB_SPEC_ARTIFACT, payload_sidecar
 from stages.tracking.runlog import load_json_artifact
-from stages.tracking.runs import download_payload, list_registered, make_client, tracking_uri
+from stages.tracking.payloads import download_payload, list_registered
+from stages.tracking.store import make_client, tracking_uri
 
 
 def list_table(arch: str | None = None, method: str | None = None) -> list[dict]:

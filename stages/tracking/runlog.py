@@ -1,7 +1,7 @@
 """What the stages log to MLflow beyond a run's params and final metrics: dataset inputs,
 metric curves (one point per epoch or step), JSON and figure artifacts.
 
-Every write goes through ``stages.tracking.runs.retry`` on the tracker's client, inside
+Every write goes through ``stages.tracking.store.retry`` on the tracker's client, inside
 ``Tracker.guard``: once the store is unreachable the write is listed as missing, not raised
 (the stage's next run logs it: see ``stages.tracking.runs``).
 """
@@ -19,7 +19,8 @@ import mlflow
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric
 
 from stages.tracking.lineage import TaskData
-from stages.tracking.runs import Tracker, retry
+from stages.tracking.runs import Tracker
+from stages.tracking.store import retry
 
 DIGEST_CHARS = 32  # MLflow stores a dataset digest in a VARCHAR(36); the full sha256 is in the profile
 

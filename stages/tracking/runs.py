@@ -1,15 +1,11 @@
-"""MLflow logging for the stages: one parent run per stage, a child run per job, and the
-coefficient registry (MLflow model registry: one registered model per arch/task, one version
-per payload, aliases ``current`` and ``best``).
+"""MLflow runs of the stages: one parent run per stage, a child run per job (``Tracker``).
 
-Only the driver writes to MLflow. Writes are retried with backoff for at most
-``RECAST_MLFLOW_RETRY_S`` seconds in total (default 60; each retry is reported on stderr), and
-for the default sqlite store serialised across processes with a file lock. A tracking server is
-checked once when a Tracker opens (``check_server``, 5 s timeout). If the store becomes
+Only the driver writes to MLflow, through ``stages.tracking.store.retry``. If the store becomes
 unreachable mid-stage, the Tracker goes offline: the stage keeps computing and caching, the runs
 it could not log are listed, and the stage ends with ``TrackingUnavailable``; its next run
 finds every job in the cache and logs what is missing (child runs are found again by their
-``spec_key`` tag, payload versions by their run id, so nothing is logged or registered twice).
+``spec_key`` tag, payload versions by their run id: ``stages.tracking.payloads``, so nothing is
+logged or registered twice).
 
 A Tracker is a context manager: its parent run ends FINISHED, FAILED (an exception) or KILLED
 (SIGINT, SIGTERM); a parent left RUNNING by a driver that died (SIGKILL) is ended KILLED by the
@@ -18,170 +14,26 @@ next run of the same stage on that host.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
-import random
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from stages.config.common import REPO_ROOT, StageKilled, write_json_atomic
+from stages.config.common import StageKilled, write_json_atomic
+from stages.tracking.store import (DEFAULT_ARTIFACTS, DEFAULT_DB, TrackingUnavailable, short_error, check_server,
+                                   make_client, retry, tracking_uri)
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-# MLflow's HTTP client retries 7 times with backoff and a 120 s timeout by default; our own
-# bounded ``retry`` is the only retry loop (these defaults give way to the caller's env).
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-
-import mlflow  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+import mlflow  # noqa: E402 - after stages.tracking.store, which sets MLflow's environment defaults
 
 T = TypeVar("T")
-DEFAULT_DB = REPO_ROOT / "mlflow.db"
-DEFAULT_ARTIFACTS = REPO_ROOT / "mlartifacts"
-RETRY_ENV = "RECAST_MLFLOW_RETRY_S"
-DEFAULT_RETRY_S = 60.0
-HEALTH_TIMEOUT_S = 5.0
-TRANSIENT = ("locked", "busy", "timed out", "timeout", "503", "502", "504", "connection", "max retries exceeded",
-             "duplicate column")
-
-
-class TrackingUnavailable(RuntimeError):
-    """The MLflow tracking store could not be reached (at stage start, or within the retry budget)."""
-
-
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else the embedded sqlite store under the repo."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
-
-
-def _lock_path(uri: str) -> Path | None:
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):]).with_suffix(".lock")
-    return None
-
-
-_HELD = threading.local()  # the store locks this thread holds: a nested ``retry`` must not wait on itself
-
-
-@contextlib.contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
-    """An advisory lock on the sqlite store, across processes and threads; re-entrant per thread
-    (two ``flock`` calls on separate descriptors of one file block each other, even in one thread)."""
-    path = _lock_path(uri)
-    held = getattr(_HELD, "paths", None)
-    if held is None:
-        held = _HELD.paths = set()
-    if path is None or path in held:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        held.add(path)
-        try:
-            yield
-        finally:
-            held.discard(path)
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def retry_budget_s() -> float:
-    """Total seconds a tracking call is retried: ``RECAST_MLFLOW_RETRY_S`` (default 60)."""
-    raw = os.environ.get(RETRY_ENV, str(DEFAULT_RETRY_S))
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{RETRY_ENV}={raw!r}: expected a number of seconds") from None
-    if not 0 <= value < float("inf"):
-        raise ValueError(f"{RETRY_ENV}={raw!r}: expected a finite number of seconds >= 0")
-    return value
-
-
-def _short(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text[:200]}"
-
-
-def retry(fn: Callable[[], T], uri: str | None = None, what: str = "MLflow call") -> T:
-    """Call ``fn`` under the store lock, retrying transient errors (locked db, 5xx, connection)
-    with backoff for at most ``retry_budget_s()`` seconds; each retry is reported on stderr.
-
-    Raises:
-        TrackingUnavailable: still failing when the budget is spent.
-    """
-    uri = uri or tracking_uri()
-    budget = retry_budget_s()
-    deadline = time.monotonic() + budget
-    attempt = 0
-    while True:
-        try:
-            with _store_lock(uri):
-                return fn()
-        except Exception as err:  # noqa: BLE001 - re-raised unless transient
-            if not any(t in str(err).lower() for t in TRANSIENT):
-                raise
-            attempt += 1
-            wait = min(5.0, 0.2 * 2**attempt) * (0.5 + random.random())
-            left = deadline - time.monotonic()
-            if left < wait:
-                raise TrackingUnavailable(
-                    f"MLflow at {_display(uri)}: {what} failed {attempt} time(s) within {budget:.0f} s "
-                    f"({_short(err)}); set {RETRY_ENV} to retry longer") from None
-            print(f"[mlflow] {what} failed ({_short(err)}); retry {attempt} in {wait:.1f} s, "
-                  f"{left:.0f} s of {RETRY_ENV}={budget:.0f} left", file=sys.stderr, flush=True)
-            time.sleep(wait)
-
-
-def _display(uri: str) -> str:
-    """The URI without credentials."""
-    if "@" in uri and "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://{rest.split('@', 1)[1]}"
-    return uri
-
-
-def check_server(uri: str | None = None, timeout: float = HEALTH_TIMEOUT_S) -> None:
-    """For an http(s) tracking URI, GET ``<uri>/health`` once; TrackingUnavailable if it does not answer."""
-    uri = uri or tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as resp:
-            if resp.status == 200:
-                return
-            problem = f"HTTP {resp.status}"
-    except (urllib.error.URLError, OSError) as err:
-        problem = _short(err)
-    raise TrackingUnavailable(f"MLflow tracking server {_display(uri)} (MLFLOW_TRACKING_URI) does not answer within "
-                              f"{timeout:.0f} s ({problem}); start it, or unset MLFLOW_TRACKING_URI to use the local "
-                              "sqlite store")
-
-
-def make_client(uri: str | None = None) -> MlflowClient:
-    """An MlflowClient whose store is opened under the lock: a fresh sqlite store runs its schema
-    migrations on first open, which must not happen in two processes at once."""
-    uri = uri or tracking_uri()
-
-    def open_client() -> MlflowClient:
-        client = MlflowClient(uri, registry_uri=uri)  # the registry lives in the same store
-        client.search_experiments(max_results=1)  # opens the store (and runs its migrations) now
-        return client
-
-    return retry(open_client, uri=uri)
 
 
 class Tracker:
@@ -243,7 +95,7 @@ class Tracker:
         try:
             self.finish(status=status)
         except Exception as err:  # noqa: BLE001 - the stage's own error is the one to raise
-            print(f"[mlflow] could not end run {self.parent_id} as {status}: {_short(err)}", file=sys.stderr)
+            print(f"[mlflow] could not end run {self.parent_id} as {status}: {short_error(err)}", file=sys.stderr)
 
     def _end_stale_runs(self) -> None:
         """End as KILLED this stage's parent runs (and their unfinished children) left RUNNING by a
@@ -421,74 +273,6 @@ def _link_local_artifact(artifact_uri: str, source: Path) -> None:
         os.replace(tmp, logged)
     except OSError:  # another file system, or no hard links: MLflow's copy stays
         tmp.unlink(missing_ok=True)
-
-
-# ----------------------------------------------------------------------------- registry
-def registry_name(arch: str, task: str, method: str) -> str:
-    """Registered-model name of one task's payload: ``recast.<arch>.<method>.<task>``."""
-    return f"recast.{arch}.{method}.{task}"
-
-
-def register_payload(run_id: str, arch: str, task: str, method: str, tags: dict[str, str],
-                     accuracy: float | None = None) -> str:
-    """Register the payload logged under ``run_id`` as a new version; alias it ``current``
-    (and ``best`` when it beats the current best test accuracy). Returns the version.
-
-    Idempotent: a payload whose run already has a version is not registered again (its aliases
-    are set again when it is the latest version), so a resumed stage can register every job."""
-    uri = tracking_uri()
-    client = make_client(uri)
-    name = registry_name(arch, task, method)
-
-    def create() -> str:
-        try:
-            client.create_registered_model(name, tags={"arch": arch, "task": task, "method": method})
-        except Exception as err:  # noqa: BLE001
-            if "already exists" not in str(err).lower() and "resource_already_exists" not in str(err).lower():
-                raise
-        versions = client.search_model_versions(f"name = '{name}'", max_results=10000)
-        mine = [v for v in versions if v.run_id == run_id]
-        if mine:
-            mv = mine[0]
-            if int(mv.version) != max(int(v.version) for v in versions):
-                return str(mv.version)  # a later payload is current now
-        else:
-            run = client.get_run(run_id)
-            mv = client.create_model_version(name, f"{run.info.artifact_uri}/payload", run_id=run_id, tags=tags)
-        client.set_registered_model_alias(name, "current", mv.version)
-        best = None
-        try:
-            best = client.get_model_version_by_alias(name, "best")
-        except Exception:  # noqa: BLE001 - no best yet
-            best = None
-        prev = float(best.tags.get("test_acc", "-1")) if best is not None else -1.0
-        if accuracy is not None and accuracy >= prev:
-            client.set_registered_model_alias(name, "best", mv.version)
-        return str(mv.version)
-
-    return retry(create, uri=uri, what=f"registration of {name}")
-
-
-def list_registered(prefix: str = "recast.") -> list[dict[str, Any]]:
-    """Registered payloads: name, arch, task, method, latest version, aliases."""
-    client = make_client()
-    out = []
-    for rm in client.search_registered_models(max_results=1000):
-        if not rm.name.startswith(prefix):
-            continue
-        out.append({"name": rm.name, **rm.tags, "aliases": dict(getattr(rm, "aliases", {}) or {})})
-    return sorted(out, key=lambda d: d["name"])
-
-
-def download_payload(arch: str, task: str, method: str = "recast", alias: str = "current") -> Path:
-    """Download a registered payload's files from the current store (MLFLOW_TRACKING_URI or
-    the embedded one); returns the local directory."""
-    uri = tracking_uri()
-    client = make_client(uri)
-    mv = client.get_model_version_by_alias(registry_name(arch, task, method), alias)
-    dst = Path(tempfile.mkdtemp(prefix="recast-payload-"))
-    return Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="payload", dst_path=str(dst),
-                                                    tracking_uri=uri, registry_uri=uri))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

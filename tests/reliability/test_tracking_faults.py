@@ -12,9 +12,11 @@ import pytest
 from faults import free_port
 from mlflow.tracking import MlflowClient
 
-from stages.tracking import runs as tracking
+from stages.tracking import store
 from stages.config.common import IntegrityError, StageKilled, metrics_path
-from stages.tracking.runs import Tracker, TrackingUnavailable, register_payload, retry
+from stages.tracking.payloads import register_payload
+from stages.tracking.runs import Tracker
+from stages.tracking.store import TrackingUnavailable, retry
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +47,8 @@ def test_server_down_at_start_fails_fast_naming_it(monkeypatch):
 
 
 def test_retries_are_bounded_and_reported(monkeypatch, capsys, tmp_path):
-    monkeypatch.setenv(tracking.RETRY_ENV, "1.5")
-    monkeypatch.setattr(tracking.random, "random", lambda: 0.5)  # no jitter: waits 0.4 s, 0.8 s, then 1.6 > 0.3 left
+    monkeypatch.setenv(store.RETRY_ENV, "1.5")
+    monkeypatch.setattr(store.random, "random", lambda: 0.5)  # no jitter: waits 0.4 s, 0.8 s, then 1.6 > 0.3 left
     calls = []
 
     def down():
@@ -60,9 +62,9 @@ def test_retries_are_bounded_and_reported(monkeypatch, capsys, tmp_path):
     assert "[mlflow] log metrics failed (ConnectionError: Connection refused); retry 1" in capsys.readouterr().err
     with pytest.raises(KeyError):  # not transient: raised at once
         retry(lambda: {}["missing"], uri=f"sqlite:///{tmp_path}/x.db")
-    monkeypatch.setenv(tracking.RETRY_ENV, "inf")
+    monkeypatch.setenv(store.RETRY_ENV, "inf")
     with pytest.raises(ValueError, match="RECAST_MLFLOW_RETRY_S"):
-        tracking.retry_budget_s()
+        store.retry_budget_s()
 
 
 def test_mlflow_http_client_does_not_retry_on_its_own():

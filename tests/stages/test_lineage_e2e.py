@@ -49,7 +49,7 @@ def repro(pipeline_run):
 def client(repro, monkeypatch):
     root, _ = repro
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-    from stages.tracking.runs import make_client
+    from stages.tracking.store import make_client
 
     return make_client()
 

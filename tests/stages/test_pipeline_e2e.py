@@ -56,7 +56,7 @@ def test_clean_run_produces_sane_metrics(pipeline_run):
 def test_registry_lists_every_payload_and_loads_one(pipeline_run, monkeypatch):
     root = pipeline_run.root
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-    from stages.tracking.runs import download_payload, list_registered
+    from stages.tracking.payloads import download_payload, list_registered
 
     names = {r["name"] for r in list_registered()}
     assert f"recast.vit.recast.{TASKS[0]}" in names and f"recast.resnet.clr_recast.{TASKS[1]}" in names

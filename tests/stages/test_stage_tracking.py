@@ -8,7 +8,8 @@ import pytest
 
 def _worker(uri: str, idx: int, n: int) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    from stages.tracking.runs import Tracker, register_payload
+    from stages.tracking.payloads import register_payload
+    from stages.tracking.runs import Tracker
 
     tr = Tracker(f"stage{idx}", "concurrency")
     for j in range(n):
@@ -33,7 +34,7 @@ def test_concurrent_writers_lose_nothing(tmp_path, monkeypatch):
         assert p.exitcode == 0
     from mlflow.tracking import MlflowClient
 
-    from stages.tracking.runs import list_registered
+    from stages.tracking.payloads import list_registered
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("concurrency")
@@ -60,7 +61,8 @@ def test_download_payload_reads_the_configured_store(tmp_path, monkeypatch):
     process, with MLFLOW_TRACKING_URI set again since) must not redirect the download."""
     import mlflow
 
-    from stages.tracking.runs import Tracker, download_payload, register_payload
+    from stages.tracking.payloads import download_payload, register_payload
+    from stages.tracking.runs import Tracker
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -83,7 +85,8 @@ def test_download_payload_reads_the_configured_store(tmp_path, monkeypatch):
 
 def test_registry_cli_lists_and_fetches(tmp_path, monkeypatch, capsys):
     from stages.tracking.registry import main
-    from stages.tracking.runs import Tracker, register_payload
+    from stages.tracking.payloads import register_payload
+    from stages.tracking.runs import Tracker
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     tr = Tracker("tune", "cli")
