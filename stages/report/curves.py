@@ -1,8 +1,9 @@
-"""The parent run's picture of its jobs' learning curves (train loss, validation accuracy and
-learning rate per epoch), one line per job."""
+"""Figures: the parent run's picture of its jobs' learning curves (train loss, validation accuracy
+and learning rate per epoch, one line per job), and the report's accuracy against parameters."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -44,3 +45,24 @@ def save_figure(fig: plt.Figure, path: Path, dpi: int) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def plot_params_vs_acc(summary: dict[str, dict], path: Path) -> Path:
+    """Per arch, each method's average test accuracy against its trainable parameters per task (log x)."""
+    archs = sorted({k.split("/")[0] for k in summary})
+    fig, axes = plt.subplots(1, len(archs), figsize=(5.5 * len(archs), 4.2), squeeze=False)
+    for ax, arch in zip(axes[0], archs):
+        for key, v in sorted(summary.items()):
+            a, method = key.split("/", 1)
+            if a != arch or "avg_test_acc" not in v:
+                continue
+            x = v.get("trainable_params") or v.get("trainable_params_per_task") or 1
+            x = statistics.mean(x) if isinstance(x, list) else x
+            ax.scatter([x], [100 * v["avg_test_acc"]], s=40)
+            ax.annotate(method, (x, 100 * v["avg_test_acc"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters per task (log)")
+        ax.set_ylabel("average test accuracy (%)")
+        ax.set_title(arch)
+        ax.grid(alpha=0.3)
+    return save_figure(fig, path, dpi=110)

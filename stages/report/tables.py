@@ -89,3 +89,13 @@ def method_stats(acc: pd.DataFrame, paper: dict[tuple[str, str], float] | None =
         out["paper"] = out["paper"].astype("float64")
         out["diff"] = 100 * out["mean"] - out["paper"]
     return out
+
+
+def sequential_forgetting(results: list[dict], method: str = "recast") -> dict[str, dict[str, Any]]:
+    """Per arch, the accuracy matrix of ``method`` trained task after task on ONE model (the tune
+    stage's continual job of that method, first seed): the report's forgetting."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in sorted((r for r in results if r.get("sequential") and r["method"] == method), key=lambda r: r["seed"]):
+        out.setdefault(r["arch"], {"tasks": r["task_names"], "acc_matrix": r["acc_matrix"],
+                                   "avg_forgetting": r["avg_forgetting"]})
+    return out

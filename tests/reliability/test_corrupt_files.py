@@ -15,7 +15,7 @@ import torch
 from stages.jobs import fanout
 from stages.jobs.backbones import load_backbone
 from stages.config.common import IntegrityError
-from stages.evaluate import reload_spec
+from stages.jobs.reload import reload_spec
 from stages.jobs.inputs import InputStore
 from stages.config.params import TuneParams
 

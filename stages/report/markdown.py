@@ -1,0 +1,143 @@
+"""The Markdown report (``reports/report.md``): each section a pandas DataFrame of formatted
+cells, written with ``DataFrame.to_markdown`` (pipe tables; ``tabulate`` underneath, with its
+number parsing off so that every cell reads exactly as formatted here).
+
+Sections: the Neural Mimicry table; per architecture, the task-wise test accuracy (Tables 1/2
+style, from ``stages.report.tables.task_stats``/``method_stats``); the accuracy matrices of
+RECAST trained task after task and of the payload-loading check; the lineage of the results.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import pandas as pd
+
+
+def table(frame: pd.DataFrame) -> str:
+    """``frame`` (cells already formatted as text) as a Markdown pipe table, without its index."""
+    return frame.to_markdown(index=False, tablefmt="pipe", disable_numparse=True, missingval="")
+
+
+def section(title: str, frame: pd.DataFrame, intro: str = "") -> list[str]:
+    """A ``## title`` section: optional intro paragraph, the table, a blank line."""
+    return [f"## {title}", "", *([intro, ""] if intro else []), table(frame), ""]
+
+
+def pm(mean: float, std: float) -> str:
+    """``mean ± std`` in percent; ``-`` for the std of a single seed."""
+    return f"{100 * mean:.2f} ± " + ("-" if pd.isna(std) else f"{100 * std:.2f}")
+
+
+def count(value: float | list | None) -> int | str:
+    """A per-task count for the report: the mean of a per-task list, ``-`` when absent."""
+    if value is None:
+        return "-"
+    return int(statistics.mean(value)) if isinstance(value, list) else int(value)
+
+
+def cell(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    return "-" if value is None else f"{scale * value:.{digits}f}"
+
+
+MIMICRY_COLUMNS = ["arch", "min weight cos", "min feature cos", "acc original", "acc reconstructed",
+                   "top-1 agreement on tasks", "penultimate cos on tasks", "templates", "coefs/task", "seconds"]
+
+
+def mimicry_frame(mimic: dict[str, dict]) -> pd.DataFrame:
+    """One row per arch (the reconstruction tuning starts from), then one per ablation (other
+    reconstructions, never tuned: gradient, VAE)."""
+    rows = []
+    for arch, m in sorted(mimic.items()):
+        rows.append([arch, cell(m.get("min_weight_cosine"), digits=6), cell(m.get("min_feature_cosine"), digits=6),
+                     cell(m.get("acc_original"), 100), cell(m.get("acc_reconstructed"), 100),
+                     cell(m.get("top1_agreement"), 100), cell(m.get("penultimate_cosine"), digits=6),
+                     str(m.get("templates", "")), str(m.get("coefficients_per_task", "")), f"{m.get('seconds', 0):.2f}"])
+        for key, ab in sorted(m.items()):
+            if key.startswith("ablation.") and isinstance(ab, dict):
+                rows.append([f"{arch} ({key[len('ablation.'):]})", cell(ab.get("min_weight_cosine"), digits=6),
+                             cell(ab.get("min_feature_cosine"), digits=6), "-", cell(ab.get("acc_reconstructed"), 100),
+                             "-", "-", "", "", f"{ab.get('seconds', 0):.2f}"])
+    return pd.DataFrame(rows, columns=MIMICRY_COLUMNS)
+
+
+def accuracy_frame(arch: str, summary: dict[str, dict], tasks: pd.DataFrame, methods: pd.DataFrame,
+                   forgetting: dict[str, dict], task_order: list[str] | None = None) -> pd.DataFrame:
+    """Task-wise test accuracy of ``arch``, one row per method (fewest trainable parameters
+    first): per task mean ± std over seeds, the average, the paper's number when ``methods`` has
+    it, forgetting, parameters and bytes per task, wall time."""
+    t_arch = tasks[tasks["arch"] == arch]
+    present = list(t_arch["task"].unique())
+    order = [t for t in (task_order or []) if t in present] + sorted(set(present) - set(task_order or []))
+    paper = "paper" in methods.columns
+    head = ["method", *order, "avg (mean ± std over seeds)", "seeds", *(["paper", "ours - paper"] if paper else []),
+            "forgetting", "method params/task", "head params/task", "bytes/task", "wall s"]
+    m_arch = methods[methods["arch"] == arch].set_index("method")
+
+    def params_key(kv: tuple[str, dict]) -> Any:
+        tp = kv[1].get("trainable_params", 0)
+        return tp if not isinstance(tp, list) else 0
+
+    rows = []
+    for key, v in sorted(summary.items(), key=params_key):
+        a, method = key.split("/", 1)
+        if a != arch or method not in m_arch.index:
+            continue
+        by_task = t_arch[t_arch["method"] == method].set_index("task")
+        cells = [pm(by_task.at[t, "mean"], by_task.at[t, "std"]) if t in by_task.index else "-" for t in order]
+        m = m_arch.loc[method]
+        extra = []
+        if paper:
+            extra = ["-" if pd.isna(m["paper"]) else f"{m['paper']:.1f}", "-" if pd.isna(m["diff"]) else f"{m['diff']:+.2f}"]
+        forg = v.get("avg_forgetting")
+        if method == "recast" and arch in forgetting:
+            forg = forgetting[arch]["avg_forgetting"]
+        by = v.get("bytes", v.get("bytes_per_task", "-"))
+        by = int(statistics.mean(by)) if isinstance(by, list) else (int(by) if by != "-" else by)
+        wall = v.get("train_seconds", v.get("wall_time_s", 0))
+        wall = sum(wall) if isinstance(wall, list) else wall
+        rows.append([method, *cells, pm(m["mean"], m["std"]), str(int(m["n_seeds"])), *extra,
+                     "-" if forg is None else f"{100 * forg:.2f}", str(count(v.get("task_params", v.get("trainable_params")))),
+                     str(count(v.get("head_params"))), str(by), f"{wall:.1f}"])
+    return pd.DataFrame(rows, columns=head)
+
+
+def matrix_frame(f: dict[str, Any]) -> pd.DataFrame:
+    """An accuracy matrix (%): row i = after task i, column j = on task j (blank above the diagonal)."""
+    rows = [[t, *("" if a is None else f"{100 * a:.2f}" for a in row)] for t, row in zip(f["tasks"], f["acc_matrix"])]
+    return pd.DataFrame(rows, columns=["after \\ on", *f["tasks"]])
+
+
+def lineage_frame(lineage: pd.DataFrame) -> pd.DataFrame:
+    """The jobs of the results tables grouped by code commit, dirtiness and params digest."""
+    groups = lineage.groupby(["git_commit", "git_dirty", "params_sha256"], dropna=False).size()
+    rows = [[str(commit), str(dirty), str(params)[:16], str(n)] for (commit, dirty, params), n in groups.items()]
+    return pd.DataFrame(rows, columns=["git commit", "dirty", "params sha256", "jobs"])
+
+
+SEQUENTIAL_TITLE = ("RECAST trained task after task on one model: every task re-evaluated after each new one "
+                    "(continual protocol; forgetting above comes from this)")
+RELOAD_TITLE = "loading check: RECAST payloads loaded into one model, earlier tasks re-evaluated after each load"
+LINEAGE_INTRO = ("Every accuracy above is the mean over the jobs of `outputs/{tune,combine}/results.parquet`; each "
+                 "row there names its MLflow run (`run_id`), code (`git_commit`), params and data digests.")
+
+
+def markdown(summary: dict[str, dict], tasks: pd.DataFrame, methods: pd.DataFrame, forgetting: dict[str, dict],
+             mimic: dict, task_order: list[str] | None = None, reload: dict[str, dict] | None = None,
+             lineage: pd.DataFrame | None = None) -> str:
+    """The report. ``tasks``/``methods``: ``stages.report.tables.task_stats``/``method_stats``
+    frames; ``summary``: the tune and combine stages' metrics; ``forgetting``/``reload``: per arch
+    an accuracy matrix; ``lineage``: the jobs' results table (its lineage columns)."""
+    lines = ["# RECAST report", ""]
+    if mimic:
+        lines += section("Neural Mimicry", mimicry_frame(mimic))
+    for arch in sorted({k.split("/")[0] for k in summary}):
+        lines += section(f"{arch}: task-wise test accuracy (%), mean ± std over seeds",
+                         accuracy_frame(arch, summary, tasks, methods, forgetting, task_order))
+    for title, matrices in ((SEQUENTIAL_TITLE, forgetting), (RELOAD_TITLE, reload or {})):
+        for arch, f in sorted(matrices.items()):
+            lines += section(f"{arch}: {title}", matrix_frame(f))
+    if lineage is not None and "git_commit" in lineage.columns:
+        lines += section("Lineage", lineage_frame(lineage), LINEAGE_INTRO)
+    return "\n".join(lines)
