@@ -1,4 +1,5 @@
-"""Class-balanced replay memory stored as tensors, and per-task-head losses over its samples."""
+"""Replay memories stored as tensors (reservoir, class-balanced) and per-task-head losses over
+their samples."""
 
 from __future__ import annotations
 
@@ -13,17 +14,14 @@ from recast.baselines.common import MultiHeadNet
 from recast.checks import check_int
 
 
-class ClassBalancedBuffer:
-    """Fixed-size memory kept balanced over the classes seen so far (GDumb's greedy sampler).
+class TensorMemory:
+    """Fixed-size replay memory stored as tensors; subclasses choose the slot of each sample.
 
-    A class is a ``(task_id, label)`` pair. A new sample of class y is stored when y holds
-    fewer than ``capacity / classes_seen`` samples; if the memory is full, a random sample of
-    the currently largest class (ties: the earliest-seen class) is replaced. Once full, every
-    class holds ``floor`` or ``ceil`` of ``capacity / classes_seen`` samples.
+    Stores images, labels, task ids and (optionally, DER++) zero-padded logits per slot.
 
     Args:
         capacity: number of samples held at most (M).
-        generator: CPU generator of the eviction choices (None: torch's global RNG).
+        generator: CPU generator of the slot and sampling choices (None: torch's global RNG).
     """
 
     def __init__(self, capacity: int, generator: torch.Generator | None = None) -> None:
@@ -33,16 +31,14 @@ class ClassBalancedBuffer:
         self.labels = torch.zeros(capacity, dtype=torch.long)
         self.task_ids = torch.zeros(capacity, dtype=torch.long)
         self.logits: Tensor | None = None  # (M, max classes), zero padded
-        self._classes: list[tuple[int, int]] = []  # class of every slot
-        self._seen: dict[tuple[int, int], int] = {}  # class -> first-seen order
-        self._counts: Counter[tuple[int, int]] = Counter()
 
     def __len__(self) -> int:
         return self.size
 
     def class_counts(self) -> dict[tuple[int, int], int]:
         """Samples held per ``(task_id, label)``."""
-        return {c: n for c, n in self._counts.items() if n > 0}
+        pairs = zip(self.task_ids[:self.size].tolist(), self.labels[:self.size].tolist())
+        return dict(Counter(pairs))
 
     def add(self, images: Tensor, labels: Tensor, task_id: int, logits: Tensor | None = None) -> None:
         """Offer a batch of one task to the memory (detached copies are stored)."""
@@ -54,20 +50,9 @@ class ClassBalancedBuffer:
             self._fit_logits(logits.detach())
         writes: dict[int, int] = {}  # slot -> batch index (a slot refilled twice keeps the last)
         for i, label in enumerate(labels.tolist()):
-            cls = (task_id, int(label))
-            self._seen.setdefault(cls, len(self._seen))
-            if self._counts[cls] >= self.capacity / len(self._seen):
-                continue
-            if self.size < self.capacity:
-                slot = self.size
-                self.size += 1
-                self._classes.append(cls)
-            else:
-                slot = self._evict_slot()
-                self._counts[self._classes[slot]] -= 1
-                self._classes[slot] = cls
-            self._counts[cls] += 1
-            writes[slot] = i
+            slot = self._slot(task_id, int(label))
+            if slot is not None:
+                writes[slot] = i
         if not writes:
             return
         slots = torch.tensor(list(writes), device=self.labels.device)
@@ -80,12 +65,9 @@ class ClassBalancedBuffer:
             if logits is not None:
                 self.logits[slots, :logits.shape[1]] = logits[rows].to(self.logits.dtype)
 
-    def _evict_slot(self) -> int:
-        """A random slot of the largest class (earliest seen on ties)."""
-        largest = max(self._counts, key=lambda c: (self._counts[c], -self._seen[c]))
-        slots = [s for s, c in enumerate(self._classes) if c == largest]
-        pick = int(torch.randint(len(slots), (1,), generator=self.generator))
-        return slots[pick]
+    def _slot(self, task_id: int, label: int) -> int | None:
+        """Slot that receives the offered sample (growing ``size``), or None to drop it."""
+        raise NotImplementedError
 
     def _fit_logits(self, logits: Tensor) -> None:
         """Allocate or widen the zero-padded logit store to ``logits.shape[1]`` columns."""
@@ -121,6 +103,69 @@ class ClassBalancedBuffer:
         if self.images is None:
             return {}
         return self._select(torch.arange(self.size, device=self.labels.device))
+
+
+class ReservoirBuffer(TensorMemory):
+    """Reservoir sampling (Vitter, 1985), the memory of ER-ACE and DER++ in their references
+    (Mammoth's ``Buffer``): the first M samples fill the slots; the n-th sample after that
+    (n counted from 0 over the whole stream) draws r uniform in ``[0, n]`` and replaces slot r
+    if ``r < M``. Every sample seen so far is held with probability M / n, whatever its class.
+    """
+
+    def __init__(self, capacity: int, generator: torch.Generator | None = None) -> None:
+        super().__init__(capacity, generator)
+        self.seen = 0  # samples offered so far
+
+    def _slot(self, task_id: int, label: int) -> int | None:
+        n, self.seen = self.seen, self.seen + 1
+        if n < self.capacity:
+            self.size += 1
+            return n
+        r = int(torch.randint(n + 1, (1,), generator=self.generator))
+        return r if r < self.capacity else None
+
+
+class ClassBalancedBuffer(TensorMemory):
+    """Fixed-size memory kept balanced over the classes seen so far (GDumb's greedy sampler,
+    Prabhu et al. 2020, Algorithm 1).
+
+    A class is a ``(task_id, label)`` pair. A new sample of class y is stored when y holds
+    fewer than ``capacity / classes_seen`` samples; if the memory is full, a random sample of
+    the currently largest class (ties: the earliest-seen class) is replaced. Once full, every
+    class holds ``floor`` or ``ceil`` of ``capacity / classes_seen`` samples.
+    """
+
+    def __init__(self, capacity: int, generator: torch.Generator | None = None) -> None:
+        super().__init__(capacity, generator)
+        self._classes: list[tuple[int, int]] = []  # class of every slot
+        self._seen: dict[tuple[int, int], int] = {}  # class -> first-seen order
+        self._counts: Counter[tuple[int, int]] = Counter()
+
+    def class_counts(self) -> dict[tuple[int, int], int]:
+        return {c: n for c, n in self._counts.items() if n > 0}
+
+    def _slot(self, task_id: int, label: int) -> int | None:
+        cls = (task_id, label)
+        self._seen.setdefault(cls, len(self._seen))
+        if self._counts[cls] >= self.capacity / len(self._seen):
+            return None
+        if self.size < self.capacity:
+            slot = self.size
+            self.size += 1
+            self._classes.append(cls)
+        else:
+            slot = self._evict_slot()
+            self._counts[self._classes[slot]] -= 1
+            self._classes[slot] = cls
+        self._counts[cls] += 1
+        return slot
+
+    def _evict_slot(self) -> int:
+        """A random slot of the largest class (earliest seen on ties)."""
+        largest = max(self._counts, key=lambda c: (self._counts[c], -self._seen[c]))
+        slots = [s for s, c in enumerate(self._classes) if c == largest]
+        pick = int(torch.randint(len(slots), (1,), generator=self.generator))
+        return slots[pick]
 
 
 def grouped_logits(net: MultiHeadNet, images: Tensor, task_ids: Tensor,

@@ -19,7 +19,7 @@ class DERPPConfig:
     """DER++ settings.
 
     Attributes:
-        memory_size: samples held in the class-balanced memory (M).
+        memory_size: samples held in the reservoir memory (M).
         replay_batch_size: buffer samples per draw (two independent draws per step).
         alpha: weight of the logit MSE term.
         beta: weight of the buffer-label cross-entropy term.
@@ -59,16 +59,16 @@ class DERPP(ReplayMethod):
             entries += logits.numel()
         return squared / entries
 
-    def training_loss(self, x: Tensor, y: Tensor, task: TaskSpec) -> Tensor:
+    def training_loss(self, x: Tensor, y: Tensor, task: TaskSpec, raw: Tensor | None = None) -> Tensor:
         assert self.buffer is not None
         logits = self(x, task.name)
         loss = F.cross_entropy(logits, y)
         if len(self.buffer) > 0:
             if self.cfg.alpha > 0:
                 loss = loss + self.cfg.alpha * self.logit_replay_loss(
-                    self.buffer.sample(self.cfg.replay_batch_size))
+                    self.sample_replay(self.cfg.replay_batch_size))
             if self.cfg.beta > 0:
                 loss = loss + self.cfg.beta * replay_cross_entropy(
-                    self.net, self.buffer.sample(self.cfg.replay_batch_size), self.tasks)
-        self.buffer.add(x, y, self.task_id, logits=logits.detach())
+                    self.net, self.sample_replay(self.cfg.replay_batch_size), self.tasks)
+        self.buffer.add(x if raw is None else raw, y, self.task_id, logits=logits.detach())
         return loss

@@ -9,10 +9,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
 
 from recast.baselines.common import TaskSpec
 from recast.baselines.method import ContinualMethod, move
 from recast.checks import check_int, check_positive
+
+FISHER_CHUNK = 16  # samples per vmap chunk of the per-sample Fisher gradients
 
 
 @dataclass(frozen=True)
@@ -20,7 +23,8 @@ class EWCConfig:
     """EWC settings.
 
     Attributes:
-        lam: penalty weight lambda in ``lam / 2 * sum_i F_i (theta_i - theta*_i)^2``.
+        lam: penalty weight lambda in ``lam * sum_i F_i (theta_i - theta*_i)^2``: Mammoth's
+            ``e_lambda`` (its ``ewc_on`` has no 1/2), so a lambda tuned there means the same here.
         gamma: decay of the accumulated Fisher, ``F <- gamma * F + F_task`` (1.0: plain sum
             over tasks, equivalent to one penalty per task with a single anchor).
         fisher_max_batches: batches used to estimate the Fisher (None: the whole train split).
@@ -40,12 +44,14 @@ class EWCConfig:
 
 class EWC(ContinualMethod):
     """Shared backbone + task heads; a quadratic penalty anchors the backbone to its values
-    after the previous tasks, weighted by a diagonal empirical Fisher.
+    after the previous tasks, weighted by a diagonal Fisher.
 
-    Fisher of a task: over its training batches (eval mode, true labels), the squared gradient
-    of the batch-mean cross-entropy times the batch size, averaged over samples (the common
-    batch approximation of the per-sample empirical Fisher). Only backbone parameters are
-    penalised; old heads are not trained. Trainable per task: backbone + current head.
+    Fisher of a task, as Mammoth's ``ewc_on``: over its training samples (eval mode), the
+    per-sample squared gradient of the cross-entropy of the true label, weighted by the
+    model's probability of that label, ``p(y|x) * (d log p(y|x) / d theta)^2``, summed and
+    divided by the number of samples. Online: ``F <- gamma * F + F_task``. Only backbone
+    parameters are penalised; old heads are not trained. Trainable per task: backbone +
+    current head.
     """
 
     name = "ewc"
@@ -57,12 +63,12 @@ class EWC(ContinualMethod):
         self.anchor: dict[str, Tensor] = {}
 
     def penalty(self) -> Tensor:
-        """``lam / 2 * sum F (theta - theta*)^2`` (zero before the first task ends)."""
+        """``lam * sum F (theta - theta*)^2`` (zero before the first task ends)."""
         total = torch.zeros((), device=self.device)
         for name, param in self.net.backbone.named_parameters():
             if name in self.fisher:
                 total = total + (self.fisher[name] * (param - self.anchor[name]) ** 2).sum()
-        return 0.5 * self.cfg.lam * total
+        return self.cfg.lam * total
 
     def training_loss(self, x: Tensor, y: Tensor, task: TaskSpec) -> Tensor:
         return F.cross_entropy(self(x, task.name), y) + self.penalty()
@@ -75,22 +81,35 @@ class EWC(ContinualMethod):
         self.anchor = {n: p.detach().clone() for n, p in self.net.backbone.named_parameters()}
 
     def estimate_fisher(self, task: TaskSpec, train: Iterable[Any]) -> dict[str, Tensor]:
-        """Diagonal empirical Fisher of the backbone parameters on ``train``."""
-        params = {n: p for n, p in self.net.backbone.named_parameters() if p.requires_grad}
+        """Diagonal Fisher of the backbone parameters on ``train`` (see the class docstring).
+
+        Per-sample gradients come from ``torch.func`` (``vmap`` of ``grad``), in chunks of
+        ``FISHER_CHUNK`` samples; parameters are detached copies, so no ``.grad`` is touched.
+        """
+        params = {n: p.detach() for n, p in self.net.backbone.named_parameters() if p.requires_grad}
+        head = self.net.head(task.name)
+        backbone = self.net.backbone
+
+        def log_likelihood(p: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            logits = head(functional_call(backbone, p, (x[None],)))  # (1, C)
+            value = -F.cross_entropy(logits, y[None])
+            return value, value.detach()
+
+        per_sample = vmap(grad(log_likelihood, has_aux=True), in_dims=(None, 0, 0),
+                          chunk_size=FISHER_CHUNK)
         fisher = {n: torch.zeros_like(p) for n, p in params.items()}
         was_training, samples = self.training, 0
         self.eval()
         for index, batch in enumerate(train):
             if self.cfg.fisher_max_batches is not None and index >= self.cfg.fisher_max_batches:
                 break
-            x, y = move(batch, self.device)
-            self.zero_grad(set_to_none=True)
-            F.cross_entropy(self(x, task.name), y).backward()
-            for name, param in params.items():
-                if param.grad is not None:
-                    fisher[name] += param.grad.detach() ** 2 * y.numel()
+            x, y = move(tuple(batch[:2]), self.device)
+            with torch.no_grad():  # no outer graph (the heads' parameters require grad)
+                grads, log_p = per_sample(params, x, y)  # grads[name]: (B, *shape); log_p: (B,)
+            weight = log_p.exp()
+            for name, g in grads.items():
+                fisher[name] += torch.einsum("b,b...->...", weight, g ** 2)
             samples += y.numel()
-        self.zero_grad(set_to_none=True)
         self.train(was_training)
         if samples == 0:
             raise ValueError(f"task {task.name!r}: no training batches to estimate the Fisher")

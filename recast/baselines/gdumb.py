@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,12 +84,22 @@ class _MemoryBatches:
             yield b["images"], b["labels"], b["task_ids"]
 
 
+def _raw_view(batch: Any) -> tuple[Tensor, Tensor]:
+    """``(raw images, labels)`` of a ``(images, labels[, raw_images])`` training batch."""
+    return (batch[2] if len(batch) > 2 else batch[0]), batch[1]
+
+
 class GDumb(ContinualMethod):
     """The stream only fills the memory (one pass over each task's training batches, no
     training on it). After each task the backbone is reset to its initial weights, all heads
     are re-initialised, and the network is trained for ``cfg.epochs`` on the memory alone,
     every sample through its own task head, with GDumb's cutmix (partners inside each task).
     GDumb's SGDR schedule is not used: the runner's optimiser and StepLR schedule are.
+
+    The memory is the class-balanced greedy sampler of the GDumb paper (Algorithm 1), not the
+    reservoir Mammoth's ``gdumb`` uses. As in the references it holds the raw view of a
+    ``(images, labels, raw_images)`` batch, and ``replay_augment`` (None: train on the stored
+    images) augments every memory batch again, before cutmix.
 
     Trainable per task: backbone + every head seen so far. Training state: the memory and the
     initial backbone.
@@ -102,6 +112,7 @@ class GDumb(ContinualMethod):
         self.cfg = cfg or GDumbConfig()
         self.initial_backbone = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
         self.buffer: ClassBalancedBuffer | None = None
+        self.replay_augment: Callable[[Tensor, Tensor], Tensor] | None = None  # (images, task ids)
         self.gen = torch.Generator().manual_seed(0)  # reseeded from the global RNG at the first task
 
     def before_task(self, task: TaskSpec) -> None:
@@ -117,7 +128,8 @@ class GDumb(ContinualMethod):
     def fill_memory(self, train: Iterable[Any]) -> None:
         """Offer every training sample of the current task to the memory once."""
         assert self.buffer is not None
-        for x, y in train:
+        for batch in train:
+            x, y = _raw_view(batch)
             self.buffer.add(x.to(self.device), y.to(self.device), len(self.tasks) - 1)
 
     def reset(self) -> None:
@@ -138,6 +150,8 @@ class GDumb(ContinualMethod):
         """Cross-entropy of a memory batch through each sample's task head; with probability
         ``cutmix_prob`` the batch is cutmixed within tasks and the loss mixes both labels."""
         images, labels, task_ids = batch
+        if self.training and self.replay_augment is not None:
+            images = self.replay_augment(images, task_ids)
         partner, lam = None, 1.0
         if self.training and self.cfg.cutmix_prob > 0 and float(torch.rand((), generator=self.gen)) < self.cfg.cutmix_prob:
             images, partner, lam = cutmix_within_tasks(images, task_ids, self.cfg.cutmix_alpha, self.gen)

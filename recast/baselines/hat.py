@@ -1,7 +1,12 @@
-"""HAT: hard attention to the task (Serra et al., 2018) on timm ViT and ResNet backbones."""
+"""HAT: hard attention to the task (Serra et al., 2018) on timm ViT and ResNet backbones.
+
+Checked against the authors' code, joansj/hat at 6fd0b9d (``src/approaches/hat.py``,
+``src/networks/alexnet_hat.py``); see tests/baselines/test_reference_hat.py.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -16,6 +21,7 @@ from torch import Tensor, nn
 from recast.baselines.common import TaskSpec
 from recast.baselines.method import ContinualMethod, unique_parameters
 from recast.checks import check_positive
+from recast.training import TuneConfig
 
 
 @dataclass(frozen=True)
@@ -23,14 +29,21 @@ class HATConfig:
     """HAT settings (defaults from the paper and its code).
 
     Attributes:
-        s_max: final gate scale; s is annealed from 1/s_max to s_max over each epoch's batches.
+        s_max: gate scale at test time; while training, batch b of an epoch of B batches uses
+            ``1/s_max + (s_max - 1/s_max) * b / B`` (the authors' ``i / len(r)`` on the batch's
+            first sample, exact when the batches are equal), so the last batch stays below s_max.
         reg_lambda: weight c of the mask-sparsity regulariser.
         clamp_cosh: clamp of ``s * e`` in the embedding-gradient compensation.
         clamp_embedding: task embeddings are clamped to ``[-clamp_embedding, clamp_embedding]``.
         ungated: parameters outside the gated units (attention, norms, stem, downsample): train
             them on the first task only (``"freeze_after_first"``, which also freezes
             BatchNorm statistics from the second task on) or on every task (``"train"``,
-            unprotected).
+            unprotected). The authors' networks gate every layer, so they have no such
+            parameter; freezing them is their rule with the ungated sides counted as used.
+        grad_clip: global gradient-norm clip of HAT's training (replaces the run's
+            ``grad_clip``): the authors' 10000. The embedding-gradient compensation multiplies
+            those gradients by up to ``s_max^2``, so a clip of 1.0 would shrink every weight
+            gradient with them. None: no clipping.
     """
 
     s_max: float = 400.0
@@ -38,6 +51,7 @@ class HATConfig:
     clamp_cosh: float = 50.0
     clamp_embedding: float = 6.0
     ungated: Literal["freeze_after_first", "train"] = "freeze_after_first"
+    grad_clip: float | None = 10000.0
 
     def __post_init__(self) -> None:
         check_positive("HATConfig.s_max", self.s_max)
@@ -49,6 +63,8 @@ class HATConfig:
         if self.ungated not in ("freeze_after_first", "train"):
             raise ValueError(f"HATConfig.ungated must be 'freeze_after_first' or 'train', "
                              f"got {self.ungated!r}")
+        if self.grad_clip is not None:
+            check_positive("HATConfig.grad_clip", self.grad_clip)
 
 
 @dataclass
@@ -128,10 +144,11 @@ class HAT(ContinualMethod):
 
     Gradient compensation (paper eq. 5): ``g_ij *= 1 - min(a_i^{<t}, a_j^{<t})`` over the
     units a weight connects; an ungated side (residual stream, block input) counts as used
-    (a = 1), so the factor is ``1 - a`` of the gated side. The same factor is also applied to
-    the update itself (``theta <- theta_old + factor * (theta_new - theta_old)``) so that Adam's
-    normalisation of tiny gradients and weight decay cannot move protected weights; with plain
-    SGD this is the paper's rule exactly. Loss adds ``c * sum a^t (1 - a^{<t}) / sum (1 - a^{<t})``.
+    (a = 1), so the factor is ``1 - a`` of the gated side. The factor is applied once: to the
+    gradient before clipping with SGD without weight decay (the authors' rule), otherwise to the
+    update (``theta <- theta_old + factor * (theta_new - theta_old)``): AdamW's per-parameter
+    normalisation would undo a constant gradient factor, and weight decay would move protected
+    weights. Loss adds ``c * sum a^t (1 - a^{<t}) / sum (1 - a^{<t})``.
     Trainable per task: gated parameters (plus the ungated ones on the first task or with
     ``ungated="train"``) + the task embedding + the task head.
     """
@@ -149,6 +166,7 @@ class HAT(ContinualMethod):
             self.register_buffer(f"cumulative_{i}", torch.zeros(site.units))
         self._gates: list[Tensor] | None = None
         self._before: list[Tensor] = []
+        self._mask_update = False  # set by fit_task: plain SGD masks the gradient, AdamW (or weight decay) the update
         self._hooks = [s.module.register_forward_hook(self._gate_hook(i))
                        for i, s in enumerate(self.sites)]
 
@@ -188,11 +206,16 @@ class HAT(ContinualMethod):
         return self.gated_forward(x, task, self.cfg.s_max)[0]
 
     def current_scale(self) -> float:
-        """Annealed s for the current batch: 1/s_max at the first batch, s_max at the last."""
+        """Annealed s of the current batch: ``1/s_max + (s_max - 1/s_max) * b / B``."""
         if self.num_batches is None:
             raise TypeError("HAT anneals s over an epoch: the training batches need a len()")
-        frac = self.batch_index / max(self.num_batches - 1, 1)
+        frac = self.batch_index / max(self.num_batches, 1)
         return 1.0 / self.cfg.s_max + (self.cfg.s_max - 1.0 / self.cfg.s_max) * frac
+
+    def fit_task(self, task: TaskSpec, cfg: TuneConfig, progress: bool = False) -> None:
+        """The shared loop with HAT's gradient clip; the protection follows the optimiser."""
+        self._mask_update = cfg.optimizer != "sgd" or cfg.weight_decay > 0
+        super().fit_task(task, dataclasses.replace(cfg, grad_clip=self.cfg.grad_clip), progress)
 
     def before_task(self, task: TaskSpec) -> None:
         super().before_task(task)
@@ -246,10 +269,12 @@ class HAT(ContinualMethod):
     def before_step(self) -> None:
         s = self.current_scale()
         if len(self.tasks) > 1:
-            for g in self.gated:
-                if g.param.grad is not None:
-                    g.param.grad.mul_(self.protection(g))
-            self._before = [g.param.detach().clone() for g in self.gated]
+            if self._mask_update:
+                self._before = [g.param.detach().clone() for g in self.gated]
+            else:
+                for g in self.gated:
+                    if g.param.grad is not None:
+                        g.param.grad.mul_(self.protection(g))
         thres = self.cfg.clamp_cosh
         for e in self.embeddings[self.current_task]:
             if e.grad is not None:

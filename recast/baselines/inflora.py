@@ -2,17 +2,20 @@
 
 Per task, every target Linear gets a low-rank branch ``W + B A`` (here A = ``down``, the
 dimensionality-reduction matrix the InfLoRA paper calls B, and B = ``up``). A is designed
-before training and stays fixed: its rows are the top-r eigenvectors of the covariance of the
-layer's inputs on the current task, restricted to the orthogonal complement of a feature
-memory M that spans the earlier tasks' inputs. Only B (zero-initialised) and the task head are
-trained, so the update B A moves the weight only along directions orthogonal to the old inputs.
-After the task the branch is merged into W, and M grows GPM-style: the top eigenvectors of the
-current task's input covariance outside M are added until M holds a ``threshold`` fraction of
-the task's input energy.
+before training and stays fixed: its rows are the top-r left singular vectors of ``P C``, with
+C the covariance of the layer's inputs on the current task and P the projector onto the
+orthogonal complement of a feature memory M that spans the earlier tasks' inputs, scaled to
+norm ``1/sqrt(3)`` (as the authors' code, liangyanshuo/InfLoRA ``methods/inflora.py``). Only B
+(zero-initialised) and the task head are trained, so the update B A moves the weight only along
+directions orthogonal to the old inputs. After the task the branch is merged into W, and M grows
+by GPM's rule on the singular values of C: the top left singular vectors of ``P C`` are added
+until M holds a ``threshold`` fraction of ``sum sigma_i(C)^2``; the threshold moves from
+``threshold`` towards ``threshold_end`` over the stream as the authors' schedule does.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -38,8 +41,12 @@ class InfLoRAConfig:
         rank: r of each branch; per target r * rows parameters are trained per task. When the
             feature memory leaves fewer than r free input directions, the branch gets that many
             (none once the memory spans the whole input space; the task then trains its head only).
-        threshold: fraction of each task's input energy (squared Frobenius norm of the
-            features) the memory must capture after the task (GPM's epsilon).
+        threshold: GPM's epsilon after the first task: the fraction of ``sum sigma_i(C)^2``
+            (C the task's input covariance) the memory must capture (the authors' ``lamb``).
+        threshold_end: the threshold after task t (0-based) of a stream of T tasks is
+            ``threshold + (threshold_end - threshold) * t / T`` (the authors' ``lame``); T is the
+            method's ``num_tasks`` (set by ``run_sequential``), the threshold stays constant
+            when it is unknown.
         feature_batches: training batches used for the input covariances (None: all).
     """
 
@@ -47,6 +54,7 @@ class InfLoRAConfig:
     rows: Literal["kv", "all"] = "kv"
     rank: int = 10
     threshold: float = 0.95
+    threshold_end: float = 1.0
     feature_batches: int | None = None
 
     def __post_init__(self) -> None:
@@ -58,8 +66,13 @@ class InfLoRAConfig:
         check_int("InfLoRAConfig.rank", self.rank, minimum=1)
         if not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold <= 1.0):
             raise ValueError(f"InfLoRAConfig.threshold must be in (0, 1], got {self.threshold!r}")
+        if not (isinstance(self.threshold_end, (int, float)) and self.threshold <= self.threshold_end <= 1.0):
+            raise ValueError(f"InfLoRAConfig.threshold_end must be in [threshold, 1], got {self.threshold_end!r}")
         if self.feature_batches is not None:
             check_int("InfLoRAConfig.feature_batches", self.feature_batches, minimum=1)
+
+
+DOWN_NORM = 1 / math.sqrt(3)  # norm of A's rows in the authors' code (``U[:, :r].T / math.sqrt(3)``)
 
 
 class InfLoRALinear(nn.Module):
@@ -67,7 +80,7 @@ class InfLoRALinear(nn.Module):
 
     Args:
         base: the frozen nn.Linear.
-        down: A, (r, in) with orthonormal rows.
+        down: A, (r, in) with orthogonal rows (of norm ``DOWN_NORM`` in InfLoRA).
         rows: output rows the branch writes (1-D index tensor).
     """
 
@@ -164,9 +177,7 @@ class InfLoRA(ContinualMethod):
             self.ranks[name] = rank
             if rank == 0:  # the memory spans every input direction: no interference-free branch
                 continue
-            evals, evecs = torch.linalg.eigh(free.T @ cov @ free)  # (f, f), ascending
-            top = evecs[:, torch.argsort(evals, descending=True)[:rank]]  # (f, r)
-            down = (free @ top).T  # (r, in): orthonormal rows orthogonal to the memory
+            down = DOWN_NORM * self._top_directions(free, cov)[:, :rank].T  # (r, in), orthogonal to the memory
             wrapper = InfLoRALinear(base, down, self._rows(name, base))
             self.branches[name] = wrapper
             _set_submodule(self.net.backbone, name, wrapper)
@@ -192,21 +203,50 @@ class InfLoRA(ContinualMethod):
         for name, cov in covariances.items():
             self.memory[name] = self._grown_memory(name, cov)
 
+    @staticmethod
+    def _top_directions(free: Tensor, cov: Tensor) -> Tensor:
+        """Left singular vectors of ``P C`` (P the projector ``free free^T``), in (in, f) columns
+        by decreasing singular value. Taken as ``free`` times those of ``free^T C`` so that they
+        lie in the free space even where the singular values vanish."""
+        u, _, _ = torch.linalg.svd(free.T @ cov, full_matrices=False)  # (f, in) -> u (f, f)
+        return free @ u
+
+    def threshold_after(self, task_index: int) -> float:
+        """GPM threshold after the task ``task_index`` (0-based) of the stream."""
+        start, end = self.cfg.threshold, self.cfg.threshold_end
+        if self.num_tasks is None:
+            return start
+        return start + (end - start) * task_index / self.num_tasks
+
     def _grown_memory(self, name: str, cov: Tensor) -> Tensor:
-        """GPM update: add the fewest top directions outside the memory so that the memory holds
-        ``threshold`` of the task's input energy ``trace(cov)``."""
+        """GPM's update on the singular values of the covariance C (as the authors' code).
+
+        First task: the top ``r`` left singular vectors of C with ``r`` the number of prefix
+        sums of ``sigma_i^2 / sum sigma^2`` below the threshold (at least 1). Later tasks: the
+        top left singular vectors of ``P C`` are added while the energy held,
+        ``(||C||^2 - ||P C||^2 + sum of the added sigma_i(P C)^2) / ||C||^2``, is below it.
+        """
+        threshold = self.threshold_after(len(self.tasks) - 1)
         memory = self.memory.get(name, cov.new_zeros(cov.shape[0], 0))
-        total = float(torch.trace(cov))
-        held = float(torch.trace(memory.T @ cov @ memory)) if memory.shape[1] else 0.0
-        if total <= 0 or held >= self.cfg.threshold * total:
-            return memory
         free = self._complement(name, cov.shape[0], cov.device)  # (in, f)
-        evals, evecs = torch.linalg.eigh(free.T @ cov @ free)
-        order = torch.argsort(evals, descending=True)
-        captured = held + torch.cumsum(evals[order].clamp_min(0), 0)  # energy held after adding 1, 2, ... directions
-        k = int((captured < self.cfg.threshold * total).sum()) + 1
+        if free.shape[1] == 0:
+            return memory
+        values = torch.linalg.svdvals(free.T @ cov) ** 2  # sigma_i(P C)^2, descending
+        total = float(torch.linalg.matrix_norm(cov) ** 2)  # ||C||_F^2 = sum sigma_i(C)^2
+        if total <= 0:
+            return memory
+        if memory.shape[1] == 0:
+            k = max(int((torch.cumsum(values / total, 0) < threshold).sum()), 1)
+        else:
+            held, k = (total - float(values.sum())) / total, 0
+            for value in (values / total).tolist():
+                if held >= threshold:
+                    break
+                held, k = held + value, k + 1
         k = min(k, free.shape[1])
-        return torch.cat([memory, free @ evecs[:, order[:k]]], dim=1)  # (in, k_old + k)
+        if k == 0:
+            return memory
+        return torch.cat([memory, self._top_directions(free, cov)[:, :k]], dim=1)  # (in, k_old + k)
 
     def training_state(self) -> dict[str, Tensor]:
         return {f"memory.{n}": m for n, m in self.memory.items()}

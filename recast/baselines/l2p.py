@@ -1,4 +1,9 @@
-"""L2P: learning to prompt (Wang et al., 2022) on a frozen timm VisionTransformer."""
+"""L2P: learning to prompt (Wang et al., 2022) on a frozen timm VisionTransformer.
+
+Checked against Mammoth (aimagelab/mammoth at e75a491, ``models/l2p_utils/prompt.py``) and the
+authors' code (google-research/l2p at dd8836e, ``models/prompt.py``, ``train_continual.py``); see
+tests/baselines/test_reference_l2p.py.
+"""
 
 from __future__ import annotations
 
@@ -24,11 +29,15 @@ class L2PConfig:
         top_k: prompts selected per image (N).
         key_loss_weight: weight lambda of the surrogate key-matching loss.
         init_range: prompts and keys start uniform in ``[-init_range, init_range]``.
-        diversify: L2P's optional diversified selection, for task-incremental streams of
-            dissimilar tasks: while training task t > 1, each prompt's key distance
-            ``1 - cos`` is multiplied by its normalised usage frequency over the earlier tasks'
-            training, so prompts the earlier tasks leaned on are chosen less (inference is
-            unchanged).
+        diversify: L2P's diversified selection as the authors' code implements it (their
+            ``use_prompt_mask``, "equivalent to diversifying penalty", on in their 5-datasets
+            config): while training task t (0-based), the images use prompts
+            ``t*top_k .. (t+1)*top_k - 1`` instead of the matched ones, as long as those exist in
+            the pool (key matching after that); the pull constraint acts on those prompts' keys.
+            Inference always matches keys.
+        batchwise: the authors' batch-wise vote (on in their configs, off by default in
+            Mammoth): every image of a batch gets the ``top_k`` prompts chosen most often by the
+            batch's images, in training and at test time.
     """
 
     pool_size: int = 10
@@ -37,6 +46,7 @@ class L2PConfig:
     key_loss_weight: float = 0.1
     init_range: float = 1.0
     diversify: bool = False
+    batchwise: bool = False
 
     def __post_init__(self) -> None:
         check_int("L2PConfig.pool_size", self.pool_size, minimum=1)
@@ -55,10 +65,11 @@ class L2P(ContinualMethod):
     token pooling). The ``top_k`` prompts whose keys have the highest cosine similarity to it
     are prepended to the token sequence after ``patch_embed`` and ``_pos_embed``; the head reads
     the mean of the prompt tokens after ``blocks`` and ``norm``. Loss: CE + lambda * mean over
-    the batch of ``sum_selected (1 - cos(query, key))``. Trainable per task: prompts
+    the batch of ``sum_selected (1 - cos(query, key))`` (the references' ``- lambda *
+    reduce_sim`` plus the constant ``lambda * top_k``). Trainable per task: prompts
     ``P * L_p * D`` + keys ``P * D`` + the task head. The pool is shared by all tasks, so it
-    is where forgetting happens. ``cfg.diversify`` turns on L2P's frequency-penalised selection
-    during training; the batch-wise majority vote of some L2P code bases is not used.
+    is where forgetting happens. ``cfg.diversify``: per-task prompt masks while training;
+    ``cfg.batchwise``: the batch-wise vote.
     """
 
     name = "l2p"
@@ -74,13 +85,6 @@ class L2P(ContinualMethod):
         self.prompts = nn.Parameter(torch.empty(
             self.cfg.pool_size, self.cfg.prompt_length, dim, device=device).uniform_(-r, r))
         self.keys = nn.Parameter(torch.empty(self.cfg.pool_size, dim, device=device).uniform_(-r, r))
-        self.register_buffer("usage", torch.zeros(self.cfg.pool_size, device=device))  # earlier tasks
-        self.register_buffer("task_usage", torch.zeros(self.cfg.pool_size, device=device))  # current task
-
-    def before_task(self, task: TaskSpec) -> None:
-        self.usage += self.task_usage  # the finished task's selections become history
-        self.task_usage.zero_()
-        super().before_task(task)
 
     def train(self, mode: bool = True) -> L2P:
         super().train(mode)
@@ -92,15 +96,24 @@ class L2P(ContinualMethod):
         with torch.no_grad():
             query = F.normalize(self.net.backbone(x), dim=1)  # (B, D)
         sim = query @ F.normalize(self.keys, dim=1).T  # (B, P)
-        score = sim.detach()
-        if self.training and self.cfg.diversify and self.usage.sum() > 0:
-            distance = (1 - score) * (self.usage / self.usage.sum())  # frequent prompts look farther
-            score = -distance
-        idx = score.topk(self.cfg.top_k, dim=1).indices  # (B, k)
-        if self.training:
-            self.task_usage += torch.bincount(idx.flatten(), minlength=self.cfg.pool_size).to(self.task_usage)
+        idx = sim.detach().topk(self.cfg.top_k, dim=1).indices  # (B, k)
+        if self.cfg.batchwise:
+            idx = batch_vote(idx, self.cfg.pool_size)
+        mask = self.prompt_mask() if self.training else None
+        if mask is not None:
+            idx = mask.to(idx.device).expand(x.shape[0], -1)
         key_loss = (1 - sim.gather(1, idx)).sum(dim=1).mean()
         return idx, key_loss
+
+    def prompt_mask(self) -> Tensor | None:
+        """The current task's prompts under ``cfg.diversify`` (None: match keys)."""
+        if not self.cfg.diversify:
+            return None
+        k = self.cfg.top_k
+        start = (len(self.tasks) - 1) * k
+        if start + k > self.cfg.pool_size:
+            return None
+        return torch.arange(start, start + k)
 
     def prompted_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean prompt-token feature ``(B, D)`` and the key-matching loss."""
@@ -125,3 +138,15 @@ class L2P(ContinualMethod):
 
     def shared_state(self) -> dict[str, Tensor]:
         return {**super().shared_state(), "prompts": self.prompts.detach(), "keys": self.keys.detach()}
+
+
+def batch_vote(idx: Tensor, pool_size: int) -> Tensor:
+    """The ``k`` prompt ids chosen most often in ``idx`` (B, k), for every row (the references'
+    ``batchwise_prompt``: ``unique`` with counts, padded to the pool size, top-k of the counts)."""
+    k = idx.shape[1]
+    ids, counts = torch.unique(idx, sorted=True, return_counts=True)
+    if ids.numel() < pool_size:
+        pad = pool_size - ids.numel()
+        ids = torch.cat([ids, ids.new_full((pad,), int(idx.min()))])
+        counts = torch.cat([counts, counts.new_zeros(pad)])
+    return ids[counts.topk(k).indices].expand(idx.shape[0], -1)

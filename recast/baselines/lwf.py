@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -10,8 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recast.baselines.common import MultiHeadNet, TaskSpec, prefixed
-from recast.baselines.method import ContinualMethod, unique_parameters
-from recast.checks import check_positive
+from recast.baselines.method import ContinualMethod, train_epochs, unique_parameters
+from recast.checks import check_int, check_positive
+from recast.training import TuneConfig
 
 
 @dataclass(frozen=True)
@@ -19,34 +21,45 @@ class LwFConfig:
     """LwF settings.
 
     Attributes:
-        lam: weight of the distillation term (paper: 1).
+        lam: weight of the distillation term (paper: lambda_o = 1; Mammoth's ``alpha``).
         temperature: softmax temperature T (paper: 2).
+        warmup_epochs: epochs of the warm-up that trains only the new head on frozen features
+            before the joint training of every task after the first (paper, section 3;
+            Mammoth: as many epochs as the task's training). None: the task's ``epochs``;
+            0: no warm-up.
     """
 
     lam: float = 1.0
     temperature: float = 2.0
+    warmup_epochs: int | None = None
 
     def __post_init__(self) -> None:
         check_positive("LwFConfig.lam", self.lam, allow_zero=True)
         check_positive("LwFConfig.temperature", self.temperature)
+        if self.warmup_epochs is not None:
+            check_int("LwFConfig.warmup_epochs", self.warmup_epochs, minimum=0)
 
 
 def distillation(new_logits: Tensor, old_logits: Tensor, temperature: float) -> Tensor:
-    """``T^2 * KL(softmax(old / T) || softmax(new / T))``, mean over the batch.
+    """LwF's soft cross-entropy ``-sum_c softmax(old / T)_c * log softmax(new / T)_c``, mean
+    over the batch (paper eq. 2 and Mammoth's ``lwf``: no ``T^2`` factor).
 
-    KL has the gradient of LwF's soft cross-entropy and is exactly zero when the outputs agree.
+    Its minimum over ``new_logits`` is the entropy of the teacher's softened outputs, reached
+    when the outputs agree.
     """
     log_new = F.log_softmax(new_logits / temperature, dim=1)
-    log_old = F.log_softmax(old_logits / temperature, dim=1)
-    return F.kl_div(log_new, log_old, reduction="batchmean", log_target=True) * temperature ** 2
+    old = F.softmax(old_logits / temperature, dim=1)
+    return -(old * log_new).sum(dim=1).mean()
 
 
 class LwF(ContinualMethod):
     """Shared backbone + task heads. Before each new task the model is frozen as a teacher; the
     loss adds, for every old head, distillation of the teacher's outputs on the new data.
 
-    As in the paper, shared, old and new parameters are all trained: backbone + every head.
-    The teacher is training state (a full copy of the network).
+    As in the paper, shared, old and new parameters are all trained: backbone + every head,
+    after a warm-up that trains only the new head on frozen features (eval mode, so BatchNorm
+    statistics stay as they are). The teacher is training state (a full copy of the network).
+    Every old head is distilled through its own softmax (the paper's multi-head loss).
     """
 
     name = "lwf"
@@ -82,6 +95,24 @@ class LwF(ContinualMethod):
             new_logits = self.net.head(task)(feats)
             total = total + distillation(new_logits, old_logits, self.cfg.temperature)
         return total
+
+    def fit_task(self, task: TaskSpec, cfg: TuneConfig, progress: bool = False) -> None:
+        epochs = cfg.epochs if self.cfg.warmup_epochs is None else self.cfg.warmup_epochs
+        if self.teacher is not None and epochs > 0:
+            head = self.net.head(task.name)
+            train_epochs(self, task.train, lambda b: self.warmup_loss(b[0], b[1], task),
+                         list(head.parameters()), dataclasses.replace(cfg, epochs=epochs),
+                         f"{self.name}:{task.name}:warmup", progress)
+        super().fit_task(task, cfg, progress)
+
+    def warmup_loss(self, x: Tensor, y: Tensor, task: TaskSpec) -> Tensor:
+        """Cross-entropy of the new head on features of the backbone in eval mode, no grad."""
+        was_training = self.net.backbone.training
+        self.net.backbone.eval()
+        with torch.no_grad():
+            feats = self.net.features(x)
+        self.net.backbone.train(was_training)
+        return F.cross_entropy(self.net.head(task.name)(feats), y)
 
     def training_loss(self, x: Tensor, y: Tensor, task: TaskSpec) -> Tensor:
         feats = self.net.features(x)

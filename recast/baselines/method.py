@@ -56,6 +56,7 @@ class ContinualMethod(nn.Module):
         self.net = MultiHeadNet(backbone)
         self.tasks: list[str] = []
         self.batch_index, self.num_batches = 0, None  # set by the loop (HAT anneals on them)
+        self.num_tasks: int | None = None  # length of the stream, set by run_sequential (InfLoRA's schedule)
 
     @property
     def current_task(self) -> str:

@@ -1,4 +1,5 @@
-"""Result of a sequential run: accuracy matrix, forgetting, parameters, bytes, wall time."""
+"""Result of a sequential run (accuracy matrix, parameters, bytes, wall time) and the metrics of
+an accuracy matrix: average accuracy, forgetting, backward and forward transfer."""
 
 from __future__ import annotations
 
@@ -41,6 +42,64 @@ def forgetting_per_task(acc_matrix: list[list[float | None]]) -> list[float | No
         best = max(float(acc_matrix[i][j]) for i in range(j, size - 1))  # type: ignore[arg-type]
         out.append(best - float(acc_matrix[-1][j]))  # type: ignore[arg-type]
     return out
+
+
+def average_accuracy(acc_matrix: list[list[float | None]]) -> float:
+    """Average accuracy ``ACC = 1/T sum_j R[T-1][j]`` (Lopez-Paz & Ranzato, 2017): the mean
+    final accuracy over the T tasks, where ``R[i][j]`` is the accuracy on task j after training
+    task i."""
+    final = final_accuracies(acc_matrix)
+    if not final:
+        raise ValueError("average_accuracy of an empty accuracy matrix")
+    return sum(final) / len(final)
+
+
+def average_forgetting(acc_matrix: list[list[float | None]]) -> float:
+    """Mean of ``forgetting_per_task`` over the first T-1 tasks (0.0 for a single task)."""
+    values = [f for f in forgetting_per_task(acc_matrix) if f is not None]
+    return sum(values) / len(values) if values else 0.0
+
+
+def backward_transfer(acc_matrix: list[list[float | None]]) -> float:
+    """Backward transfer ``BWT = 1/(T-1) sum_{j<T-1} (R[T-1][j] - R[j][j])`` (Lopez-Paz &
+    Ranzato, 2017): how much training the later tasks changed each earlier task's accuracy
+    from the moment it was learnt (negative: forgetting). 0.0 for a single task."""
+    check_acc_matrix(acc_matrix)
+    size = len(acc_matrix)
+    if size < 2:
+        return 0.0
+    return sum(float(acc_matrix[-1][j]) - float(acc_matrix[j][j])  # type: ignore[arg-type]
+               for j in range(size - 1)) / (size - 1)
+
+
+def forward_transfer(acc_matrix: list[list[float | None]], reference: list[float]) -> float:
+    """Forward transfer ``FWT = 1/(T-1) sum_{j>=1} (R[j][j] - b_j)``.
+
+    Lopez-Paz & Ranzato (2017) define ``FWT = 1/(T-1) sum_{j>=1} (R[j-1][j] - b_j)``, the
+    accuracy on task j before it is trained, against ``b_j`` of a randomly initialised model.
+    With one head per task (task-incremental) the head of task j does not exist before task j,
+    so ``R[j-1][j]`` is the accuracy of an untrained head: chance, whatever was transferred.
+    Here the transfer is measured where it shows in this setting, right after task j was
+    learnt: ``R[j][j]`` against ``b_j`` = the test accuracy on task j of the **head-only
+    method** (the same pretrained backbone, frozen, a fresh head trained on task j alone with
+    the same budget), i.e. the diagonal of head-only's accuracy matrix, which the pipeline
+    computes for every arch. Positive: the earlier tasks (and the method's own training of
+    the backbone) made task j better learnt than the frozen pretrained features do. As in
+    Lopez-Paz & Ranzato, the first task is left out (nothing precedes it); 0.0 for one task.
+
+    Args:
+        acc_matrix: ``R[i][j]``, None above the diagonal (``check_acc_matrix``).
+        reference: ``b_j`` for every task j (T numbers; ``reference[0]`` is not used).
+    """
+    check_acc_matrix(acc_matrix)
+    size = len(acc_matrix)
+    if len(reference) != size:
+        raise ValueError(f"forward_transfer: reference has {len(reference)} entries, expected "
+                         f"one per task ({size})")
+    if size < 2:
+        return 0.0
+    return sum(float(acc_matrix[j][j]) - float(reference[j])  # type: ignore[arg-type]
+               for j in range(1, size)) / (size - 1)
 
 
 @dataclass(frozen=True)
@@ -98,8 +157,7 @@ class SequentialResult:
     @property
     def avg_acc(self) -> float:
         """Mean final accuracy over tasks."""
-        final = self.final_acc
-        return sum(final) / len(final)
+        return average_accuracy(self.acc_matrix)
 
     @property
     def forgetting(self) -> list[float | None]:
@@ -109,8 +167,12 @@ class SequentialResult:
     @property
     def avg_forgetting(self) -> float:
         """Mean forgetting over the first T-1 tasks (0.0 for a single task)."""
-        values = [f for f in self.forgetting if f is not None]
-        return sum(values) / len(values) if values else 0.0
+        return average_forgetting(self.acc_matrix)
+
+    @property
+    def bwt(self) -> float:
+        """Backward transfer (see ``backward_transfer``)."""
+        return backward_transfer(self.acc_matrix)
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict of the fields and derived metrics (json.dumps-able)."""
@@ -118,7 +180,7 @@ class SequentialResult:
             "method": self.method, "task_names": list(self.task_names),
             "acc_matrix": [list(r) for r in self.acc_matrix], "final_acc": self.final_acc,
             "avg_acc": self.avg_acc, "forgetting": self.forgetting,
-            "avg_forgetting": self.avg_forgetting, "val_acc": list(self.val_acc),
+            "avg_forgetting": self.avg_forgetting, "bwt": self.bwt, "val_acc": list(self.val_acc),
             "trainable_params": list(self.trainable_params), "shared_bytes": self.shared_bytes,
             "task_bytes": list(self.task_bytes), "bytes_per_task": self.bytes_per_task,
             "training_state_bytes": list(self.training_state_bytes),

@@ -98,6 +98,7 @@ def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TuneConf
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(cfg.seed)
         method.to(device)
+        method.num_tasks = size
         for i, task in enumerate(tasks):
             _sync(device)
             start = time.perf_counter()

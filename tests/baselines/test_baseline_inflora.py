@@ -44,23 +44,33 @@ def test_a_is_orthogonal_to_the_earlier_tasks_features(vit, tasks, fit_one_batch
     m.before_task(tasks[1])
     for name, branch in _branches(m).items():
         down = branch.down.double()
-        assert torch.allclose(down @ down.T, torch.eye(4, dtype=torch.float64), atol=1e-5)  # orthonormal rows
-        cosine = down @ m.memory[name]  # rows and memory columns are unit vectors
+        assert torch.allclose(down @ down.T, torch.eye(4, dtype=torch.float64) / 3, atol=1e-5)  # rows of norm 1/sqrt(3)
+        cosine = 3 ** 0.5 * down @ m.memory[name]  # rows and memory columns as unit vectors
         assert cosine.abs().max() < 1e-6, name
     # the memory holds >= 90 % of task a's input energy, so a's own inputs barely excite B A
     cov = m.input_covariances(tasks[0].train)["blocks.2.attn.qkv"]
     down = _branches(m)["blocks.2.attn.qkv"].down.double()
-    assert float(torch.trace(down @ cov @ down.T)) < 0.1 * float(torch.trace(cov))
+    assert float(torch.trace(3 * down @ cov @ down.T)) < 0.1 * float(torch.trace(cov))
 
 
-def test_memory_reaches_the_threshold_with_the_fewest_directions(vit, tasks):
+def test_memory_takes_the_directions_below_the_threshold_on_squared_singular_values(vit, tasks):
+    """First task (the authors' rule): the r top singular vectors of C with r the number of
+    prefix sums of sigma_i^2 / sum sigma^2 below the threshold."""
     m = make_method("inflora", vit, {"rank": 2, "threshold": 0.8})
     m.before_task(tasks[0])
     m.after_task(tasks[0], tasks[0].train)
     cov = m.input_covariances(tasks[0].train)["blocks.1.attn.qkv"]
     memory = m.memory["blocks.1.attn.qkv"]
-    held = lambda basis: float(torch.trace(basis.T @ cov @ basis)) / float(torch.trace(cov))
-    assert held(memory) >= 0.8 > held(memory[:, :-1])
+    held = lambda basis: float(torch.linalg.matrix_norm(basis.T @ cov) ** 2 / torch.linalg.matrix_norm(cov) ** 2)
+    assert memory.shape[1] >= 1
+    assert held(memory) < 0.8 <= held(m._top_directions(torch.eye(64, dtype=torch.float64), cov)[:, :memory.shape[1] + 1])
+
+
+def test_threshold_moves_towards_the_end_value_over_the_stream(vit):
+    m = make_method("inflora", vit, {"threshold": 0.9, "threshold_end": 1.0})
+    assert m.threshold_after(2) == 0.9  # stream length unknown: constant
+    m.num_tasks = 4
+    assert [m.threshold_after(t) for t in range(4)] == pytest.approx([0.9, 0.925, 0.95, 0.975])
 
 
 def test_merging_keeps_the_outputs(vit, tasks, fit_one_batch):
@@ -82,7 +92,8 @@ def test_merging_keeps_the_outputs(vit, tasks, fit_one_batch):
 
 def test_config_errors_name_the_field(vit, resnet):
     for kwargs, field in [({"rank": 0}, "rank"), ({"threshold": 1.5}, "threshold"), ({"rows": "q"}, "rows"),
-                          ({"feature_batches": 0}, "feature_batches")]:
+                          ({"feature_batches": 0}, "feature_batches"),
+                          ({"threshold": 0.9, "threshold_end": 0.8}, "threshold_end")]:
         with pytest.raises(ValueError, match=field):
             InfLoRAConfig(**kwargs)
     with pytest.raises(ValueError, match="attn.qkv"):

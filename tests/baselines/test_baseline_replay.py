@@ -1,4 +1,4 @@
-"""Class-balanced memory, ER-ACE, DER++ and GDumb."""
+"""Class-balanced and reservoir memories, ER-ACE, DER++ and GDumb."""
 
 import pytest
 import torch
@@ -55,11 +55,11 @@ def test_buffer_pads_logits_of_smaller_heads():
 def test_er_ace_replays_old_tasks_through_their_heads(vit, tasks, fit_one_batch, snapshot, changed):
     m = make_method("er_ace", vit, ReplayConfig(memory_size=12, replay_batch_size=8))
     fit_one_batch(m, tasks[0])
-    assert m.buffer.class_counts() == {(0, 0): 6, (0, 1): 6}
+    assert len(m.buffer) == 12 and m.buffer.seen == 16  # a reservoir over the stream
     before = snapshot(m)
     fit_one_batch(m, tasks[1])
     assert "net.heads.a.weight" in changed(before, m)  # replayed samples train head a
-    assert len(m.buffer) == 12 and set(m.buffer.class_counts().values()) == {2, 3}
+    assert len(m.buffer) == 12 and m.buffer.seen == 32
     assert sum(p.numel() for p in m.trainable_parameters()) == VIT_PARAMS + 130 + 195
     assert m.training_state()["images"].shape == (12, 3, 32, 32)
 
