@@ -21,7 +21,7 @@ import numpy as np
 
 from benchmarks.environment import environment
 from recast.baselines import TaskSpec, TrainConfig, make_method, run_sequential
-from stages.inputs import JobInputs, backbone_bundle, task_bundle
+from stages.jobs.inputs import JobInputs, backbone_bundle, task_bundle
 
 BUDGETS = {
     "continual (3 ep, lr 1e-3)": dict(epochs=3, lr=1e-3),
