@@ -215,7 +215,7 @@ def run_sweep(sweep: str, cfg: SweepBase, rt: RuntimeParams, asha: bool | None =
     storage = _storage(rt)
     trainable = tune.with_resources(
         tune.with_parameters(sweep_trial, specs=by_point, inputs=store.refs(specs),
-                             done_dir=f"{storage.rstrip('/')}/{sweep}-{key}/done", threads=max(1, int(rt.cpus_per_task)),
+                             done_dir=f"{storage.rstrip('/')}/{sweep}-{key}/done", threads=rt.torch_threads,
                              code=code_fingerprint()),
         {"cpu": rt.cpus_per_task, "gpu": rt.gpus_per_task})
 

@@ -8,6 +8,7 @@ number is expected and non-finite floats (``.inf``, ``.nan``) are errors that na
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, StrictInt, ValidationError, field_validator, model_validator
@@ -43,6 +44,8 @@ class RuntimeParams(Section):
     share it) or a whole number; ``device: auto`` gives jobs cuda exactly when it is > 0.
     A stage with at most ``inline_jobs`` jobs left to compute runs them in its own process,
     without starting a local Ray (never with RAY_ADDRESS set; 0: always Ray).
+    Every job runs with ``torch_threads`` torch threads, in-process and on Ray alike (and
+    ``stages.registry reproduce`` with the job's recorded count): float sums depend on it.
     """
 
     num_cpus: PosInt = 2
@@ -55,6 +58,7 @@ class RuntimeParams(Section):
     progress: bool = True
     storage: str | None = None
     inline_jobs: NonNegInt = 1
+    torch_threads: PosInt = 1
 
     @field_validator("gpus_per_task")
     @classmethod
@@ -69,6 +73,13 @@ class RuntimeParams(Section):
         if v is not None and not v.startswith(STORAGE_SCHEMES):
             raise ValueError(f"{v!r}: a URI every node can read, starting with one of {list(STORAGE_SCHEMES)}")
         return v
+
+    @model_validator(mode="after")
+    def _threads_fit_the_job(self):
+        if self.torch_threads > max(1, math.ceil(self.cpus_per_task)):
+            raise ValueError(f"torch_threads {self.torch_threads} > cpus_per_task {self.cpus_per_task}: a job would run "
+                             f"more threads than the CPUs Ray reserves for it")
+        return self
 
     @model_validator(mode="after")
     def _device_has_gpu(self):

@@ -42,6 +42,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from recast.io import save_tensors, write_tensor_file
+from recast.machine import KERNEL_ENV, machine_record
 from stages.config.common import file_lock, resolve, temp_path, write_json_atomic
 from stages.jobs.inputs import InputStore, JobInputs
 from stages.config.params import RuntimeParams
@@ -132,7 +133,7 @@ def init_ray(rt: RuntimeParams):
     address = os.environ.get("RAY_ADDRESS")
     env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
                 "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
-    env_vars.update({k: os.environ[k] for k in (FAULT_ENV, MARKER_ENV) if os.environ.get(k)})
+    env_vars.update({k: os.environ[k] for k in (FAULT_ENV, MARKER_ENV, *KERNEL_ENV) if os.environ.get(k)})
     runtime_env: dict[str, Any] = {"env_vars": env_vars, "working_dir": str(CODE_ROOT), "excludes": CODE_EXCLUDES}
     sigterm = signal.getsignal(signal.SIGTERM)
     if address:
@@ -188,11 +189,12 @@ def _measured(fn: JobFn, spec: dict, threads: int, code: str, inputs: Callable[[
         rss_start = current_rss_mb()
         start = time.perf_counter()
         meta, tensors = fn(spec, inputs())
+        machine = machine_record()  # what its float results depend on besides spec and code
     except Exception as err:  # noqa: BLE001 - every job error reaches the driver as a JobError
         raise JobError(spec["id"], type(err).__name__, str(err), traceback.format_exc()) from None
     measured = {"rss_start_mb": rss_start, **peak_memory(device, rss_start)}  # a job's own finer measurement wins
     meta = {**measured, **meta, "job_wall_s": time.perf_counter() - start, "host": os.uname().nodename,
-            "ray_node": _ray_node()}
+            "ray_node": _ray_node(), "_machine": machine}
     return meta, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
@@ -346,8 +348,11 @@ def run_jobs(
     cache = resolve(rt.cache_dir) / stage
     results: dict[str, Result] = {}
     pending = []
+    threads = rt.torch_threads
     for spec in specs:
         cached = _read_cached(cache, spec_key(spec))
+        if cached is not None and cached[0].get("_machine", {}).get("torch_threads", threads) != threads:
+            cached = None  # computed with another thread count: other float sums
         if cached is not None:
             results[spec["id"]] = cached
             if on_result:
@@ -363,7 +368,6 @@ def run_jobs(
         if on_result:
             on_result(spec, result, False)
 
-    threads = max(1, int(rt.cpus_per_task))
     if runs_inline(rt, len(pending)):
         for spec in pending:
             finish(spec, _run_inline(fn, spec, threads, store))

@@ -90,7 +90,7 @@ class Publisher:
 
     def __call__(self, spec: dict, result: tuple[dict, dict[str, torch.Tensor]], cached: bool) -> None:
         meta, tensors = result
-        history, nondeterministic = meta.get("_history", []), meta.get("_nondeterministic", [])
+        history = meta.get("_history", [])
         meta = {k: v for k, v in meta.items() if not k.startswith("_")}
         artifacts = []
         payload_sha = ""
@@ -105,7 +105,7 @@ class Publisher:
         sources = input_sources(spec, self.store)
         tasks = job_tasks(spec, sources)
         bb_sha = backbone_sha(sources, spec["arch"])
-        tags = {"cached": str(cached), **determinism_tags({"_nondeterministic": nondeterministic})}
+        tags = {"cached": str(cached), **determinism_tags(result[0])}
         if self.lineage is not None:
             tags.update(self.lineage.tags())
         tags.update({"backbone_sha256": bb_sha, "bank_sha256": str(spec.get("bank_sha", ""))})
@@ -113,7 +113,9 @@ class Publisher:
                                  key=spec_key(spec), logged_at=job_file(self.rt, self.stage, spec, ".mlflow.json"))
         if rid is not None:  # None: the store is unreachable (the Tracker is offline)
             log_datasets(self.tracker, rid, tasks)
-            log_json(self.tracker, rid, {"spec": spec, "sources": sources, "torch_threads": meta.get("torch_threads")},
+            machine = result[0].get("_machine") or {}
+            log_json(self.tracker, rid, {"spec": spec, "sources": sources, "machine": machine,
+                                         "torch_threads": machine.get("torch_threads", meta.get("torch_threads"))},
                      JOB_SPEC_ARTIFACT)
             if history:
                 log_history(self.tracker, rid, history, "epoch", "epoch")

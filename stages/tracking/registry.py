@@ -31,6 +31,7 @@ import torch
 from mlflow.entities.model_registry import ModelVersion
 
 from recast.io import save_tensors, tensors_sha256
+from recast.machine import machine_record
 from stages.config.common import resolve
 from stages.jobs.inputs import InputStore, backbone_bundle, banks_bundle, task_bundle
 from stages.jobs.train import dispatch
@@ -140,7 +141,8 @@ def reproduce(ref: str, out: Path) -> dict[str, Any]:
                 for suffix in (".safetensors", ".json")}
     return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id, "payload": str(made),
             "payload_sha256": sha, "registered_sha256": mv.tags.get("payload_sha256", ""),
-            "identical_safetensors": same[".safetensors"], "identical_json": same[".json"]}
+            "identical_safetensors": same[".safetensors"], "identical_json": same[".json"],
+            "recorded_machine": job.get("machine", {}), "machine": machine_record()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+from recast.machine import machine_tags
 from stages.config.common import StageKilled, write_json_atomic
 from stages.tracking.store import (DEFAULT_ARTIFACTS, DEFAULT_DB, TrackingUnavailable, short_error, check_server,
                                    make_client, retry, tracking_uri)
@@ -51,7 +52,7 @@ class Tracker:
         check_server(self.uri)
         self.client = make_client(self.uri)
         self.experiment_id = retry(lambda: self._experiment(experiment), uri=self.uri)
-        driver = {"driver_host": socket.gethostname(), "driver_pid": str(os.getpid())}
+        driver = {"driver_host": socket.gethostname(), "driver_pid": str(os.getpid()), **machine_tags()}
         if run_id is None:
             retry(self._end_stale_runs, uri=self.uri, what="ending stale runs")
             run = retry(lambda: self.client.create_run(self.experiment_id, run_name=stage,

@@ -23,8 +23,11 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 from dvc.utils.serialize import load_yaml
 from e2e_sizes import EPOCHS, EXPERIMENT, SEEDS, TASKS
+
+from recast.machine import cpu_model
 
 TIMING = ("seconds", "rss", "peak", "host", "ray_node", "run_id")  # wall clock, memory, where, MLflow ids
 PER_TASK_METHODS = 3 + 2  # vit: head_only, recast, lora_tiny; resnet: head_only, recast
@@ -69,6 +72,7 @@ def test_every_run_has_the_lineage_dvc_lock_records(repro, client):
     root, commit = repro
     lock = load_yaml(root / "dvc.lock")["stages"]  # DVC's own (YAML 1.2) reader: `1e-06` is a float
     params_md5 = hashlib.md5((root / "params.yaml").read_bytes()).hexdigest()
+    capability = torch.backends.cpu.get_cpu_capability()
     runs = _runs(client)
     stages = {r.data.tags["dvc.stage"] for r in runs}
     assert stages == {"pretrain", "mimic", "tune", "combine", "evaluate"}
@@ -80,6 +84,10 @@ def test_every_run_has_the_lineage_dvc_lock_records(repro, client):
         assert {k[len("dvc.dep."):]: v for k, v in t.items() if k.startswith("dvc.dep.")} == deps, r.info.run_name
         assert t["dvc.params_sha256"] == _sha256_json(lock[stage]["params"]["params.yaml"])
         assert t["params.file"] == "params.yaml" and t["params.file_md5"] == params_md5
+        # what the float results depend on: the CPU and torch's kernels and threads (a job: runtime.torch_threads)
+        assert t["cpu.model"] == cpu_model() and t["torch.cpu_capability"] == capability, r.info.run_name
+        if "job" in t:
+            assert t["torch.threads"] == "1", r.info.run_name
     # dataset inputs: every tuning job its task(s), digest = the manifest sha256
     data = root / "data" / "prepared" / "offline"
     sha = {t: hashlib.sha256((data / t / "manifest.json").read_bytes()).hexdigest() for t in [*TASKS, "source"]}
@@ -160,15 +168,17 @@ def test_registered_payload_leads_back_and_reproduces_bytes(repro, client, tmp_p
     assert tags["bank_sha256"] == json.loads((root / "outputs/mimic/vit/recast.json").read_text())["bank_sha256"]
     assert shown["run_tags"]["dvc.dep.outputs/mimic"].endswith(".dir")
     assert [d["name"] for d in shown["datasets"]] == [TASKS[0]]
-    import torch
 
     threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(2)  # reproduce runs the job with its recorded count (runtime.torch_threads: 1)
         assert main(["reproduce", f"{name}@current", "--out", str(tmp_path)]) == 0
     finally:
         torch.set_num_threads(threads)
     out = json.loads(capsys.readouterr().out)
     assert out["identical_safetensors"] and out["identical_json"]
+    assert out["recorded_machine"]["torch_threads"] == out["machine"]["torch_threads"] == 1
+    assert out["recorded_machine"]["cpu_model"] == out["machine"]["cpu_model"] == cpu_model()
     assert out["payload_sha256"] == out["registered_sha256"] == tags["payload_sha256"]
     # the comparison can fail: a job whose payload differs in one value is reported, exit code 2
     import stages.tracking.registry as registry

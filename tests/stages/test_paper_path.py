@@ -41,7 +41,7 @@ def micro_params(root: Path, device: str) -> dict:
     p = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
     # pretrain, mimic and the loading check have 2 jobs each (one per arch), seconds at this size:
     # in-process, without a local Ray start each; tune and combine still fan out through Ray
-    p["runtime"].update(num_cpus=2, cpus_per_task=1, gpus_per_task=1 if device == "cuda" else 0, device=device,
+    p["runtime"].update(num_cpus=2, cpus_per_task=1, torch_threads=1, gpus_per_task=1 if device == "cuda" else 0, device=device,
                         experiment="paper-micro", progress=False, inline_jobs=2)
     p["prepare"].update(data_root=str(root / "raw"), image_size=SIZE, val_fraction=0.4)
     p["pretrain"].update(image_size=SIZE)

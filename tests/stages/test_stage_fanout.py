@@ -70,37 +70,47 @@ def noisy_job(spec, inputs):
     x = torch.randn(128, 64)
     for _ in range(3):
         x = torch.tanh(x @ w / 8)
-    return {"sum": float(x.sum()), "pid": os.getpid()}, {"x": x}
+    return {"sum": float(x.sum()), "pid": os.getpid(), "threads": torch.get_num_threads()}, {"x": x}
 
 
 def test_a_single_job_runs_in_the_driver_bit_identical_to_ray(tmp_path, monkeypatch):
     """One job left to compute: no local Ray start (``runtime.inline_jobs``); its result is the
-    one a Ray worker computes, bit for bit, and the driver's torch threads are left as they were."""
+    one a Ray worker computes, bit for bit, and the driver's torch threads are left as they were.
+    Both paths run the job with ``runtime.torch_threads`` (1) threads, not ``cpus_per_task`` (2)
+    nor the driver's count (2), and record the machine it ran on."""
     import sys
 
     import ray
     from ray import cloudpickle
+
+    from recast.machine import cpu_model
 
     monkeypatch.delenv(FAULT_ENV, raising=False)  # fault injection needs Ray workers
     if ray.is_initialized():
         ray.shutdown()
     spec = {"id": "noisy/1", "seed": 3}
     torch.set_num_threads(2)
-    inline = run_jobs("noisy", noisy_job, [spec], RuntimeParams(cache_dir=str(tmp_path / "a"), progress=False))
+    rt = RuntimeParams(num_cpus=2, cpus_per_task=2, cache_dir=str(tmp_path / "a"), progress=False)
+    assert rt.torch_threads == 1
+    inline = run_jobs("noisy", noisy_job, [spec], rt)
     assert not ray.is_initialized() and torch.get_num_threads() == 2
     meta, tensors = inline["noisy/1"]
     assert meta["pid"] == os.getpid() and meta["ray_node"] == "" and meta["job_wall_s"] > 0
+    assert meta["threads"] == 1 and meta["_machine"]["torch_threads"] == 1
+    assert meta["_machine"]["cpu_model"] == cpu_model() != ""
+    assert meta["_machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert (tmp_path / "a" / "noisy" / f"{spec_key(spec)}.json").exists()  # cached like a Ray job
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
         on_ray = run_jobs("noisy", noisy_job, [spec],
-                          RuntimeParams(num_cpus=1, cache_dir=str(tmp_path / "b"), progress=False, inline_jobs=0))
+                          rt.model_copy(update={"cache_dir": str(tmp_path / "b"), "inline_jobs": 0}))
         assert ray.is_initialized()
     finally:
         ray.shutdown()
     ray_meta, ray_tensors = on_ray["noisy/1"]
     assert ray_meta["pid"] != os.getpid() and ray_meta["ray_node"]
+    assert ray_meta["threads"] == 1 and ray_meta["_machine"] == meta["_machine"]
     assert ray_meta["sum"] == meta["sum"] and torch.equal(ray_tensors["x"], tensors["x"])
     assert (tmp_path / "a" / "noisy" / f"{spec_key(spec)}.safetensors").read_bytes() == \
         (tmp_path / "b" / "noisy" / f"{spec_key(spec)}.safetensors").read_bytes()
