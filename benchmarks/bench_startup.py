@@ -122,8 +122,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"on {cpus} CPUs; load average at start {load:.2f}")
     print(f"tune re-run with one job to compute: {one_job['inline_jobs_1']:.1f} s in-process, "
           f"{one_job['inline_jobs_0']:.1f} s through a local Ray")
+    from recast.machine import machine_record  # torch: imported after the timed subprocesses
+
     out = {"stages": rows, "ray_init_s": ray_init, "mlflow_s": mlflow, "total_s": total, "floor_s": floor,
-           "runtime_cpus": cpus, "one_job_tune_rerun_s": one_job, "loadavg_1min": load, "cpus": os.cpu_count()}
+           "runtime_cpus": cpus, "one_job_tune_rerun_s": one_job, "loadavg_1min": load, "cpus": os.cpu_count(),
+           "machine": machine_record()}  # the pipeline's numbers depend on the CPU type (README, Determinism)
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(out, indent=2) + "\n")
     if args.keep is None:

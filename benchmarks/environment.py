@@ -10,6 +10,7 @@ import timm
 import torch
 
 import recast
+from recast.machine import cpu_model
 
 
 def environment(device: str = "cpu") -> dict:
@@ -21,7 +22,8 @@ def environment(device: str = "cpu") -> dict:
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "timm": timm.__version__,
