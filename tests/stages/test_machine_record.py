@@ -12,9 +12,9 @@ import os
 import torch
 
 from recast.machine import cpu_model
-from stages.fanout import run_jobs
-from stages.inputs import InputStore
-from stages.params import RuntimeParams
+from stages.jobs.fanout import run_jobs
+from stages.jobs.inputs import InputStore
+from stages.config.params import RuntimeParams
 
 CALLS: list[int] = []
 
@@ -47,8 +47,8 @@ def test_every_run_records_the_cpu_and_torch_threads(tmp_path, monkeypatch):
     machine and thread count the job ran with (1 here, while the driver runs 2 threads)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    from stages.results import Publisher
-    from stages.tracking import Tracker
+    from stages.jobs.results import Publisher
+    from stages.tracking.runs import Tracker
 
     capability = torch.backends.cpu.get_cpu_capability()
     threads = torch.get_num_threads()
