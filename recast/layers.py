@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from recast.mixed import Routing, pick_strategy
 
 FanMode = Literal["fan_in", "fan_out"]
 
@@ -75,6 +78,7 @@ class _RecastMixin:
         self.coef_sets = coef_sets
         self.coefs = nn.ParameterDict()
         self.task = None
+        self.routing: Routing | None = None  # set by RecastModel for one mixed-task forward
 
     @property
     def bank(self) -> TemplateBank:
@@ -100,6 +104,26 @@ class _RecastMixin:
             raise RuntimeError("no active task: call RecastModel.set_task(name) first")
         return self.task_weight(self.task)
 
+    def _mixed(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
+        """Each row with its own task's weight (see ``recast.mixed``)."""
+        name = getattr(self, "recast_name", type(self).__name__)
+        r.check_rows(x, name)
+        biases = r.values.get(name)  # per-task biases, where the batch's tasks differ in them
+        strategy = r.strategy
+        if strategy == "auto":
+            strategy = self._pick(x, len(r.tasks))
+        r.picks[name] = strategy
+        if strategy == "grouped":
+            outs = [self._run(r.select(x, u), self.task_weight(t), biases[u]["bias"] if biases else self.bias)
+                    for u, t in enumerate(r.tasks)]
+            return r.regroup(outs)
+        mix = torch.stack([self.coefs[t].mean(dim=0) for t in r.tasks]).index_select(0, r.index)  # (B, n)
+        y = self._shared(x, mix)
+        if biases:
+            bias = torch.stack([v["bias"] for v in biases]).index_select(0, r.index)  # (B, out)
+            return y + self._per_row(bias, y)
+        return y if self.bias is None else y + self._per_row(self.bias, y)
+
 
 class RecastLinear(_RecastMixin, nn.Module):
     """A Linear whose weight is generated from a template bank and per-task coefficients."""
@@ -115,7 +139,34 @@ class RecastLinear(_RecastMixin, nn.Module):
         return cls(module.in_features, module.out_features, module.bias, bank, coef_sets)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing is not None:
+            return self._mixed(x, self.routing)
         return F.linear(x, self.weight, self.bias)
+
+    @staticmethod
+    def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    def _pick(self, x: torch.Tensor, distinct: int) -> str:
+        positions = x.numel() // max(1, x.shape[0] * self.in_features)
+        return pick_strategy(x.shape[0], positions, self.in_features * self.out_features,
+                             self.bank.num_templates, distinct, self.out_features)
+
+    def _shared(self, x: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+        """sum_i mix[row, i] * (x T_i^T): one matmul against the n stacked templates."""
+        templates = self.bank.templates  # (n, out, in)
+        n, out = templates.shape[0], templates.shape[1]
+        y = F.linear(x, templates.reshape(n * out, self.in_features))  # (B, ..., n * out)
+        y = y.reshape(x.shape[0], -1, n, out)
+        y = torch.matmul(mix.view(x.shape[0], 1, 1, n), y)  # (B, L, 1, out)
+        return y.reshape(*x.shape[:-1], out)
+
+    @staticmethod
+    def _per_row(bias: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``bias`` (out,) or per row (B, out), shaped to add to ``y`` (B, ..., out)."""
+        if bias.dim() == 1:
+            return bias
+        return bias.view(bias.shape[0], *([1] * (y.dim() - 2)), bias.shape[1])
 
     def to_plain(self, task: str) -> nn.Linear:
         """A plain nn.Linear (the templates' dtype) holding ``task``'s generated weight and the live bias."""
@@ -148,7 +199,36 @@ class RecastConv2d(_RecastMixin, nn.Module):
         return cls(module, bank, coef_sets)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing is not None:
+            return self._mixed(x, self.routing)
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _pick(self, x: torch.Tensor, distinct: int) -> str:
+        positions = 1
+        for size, k, s, p, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.padding, self.dilation):
+            positions *= (size + 2 * p - d * (k - 1) - 1) // s + 1
+        macs = self.out_channels * (self.in_channels // self.groups) * math.prod(self.kernel_size)
+        return pick_strategy(x.shape[0], positions, macs, self.bank.num_templates, distinct, self.out_channels)
+
+    def _shared(self, x: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+        """sum_i mix[row, i] * conv(x, T_i): one convolution with the n templates stacked per
+        conv group (so that each group's output channels stay contiguous)."""
+        templates = self.bank.templates  # (n, out, in/g, kh, kw)
+        n, g, out = templates.shape[0], self.groups, self.out_channels
+        stacked = templates.reshape(n, g, out // g, *templates.shape[2:]).transpose(0, 1)
+        y = F.conv2d(x, stacked.reshape(g * n * (out // g), *templates.shape[2:]), None,
+                     self.stride, self.padding, self.dilation, g)
+        b, h, w = y.shape[0], y.shape[-2], y.shape[-1]
+        y = y.view(b, g, n, out // g, h, w) * mix.view(b, 1, n, 1, 1, 1)
+        return y.sum(dim=2).reshape(b, out, h, w)
+
+    @staticmethod
+    def _per_row(bias: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``bias`` (out,) or per row (B, out), shaped to add to ``y`` (B, out, H, W)."""
+        return bias.view(-1, bias.shape[-1], 1, 1) if bias.dim() == 2 else bias.view(-1, 1, 1)
 
     def to_plain(self, task: str) -> nn.Conv2d:
         """A plain nn.Conv2d (the templates' dtype) holding ``task``'s generated weight and the live bias."""
@@ -177,3 +257,82 @@ def make_recast_layer(module: nn.Module, bank: TemplateBank, coef_sets: int) -> 
     if isinstance(module, nn.Conv2d):
         return RecastConv2d.from_module(module, bank, coef_sets)
     raise TypeError(f"cannot template a {type(module).__name__}; only Linear and Conv2d")
+
+
+# ----------------------------------------------------------------- frozen BatchNorm statistics
+class FrozenStatistics:
+    """Mixin of a BatchNorm layer whose running statistics stay frozen in any mode.
+
+    ``training`` reads False whatever ``train()`` (of this layer or of any parent, e.g. a
+    trainer's ``model.train()``) or a direct write sets, so the layer normalises with its
+    running statistics and never updates them: the FrozenBatchNorm2d of timm/torchvision,
+    except that it keeps the layer's class (as a subclass), its affine parameters trainable
+    and its state_dict keys (``num_batches_tracked`` included), so payloads and bank files
+    load as before and eval outputs are bit-identical.
+    """
+
+    @property
+    def training(self) -> bool:
+        return False
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        pass  # frozen: the mode is ignored
+
+
+_FROZEN_PREFIX = "FrozenStats__"
+
+
+def _frozen_name(cls: type) -> str:
+    return _FROZEN_PREFIX + f"{cls.__module__}.{cls.__qualname__}".replace(".", "__")
+
+
+def frozen_class(cls: type) -> type:
+    """The frozen-statistics subclass of BatchNorm class ``cls`` (one per class, importable
+    from this module by name, so a frozen layer pickles like any module)."""
+    if issubclass(cls, FrozenStatistics):
+        return cls
+    name = _frozen_name(cls)
+    module = sys.modules[__name__]
+    frozen = module.__dict__.get(name)
+    if frozen is None:
+        frozen = type(name, (FrozenStatistics, cls), {"__module__": __name__, "__qualname__": name,
+                                                      "unfrozen_class": cls})
+        setattr(module, name, frozen)
+    return frozen
+
+
+def __getattr__(name: str) -> type:
+    """Recreate a frozen class by name in a fresh process (for unpickling)."""
+    if not name.startswith(_FROZEN_PREFIX):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    parts = name[len(_FROZEN_PREFIX):].split("__")
+    for cut in range(len(parts) - 1, 0, -1):  # longest importable module prefix
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return frozen_class(obj)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def freeze_batch_norm_stats(model: nn.Module) -> int:
+    """Make every BatchNorm layer of ``model`` keep frozen statistics (in place); returns how many."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, FrozenStatistics):
+            m.__class__ = frozen_class(type(m))
+            count += 1
+    return count
+
+
+def unfreeze_batch_norm_stats(model: nn.Module) -> None:
+    """Give every frozen BatchNorm layer of ``model`` its original class back (in place)."""
+    for m in model.modules():
+        if isinstance(m, FrozenStatistics):
+            m.__class__ = type(m).unfrozen_class
+            m.training = False  # it normalised as in eval mode; the copy starts there

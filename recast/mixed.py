@@ -1,0 +1,133 @@
+"""Mixed-task batches: each row of a batch belongs to its own task (``rc(x, tasks=[...])``).
+
+A templated layer's output for a row of task t is ``y = x W_t^T`` with
+``W_t = sum_i cbar_{t,i} T_i`` (``cbar_t`` the mean of t's K coefficient sets, eq. 2). A mixed
+batch can be run two ways, picked per layer and batch by ``pick_strategy``:
+
+- ``"shared"``: every row shares the n template products ``x T_i^T``; each row mixes them
+  with its task's scalars, ``y = sum_i cbar_{task(row), i} (x T_i^T)``. Cost: n products of
+  the whole batch, whatever the number of distinct tasks.
+- ``"grouped"``: rows grouped by task; each distinct task's weight is generated and applied to
+  its rows (what PEFT does for mixed adapter batches). Cost: one product of the whole batch
+  plus one weight generation (and a fixed overhead) per distinct task.
+
+Everything else that differs between the tasks of a batch (heads, per-task biases, norm
+parameters, BatchNorm statistics) is run per group of rows, or gathered per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+Strategy = Literal["auto", "shared", "grouped"]
+STRATEGIES: tuple[str, ...] = ("auto", "shared", "grouped")
+
+# Fixed cost of one task group in a templated layer (row gather, weight generation launch,
+# matmul launch, concatenation), in multiply-adds: about 40 us on one CPU core at ~25 GFLOP/s
+# (calibrated by benchmarks/bench_multitask.py, section "strategy pick").
+GROUP_OVERHEAD_MACS = 1.0e6
+
+
+class UnknownTaskError(ValueError):
+    """A task name that the model does not know; ``known`` lists the model's tasks."""
+
+    def __init__(self, task: str, known: Sequence[str]):
+        self.task, self.known = task, list(known)
+        super().__init__(f"unknown task {task!r}; known: {self.known}")
+
+    def __reduce__(self):
+        return type(self), (self.task, self.known)
+
+
+class MixedBatchError(ValueError):
+    """A mixed-task batch that cannot be run as asked (the message says why and what to do)."""
+
+
+class MixedBatchAdapterError(MixedBatchError):
+    """Adapters (paper eq. 6) hold one task's tensors, so they cannot serve a mixed batch;
+    ``adapters`` names them (``path: class``)."""
+
+    def __init__(self, adapters: Sequence[str]):
+        self.adapters = list(adapters)
+        super().__init__(f"mixed-task batches do not support adapters; this model has {self.adapters[:4]}"
+                         f"{' ...' if len(self.adapters) > 4 else ''}: run one task at a time with set_task")
+
+    def __reduce__(self):
+        return type(self), (self.adapters,)
+
+
+def layer_costs(batch_rows: int, positions: int, template_macs: int, num_templates: int,
+                distinct_tasks: int, out_values: int) -> tuple[float, float]:
+    """(shared, grouped) cost in multiply-adds of one templated layer on a mixed batch.
+
+    Args:
+        batch_rows: B; positions: L, output positions per row (tokens, or H_out * W_out);
+        template_macs: P, multiply-adds of one weight per position (in * out, or
+            in/groups * kh * kw * out); num_templates: n; distinct_tasks: U;
+        out_values: output values per position (mixing cost of the shared strategy).
+    """
+    rows = batch_rows * positions
+    shared = num_templates * rows * (template_macs + out_values)
+    grouped = distinct_tasks * (num_templates * template_macs + GROUP_OVERHEAD_MACS) + rows * template_macs
+    return float(shared), float(grouped)
+
+
+def pick_strategy(*args, **kwargs) -> str:
+    """``"shared"`` or ``"grouped"``, whichever ``layer_costs`` says is cheaper."""
+    shared, grouped = layer_costs(*args, **kwargs)
+    return "shared" if shared < grouped else "grouped"
+
+
+@dataclass
+class Routing:
+    """Which task each row of a mixed batch belongs to, set on the model's layers for one forward.
+
+    Attributes:
+        tasks: the distinct tasks of the batch, in order of first appearance.
+        index: (B,) long, the position in ``tasks`` of each row's task.
+        rows: per distinct task, the (long) indices of its rows.
+        inverse: (B,) where each row lands in ``torch.cat`` of the per-task groups.
+        strategy: ``"auto"`` (cost model) or a forced ``"shared"``/``"grouped"``.
+        values: per module name, per distinct task, the tensors that differ between the tasks
+            (``{"bias": ...}`` of templated layers, affine/statistics of norm layers).
+        picks: the strategy used per templated layer (filled in by the forward).
+    """
+
+    tasks: list[str]
+    index: torch.Tensor
+    rows: list[torch.Tensor]
+    inverse: torch.Tensor
+    strategy: str = "auto"
+    values: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
+    picks: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, tasks: Sequence[str], device: torch.device, strategy: str = "auto") -> "Routing":
+        distinct = list(dict.fromkeys(tasks))
+        pos = {t: i for i, t in enumerate(distinct)}
+        index = torch.tensor([pos[t] for t in tasks], dtype=torch.long)
+        rows = [torch.nonzero(index == u).squeeze(1) for u in range(len(distinct))]
+        inverse = torch.argsort(torch.cat(rows))
+        return cls(distinct, index.to(device), [r.to(device) for r in rows], inverse.to(device), strategy)
+
+    @property
+    def batch(self) -> int:
+        return int(self.index.shape[0])
+
+    def select(self, x: torch.Tensor, u: int) -> torch.Tensor:
+        """The rows of the u-th task (``x`` itself when the batch has one task)."""
+        return x if len(self.tasks) == 1 else x.index_select(0, self.rows[u])
+
+    def regroup(self, outs: list[torch.Tensor]) -> torch.Tensor:
+        """Per-task group outputs (in ``tasks`` order) back in row order."""
+        return outs[0] if len(outs) == 1 else torch.cat(outs).index_select(0, self.inverse)
+
+    def check_rows(self, x: torch.Tensor, where: str) -> None:
+        if x.shape[0] != self.batch:
+            raise MixedBatchError(f"'{where}' got an input with leading dimension {x.shape[0]}, but the mixed "
+                                  f"batch has {self.batch} rows: this model reshapes its batch dimension, "
+                                  "which mixed-task batches do not support")
