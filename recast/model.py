@@ -161,6 +161,7 @@ class RecastModel(nn.Module):
         self.active_task: str | None = None
         self._frozen = False
         self.mixed_strategy = "auto"  # strategy of templated layers in mixed batches (recast.mixed)
+        self.last_routing: Routing | None = None  # of the last mixed forward (its ``picks`` per layer)
         if config.bn_stats == "per_task":
             live = self._live("bn_stats")
             self.task_state.set_values(base, "bn_stats", live, live, None)
@@ -254,6 +255,7 @@ class RecastModel(nn.Module):
         if self.mixed_strategy not in STRATEGIES:
             raise ValueError(f"mixed_strategy must be one of {STRATEGIES}, got {self.mixed_strategy!r}")
         routing = Routing.build(tasks, args[0].device, self.mixed_strategy)
+        self.last_routing = routing
         for kind in self.task_state.kinds_in_use():
             live = self._live(kind)
             per_task = [self.task_state.values(t, kind, live, self.active_task) for t in routing.tasks]
