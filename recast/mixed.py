@@ -26,10 +26,14 @@ import torch
 Strategy = Literal["auto", "shared", "grouped"]
 STRATEGIES: tuple[str, ...] = ("auto", "shared", "grouped")
 
-# Fixed cost of one task group in a templated layer (row gather, weight generation launch,
-# matmul launch, concatenation), in multiply-adds: about 40 us on one CPU core at ~25 GFLOP/s
-# (calibrated by benchmarks/bench_multitask.py, section "strategy pick").
-GROUP_OVERHEAD_MACS = 1.0e6
+# Cost of one task group in a templated layer beyond its multiply-adds (row gather, weight
+# generation, a matmul on a small sub-batch, which runs far below the full batch's rate, and the
+# concatenation), in multiply-adds of the full-batch matmul. Calibrated on the 2-core CPU of
+# benchmarks/README.md ("Mixed-task batches"): per group and layer the grouped strategy cost
+# 20-80 ms more than its multiply-adds at ~25 GMAC/s, i.e. 0.5e9-2e9; 1e9 makes the shared
+# products win at 8 and 64 tasks per batch on ViT-S and test_vit layers (as measured) and
+# leaves the grouped strategy to batches of very few tasks.
+GROUP_OVERHEAD_MACS = 1.0e9
 
 
 class UnknownTaskError(ValueError):

@@ -225,11 +225,12 @@ def test_bad_mixed_batches_raise_named_errors(tiny_vit):
 
 
 def test_cost_model_of_the_two_strategies():
-    # ViT-S fc1 (384 -> 1536), 197 tokens, batch 64, n=2: grouped is cheaper even for 64 tasks
+    # ViT-S fc1 (384 -> 1536), 197 tokens, batch 64, n=2: shared products for 64 tasks, grouped for 2
     shared, grouped = layer_costs(64, 197, 384 * 1536, 2, 64, 1536)
     assert shared == 2 * 64 * 197 * (384 * 1536 + 1536)
     assert grouped == 64 * (2 * 384 * 1536 + recast.mixed.GROUP_OVERHEAD_MACS) + 64 * 197 * 384 * 1536
-    assert pick_strategy(64, 197, 384 * 1536, 2, 64, 1536) == "grouped"
+    assert pick_strategy(64, 197, 384 * 1536, 2, 64, 1536) == "shared"
+    assert pick_strategy(64, 197, 384 * 1536, 2, 2, 1536) == "grouped"
     # a 1x1 map (one position per row): shared beats one weight generation per task
     assert pick_strategy(64, 1, 512 * 512 * 9, 2, 64, 512) == "shared"
     assert pick_strategy(64, 1, 512 * 512 * 9, 2, 1, 512) == "grouped"
