@@ -4,8 +4,8 @@ For each model (timm, ``pretrained=False``, ``recast_att_mlp``) and T registered
 whose row i belongs to task ``t{i mod T}`` (so min(T, batch) distinct tasks per batch) is run:
 
 - ``mixed``: ``rc(x, tasks=rows)``, the strategy per layer picked by the cost model
-  (``recast.mixed``); ``shared`` and ``grouped``: the same with the strategy forced, to check
-  the pick (auto must be within 10 % of the faster forced one);
+  (``recast.mixed``); ``shared``, ``grouped`` and ``batched``: the same with the strategy
+  forced, to check the pick (auto must be within 10 % of the fastest forced one);
 - ``single``: the whole batch as one task (``set_task`` + forward): the throughput target's base;
 - (a) ``task_by_task``: the same rows run task by task with ``set_task``;
 - (b) ``peft``: PEFT LoRA rank 1 on ``qkv`` with T adapters and mixed ``adapter_names``;
@@ -127,8 +127,7 @@ def bench_model(name: str, image: int | None, task_counts: list[int], batch: int
         distinct = list(dict.fromkeys(rows))
         index = {t: torch.tensor([i for i, r in enumerate(rows) if r == t]) for t in distinct}
 
-        def single():
-            rc.set_task("t0")
+        def single():  # t0 is active (task_by_task restores it)
             rc(x)
 
         def mixed(strategy):
@@ -145,7 +144,7 @@ def bench_model(name: str, image: int | None, task_counts: list[int], batch: int
             rc.set_task("t0")
 
         cases = {"single": single, "mixed": mixed("auto"), "shared": mixed("shared"),
-                 "grouped": mixed("grouped"), "task_by_task": task_by_task}
+                 "grouped": mixed("grouped"), "batched": mixed("batched"), "task_by_task": task_by_task}
         peft_model = None
         if tasks <= peft_max:
             peft_model = build_peft(name, image, tasks)
@@ -166,7 +165,8 @@ def bench_model(name: str, image: int | None, task_counts: list[int], batch: int
                "mixed_vs_single": med["single"] / med["mixed"],
                "mixed_vs_task_by_task": med["task_by_task"] / med["mixed"],
                "mixed_vs_peft": med["peft"] / med["mixed"] if "peft" in med else None,
-               "pick_ok": med["mixed"] <= 1.1 * min(med["shared"], med["grouped"]), "memory": mem}
+               "fastest_forced": min(("shared", "grouped", "batched"), key=med.get),
+               "pick_ok": med["mixed"] <= 1.1 * min(med["shared"], med["grouped"], med["batched"]), "memory": mem}
         rows_out.append(row)
         print(json.dumps({k: row[k] for k in ("model", "T", "mixed_vs_single", "mixed_vs_task_by_task",
                                                "mixed_vs_peft", "pick_ok", "picks")}), flush=True)
@@ -175,9 +175,9 @@ def bench_model(name: str, image: int | None, task_counts: list[int], batch: int
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | T | single s | mixed s | shared s | grouped s | (a) task-by-task s | (b) PEFT s | "
+    lines = ["| model | T | single s | mixed s | shared s | grouped s | batched s | (a) task-by-task s | (b) PEFT s | "
              "mixed/single thr. | vs (a) | vs (b) | pick | auto pick ok |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "seconds" not in r:
             continue
@@ -185,7 +185,7 @@ def markdown(rows: list[dict]) -> str:
         peft = f"{s['peft']:.3f}" if "peft" in s else "-"
         vs_b = f"{r['mixed_vs_peft']:.2f}x" if r["mixed_vs_peft"] else "-"
         lines.append(f"| {r['model']} | {r['T']} | {s['single']:.3f} | {s['mixed']:.3f} | {s['shared']:.3f} | "
-                     f"{s['grouped']:.3f} | {s['task_by_task']:.3f} | {peft} | {r['mixed_vs_single']:.2f}x | "
+                     f"{s['grouped']:.3f} | {s['batched']:.3f} | {s['task_by_task']:.3f} | {peft} | {r['mixed_vs_single']:.2f}x | "
                      f"{r['mixed_vs_task_by_task']:.2f}x | {vs_b} | {'/'.join(r['picks'])} | {r['pick_ok']} |")
     lines += ["", "| model | T | payload B | banks B | RECAST tensors MB | bound MB | ratio | RSS growth / T payloads | "
               "(c) T plain models MB |", "|---|---|---|---|---|---|---|---|---|"]

@@ -111,14 +111,18 @@ class _RecastMixin:
         biases = r.values.get(name)  # per-task biases, where the batch's tasks differ in them
         strategy = r.strategy
         if strategy == "auto":
-            strategy = self._pick(x, len(r.tasks))
+            strategy = self._pick(x, r)
         r.picks[name] = strategy
         if strategy == "grouped":
             outs = [self._run(r.select(x, u), self.task_weight(t), biases[u]["bias"] if biases else self.bias)
                     for u, t in enumerate(r.tasks)]
             return r.regroup(outs)
-        mix = torch.stack([self.coefs[t].mean(dim=0) for t in r.tasks]).index_select(0, r.index)  # (B, n)
-        y = self._shared(x, mix)
+        means = torch.stack([self.coefs[t].mean(dim=0) for t in r.tasks])  # (U, n), eq. 2
+        if strategy == "batched":
+            weights = torch.tensordot(means, self.bank.templates, dims=1)  # (U, *weight shape)
+            y = self._batched(x, weights, r)
+        else:
+            y = self._shared(x, means.index_select(0, r.index))
         if biases:
             bias = torch.stack([v["bias"] for v in biases]).index_select(0, r.index)  # (B, out)
             return y + self._per_row(bias, y)
@@ -147,10 +151,17 @@ class RecastLinear(_RecastMixin, nn.Module):
     def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight, bias)
 
-    def _pick(self, x: torch.Tensor, distinct: int) -> str:
+    def _pick(self, x: torch.Tensor, r: Routing) -> str:
         positions = x.numel() // max(1, x.shape[0] * self.in_features)
-        return pick_strategy(x.shape[0], positions, self.in_features * self.out_features,
-                             self.bank.num_templates, distinct, self.out_features)
+        macs = self.in_features * self.out_features
+        return pick_strategy(x.shape[0], positions, macs, self.bank.num_templates, len(r.tasks), self.out_features,
+                             r.widest, weight_bytes=len(r.tasks) * macs * x.element_size())
+
+    def _batched(self, x: torch.Tensor, weights: torch.Tensor, r: Routing) -> torch.Tensor:
+        """Rows placed per task in a (U, m, ...) tensor, one batched matmul with the U weights."""
+        grouped = x.new_zeros(len(r.tasks), r.widest, *x.shape[1:]).index_put((r.index, r.slot), x)
+        y = torch.matmul(grouped.reshape(len(r.tasks), -1, self.in_features), weights.transpose(1, 2))
+        return y.view(len(r.tasks), r.widest, *x.shape[1:-1], self.out_features)[r.index, r.slot]
 
     def _shared(self, x: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
         """sum_i mix[row, i] * (x T_i^T): one matmul against the n stacked templates."""
@@ -206,12 +217,21 @@ class RecastConv2d(_RecastMixin, nn.Module):
     def _run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def _pick(self, x: torch.Tensor, distinct: int) -> str:
+    def _pick(self, x: torch.Tensor, r: Routing) -> str:
         positions = 1
         for size, k, s, p, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.padding, self.dilation):
             positions *= (size + 2 * p - d * (k - 1) - 1) // s + 1
         macs = self.out_channels * (self.in_channels // self.groups) * math.prod(self.kernel_size)
-        return pick_strategy(x.shape[0], positions, macs, self.bank.num_templates, distinct, self.out_channels)
+        return pick_strategy(x.shape[0], positions, macs, self.bank.num_templates, len(r.tasks), self.out_channels,
+                             r.widest, weight_bytes=len(r.tasks) * macs * x.element_size())
+
+    def _batched(self, x: torch.Tensor, weights: torch.Tensor, r: Routing) -> torch.Tensor:
+        """Rows placed per task in (m, U * C_in, H, W), one convolution with groups = U * groups."""
+        u, (b, c, h, w) = len(r.tasks), x.shape
+        grouped = x.new_zeros(r.widest, u, c, h, w).index_put((r.slot, r.index), x).view(r.widest, u * c, h, w)
+        y = F.conv2d(grouped, weights.reshape(u * self.out_channels, *weights.shape[2:]), None,
+                     self.stride, self.padding, self.dilation, u * self.groups)
+        return y.view(r.widest, u, self.out_channels, *y.shape[-2:])[r.slot, r.index]
 
     def _shared(self, x: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
         """sum_i mix[row, i] * conv(x, T_i): one convolution with the n templates stacked per

@@ -2,7 +2,7 @@
 
 A templated layer's output for a row of task t is ``y = x W_t^T`` with
 ``W_t = sum_i cbar_{t,i} T_i`` (``cbar_t`` the mean of t's K coefficient sets, eq. 2). A mixed
-batch can be run two ways, picked per layer and batch by ``pick_strategy``:
+batch can be run three ways, picked per layer and batch by ``pick_strategy``:
 
 - ``"shared"``: every row shares the n template products ``x T_i^T``; each row mixes them
   with its task's scalars, ``y = sum_i cbar_{task(row), i} (x T_i^T)``. Cost: n products of
@@ -10,6 +10,11 @@ batch can be run two ways, picked per layer and batch by ``pick_strategy``:
 - ``"grouped"``: rows grouped by task; each distinct task's weight is generated and applied to
   its rows (what PEFT does for mixed adapter batches). Cost: one product of the whole batch
   plus one weight generation (and a fixed overhead) per distinct task.
+- ``"batched"``: the grouped strategy in two operations: the U weights generated at once
+  (U, out, in), the rows placed in a (U, m, ...) tensor (m: the largest group; smaller groups
+  padded with zeros) and one batched matmul (a grouped convolution for Conv2d). Cost: one
+  product of U * m rows plus the U weight generations; needs the U weights in memory at once
+  (``BATCHED_MAX_BYTES``).
 
 Everything else that differs between the tasks of a batch (heads, per-task biases, norm
 parameters, BatchNorm statistics) is run per group of rows, or gathered per row.
@@ -23,8 +28,9 @@ from typing import Literal
 
 import torch
 
-Strategy = Literal["auto", "shared", "grouped"]
-STRATEGIES: tuple[str, ...] = ("auto", "shared", "grouped")
+Strategy = Literal["auto", "shared", "grouped", "batched"]
+STRATEGIES: tuple[str, ...] = ("auto", "shared", "grouped", "batched")
+BATCHED_MAX_BYTES = 256 * 2**20  # largest (U, out, in) stack of generated weights "batched" builds
 
 # Cost of one task group in a templated layer beyond its multiply-adds (row gather, weight
 # generation, a matmul on a small sub-batch, which runs far below the full batch's rate, and the
@@ -65,25 +71,32 @@ class MixedBatchAdapterError(MixedBatchError):
 
 
 def layer_costs(batch_rows: int, positions: int, template_macs: int, num_templates: int,
-                distinct_tasks: int, out_values: int) -> tuple[float, float]:
-    """(shared, grouped) cost in multiply-adds of one templated layer on a mixed batch.
+                distinct_tasks: int, out_values: int, widest_group: int) -> dict[str, float]:
+    """Cost in multiply-adds of each strategy for one templated layer on a mixed batch.
 
     Args:
         batch_rows: B; positions: L, output positions per row (tokens, or H_out * W_out);
         template_macs: P, multiply-adds of one weight per position (in * out, or
             in/groups * kh * kw * out); num_templates: n; distinct_tasks: U;
-        out_values: output values per position (mixing cost of the shared strategy).
+        out_values: output values per position (mixing cost of the shared strategy);
+        widest_group: m, the rows of the most frequent task (the batched strategy pads to it).
     """
     rows = batch_rows * positions
-    shared = num_templates * rows * (template_macs + out_values)
-    grouped = distinct_tasks * (num_templates * template_macs + GROUP_OVERHEAD_MACS) + rows * template_macs
-    return float(shared), float(grouped)
+    generation = distinct_tasks * num_templates * template_macs
+    return {
+        "shared": float(num_templates * rows * (template_macs + out_values)),
+        "grouped": float(generation + distinct_tasks * GROUP_OVERHEAD_MACS + rows * template_macs),
+        "batched": float(generation + distinct_tasks * widest_group * positions * template_macs),
+    }
 
 
-def pick_strategy(*args, **kwargs) -> str:
-    """``"shared"`` or ``"grouped"``, whichever ``layer_costs`` says is cheaper."""
-    shared, grouped = layer_costs(*args, **kwargs)
-    return "shared" if shared < grouped else "grouped"
+def pick_strategy(*args, weight_bytes: int = 0, **kwargs) -> str:
+    """The cheapest strategy by ``layer_costs`` (``"batched"`` only if the U generated weights,
+    ``weight_bytes``, fit in ``BATCHED_MAX_BYTES``)."""
+    costs = layer_costs(*args, **kwargs)
+    if weight_bytes > BATCHED_MAX_BYTES:
+        costs.pop("batched")
+    return min(costs, key=costs.get)
 
 
 @dataclass
@@ -95,6 +108,7 @@ class Routing:
         index: (B,) long, the position in ``tasks`` of each row's task.
         rows: per distinct task, the (long) indices of its rows.
         inverse: (B,) where each row lands in ``torch.cat`` of the per-task groups.
+        slot: (B,) each row's position within its task's group (``"batched"``).
         strategy: ``"auto"`` (cost model) or a forced ``"shared"``/``"grouped"``.
         values: per module name, per distinct task, the tensors that differ between the tasks
             (``{"bias": ...}`` of templated layers, affine/statistics of norm layers).
@@ -105,6 +119,7 @@ class Routing:
     index: torch.Tensor
     rows: list[torch.Tensor]
     inverse: torch.Tensor
+    slot: torch.Tensor
     strategy: str = "auto"
     values: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
     picks: dict[str, str] = field(default_factory=dict)
@@ -116,7 +131,16 @@ class Routing:
         index = torch.tensor([pos[t] for t in tasks], dtype=torch.long)
         rows = [torch.nonzero(index == u).squeeze(1) for u in range(len(distinct))]
         inverse = torch.argsort(torch.cat(rows))
-        return cls(distinct, index.to(device), [r.to(device) for r in rows], inverse.to(device), strategy)
+        slot = torch.empty_like(index)
+        for r in rows:
+            slot[r] = torch.arange(len(r))
+        return cls(distinct, index.to(device), [r.to(device) for r in rows], inverse.to(device), slot.to(device),
+                   strategy)
+
+    @property
+    def widest(self) -> int:
+        """Rows of the most frequent task."""
+        return max(len(r) for r in self.rows)
 
     @property
     def batch(self) -> int:

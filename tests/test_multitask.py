@@ -87,18 +87,18 @@ def _resnet(tiny_resnet, **kw):
 def test_vit_presets_rows_equal_single_task(tiny_vit, name):
     rc = _with_tasks(_vit(tiny_vit, name))
     x = torch.randn(len(ROWS), 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    for strategy in ("shared", "grouped", "auto"):
+    for strategy in ("shared", "grouped", "batched", "auto"):
         picks = _assert_rows_match(rc.eval(), x, ROWS, strategy)
         assert set(picks) == {n for n, _ in rc.recast_layers()}
-        assert set(picks.values()) == {"shared" if strategy == "auto" else strategy}
-    # auto: 5 tokens per row, 4 distinct tasks in 8 rows: the per-group overhead outweighs the
-    # n products of the batch (benchmarks/bench_multitask.py measures the pick)
+        assert set(picks.values()) == {"batched" if strategy == "auto" else strategy}
+    # auto: 4 distinct tasks in 8 rows, at most 3 of one: 4 x 3 padded rows in one batched
+    # product beat n = 2 products of 8 rows (benchmarks/bench_multitask.py measures the pick)
 
 
 def test_resnet_conv_rows_equal_single_task_and_auto_follows_the_cost_model(tiny_resnet):
     rc = _with_tasks(_resnet(tiny_resnet))
     x = torch.randn(len(ROWS), 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    for strategy in ("shared", "grouped"):
+    for strategy in ("shared", "grouped", "batched"):
         _assert_rows_match(rc.eval(), x, ROWS, strategy)
     picks = _assert_rows_match(rc, x, ROWS, "auto")
     layers = dict(rc.recast_layers())
@@ -106,7 +106,7 @@ def test_resnet_conv_rows_equal_single_task_and_auto_follows_the_cost_model(tiny
         conv = layers[name]
         macs = conv.out_channels * conv.in_channels * 9
         n = conv.bank.num_templates
-        assert picks[name] == pick_strategy(len(ROWS), side * side, macs, n, 4, conv.out_channels), name
+        assert picks[name] == pick_strategy(len(ROWS), side * side, macs, n, 4, conv.out_channels, 3), name
     assert picks["layer4.1.conv1"] == "shared"  # one position per row: shared wins at any overhead
 
 
@@ -119,7 +119,7 @@ def test_per_task_biases_and_norms_rows_equal_single_task(request, arch):
     rc = _with_tasks(rc, train_biases=True, train_norms=True)
     assert rc.owned_kinds("b") == ["biases", "norms"]
     x = torch.randn(len(ROWS), 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    for strategy in ("shared", "grouped"):
+    for strategy in ("shared", "grouped", "batched"):
         _assert_rows_match(rc.eval(), x, ROWS, strategy)
 
 
@@ -157,7 +157,7 @@ def test_grouped_conv_and_group_norm_rows_equal_single_task():
     recast.mimic(rc)
     rc = _with_tasks(rc, train_biases=True, train_norms=True)
     x = torch.randn(len(ROWS), 3, 6, 6, generator=torch.Generator().manual_seed(0))
-    for strategy in ("shared", "grouped"):
+    for strategy in ("shared", "grouped", "batched"):
         _assert_rows_match(rc.eval(), x, ROWS, strategy)
 
 
@@ -165,7 +165,7 @@ def _grads(rc, params):
     return {k: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for k, p in params.items()}
 
 
-@pytest.mark.parametrize("strategy", ["shared", "grouped"])
+@pytest.mark.parametrize("strategy", ["shared", "grouped", "batched"])
 @pytest.mark.parametrize("arch", ["vit", "resnet"])
 def test_mixed_batch_gives_each_task_its_own_gradients(request, arch, strategy):
     """One mixed batch == each task's rows alone (single-task forward on the sub-batch, summed
@@ -224,13 +224,16 @@ def test_bad_mixed_batches_raise_named_errors(tiny_vit):
     assert type(again) is MixedBatchAdapterError and again.adapters == info.value.adapters
 
 
-def test_cost_model_of_the_two_strategies():
-    # ViT-S fc1 (384 -> 1536), 197 tokens, batch 64, n=2: shared products for 64 tasks, grouped for 2
-    shared, grouped = layer_costs(64, 197, 384 * 1536, 2, 64, 1536)
-    assert shared == 2 * 64 * 197 * (384 * 1536 + 1536)
-    assert grouped == 64 * (2 * 384 * 1536 + recast.mixed.GROUP_OVERHEAD_MACS) + 64 * 197 * 384 * 1536
-    assert pick_strategy(64, 197, 384 * 1536, 2, 64, 1536) == "shared"
-    assert pick_strategy(64, 197, 384 * 1536, 2, 2, 1536) == "grouped"
-    # a 1x1 map (one position per row): shared beats one weight generation per task
-    assert pick_strategy(64, 1, 512 * 512 * 9, 2, 64, 512) == "shared"
-    assert pick_strategy(64, 1, 512 * 512 * 9, 2, 1, 512) == "grouped"
+def test_cost_model_of_the_strategies():
+    vit_s_fc1 = (64, 197, 384 * 1536, 2)  # batch 64, 197 tokens, 384 -> 1536, n = 2
+    costs = layer_costs(*vit_s_fc1, 64, 1536, 1)
+    assert costs["shared"] == 2 * 64 * 197 * (384 * 1536 + 1536)
+    assert costs["grouped"] == 64 * (2 * 384 * 1536 + recast.mixed.GROUP_OVERHEAD_MACS) + 64 * 197 * 384 * 1536
+    assert costs["batched"] == 64 * 2 * 384 * 1536 + 64 * 1 * 197 * 384 * 1536
+    assert pick_strategy(*vit_s_fc1, 64, 1536, 1) == "batched"
+    assert pick_strategy(*vit_s_fc1, 64, 1536, 1, weight_bytes=2**30) == "shared"  # U weights too big
+    assert pick_strategy(*vit_s_fc1, 2, 1536, 32, weight_bytes=2**30) == "grouped"  # few tasks
+    # a 1x1 map (one position per row), 64 tasks: n products beat 64 weight generations
+    assert pick_strategy(64, 1, 512 * 512 * 9, 2, 64, 512, 1) == "shared"
+    # 8 tasks of 8 rows each, 1x1: batched needs 8 generations only
+    assert pick_strategy(64, 1, 512 * 512 * 9, 2, 8, 512, 8) == "batched"
