@@ -159,9 +159,13 @@ class RecastLinear(_RecastMixin, nn.Module):
 
     def _batched(self, x: torch.Tensor, weights: torch.Tensor, r: Routing) -> torch.Tensor:
         """Rows placed per task in a (U, m, ...) tensor, one batched matmul with the U weights."""
-        grouped = x.new_zeros(len(r.tasks), r.widest, *x.shape[1:]).index_put((r.index, r.slot), x)
-        y = torch.matmul(grouped.reshape(len(r.tasks), -1, self.in_features), weights.transpose(1, 2))
-        return y.view(len(r.tasks), r.widest, *x.shape[1:-1], self.out_features)[r.index, r.slot]
+        u = len(r.tasks)
+        if r.equal_groups:  # rows sorted by task, same count each: a view, no copy
+            y = torch.matmul(x.reshape(u, -1, self.in_features), weights.transpose(1, 2))
+            return y.view(*x.shape[:-1], self.out_features)
+        grouped = x.new_zeros(u, r.widest, *x.shape[1:]).index_put((r.index, r.slot), x)
+        y = torch.matmul(grouped.reshape(u, -1, self.in_features), weights.transpose(1, 2))
+        return y.view(u, r.widest, *x.shape[1:-1], self.out_features)[r.index, r.slot]
 
     def _shared(self, x: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
         """sum_i mix[row, i] * (x T_i^T): one matmul against the n stacked templates."""

@@ -126,6 +126,8 @@ class Routing:
 
     @classmethod
     def build(cls, tasks: Sequence[str], device: torch.device, strategy: str = "auto") -> "Routing":
+        """``tasks``: one per row. RecastModel sorts the rows by task first (``sort_order``), so
+        that each task's rows are contiguous: groups are then slices, not gathers."""
         distinct = list(dict.fromkeys(tasks))
         pos = {t: i for i, t in enumerate(distinct)}
         index = torch.tensor([pos[t] for t in tasks], dtype=torch.long)
@@ -146,16 +148,44 @@ class Routing:
     def batch(self) -> int:
         return int(self.index.shape[0])
 
+    @property
+    def contiguous(self) -> bool:
+        """Whether each task's rows form one block, in ``tasks`` order."""
+        if "_contiguous" not in self.__dict__:
+            self.__dict__["_contiguous"] = bool((self.inverse == torch.arange(self.batch, device=self.inverse.device)).all())
+        return self.__dict__["_contiguous"]
+
+    @property
+    def equal_groups(self) -> bool:
+        """Contiguous groups of the same size (the batched strategy then needs no copy)."""
+        return self.contiguous and all(len(r) == len(self.rows[0]) for r in self.rows)
+
     def select(self, x: torch.Tensor, u: int) -> torch.Tensor:
         """The rows of the u-th task (``x`` itself when the batch has one task)."""
-        return x if len(self.tasks) == 1 else x.index_select(0, self.rows[u])
+        if len(self.tasks) == 1:
+            return x
+        if self.contiguous:
+            return x.narrow(0, int(self.rows[u][0]), len(self.rows[u]))
+        return x.index_select(0, self.rows[u])
 
     def regroup(self, outs: list[torch.Tensor]) -> torch.Tensor:
         """Per-task group outputs (in ``tasks`` order) back in row order."""
-        return outs[0] if len(outs) == 1 else torch.cat(outs).index_select(0, self.inverse)
+        if len(outs) == 1:
+            return outs[0]
+        cat = torch.cat(outs)
+        return cat if self.contiguous else cat.index_select(0, self.inverse)
 
     def check_rows(self, x: torch.Tensor, where: str) -> None:
         if x.shape[0] != self.batch:
             raise MixedBatchError(f"'{where}' got an input with leading dimension {x.shape[0]}, but the mixed "
                                   f"batch has {self.batch} rows: this model reshapes its batch dimension, "
                                   "which mixed-task batches do not support")
+
+
+def sort_order(tasks: Sequence[str]) -> list[int]:
+    """A stable order of the rows that makes each task's rows contiguous (tasks in order of first
+    appearance)."""
+    pos: dict[str, int] = {}
+    for t in tasks:
+        pos.setdefault(t, len(pos))
+    return sorted(range(len(tasks)), key=lambda i: pos[tasks[i]])

@@ -26,7 +26,7 @@ from recast.layers import (
     RECAST_LAYERS, TemplateBank, freeze_batch_norm_stats, make_recast_layer, random_unit_coefficients,
     unfreeze_batch_norm_stats,
 )
-from recast.mixed import STRATEGIES, MixedBatchAdapterError, MixedBatchError, Routing, UnknownTaskError
+from recast.mixed import STRATEGIES, MixedBatchAdapterError, MixedBatchError, Routing, UnknownTaskError, sort_order
 from recast.targets import LayerKeyFn, Plan, build_plan, template_fan_mode
 from recast.task_state import KINDS, PREFIX, Kind, Live, TaskState
 
@@ -194,6 +194,8 @@ class RecastModel(nn.Module):
                 coefficients and head as its own rows alone would give them. Per-task biases,
                 norm parameters and BatchNorm statistics of tasks other than the active one
                 are read from their stores (no gradient: train those with ``set_task``).
+                Only the first positional argument is split by rows (it is sorted by task for
+                the forward, and outputs with its leading dimension are put back in row order).
 
         Raises:
             UnknownTaskError: a name that is not a task (the known ones are listed).
@@ -206,8 +208,21 @@ class RecastModel(nn.Module):
         routing = self._routing(args, tasks)
         if routing is None:
             return self.model(*args, **kwargs)
+        if routing.contiguous:
+            with self._mixed(routing):
+                return self.model(*args, **kwargs)
+        # rows sorted by task (each task's rows one block: slices instead of gathers in every
+        # layer), the outputs put back in the caller's row order
+        order = sort_order([str(t) for t in tasks])
+        perm = torch.tensor(order, device=args[0].device)
+        inverse = torch.argsort(perm)
+        routing = self._routing((args[0].index_select(0, perm),), [str(tasks[i]) for i in order])
         with self._mixed(routing):
-            return self.model(*args, **kwargs)
+            out = self.model(args[0].index_select(0, perm), *args[1:], **kwargs)
+        rows = len(order)
+        return torch.utils._pytree.tree_map(
+            lambda t: t.index_select(0, inverse) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == rows else t,
+            out)
 
     def num_classes(self, task: str) -> int | None:
         """Output width of ``task``'s head (the base head's for a task without one)."""
