@@ -40,8 +40,9 @@ class RecastConfig:
             kaiming-normal init with fan_out; every other bank uses fan_in. The default follows
             the authors' code: fan_out for the fused qkv, fan_in for MLP and conv templates.
         bn_stats: what happens to BatchNorm running statistics (models without BatchNorm are
-            not affected). ``"frozen"`` (default): the model keeps every BatchNorm layer in
-            eval mode whatever ``RecastModel.train()`` says, so BatchNorm always normalises
+            not affected). ``"frozen"`` (default): every BatchNorm layer keeps frozen statistics
+            whatever mode it is put in (``RecastModel.train()``, ``rc.model.train()`` of an
+            outside trainer; ``recast.layers.FrozenStatistics``), so BatchNorm always normalises
             with the pretrained statistics and no task can change them. ``"per_task"``: every
             task owns a copy of the statistics (running mean, running variance and the batch
             counter), switched by ``set_task``, updated in train mode for the active task only,

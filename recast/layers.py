@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from recast.mixed import Routing, pick_strategy
 
 FanMode = Literal["fan_in", "fan_out"]
 
@@ -75,6 +78,7 @@ class _RecastMixin:
         self.coef_sets = coef_sets
         self.coefs = nn.ParameterDict()
         self.task = None
+        self.routing: Routing | None = None  # set by RecastModel for one mixed-task forward
 
     @property
     def bank(self) -> TemplateBank:
@@ -100,6 +104,30 @@ class _RecastMixin:
             raise RuntimeError("no active task: call RecastModel.set_task(name) first")
         return self.task_weight(self.task)
 
+    def _mixed(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
+        """Each row with its own task's weight (see ``recast.mixed``)."""
+        name = getattr(self, "recast_name", type(self).__name__)
+        r.check_rows(x, name)
+        biases = r.values.get(name)  # per-task biases, where the batch's tasks differ in them
+        strategy = r.strategy
+        if strategy == "auto":
+            strategy = self._pick(x, r)
+        r.picks[name] = strategy
+        if strategy == "grouped":
+            outs = [self._run(r.select(x, u), self.task_weight(t), biases[u]["bias"] if biases else self.bias)
+                    for u, t in enumerate(r.tasks)]
+            return r.regroup(outs)
+        means = torch.stack([self.coefs[t].mean(dim=0) for t in r.tasks])  # (U, n), eq. 2
+        if strategy == "batched":
+            weights = torch.tensordot(means, self.bank.templates, dims=1)  # (U, *weight shape)
+            y = self._batched(x, weights, r)
+        else:
+            y = self._shared(x, means.index_select(0, r.index))
+        if biases:
+            bias = torch.stack([v["bias"] for v in biases]).index_select(0, r.index)  # (B, out)
+            return y + self._per_row(bias, y)
+        return y if self.bias is None else y + self._per_row(self.bias, y)
+
 
 class RecastLinear(_RecastMixin, nn.Module):
     """A Linear whose weight is generated from a template bank and per-task coefficients."""
@@ -115,7 +143,45 @@ class RecastLinear(_RecastMixin, nn.Module):
         return cls(module.in_features, module.out_features, module.bias, bank, coef_sets)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing is not None:
+            return self._mixed(x, self.routing)
         return F.linear(x, self.weight, self.bias)
+
+    @staticmethod
+    def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    def _pick(self, x: torch.Tensor, r: Routing) -> str:
+        positions = x.numel() // max(1, x.shape[0] * self.in_features)
+        macs = self.in_features * self.out_features
+        return pick_strategy(x.shape[0], positions, macs, self.bank.num_templates, len(r.tasks), self.out_features,
+                             r.widest, weight_bytes=len(r.tasks) * macs * x.element_size())
+
+    def _batched(self, x: torch.Tensor, weights: torch.Tensor, r: Routing) -> torch.Tensor:
+        """Rows placed per task in a (U, m, ...) tensor, one batched matmul with the U weights."""
+        u = len(r.tasks)
+        if r.equal_groups:  # rows sorted by task, same count each: a view, no copy
+            y = torch.matmul(x.reshape(u, -1, self.in_features), weights.transpose(1, 2))
+            return y.view(*x.shape[:-1], self.out_features)
+        grouped = x.new_zeros(u, r.widest, *x.shape[1:]).index_put((r.index, r.slot), x)
+        y = torch.matmul(grouped.reshape(u, -1, self.in_features), weights.transpose(1, 2))
+        return y.view(u, r.widest, *x.shape[1:-1], self.out_features)[r.index, r.slot]
+
+    def _shared(self, x: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+        """sum_i mix[row, i] * (x T_i^T): one matmul against the n stacked templates."""
+        templates = self.bank.templates  # (n, out, in)
+        n, out = templates.shape[0], templates.shape[1]
+        y = F.linear(x, templates.reshape(n * out, self.in_features))  # (B, ..., n * out)
+        y = y.reshape(x.shape[0], -1, n, out)
+        y = torch.matmul(mix.view(x.shape[0], 1, 1, n), y)  # (B, L, 1, out)
+        return y.reshape(*x.shape[:-1], out)
+
+    @staticmethod
+    def _per_row(bias: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``bias`` (out,) or per row (B, out), shaped to add to ``y`` (B, ..., out)."""
+        if bias.dim() == 1:
+            return bias
+        return bias.view(bias.shape[0], *([1] * (y.dim() - 2)), bias.shape[1])
 
     def to_plain(self, task: str) -> nn.Linear:
         """A plain nn.Linear (the templates' dtype) holding ``task``'s generated weight and the live bias."""
@@ -148,7 +214,45 @@ class RecastConv2d(_RecastMixin, nn.Module):
         return cls(module, bank, coef_sets)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing is not None:
+            return self._mixed(x, self.routing)
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _pick(self, x: torch.Tensor, r: Routing) -> str:
+        positions = 1
+        for size, k, s, p, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.padding, self.dilation):
+            positions *= (size + 2 * p - d * (k - 1) - 1) // s + 1
+        macs = self.out_channels * (self.in_channels // self.groups) * math.prod(self.kernel_size)
+        return pick_strategy(x.shape[0], positions, macs, self.bank.num_templates, len(r.tasks), self.out_channels,
+                             r.widest, weight_bytes=len(r.tasks) * macs * x.element_size())
+
+    def _batched(self, x: torch.Tensor, weights: torch.Tensor, r: Routing) -> torch.Tensor:
+        """Rows placed per task in (m, U * C_in, H, W), one convolution with groups = U * groups."""
+        u, (b, c, h, w) = len(r.tasks), x.shape
+        grouped = x.new_zeros(r.widest, u, c, h, w).index_put((r.slot, r.index), x).view(r.widest, u * c, h, w)
+        y = F.conv2d(grouped, weights.reshape(u * self.out_channels, *weights.shape[2:]), None,
+                     self.stride, self.padding, self.dilation, u * self.groups)
+        return y.view(r.widest, u, self.out_channels, *y.shape[-2:])[r.slot, r.index]
+
+    def _shared(self, x: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+        """sum_i mix[row, i] * conv(x, T_i): one convolution with the n templates stacked per
+        conv group (so that each group's output channels stay contiguous)."""
+        templates = self.bank.templates  # (n, out, in/g, kh, kw)
+        n, g, out = templates.shape[0], self.groups, self.out_channels
+        stacked = templates.reshape(n, g, out // g, *templates.shape[2:]).transpose(0, 1)
+        y = F.conv2d(x, stacked.reshape(g * n * (out // g), *templates.shape[2:]), None,
+                     self.stride, self.padding, self.dilation, g)
+        b, h, w = y.shape[0], y.shape[-2], y.shape[-1]
+        y = y.view(b, g, n, out // g, h, w) * mix.view(b, 1, n, 1, 1, 1)
+        return y.sum(dim=2).reshape(b, out, h, w)
+
+    @staticmethod
+    def _per_row(bias: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``bias`` (out,) or per row (B, out), shaped to add to ``y`` (B, out, H, W)."""
+        return bias.view(-1, bias.shape[-1], 1, 1) if bias.dim() == 2 else bias.view(-1, 1, 1)
 
     def to_plain(self, task: str) -> nn.Conv2d:
         """A plain nn.Conv2d (the templates' dtype) holding ``task``'s generated weight and the live bias."""
@@ -177,3 +281,82 @@ def make_recast_layer(module: nn.Module, bank: TemplateBank, coef_sets: int) -> 
     if isinstance(module, nn.Conv2d):
         return RecastConv2d.from_module(module, bank, coef_sets)
     raise TypeError(f"cannot template a {type(module).__name__}; only Linear and Conv2d")
+
+
+# ----------------------------------------------------------------- frozen BatchNorm statistics
+class FrozenStatistics:
+    """Mixin of a BatchNorm layer whose running statistics stay frozen in any mode.
+
+    ``training`` reads False whatever ``train()`` (of this layer or of any parent, e.g. a
+    trainer's ``model.train()``) or a direct write sets, so the layer normalises with its
+    running statistics and never updates them: the FrozenBatchNorm2d of timm/torchvision,
+    except that it keeps the layer's class (as a subclass), its affine parameters trainable
+    and its state_dict keys (``num_batches_tracked`` included), so payloads and bank files
+    load as before and eval outputs are bit-identical.
+    """
+
+    @property
+    def training(self) -> bool:
+        return False
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        pass  # frozen: the mode is ignored
+
+
+_FROZEN_PREFIX = "FrozenStats__"
+
+
+def _frozen_name(cls: type) -> str:
+    return _FROZEN_PREFIX + f"{cls.__module__}.{cls.__qualname__}".replace(".", "__")
+
+
+def frozen_class(cls: type) -> type:
+    """The frozen-statistics subclass of BatchNorm class ``cls`` (one per class, importable
+    from this module by name, so a frozen layer pickles like any module)."""
+    if issubclass(cls, FrozenStatistics):
+        return cls
+    name = _frozen_name(cls)
+    module = sys.modules[__name__]
+    frozen = module.__dict__.get(name)
+    if frozen is None:
+        frozen = type(name, (FrozenStatistics, cls), {"__module__": __name__, "__qualname__": name,
+                                                      "unfrozen_class": cls})
+        setattr(module, name, frozen)
+    return frozen
+
+
+def __getattr__(name: str) -> type:
+    """Recreate a frozen class by name in a fresh process (for unpickling)."""
+    if not name.startswith(_FROZEN_PREFIX):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    parts = name[len(_FROZEN_PREFIX):].split("__")
+    for cut in range(len(parts) - 1, 0, -1):  # longest importable module prefix
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return frozen_class(obj)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def freeze_batch_norm_stats(model: nn.Module) -> int:
+    """Make every BatchNorm layer of ``model`` keep frozen statistics (in place); returns how many."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, FrozenStatistics):
+            m.__class__ = frozen_class(type(m))
+            count += 1
+    return count
+
+
+def unfreeze_batch_norm_stats(model: nn.Module) -> None:
+    """Give every frozen BatchNorm layer of ``model`` its original class back (in place)."""
+    for m in model.modules():
+        if isinstance(m, FrozenStatistics):
+            m.__class__ = type(m).unfrozen_class
+            m.training = False  # it normalised as in eval mode; the copy starts there

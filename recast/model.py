@@ -6,19 +6,27 @@ only its coefficients and head are trainable; biases (``train_biases``) and norm
 (``train_norms``) that a task trains become its own copies; BatchNorm running statistics are
 frozen by the model or kept per task (``RecastConfig.bn_stats``). The templates are shared
 and frozen; ``recast.mimic`` refuses to rewrite them once other tasks exist.
+
+Mixed-task batches: ``rc(x, tasks=[...])`` runs each row with its own task (``recast.mixed``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from recast.config import RecastConfig
-from recast.layers import RECAST_LAYERS, TemplateBank, make_recast_layer, random_unit_coefficients
+from recast.adapters.base import AdapterWrapper
+from recast.layers import (
+    RECAST_LAYERS, TemplateBank, freeze_batch_norm_stats, make_recast_layer, random_unit_coefficients,
+    unfreeze_batch_norm_stats,
+)
+from recast.mixed import STRATEGIES, MixedBatchAdapterError, MixedBatchError, Routing, UnknownTaskError, sort_order
 from recast.targets import LayerKeyFn, Plan, build_plan, template_fan_mode
 from recast.task_state import KINDS, PREFIX, Kind, Live, TaskState
 
@@ -28,17 +36,53 @@ _BATCH_NORM = nn.modules.batchnorm._BatchNorm
 
 
 class TaskHeads(nn.Module):
-    """One classifier per task; forwards through the active task's head."""
+    """One classifier per task; forwards through the active task's head.
 
-    def __init__(self) -> None:
+    In a mixed-task forward each group of rows goes through its task's head (the base task's
+    for a task without one); outputs narrower than the widest head of the batch are padded
+    with -inf on the last dimension, so argmax, softmax and cross_entropy read them as they
+    read the task's own logits.
+    """
+
+    def __init__(self, base_task: str | None = None) -> None:
         super().__init__()
         self.heads = nn.ModuleDict()
         self.task: str | None = None
+        self.base_task = base_task
+        self.routing: Routing | None = None  # set by RecastModel for one mixed-task forward
+
+    def head_of(self, task: str) -> nn.Module:
+        return self.heads[task] if task in self.heads else self.heads[self.base_task]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.routing
+        if r is not None:
+            r.check_rows(x, "head")
+            outs = [self.head_of(t)(r.select(x, u)) for u, t in enumerate(r.tasks)]
+            width = max(o.shape[-1] for o in outs)
+            outs = [o if o.shape[-1] == width else
+                    torch.cat([o, o.new_full((*o.shape[:-1], width - o.shape[-1]), float("-inf"))], dim=-1)
+                    for o in outs]
+            return r.regroup(outs)
         if self.task is None:
             raise RuntimeError("no active task: call RecastModel.set_task(name) first")
         return self.heads[self.task](x)
+
+
+class GroupedNorm(nn.Module):
+    """Stands in for a norm layer during a mixed-task forward: each group of rows goes through
+    the layer's own forward with its task's tensors (``torch.func.functional_call``)."""
+
+    def __init__(self, norm: nn.Module, routing: Routing, values: list[dict[str, torch.Tensor]]):
+        super().__init__()
+        self.norm = norm
+        self._routing, self._values = routing, values
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self._routing
+        r.check_rows(x, type(self.norm).__name__)
+        return r.regroup([torch.func.functional_call(self.norm, v, (r.select(x, u),), strict=False)
+                          for u, v in enumerate(self._values)])
 
 
 def _get_parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -107,7 +151,7 @@ class RecastModel(nn.Module):
             head = model.get_submodule(self.head_name)
             if isinstance(head, nn.Linear):
                 self.num_features = head.in_features
-            heads = TaskHeads()
+            heads = TaskHeads(base)
             heads.heads[base] = head
             parent, child = _get_parent(model, self.head_name)
             setattr(parent, child, heads)
@@ -116,11 +160,14 @@ class RecastModel(nn.Module):
         self.tasks: list[str] = [base]
         self.active_task: str | None = None
         self._frozen = False
+        self.mixed_strategy = "auto"  # strategy of templated layers in mixed batches (recast.mixed)
+        self.last_routing: Routing | None = None  # of the last mixed forward (its ``picks`` per layer)
         if config.bn_stats == "per_task":
             live = self._live("bn_stats")
             self.task_state.set_values(base, "bn_stats", live, live, None)
         self.set_task(base, freeze=False)
-        self._freeze_batch_norm()
+        if config.bn_stats == "frozen":
+            freeze_batch_norm_stats(self.model)
 
     # ----------------------------------------------------------------- structure
     def recast_layers(self) -> Iterator[tuple[str, nn.Module]]:
@@ -134,20 +181,140 @@ class RecastModel(nn.Module):
     def task_heads(self) -> TaskHeads | None:
         return self.model.get_submodule(self.head_name) if self.head_name is not None else None
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, *args, tasks: Sequence[str] | None = None, **kwargs):
+        """The wrapped network's forward; with ``tasks`` a mixed-task batch.
 
-    def train(self, mode: bool = True) -> "RecastModel":
-        """``nn.Module.train``; with ``bn_stats="frozen"`` BatchNorm layers stay in eval mode."""
-        super().train(mode)
-        self._freeze_batch_norm()
-        return self
+        Args:
+            tasks: one task name per row of the batch (the first argument's leading
+                dimension), in the style of PEFT's ``adapter_names``. Each row's output equals
+                its task's output after ``set_task(task)`` (to float rounding); the active task
+                and the trainable tensors are not changed. Outputs of tasks with fewer classes
+                than the widest head of the batch are padded with -inf (see ``TaskHeads``);
+                ``num_classes(task)`` gives a task's width. Gradients reach each task's
+                coefficients and head as its own rows alone would give them. Per-task biases,
+                norm parameters and BatchNorm statistics of tasks other than the active one
+                are read from their stores (no gradient: train those with ``set_task``).
+                Only the first positional argument is split by rows (it is sorted by task for
+                the forward, and outputs with its leading dimension are put back in row order).
 
-    def _freeze_batch_norm(self) -> None:
-        if self.config.bn_stats == "frozen":
-            for m in self.model.modules():
-                if isinstance(m, _BATCH_NORM):
-                    m.eval()
+        Raises:
+            UnknownTaskError: a name that is not a task (the known ones are listed).
+            MixedBatchError: ``tasks`` does not give one task per row, the batch is empty, or
+                BatchNorm layers with per-task statistics are in train mode.
+            MixedBatchAdapterError: the model holds adapters (they are one task's).
+        """
+        if tasks is None:
+            return self.model(*args, **kwargs)
+        routing = self._routing(args, tasks)
+        if routing is None:
+            return self.model(*args, **kwargs)
+        if routing.contiguous:
+            with self._mixed(routing):
+                return self.model(*args, **kwargs)
+        # rows sorted by task (each task's rows one block: slices instead of gathers in every
+        # layer), the outputs put back in the caller's row order
+        order = sort_order([str(t) for t in tasks])
+        perm = torch.tensor(order, device=args[0].device)
+        inverse = torch.argsort(perm)
+        routing = self._routing((args[0].index_select(0, perm),), [str(tasks[i]) for i in order])
+        with self._mixed(routing):
+            out = self.model(args[0].index_select(0, perm), *args[1:], **kwargs)
+        rows = len(order)
+        return torch.utils._pytree.tree_map(
+            lambda t: t.index_select(0, inverse) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == rows else t,
+            out)
+
+    def num_classes(self, task: str) -> int | None:
+        """Output width of ``task``'s head (the base head's for a task without one)."""
+        if task not in self.tasks:
+            raise UnknownTaskError(task, self.tasks)
+        heads = self.task_heads
+        head = heads.head_of(task) if heads is not None else None
+        return getattr(head, "out_features", None)
+
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        """``task``'s coefficients and head parameters (e.g. to train several tasks in one
+        mixed batch: ``p.requires_grad_()`` on those of each task)."""
+        if task not in self.tasks:
+            raise UnknownTaskError(task, self.tasks)
+        params = [layer.coefs[task] for _, layer in self.recast_layers()]
+        heads = self.task_heads
+        if heads is not None and task in heads.heads:
+            params += list(heads.heads[task].parameters())
+        return params
+
+    def _routing(self, args: tuple, tasks: Sequence[str]) -> Routing | None:
+        """Validate a mixed batch; None when every row belongs to the active task."""
+        if isinstance(tasks, str) or not args or not isinstance(args[0], torch.Tensor):
+            raise MixedBatchError("tasks= must be a sequence of task names, one per row of the input tensor")
+        tasks = [str(t) for t in tasks]
+        rows = args[0].shape[0] if args[0].dim() else 0
+        if rows == 0 or len(tasks) != rows:
+            raise MixedBatchError(f"tasks= gives {len(tasks)} task names for a batch of {rows} rows; "
+                                  "give one per row (and at least one row)")
+        known = set(self.tasks)
+        for t in tasks:
+            if t not in known:
+                raise UnknownTaskError(t, self.tasks)
+        distinct = set(tasks)
+        if distinct == {self.active_task}:
+            return None
+        adapters = [f"{n}: {type(m).__name__}" for n, m in self.model.named_modules() if isinstance(m, AdapterWrapper)]
+        if adapters:
+            raise MixedBatchAdapterError(adapters)
+        if self.config.bn_stats == "per_task" and any(
+                m.training for m in self.model.modules() if isinstance(m, _BATCH_NORM)):
+            raise MixedBatchError("BatchNorm layers with per-task statistics (bn_stats='per_task') are in train "
+                                  "mode, which would update one set of statistics from rows of several tasks: "
+                                  "train one task at a time (set_task), or call rc.eval() for a mixed batch")
+        if self.mixed_strategy not in STRATEGIES:
+            raise ValueError(f"mixed_strategy must be one of {STRATEGIES}, got {self.mixed_strategy!r}")
+        routing = Routing.build(tasks, args[0].device, self.mixed_strategy)
+        self.last_routing = routing
+        for kind in self.task_state.kinds_in_use():
+            live = self._live(kind)
+            per_task = [self.task_state.values(t, kind, live, self.active_task) for t in routing.tasks]
+            if all(v is live for v in per_task):
+                continue  # every task of the batch uses the live values
+            for key in live:
+                prefix = PREFIX[kind]
+                if kind == "biases":
+                    module, attr = key[len(prefix):], "bias"
+                else:
+                    module, _, attr = key[len(prefix):].rpartition(".")
+                slots = routing.values.setdefault(module, [{} for _ in routing.tasks])
+                for slot, values in zip(slots, per_task):
+                    slot[attr] = values[key]
+        return routing
+
+    @contextlib.contextmanager
+    def _mixed(self, routing: Routing):
+        """Route one forward: templated layers and heads read ``routing``; norm layers whose
+        tensors differ between the batch's tasks are replaced by GroupedNorm meanwhile."""
+        layers = [m for m in self.model.modules() if isinstance(m, RECAST_LAYERS)]
+        heads = self.task_heads
+        recast_names = {layer.recast_name for layer in layers}
+        swapped = []
+        try:
+            for layer in layers:
+                layer.routing = routing
+            if heads is not None:
+                heads.routing = routing
+            for name, values in routing.values.items():
+                if name in recast_names:
+                    continue
+                parent, child = _get_parent(self.model, name)
+                norm = getattr(parent, child)
+                swapped.append((parent, child, norm))
+                setattr(parent, child, GroupedNorm(norm, routing, values))
+            yield routing
+        finally:
+            for parent, child, norm in reversed(swapped):
+                setattr(parent, child, norm)
+            for layer in layers:
+                layer.routing = None
+            if heads is not None:
+                heads.routing = None
 
     def _ordinary_modules(self) -> Iterator[tuple[str, nn.Module]]:
         """(path, module) of the network outside the task heads."""
@@ -233,7 +400,7 @@ class RecastModel(nn.Module):
             train_norms: the same for LayerNorm/GroupNorm/BatchNorm affine parameters.
         """
         if task not in self.tasks:
-            raise ValueError(f"unknown task '{task}'; known: {self.tasks}")
+            raise UnknownTaskError(task, self.tasks)
         if self.active_task is not None and task != self.active_task:
             self.task_state.switch(self.active_task, task, {k: self._live(k) for k in self.task_state.kinds_in_use()})
         for _, layer in self.recast_layers():
@@ -388,6 +555,7 @@ class RecastModel(nn.Module):
         for b in self.banks.values():
             memo[id(b.templates)] = b.templates
         model = copy.deepcopy(self.model, memo)
+        unfreeze_batch_norm_stats(model)  # a plain model of the original classes
         owned = {kind: self._task_values(task, kind) for kind in self.task_state.kinds_in_use()}
         biases = owned.pop("biases", {})
         with torch.no_grad():

@@ -105,3 +105,21 @@ def test_bench_startup_compute_floor_reads_job_entries_only(tmp_path):
     assert floor(tmp_path, 2) == {"jobs": 3, "job_sum": 16.0, "longest": 10.0, "floor": 10.0}
     assert floor(tmp_path, 1)["floor"] == 16.0
     assert floor(tmp_path / "missing", 2) == {"jobs": 0, "job_sum": 0, "longest": 0.0, "floor": 0.0}
+
+
+def test_bench_multitask_tiny(tmp_path):
+    out = tmp_path / "multitask.json"
+    argv = ["--models", "test_vit", "--image-size", "32", "--tasks", "1,3,8", "--time-tasks", "1,3", "--batch", "4",
+            "--repeats", "1", "--peft-max", "3", *ONE_THREAD, "--json-out", str(out)]
+    _load("bench_multitask").main(argv)
+    results = json.loads(out.read_text())
+    assert {"date", "load_avg_1_5_15", "threads"} <= set(results["environment"])
+    rows = {r["T"]: r for r in results["rows"]}
+    assert set(rows) == {1, 3, 8} and "seconds" not in rows[8]  # T=8: memory only
+    assert set(rows[3]["seconds"]) == {"single", "mixed", "shared", "grouped", "batched", "task_by_task", "peft"}
+    assert rows[3]["distinct_per_batch"] == 3 and set(rows[3]["picks"]) <= {"batched", "grouped", "shared"} and rows[3]["picks"]
+    assert rows[1]["picks"] == []  # one task: the ordinary forward
+    for r in rows.values():
+        m = r["memory"]
+        assert m["payload_bytes"] > 0 and m["tensor_bytes"] == m["bound_bytes"]  # nothing but T payloads added
+        assert m["plain_models_bytes"] == r["T"] * m["plain_model_bytes"]

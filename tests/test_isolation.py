@@ -215,3 +215,43 @@ def test_fit_restores_the_best_epochs_bn_statistics():
         runs[epochs] = {k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
     assert int(runs[3]["bn1.num_batches_tracked"]) == 2  # one epoch of 2 batches
     assert all(torch.equal(runs[1][k], runs[3][k]) for k in runs[1])
+
+
+def _inner_loop(rc: recast.RecastModel, data, steps: int = 2, lr: float = 0.1) -> None:
+    """A trainer that holds the inner network (Lightning, HF Trainer, timm's train script):
+    ``rc.model.train()``, bypassing ``RecastModel.train``."""
+    opt = torch.optim.AdamW([p for p in rc.parameters() if p.requires_grad], lr=lr)
+    rc.model.train()
+    for step in range(steps):
+        x, y = data[step % len(data)]
+        opt.zero_grad()
+        F.cross_entropy(rc.model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("bn_stats", ["frozen", "per_task"])
+def test_training_through_the_inner_model_leaves_task_a_bit_identical(bn_stats):
+    """Frozen statistics stay frozen whatever mode the inner module is put in (issue 21 item 6)."""
+    torch.manual_seed(0)
+    model = _pretrained_like_bn(timm.create_model("test_resnet", pretrained=False, num_classes=10,
+                                                  layers=(3, 3, 3, 3)).eval())
+    rc = recast.apply(model, preset("recast_resnet", bn_stats=bn_stats))
+    recast.mimic(rc)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    rc.add_task("a", num_classes=5)
+    ya = _logits(rc, "a", x)
+    rc.add_task("b", num_classes=5)
+    rc.set_task("b")
+    yb0 = _logits(rc, "b", x)
+    rc.set_task("b")
+    _inner_loop(rc, _data(2))
+    assert not torch.allclose(_logits(rc, "b", x), yb0)  # b did train
+    ya2 = _logits(rc, "a", x)
+    assert torch.equal(ya2, ya), f"task a's logits changed by {float((ya2 - ya).abs().max()):.3g}"
+    if bn_stats == "frozen":
+        bns = [m for m in rc.model.modules() if isinstance(m, nn.BatchNorm2d)]
+        rc.model.train()
+        assert bns and not any(m.training for m in bns)
+        for m in bns:
+            m.training = True  # even a direct write leaves the statistics frozen
+        assert not any(m.training for m in bns)
