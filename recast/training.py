@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -147,6 +147,61 @@ def evaluate(model: nn.Module | Callable[..., torch.Tensor], loader: Batches,
     if total == 0:
         raise ValueError("evaluate: the loader yielded no examples" + (f" (task {task!r})" if task is not None else ""))
     return correct / total
+
+
+@torch.no_grad()
+def evaluate_mixed(model: nn.Module, loaders: Mapping[str, Batches],
+                   device: str | torch.device | None = None) -> dict[str, float]:
+    """Top-1 accuracy of every task of ``loaders`` in mixed-task batches: the k-th batches of
+    all tasks (those whose loader has a k-th batch) concatenated into one batch and run in ONE
+    ``model(x, tasks=[...])`` forward (``RecastModel``'s mixed-task forward), accuracy counted
+    per task from its rows. Each row's logits are its task's own (to float rounding), so the
+    accuracies are those of ``evaluate`` task by task; a batch holds one loader batch per task.
+
+    A module is evaluated in eval mode and its mode restored afterwards.
+
+    Args:
+        model: a module taking ``tasks=`` (one task name per row); rows of narrower heads are
+            padded with -inf, which argmax never picks.
+        loaders: task name -> ``(images, labels)`` batches of that task.
+        device: where batches go; default: the device of the model's first parameter.
+    """
+    if not loaders:
+        raise ValueError("evaluate_mixed: no tasks given")
+    device = module_device(model) if device is None else device
+    was_training = model.training
+    model.eval()
+    names = list(loaders)
+    correct = dict.fromkeys(names, 0)
+    total = dict.fromkeys(names, 0)
+    iters = {t: iter(loaders[t]) for t in names}
+    try:
+        while iters:
+            xs, ys, rows = [], [], []
+            for t in list(iters):
+                batch = next(iters[t], None)
+                if batch is None:
+                    del iters[t]
+                    continue
+                xs.append(batch[0].to(device))
+                ys.append(batch[1].to(device))
+                rows += [t] * len(batch[1])
+            if not xs:
+                break
+            pred = model(torch.cat(xs), tasks=rows).argmax(dim=1)
+            hit = pred == torch.cat(ys)
+            start = 0
+            for y in ys:
+                t = rows[start]
+                correct[t] += int(hit[start:start + len(y)].sum())
+                total[t] += len(y)
+                start += len(y)
+    finally:
+        model.train(was_training)
+    empty = [t for t in names if total[t] == 0]
+    if empty:
+        raise ValueError(f"evaluate_mixed: the loaders of {empty} yielded no examples")
+    return {t: correct[t] / total[t] for t in names}
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TuneConfig) -> torch.optim.Optimizer:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from recast.baselines.common import MultiHeadNet, TaskSpec, prefixed
 from recast.checks import check_finite_loss
-from recast.training import TuneConfig, make_optimizer, make_scheduler, module_device, train_mode
+from recast.training import TuneConfig, evaluate, make_optimizer, make_scheduler, module_device, train_mode
 
 
 def unique_parameters(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
@@ -111,6 +111,11 @@ class ContinualMethod(nn.Module):
     def training_state(self) -> dict[str, Tensor]:
         """Tensors kept between tasks only to train later ones (none here)."""
         return {}
+
+    # ---- evaluation --------------------------------------------------------------------
+    def evaluate_tasks(self, tasks: list[TaskSpec], device: str | torch.device) -> list[float]:
+        """Test accuracy of each of ``tasks`` (one row of the accuracy matrix), task by task."""
+        return [evaluate(self, t.test, device, task=t.name) for t in tasks]
 
     # ---- training ----------------------------------------------------------------------
     def fit_task(self, task: TaskSpec, cfg: TuneConfig, progress: bool = False) -> None:

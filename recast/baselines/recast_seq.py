@@ -2,19 +2,22 @@
 
 The banks (and everything else shared) are frozen; each task adds its own coefficients and head
 (and whatever else it owns: per-task biases, norms or BatchNorm statistics). The runner
-re-evaluates every earlier task on this same model after each new one, so the accuracy matrix
+re-evaluates every earlier task on this same model after each new one (all of them in mixed-task
+batches: one ``rc(x, tasks=...)`` forward per batch, ``recast.training.evaluate_mixed``), so the accuracy matrix
 measures forgetting instead of assuming it: for RECAST every earlier column must stay exactly
 unchanged.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from recast.baselines.common import TaskSpec
 from recast.baselines.method import ContinualMethod, unique_parameters
 from recast.io import bank_tensors
 from recast.model import RecastModel
+from recast.training import evaluate_mixed
 
 
 class RecastSequential(ContinualMethod):
@@ -54,6 +57,12 @@ class RecastSequential(ContinualMethod):
         self.rc.add_task(task.name, num_classes=task.num_classes)
         self.rc.set_task(task.name, freeze=True)
         self.tasks.append(task.name)
+
+    def evaluate_tasks(self, tasks: list[TaskSpec], device: str | torch.device) -> list[float]:
+        """Every task's test accuracy in mixed-task batches (the rows of all tasks in one
+        forward per batch); equal to evaluating them one by one with ``set_task``."""
+        acc = evaluate_mixed(self.rc, {t.name: t.test for t in tasks}, device)
+        return [acc[t.name] for t in tasks]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         self._activate(self.current_task)

@@ -110,7 +110,7 @@ def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TuneConf
             _sync(device)
             wall.append(time.perf_counter() - start)
             val_acc.append(evaluate(method, task.val, device, task=task.name) if task.val is not None else None)
-            row: list[float | None] = [evaluate(method, t.test, device, task=t.name) for t in tasks[:i + 1]]
+            row: list[float | None] = list(method.evaluate_tasks(tasks[:i + 1], device))
             acc.append(row + [None] * (size - i - 1))
             train_bytes.append(state_bytes(method.training_state()))
     return SequentialResult(

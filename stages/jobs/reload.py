@@ -1,6 +1,7 @@
 """The payload-loading check of the evaluate stage: every task's RECAST payload loaded, in task
 order, into ONE RecastModel on the shared banks, every earlier task re-evaluated after each
-addition (task identity is known, so this must stay exactly unchanged). One Ray job per
+addition (task identity is known, so this must stay exactly unchanged), all loaded tasks in
+mixed-task batches (``recast.training.evaluate_mixed``: one ``rc(x, tasks=...)`` forward per batch). One Ray job per
 architecture (``stages.jobs.fanout.run_jobs``), on ``runtime.device``."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from recast.io import load_payload
-from recast.training import evaluate
+from recast.training import evaluate_mixed
 from stages.config.common import IntegrityError, resolve
 from stages.config.params import RuntimeParams, TuneParams
 from stages.jobs.backbones import bank_meta, load_verified, read_sidecar
@@ -52,7 +53,7 @@ def reload_spec(arch: str, tune_dir: Path, results: list[dict], p_tune: TunePara
 def reload_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
     """Ray task, the payload-loading check: load every task's RECAST payload (sha256 checked by
     ``recast.load_payload``), in task order, into ONE model on the shared banks and re-evaluate
-    every earlier task after each addition; the last row must equal the standalone accuracies.
+    every earlier task after each addition, in mixed-task batches; the last row must equal the standalone accuracies.
     (Forgetting itself is measured by training in sequence: the tune stage's ``recast``
     continual job.)"""
     device = spec["device"]
@@ -64,15 +65,11 @@ def reload_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
             for role, suffix in (("payload", ".safetensors"), ("sidecar", ".json")):
                 (Path(tmp) / f"{task}{suffix}").write_bytes(inputs.file(f"{role}/{task}")[1])
             load_payload(rc, Path(tmp) / task, task=task)
-            row: list[float | None] = []
-            for j, prev in enumerate(tasks):
-                if j > i:
-                    row.append(None)
-                    continue
-                rc.set_task(prev, freeze=False)
-                row.append(evaluate(rc, inputs.task(f"task/{prev}").loader(
-                    "test", 256, spec["image_size"], train=False, seed=0, limit=spec["limit_eval"], device=device),
-                    device))
+            loaders = {prev: inputs.task(f"task/{prev}").loader(
+                "test", 256, spec["image_size"], train=False, seed=0, limit=spec["limit_eval"], device=device)
+                for prev in tasks[:i + 1]}
+            acc = evaluate_mixed(rc, loaders, device)  # tasks 0..i in mixed batches, one forward each
+            row: list[float | None] = [acc[prev] for prev in tasks[:i + 1]] + [None] * (len(tasks) - i - 1)
             matrix.append(row)
     final = matrix[-1]
     return {"tasks": tasks, "acc_matrix": matrix, "device": device,

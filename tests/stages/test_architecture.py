@@ -20,7 +20,7 @@ ENTRY_POINTS = ("prepare", "pretrain", "mimic", "tune", "combine", "evaluate")  
 SUB_RANK = {"config": 0, "tracking": 1, "report": 1, "jobs": 2, "serving": 3}
 # Command lines inside a sub-package (``python -m ...``): they sit above every sub-package, like
 # a stage, and nothing imports them. The registry's ``reproduce`` re-runs a job (stages.jobs).
-CLI_MODULES = {"stages.tracking.registry"}
+CLI_MODULES = {"stages.tracking.registry", "stages.serving.__main__"}
 
 
 def upward_imports() -> list[tuple[str, str]]:

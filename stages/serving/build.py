@@ -1,0 +1,130 @@
+"""Building and registering the served model of one arch and method (``stages.serving.pyfunc``).
+
+- The base (the pretrain stage's ``<arch>.{json,safetensors}`` and the mimic stage's
+  ``<arch>/`` banks, base coefficients and ``recast.json``) is logged ONCE per bank sha256, as
+  the artifacts of its own run (experiment ``recast-serving``, tag ``bank_sha256``); a later
+  build finds that run by the tag and references it.
+- The payloads are the registry's (``stages.tracking.payloads``): per task the version an alias
+  (default ``current``) points at, pinned by version in the model config.
+- The pyfunc model is logged from code (``served.py``: no pickle) with that config, the code of
+  ``recast`` and ``stages`` and a signature, and registered as ``recast-serve.<arch>.<method>``,
+  alias ``current``.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from mlflow.models import ModelSignature
+from mlflow.types.schema import Array, ColSpec, Schema
+
+from stages.jobs.backbones import bank_meta, pretrained_meta
+from stages.serving.pyfunc import BASE_ARTIFACT, ServingError, check_bank, describe, payload_files
+from stages.tracking.payloads import registry_name
+from stages.tracking.store import make_client, retry, tracking_uri
+
+import mlflow  # noqa: E402 - after stages.tracking.store, which sets MLflow's environment defaults
+
+EXPERIMENT = "recast-serving"
+REQUIREMENTS = [f"{p}=={version(p)}" for p in ("mlflow", "torch", "timm", "safetensors", "pandas", "numpy")]
+REPO = Path(__file__).resolve().parents[2]
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "task"), ColSpec(Array("double"), "image")]),
+    outputs=Schema([ColSpec("string", "task"), ColSpec("long", "class"), ColSpec(Array("double"), "probabilities")]))
+
+
+def served_name(arch: str, method: str) -> str:
+    """Registered-model name of the served model: ``recast-serve.<arch>.<method>``."""
+    return f"recast-serve.{arch}.{method}"
+
+
+def _experiment_id(client) -> str:
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    return exp.experiment_id if exp is not None else client.create_experiment(EXPERIMENT)
+
+
+def base_uri(arch: str, pretrain_dir: Path, mimic_dir: Path) -> tuple[str, str]:
+    """(artifact URI, bank sha256) of the base of ``arch``: the run that logged these banks, or a
+    new run logging them now (the only place the banks are ever written to the store)."""
+    bank_sha = bank_meta(mimic_dir, arch).get("bank_sha256")
+    if not bank_sha:
+        raise FileNotFoundError(f"no banks for arch {arch!r} in {mimic_dir}: run the mimic stage")
+    backbone_sha = str(pretrained_meta(pretrain_dir, arch).get("sha256", ""))
+    uri = tracking_uri()
+    client = make_client(uri)
+    exp = retry(lambda: _experiment_id(client), uri=uri, what="the serving experiment")
+    found = client.search_runs([exp], f"tags.bank_sha256 = '{bank_sha}' and tags.arch = '{arch}' "
+                                      f"and tags.backbone_sha256 = '{backbone_sha}' and attributes.status = 'FINISHED'",
+                               max_results=1)
+    if found:
+        return f"{found[0].info.artifact_uri}/{BASE_ARTIFACT}", bank_sha
+    run = client.create_run(exp, tags={"bank_sha256": bank_sha, "backbone_sha256": backbone_sha, "arch": arch,
+                                       "mlflow.runName": f"base.{arch}"})
+    rid = run.info.run_id
+    for name in (f"{arch}.json", f"{arch}.safetensors"):
+        client.log_artifact(rid, str(pretrain_dir / name), f"{BASE_ARTIFACT}/pretrain")
+    client.log_artifacts(rid, str(mimic_dir / arch), f"{BASE_ARTIFACT}/mimic/{arch}")
+    client.set_terminated(rid)
+    return f"{run.info.artifact_uri}/{BASE_ARTIFACT}", bank_sha
+
+
+def registered_tasks(arch: str, method: str) -> list[str]:
+    """Tasks with a registered payload of ``arch`` and ``method`` (sorted)."""
+    client = make_client()
+    prefix = registry_name(arch, "", method)
+    return sorted(rm.name[len(prefix):] for rm in client.search_registered_models(max_results=1000)
+                  if rm.name.startswith(prefix))
+
+
+def payload_uris(arch: str, method: str, tasks: list[str], bank_sha: str, alias: str = "current") -> dict[str, str]:
+    """Per task the pinned URI ``models:/<name>/<version>`` of its ``alias`` version, each
+    checked against ``bank_sha`` (``BankMismatchError``) before anything is logged."""
+    uri = tracking_uri()
+    client = make_client(uri)
+    out = {}
+    for task in tasks:
+        name = registry_name(arch, task, method)
+        try:
+            mv = client.get_model_version_by_alias(name, alias)
+        except Exception as err:  # noqa: BLE001 - MlflowException: no such model/alias
+            raise ServingError(f"no payload {name}@{alias} in {uri}: {err}") from None
+        pinned = f"models:/{name}/{mv.version}"
+        with tempfile.TemporaryDirectory() as tmp:  # the sidecar only: the bank check
+            local = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=tmp)
+            check_bank(task, payload_files(local), bank_sha, pinned)
+        out[task] = pinned
+    return out
+
+
+def build(arch: str, method: str, pretrain_dir: Path, mimic_dir: Path, image_size: int,
+          tasks: list[str] | None = None, alias: str = "current", channels: int = 3) -> dict[str, Any]:
+    """Log and register the served model of ``arch`` and ``method`` over ``tasks`` (default:
+    every registered task); alias the new version ``current``. Returns name, version, config."""
+    base, bank_sha = base_uri(arch, Path(pretrain_dir), Path(mimic_dir))
+    tasks = tasks or registered_tasks(arch, method)
+    if not tasks:
+        raise ServingError(f"no registered payloads recast.{arch}.{method}.* in {tracking_uri()}: run the tune stage")
+    cfg = {"arch": arch, "method": method, "base_uri": base, "bank_sha256": bank_sha,
+           "image_shape": [channels, image_size, image_size], "payloads": payload_uris(arch, method, tasks, bank_sha, alias)}
+    name = served_name(arch, method)
+    uri = tracking_uri()
+    client = make_client(uri)
+    exp = retry(lambda: _experiment_id(client), uri=uri, what="the serving experiment")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with mlflow.start_run(experiment_id=exp, run_name=f"serve.{arch}.{method}",
+                          tags={"bank_sha256": bank_sha, "arch": arch, "method": method}) as run:
+        mlflow.log_dict(cfg, "serving_config.json")
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("served.py")),
+                                       model_config=cfg, code_paths=[str(REPO / "recast"), str(REPO / "stages")],
+                                       signature=SIGNATURE, pip_requirements=REQUIREMENTS)
+    mv = mlflow.register_model(info.model_uri, name)
+    client.set_registered_model_alias(name, "current", mv.version)
+    client.set_model_version_tag(name, mv.version, "tasks", ",".join(tasks))
+    print(f"registered {name} version {mv.version} (alias current): {describe(cfg)}", file=sys.stderr)
+    return {"name": name, "version": str(mv.version), "run_id": run.info.run_id, "config": cfg,
+            "model_uri": info.model_uri}
