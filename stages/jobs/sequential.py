@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import torch
 
-from recast.baselines import TaskSpec, TrainConfig, make_method, run_sequential
+from recast.baselines import TaskSpec, make_method, run_sequential
 from stages.config.common import record_nondeterminism, resolve, seed_everything
 from stages.jobs.inputs import InputStore, JobInputs, backbone_bundle, banks_bundle, task_bundle
 from stages.config.params import TrainParams, TuneParams
@@ -29,9 +29,10 @@ def continual_specs(stage: str, p: TuneParams, device: str, store: InputStore) -
         for name in c.methods[arch]:
             if name == "recast":  # RECAST itself under the protocol: one RecastModel on the mimicked banks
                 roles = {**roles, "banks": store.add(banks_bundle(resolve(p.mimic_dir), arch))}
+            lr, source = p.lr_for(arch, name)
             for seed in p.seeds:
                 specs.append({"id": f"{stage}/{arch}/{name}/sequential/s{seed}", "kind": "continual", "arch": arch,
-                              "method_name": name, "seed": seed, "epochs": c.epochs, "lr": c.lr,
+                              "method_name": name, "seed": seed, "lr": lr, "lr_source": source,
                               "options": c.options.get(name, {}), "task_order": list(tasks), "inputs": roles,
                               **common_fields(p, arch, device)})
     return specs
@@ -56,13 +57,15 @@ def continual_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
 
         tasks.append(TaskSpec(name, data.num_classes, mk("train", True, tr.limit_train),
                               mk("val", False, tr.limit_eval), mk("test", False, tr.limit_eval)))
-    if spec["method_name"] == "recast":  # the per-task tuning recipe, so its accuracies match the tune jobs'
-        cfg = replace(tr.recipe(spec["device"]), seed=spec["seed"])
-    else:
-        cfg = TrainConfig(epochs=spec["epochs"], lr=spec["lr"], seed=spec["seed"], device=spec["device"],
-                          grad_clip=tr.grad_clip)
+    # equal budget: every method trains with the per-task recipe (epochs, StepLR schedule, weight
+    # decay, clipping) at its own lr (``spec["lr"]``: tune.lr_by_method, else tune.train.lr); the
+    # baselines that train the backbone update its BatchNorm statistics (TrainConfig's default)
+    cfg = replace(tr.recipe(spec["device"], spec.get("lr")), seed=spec["seed"])
+    if spec["method_name"] != "recast":
+        cfg = replace(cfg, freeze_bn_stats=False)
     method = make_method(spec["method_name"], backbone, spec.get("options") or None)
     with record_nondeterminism() as nondeterministic:
         out = run_sequential(method, tasks, cfg, progress=False).to_json()
     return {**out, "arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"], "sequential": True,
+            "lr": cfg.lr, "epochs": cfg.epochs,
             "torch_threads": torch.get_num_threads(), "_nondeterministic": nondeterministic}, {}
