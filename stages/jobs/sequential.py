@@ -8,6 +8,7 @@ from dataclasses import replace
 import torch
 
 from recast.baselines import TaskSpec, make_method, run_sequential
+from recast.data.augment import TaskAugment
 from stages.config.common import record_nondeterminism, resolve, seed_everything
 from stages.jobs.inputs import InputStore, JobInputs, backbone_bundle, banks_bundle, task_bundle
 from stages.config.params import TrainParams, TuneParams
@@ -47,23 +48,31 @@ def continual_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
     else:
         backbone = inputs.backbone("backbone").plain()
         backbone.reset_classifier(0)
-    tasks = []
-    for name in spec["task_order"]:
+    method = make_method(spec["method_name"], backbone, spec.get("options") or None)
+    replay = hasattr(method, "replay_augment")  # ER-ACE, DER++, GDumb: a memory of raw views, re-augmented
+    tasks, augment = [], {}
+    for i, name in enumerate(spec["task_order"]):
         data = inputs.task(f"task/{name}")
 
         def mk(split: str, train: bool, limit: int | None, data=data):
             return data.loader(split, tr.batch_size, tr.image_size, train=train, seed=spec["seed"], limit=limit,
                                device=spec["device"])
 
-        tasks.append(TaskSpec(name, data.num_classes, mk("train", True, tr.limit_train),
-                              mk("val", False, tr.limit_eval), mk("test", False, tr.limit_eval)))
+        train = mk("train", True, tr.limit_train)
+        if replay:  # batches (augmented, labels, raw); replays get their own task's augmentation again
+            train = train.with_raw_view()
+            m = data.manifest
+            augment[i] = (m.mean, m.std, m.augment, m.image_size[0])
+        tasks.append(TaskSpec(name, data.num_classes, train, mk("val", False, tr.limit_eval),
+                              mk("test", False, tr.limit_eval)))
+    if replay:
+        method.replay_augment = TaskAugment(augment, seed=spec["seed"])
     # equal budget: every method trains with the per-task recipe (epochs, StepLR schedule, weight
     # decay, clipping) at its own lr (``spec["lr"]``: tune.lr_by_method, else tune.train.lr); the
     # baselines that train the backbone update its BatchNorm statistics (TrainConfig's default)
     cfg = replace(tr.recipe(spec["device"], spec.get("lr")), seed=spec["seed"])
     if spec["method_name"] != "recast":
         cfg = replace(cfg, freeze_bn_stats=False)
-    method = make_method(spec["method_name"], backbone, spec.get("options") or None)
     with record_nondeterminism() as nondeterministic:
         out = run_sequential(method, tasks, cfg, progress=False).to_json()
     return {**out, "arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"], "sequential": True,

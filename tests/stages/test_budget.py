@@ -60,3 +60,27 @@ def test_lr_for_reads_the_table_and_falls_back_to_the_recipe(default_params):
     assert source == default_params["tune"]["lr_by_method"]["source"] and source.startswith("hpo:")
     plain = TuneParams.model_validate({k: v for k, v in default_params["tune"].items() if k != "lr_by_method"})
     assert plain.lr_for("vit", "inflora") == (plain.train.lr, "params:tune.train.lr")
+
+
+def test_lr_and_its_source_reach_the_job_run(tmp_path, monkeypatch):
+    """A published job's MLflow child run has the lr as a param and ``lr.source`` as a tag."""
+    import mlflow
+
+    from stages.config.params import RuntimeParams
+    from stages.jobs.inputs import InputStore
+    from stages.jobs.results import LR_SOURCE_TAG, Publisher
+    from stages.tracking.runs import Tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    rt = RuntimeParams(num_cpus=1, cache_dir=str(tmp_path / "cache"), experiment="lr-source", progress=False)
+    spec = {"id": "tune/vit/ewc/sequential/s0", "kind": "continual", "arch": "vit", "method_name": "ewc", "seed": 0,
+            "lr": 0.0042, "lr_source": "hpo:abc123-asha", "inputs": {}}
+    meta = {"arch": "vit", "method": "ewc", "seed": 0, "sequential": True, "avg_acc": 0.5, "bwt": -0.1, "lr": 0.0042}
+    with Tracker("tune", rt.experiment, {}) as tracker:
+        Publisher(tracker, tmp_path / "out", "tune", rt, InputStore())(spec, (meta, {}), False)
+        parent = tracker.parent_id
+    client = mlflow.tracking.MlflowClient()
+    (child,) = client.search_runs([client.get_experiment_by_name("lr-source").experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent}'")
+    assert child.data.tags[LR_SOURCE_TAG] == "hpo:abc123-asha" and float(child.data.params["lr"]) == 0.0042
+    assert child.data.metrics["bwt"] == -0.1 and child.data.metrics["avg_acc"] == 0.5
