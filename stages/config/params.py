@@ -281,11 +281,18 @@ class ContinualParams(Section):
 class LrByMethod(Section):
     """``tune.lr_by_method``: the learning rate of every method, per arch, chosen by one rule (the
     ``hpo`` sweep, ``python -m pipelines.sweep --sweep hpo``: the best validation accuracy over one
-    shared lr grid on the first task). ``source`` names where the values come from
-    (``hpo:<sweep key>``; it is the ``lr.source`` tag of each job's MLflow run)."""
+    shared lr grid on the first task), one sweep per arch. ``source.<arch>`` names where that
+    arch's values come from (``hpo:<sweep key>``; the ``lr.source`` tag of each job's MLflow run)."""
 
-    source: str = Field(min_length=1)
+    source: dict[str, Annotated[str, Field(min_length=1)]]
     archs: dict[str, dict[str, Annotated[float, Field(gt=0)]]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _sources(self):
+        missing = sorted(set(self.archs) - set(self.source))
+        if missing:
+            raise ValueError(f"source.{missing[0]}: missing; name the sweep its lrs come from (hpo:<sweep key>)")
+        return self
 
 
 class TuneParams(Section):
@@ -333,8 +340,8 @@ class TuneParams(Section):
         table = self.lr_by_method.archs.get(arch, {})
         if method not in table:
             raise ParamsError(f"tune.lr_by_method.archs.{arch}.{method}: missing; every method that runs needs "
-                              f"its lr from {self.lr_by_method.source}")
-        return table[method], self.lr_by_method.source
+                              f"its lr from the hpo sweep")
+        return table[method], self.lr_by_method.source[arch]
 
     def train_for(self, arch: str) -> TrainParams:
         """The training recipe of ``arch``: ``train`` with ``train_overrides.<arch>`` applied

@@ -57,7 +57,11 @@ def test_lr_for_reads_the_table_and_falls_back_to_the_recipe(default_params):
     tune = TuneParams.model_validate(default_params["tune"])
     lr, source = tune.lr_for("vit", "inflora")
     assert lr == default_params["tune"]["lr_by_method"]["archs"]["vit"]["inflora"]
-    assert source == default_params["tune"]["lr_by_method"]["source"] and source.startswith("hpo:")
+    assert source == default_params["tune"]["lr_by_method"]["source"]["vit"] and source.startswith("hpo:")
+    p = copy.deepcopy(default_params)
+    del p["tune"]["lr_by_method"]["source"]["resnet"]
+    with pytest.raises(ParamsError, match=r"tune\.lr_by_method.*source\.resnet: missing"):
+        validate_all(p)
     plain = TuneParams.model_validate({k: v for k, v in default_params["tune"].items() if k != "lr_by_method"})
     assert plain.lr_for("vit", "inflora") == (plain.train.lr, "params:tune.train.lr")
 
