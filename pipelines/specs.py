@@ -106,7 +106,7 @@ def order_specs(store: InputStore, cfg: OrderSweep, device: str) -> list[dict]:
                 # the keys stages.jobs.sequential.continual_job reads
                 specs.append({**base, "id": f"order/{cfg.arch}/{method}/{label}/s{seed}", "kind": "continual",
                               "name": method, "family": method, "method_name": method,
-                              "epochs": cfg.continual_epochs, "lr": cfg.continual_lr,
+                              "train": {**common["train"], "epochs": cfg.continual_epochs}, "lr": cfg.continual_lr,
                               "options": cfg.options.get(method, {})})
     return specs
 
@@ -136,8 +136,24 @@ def seeds_specs(store: InputStore, cfg: SeedsSweep, device: str) -> list[dict]:
 
 
 def hpo_specs(store: InputStore, cfg: HpoSweep, device: str) -> list[dict]:
-    """One base spec per method, task and seed; the search adds lr, epochs and weight decay."""
-    return _tune_specs("hpo", cfg, device, store, [(name, m, {}) for name, m in cfg.methods.items()])
+    """One base spec per method, task and seed; the search adds lr, epochs and weight decay. A
+    continual baseline is a ``continual`` trial over the task alone (the keys
+    ``stages.jobs.sequential.continual_job`` reads; its lr is the recipe's, ``lr: None``)."""
+    specs = _tune_specs("hpo", cfg, device, store,
+                        [(name, m, {}) for name, m in cfg.methods.items() if m.continual is None])
+    common = _common("hpo", cfg, device, store)
+    for name, m in cfg.methods.items():
+        if m.continual is None:
+            continue
+        for task in cfg.tasks:
+            key = _task_key(store, cfg, task)
+            for seed in cfg.seeds:
+                specs.append({**common, "id": f"hpo/{cfg.arch}/{name}/{task}/s{seed}", "kind": "continual",
+                              "name": name, "family": m.family, "point": {}, "method": m.model_dump(),
+                              "task": task, "seed": seed, "method_name": m.continual, "options": m.options,
+                              "task_order": [task], "lr": None,
+                              "inputs": {**common["inputs"], f"task/{task}": key}})
+    return specs
 
 
 _BUILDERS = {"gn": gn_specs, "k": k_specs, "targets": targets_specs, "budget": budget_specs, "order": order_specs,

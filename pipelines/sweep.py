@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import statistics
 import time
 import uuid
 from pathlib import Path
@@ -88,8 +89,11 @@ def trial_spec(specs: dict[str, dict], config: dict[str, Any]) -> dict:
     if not searched:
         return spec
     label = f"lr{searched['lr']:.3g}-e{searched['epochs']}-wd{searched['weight_decay']:.3g}"
-    return {**spec, "id": f"{spec['id']}/{label}", "train": {**spec["train"], **searched},
-            "method": {**spec["method"], "lr": None}, "point": {**spec.get("point", {}), **searched}}
+    out = {**spec, "id": f"{spec['id']}/{label}", "train": {**spec["train"], **searched},
+           "method": {**spec["method"], "lr": None}, "point": {**spec.get("point", {}), **searched}}
+    if "lr" in spec:  # a continual trial: its lr is the recipe's (the searched one)
+        out["lr"] = None
+    return out
 
 
 def _done_path(done_dir: str, trial_key: str) -> str:
@@ -176,9 +180,13 @@ def _experiments(sweep: str, cfg: SweepBase, specs: list[dict], key: str,
         return [(f"{sweep}-{key}", space, tune.TuneConfig())]
     out = []
     for spec in specs:
+        # equal bounds fix a value (the shipped configs search the lr alone)
         space = {"name": spec["name"], "task": spec["task"], "seed": spec["seed"],
-                 "lr": tune.loguniform(*cfg.lr), "weight_decay": tune.loguniform(*cfg.weight_decay),
-                 "epochs": tune.randint(cfg.epochs[0], cfg.epochs[1] + 1)}
+                 "lr": tune.loguniform(*cfg.lr) if cfg.lr[0] < cfg.lr[1] else cfg.lr[0],
+                 "weight_decay": tune.loguniform(*cfg.weight_decay) if cfg.weight_decay[0] < cfg.weight_decay[1]
+                 else cfg.weight_decay[0],
+                 "epochs": tune.randint(cfg.epochs[0], cfg.epochs[1] + 1) if cfg.epochs[0] < cfg.epochs[1]
+                 else cfg.epochs[0]}
         # the final report is one iteration after the last epoch's
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs[1] + 1,
                                   grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor) \
@@ -188,6 +196,15 @@ def _experiments(sweep: str, cfg: SweepBase, specs: list[dict], key: str,
         label = f"{spec['name']}-{spec['task']}-s{spec['seed']}"
         out.append((f"{sweep}-{key}-{label}", space, tc))
     return out
+
+
+def lr_by_method(best: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``hpo``: the chosen lr per method (``best_per_group``'s; over several tasks or seeds, the
+    median of theirs, rounded to 3 significant digits): ``tune.lr_by_method.archs.<arch>``."""
+    per: dict[str, list[float]] = {}
+    for b in best.values():
+        per.setdefault(b["name"], []).append(float(b["lr"]))
+    return {name: float(f"{statistics.median(v):.3g}") for name, v in sorted(per.items())}
 
 
 def best_per_group(rows: list[dict]) -> dict[str, dict[str, Any]]:
@@ -249,7 +266,9 @@ def run_sweep(sweep: str, cfg: SweepBase, rt: RuntimeParams, asha: bool | None =
              "wall_s": round(wall, 2), "trial_seconds_total": round(sum(r.get("trial_seconds", 0.0) for r in rows), 2),
              "num_cpus": rt.num_cpus, "cpus_per_task": rt.cpus_per_task}
     if isinstance(cfg, HpoSweep):
-        extra.update(asha=asha, stopped_early=sum(not r.get("final") for r in rows), best=best_per_group(rows))
+        best = best_per_group(rows)
+        extra.update(asha=asha, stopped_early=sum(not r.get("final") for r in rows), best=best,
+                     sweep_key=key, lr_source=f"hpo:{key}", lr_by_method=lr_by_method(best))
     summary, paths = write_report(sweep, rows, resolve(cfg.out_dir) / sweep, extra)
     parent_metrics = {"trials": len(rows), "wall_s": wall}
     parent_metrics.update({f"{name}.acc_mean": p["acc_mean"] for name, p in summary["points"].items()})
@@ -286,6 +305,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for group, b in summary.get("best", {}).items():
         print(f"  best {group}: lr {b['lr']:.4g} epochs {b['epochs']} wd {b['weight_decay']:.3g} "
               f"val {b['val_acc']:.4f} test {b['test_acc']:.4f}")
+    if "lr_by_method" in summary:
+        print(f"  tune.lr_by_method (source {summary['lr_source']}): archs.{cfg.arch}: {summary['lr_by_method']}")
     return summary
 
 

@@ -157,6 +157,8 @@ def continual_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -
     (``recast.baselines.run_sequential`` has no per-epoch hook: one final report)."""
     meta, _ = continual_job(spec, inputs)
     meta["final_acc"] = dict(zip(meta["task_names"], meta["final_acc"], strict=True))
+    if len(meta["task_names"]) == 1:  # one task (hpo): its accuracies as numbers, as a tune trial's
+        meta["val_acc"], meta["test_acc"] = meta["val_acc"][0], meta["acc_matrix"][0][0]
     return meta
 
 

@@ -12,6 +12,10 @@
   average (``recast.paper_results``) and our difference to it; forgetting, method and head
   parameters and bytes per task, and wall time. ``reports/{tasks,methods}.parquet`` hold those
   two tables.
+- Per architecture and sequential method (``stages.report.tables.continual_stats``): average
+  accuracy, forgetting, BWT and FWT (against head-only's per-task accuracy, same budget) from
+  ``recast.baselines.results``, and the accuracy matrix: a report table, ``reports/continual.parquet``
+  and the evaluate run's metrics ``<arch>.<method>.{avg_acc,forgetting,bwt,fwt}``.
 - ``metrics/report.json`` for ``dvc metrics show``; ``reports/params_vs_acc.png`` for
   ``dvc plots``; ``reports/report.md`` (``stages.report.markdown``).
 """
@@ -30,8 +34,9 @@ from stages.jobs.reload import payload_reload
 from stages.jobs.specs import task_names
 from stages.report.curves import plot_params_vs_acc
 from stages.report.markdown import markdown
-from stages.report.tables import (accuracies, method_stats, read_results, sequential_forgetting, task_stats,
-                                  write_parquet)
+from stages.report.tables import (accuracies, continual_metrics, continual_run_metrics, continual_stats,
+                                  method_stats, read_results,
+                                  results_frame, sequential_forgetting, task_stats, write_parquet)
 from stages.tracking.lineage import TaskData, stage_lineage
 from stages.tracking.runlog import log_datasets
 from stages.tracking.runs import Tracker
@@ -55,12 +60,14 @@ def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: s
     mimic_metrics = metrics_path("mimic", p_tune.mimic_dir, MimicParams.model_fields["out_dir"].default)
     mimic = json.loads(mimic_metrics.read_text()) if mimic_metrics.exists() else {}
     forgetting = sequential_forgetting(results, p.forgetting_method)
+    continual = continual_stats(continual_metrics(results))
     reload = payload_reload(p.forgetting_archs, resolve(p_tune.out_dir), results, p_tune, rt, p.forgetting_method)
     report_dir = resolve(p.report_dir)
     plot_params_vs_acc(summary, report_dir / "params_vs_acc.png")
     write_parquet(tasks, report_dir / "tasks.parquet")
     write_parquet(methods, report_dir / "methods.parquet")
-    md = markdown(summary, tasks, methods, forgetting, mimic, task_names(p_tune), reload, frame)
+    write_parquet(results_frame(continual.to_dict("records")), report_dir / "continual.parquet")
+    md = markdown(summary, tasks, methods, forgetting, mimic, task_names(p_tune), reload, frame, continual)
     (report_dir / "report.md").write_text(md + "\n")
     metrics = {}
     for key, v in summary.items():
@@ -74,9 +81,12 @@ def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: s
         data = resolve(p_tune.data_dir)
         log_datasets(tracker, tracker.parent_id, [TaskData.of(t, data / t) for t in task_names(p_tune)], context="eval")
         tracker.log_artifacts(tracker.parent_id, [report_dir / name for name in
-                                                  ("report.md", "params_vs_acc.png", "tasks.parquet", "methods.parquet")])
-        tracker.finish({f"{k.replace('/', '.')}.avg_test_acc": v["avg_test_acc"] for k, v in metrics.items()})
-    return {"metrics": metrics, "forgetting": forgetting, "reload": reload}
+                                                  ("report.md", "params_vs_acc.png", "tasks.parquet", "methods.parquet",
+                                                   "continual.parquet")])
+        tracker.finish({**{f"{k.replace('/', '.')}.avg_test_acc": v["avg_test_acc"] for k, v in metrics.items()},
+                        **continual_run_metrics(continual)})
+    return {"metrics": metrics, "forgetting": forgetting, "reload": reload, "continual": continual}
+
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,7 @@ Typical use::
 
     backbone = timm.create_model("vit_small_patch16_224", pretrained=True, num_classes=0)
     tasks = [TaskSpec("cifar10", 10, train, val, test), ...]
-    method = make_method("ewc", backbone, {"lam": 5000.0})
+    method = make_method("ewc", backbone, {"lam": 10.0})
     result = run_sequential(method, tasks, TrainConfig(epochs=10, lr=1e-4))
     result.to_json()  # acc_matrix, final_acc, forgetting, params, bytes, wall time
 """

@@ -25,12 +25,16 @@ class EWCConfig:
     Attributes:
         lam: penalty weight lambda in ``lam * sum_i F_i (theta_i - theta*_i)^2``: Mammoth's
             ``e_lambda`` (its ``ewc_on`` has no 1/2), so a lambda tuned there means the same here.
+            Default 10: Mammoth's own default (``models/config/ewc_on.yaml`` at e75a491, its
+            seq-cifar10 setting; ``utils/best_args.py`` there has 25 for seq-tinyimg, 90 for
+            seq-mnist, 0.7 for perm/rot-mnist). The old 5000 was on the scale of a squared
+            batch-mean Fisher with a 1/2, which is 3 to 30 times smaller than this per-sample one.
         gamma: decay of the accumulated Fisher, ``F <- gamma * F + F_task`` (1.0: plain sum
             over tasks, equivalent to one penalty per task with a single anchor).
         fisher_max_batches: batches used to estimate the Fisher (None: the whole train split).
     """
 
-    lam: float = 5000.0
+    lam: float = 10.0
     gamma: float = 1.0
     fisher_max_batches: int | None = None
 

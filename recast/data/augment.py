@@ -119,3 +119,56 @@ def transform_batch(
             return normalize(images.float(), mean, std, scale=1.0 / 255.0)
         x = resize(images.float() / 255.0, size)
     return normalize(x, mean, std)
+
+
+def augment_normalised(
+    x: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    policy: AugmentPolicy,
+    stored_side: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Augment again images that ``transform_batch`` normalised without augmentation (a replay
+    memory's raw view): back to [0, 1], ``policy`` applied as ``transform_batch`` applies it
+    (zero padding is black in both), normalised again. The images are already at their final
+    side S: a pad crop's ``padding`` (in stored pixels) is scaled by S / ``stored_side``, and a
+    random resized crop resamples from S instead of the stored side. Returns a new tensor."""
+    if x.dtype != torch.float32 or x.ndim != 4:
+        raise ValueError(f"images must be float32 (B, C, S, S), got {x.dtype} {tuple(x.shape)}")
+    size = x.shape[-1]
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    unit = x * s + m
+    if policy.crop == "pad":
+        padding = max(1, round(policy.padding * size / (stored_side or size)))
+        unit = random_crop_padded(unit, padding, generator)
+    if policy.crop == "resized":
+        unit = random_resized_crop(unit, size, (policy.scale_min, 1.0), hflip=policy.hflip, generator=generator)
+    elif policy.hflip:
+        unit = random_hflip(unit, generator)
+    return normalize(unit, mean, std)
+
+
+class TaskAugment:
+    """``(normalised raw images, task ids) -> augmented images``, each image with its own
+    task's policy, mean and std (``tasks[task id]``: ``(mean, std, policy, stored side)``): the
+    ``replay_augment`` of the replay baselines (``recast.baselines`` ER-ACE, DER++, GDumb)."""
+
+    def __init__(self, tasks: dict[int, tuple[Sequence[float], Sequence[float], AugmentPolicy | None, int]],
+                 seed: int = 0) -> None:
+        self.tasks = dict(tasks)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, images: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        out = images.clone()
+        ids = task_ids.to("cpu")
+        for t in sorted(set(ids.tolist())):
+            if t not in self.tasks:
+                raise KeyError(f"TaskAugment: no augmentation for task id {t}; known {sorted(self.tasks)}")
+            mean, std, policy, side = self.tasks[t]
+            if policy is None:
+                continue
+            rows = (ids == t).nonzero().flatten().to(images.device)
+            out[rows] = augment_normalised(images[rows], mean, std, policy, side, self.generator)
+        return out

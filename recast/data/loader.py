@@ -131,6 +131,15 @@ class BatchLoader:
         self.policy = (augment or self.manifest.augment) if train else None
         self.epoch = 0
         self.device, self.workers = device, workers or default_workers()
+        self.raw_view = False
+
+    def with_raw_view(self) -> BatchLoader:
+        """A copy whose batches are ``(augmented, labels, raw)``: ``raw`` the same images
+        normalised without augmentation (what a replay memory stores; ``recast.baselines``)."""
+        out = self.__class__.__new__(self.__class__)
+        out.__dict__.update(self.__dict__)
+        out.raw_view = True
+        return out
 
     @property
     def num_classes(self) -> int:
@@ -162,11 +171,14 @@ class BatchLoader:
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             for i in range(len(self)):
                 idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-                x = transform_batch(
-                    self._pixels(idx, pool), self.image_size, self.manifest.mean, self.manifest.std, self.policy,
-                    generator,
-                )
-                yield x, self.labels[idx].to(self.device)
+                pixels = self._pixels(idx, pool)
+                x = transform_batch(pixels, self.image_size, self.manifest.mean, self.manifest.std, self.policy,
+                                    generator)
+                if self.raw_view:
+                    raw = transform_batch(pixels, self.image_size, self.manifest.mean, self.manifest.std)
+                    yield x, self.labels[idx].to(self.device), raw
+                else:
+                    yield x, self.labels[idx].to(self.device)
 
     def _pixels(self, idx: torch.Tensor, pool: ThreadPoolExecutor) -> torch.Tensor:
         """uint8 (B, C, H, W) of the rows ``idx`` on ``device`` (JPEG rows decoded at

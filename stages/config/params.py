@@ -265,13 +265,45 @@ class TrainParams(Section):
                           device=device, progress=False)
 
 
+BUDGET_KEYS = ("epochs", "lr", "step_size", "gamma", "weight_decay")
+
+
 class ContinualParams(Section):
-    """Sequential continual-learning baselines (recast.baselines): methods per architecture."""
+    """Sequential continual-learning baselines (recast.baselines): methods per architecture.
+
+    Equal budget: they train with ``tune.train`` (``train_for(arch)``: epochs, schedule, weight
+    decay, clipping), as the per-task methods do, at the learning rate of ``tune.lr_by_method``
+    (else ``tune.train.lr``). A budget key of their own (``epochs``, ``lr``...) is an error."""
 
     methods: dict[str, list[str]] = Field(default_factory=dict)
-    epochs: PosInt = 3
-    lr: float = Field(1e-3, gt=0)
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_own_budget(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            own = [k for k in BUDGET_KEYS if k in data]
+            if own:
+                raise ValueError(f"{own[0]}: the sequential baselines train with tune.train (equal budget for "
+                                 f"every method); remove tune.continual.{own[0]} (learning rates: tune.lr_by_method)")
+        return data
+
+
+class LrByMethod(Section):
+    """``tune.lr_by_method``: the learning rate of every method, per arch, chosen by one rule (the
+    ``hpo`` sweep, ``python -m pipelines.sweep --sweep hpo``: the best validation accuracy over one
+    shared lr grid on the first task), one sweep per arch. ``source.<arch>`` names where that
+    arch's values come from (``hpo:<sweep key>``; the ``lr.source`` tag of each job's MLflow run)."""
+
+    source: dict[str, Annotated[str, Field(min_length=1)]]
+    archs: dict[str, dict[str, Annotated[float, Field(gt=0)]]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _sources(self):
+        missing = sorted(set(self.archs) - set(self.source))
+        if missing:
+            raise ValueError(f"source.{missing[0]}: missing; name the sweep its lrs come from (hpo:<sweep key>)")
+        return self
 
 
 class TuneParams(Section):
@@ -284,6 +316,7 @@ class TuneParams(Section):
     train: TrainParams = TrainParams()
     train_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     continual: ContinualParams = ContinualParams()
+    lr_by_method: LrByMethod | None = None
     data_dir: str = "data/prepared/offline"
     pretrain_dir: str = "outputs/pretrain"
     mimic_dir: str = "outputs/mimic"
@@ -300,7 +333,26 @@ class TuneParams(Section):
             if arch not in self.archs:
                 raise ValueError(f"train_overrides.{arch}: not one of archs {self.archs}")
             self.train_for(arch)
+        if self.lr_by_method is not None:
+            for arch in self.lr_by_method.archs:
+                if arch not in self.archs:
+                    raise ValueError(f"lr_by_method.archs.{arch}: not one of archs {self.archs}")
+            for name, m in self.methods.items():
+                if m.lr is not None:
+                    raise ValueError(f"methods.{name}.lr: set with lr_by_method; one lr rule for every method, "
+                                     f"put it in lr_by_method.archs.<arch>.{name}")
         return self
+
+    def lr_for(self, arch: str, method: str) -> tuple[float, str]:
+        """(learning rate, its source) of ``method`` on ``arch``: ``lr_by_method`` when set (a
+        missing entry is an error, see ``check_lr_coverage``), else ``tune.train``'s."""
+        if self.lr_by_method is None:
+            return self.train_for(arch).lr, "params:tune.train.lr"
+        table = self.lr_by_method.archs.get(arch, {})
+        if method not in table:
+            raise ParamsError(f"tune.lr_by_method.archs.{arch}.{method}: missing; every method that runs needs "
+                              f"its lr from the hpo sweep")
+        return table[method], self.lr_by_method.source[arch]
 
     def train_for(self, arch: str) -> TrainParams:
         """The training recipe of ``arch``: ``train`` with ``train_overrides.<arch>`` applied

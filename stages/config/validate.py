@@ -24,7 +24,7 @@ from recast.data.offline import SPECS as OFFLINE_SPECS
 from recast.data.offline import TEST_FRACTION
 from recast.targets import build_plan
 from stages.config.common import ParamsError, read_params, validate_section
-from stages.config.params import SECTIONS, suite_tasks
+from stages.config.params import SECTIONS, CombineParams, TuneParams, suite_tasks
 
 
 def _plan_recast(arch_name: str, pre, mim) -> dict[str, Any]:
@@ -80,6 +80,7 @@ def validate_all(data: dict[str, Any]) -> dict[str, Any]:
         if bad:
             raise ParamsError(f"tune.continual.methods.{arch}: unknown {bad}; valid: {sorted(METHODS)}")
     _check_continual_options(tune.continual.options, {m for ms in tune.continual.methods.values() for m in ms})
+    check_lr_coverage(tune, comb)
 
     plan: dict[str, Any] = {"suite": prep.suite, "tasks": tasks, "device": rt.device}
     plan["mimic"] = {a: _plan_recast(a, pre, mim) for a in mim.archs}
@@ -104,7 +105,7 @@ def gpu_estimate(data: dict[str, Any], plan: dict[str, Any], seconds_per_step: f
     """GPU-hours the tune and combine jobs reserve: per job ``epochs x ceil(train images /
     batch_size) x seconds_per_step`` (train images: ``limit_train``, else the task's train split
     after val is carved), times ``runtime.gpus_per_task``; sequential baselines train on every
-    task for ``continual.epochs``. Evaluation passes are not counted."""
+    task for ``train.epochs`` (the same budget). Evaluation passes are not counted."""
     rt, prep, tune = (validate_section(k, SECTIONS[k], data) for k in ("runtime", "prepare", "tune"))
     tr = tune.train
 
@@ -117,7 +118,7 @@ def gpu_estimate(data: dict[str, Any], plan: dict[str, Any], seconds_per_step: f
 
     steps = {t: math.ceil(train_images(t) / tr.batch_size) for t in plan["tasks"]}
     per_task_job = sum(tr.epochs * n for n in steps.values()) / len(steps) * seconds_per_step
-    seq_job = sum(tune.continual.epochs * n for n in steps.values()) * seconds_per_step
+    seq_job = sum(tr.epochs * n for n in steps.values()) * seconds_per_step  # equal budget
     n_task_jobs = plan["jobs"]["tune"] + plan["jobs"]["combine"]
     n_seq = sum(v for k, v in plan["tune"].items() if k.endswith("(sequential)"))
     job_seconds = (n_task_jobs - n_seq) * per_task_job + n_seq * seq_job
@@ -141,6 +142,18 @@ def main(argv: list[str] | None = None) -> None:
           f"sequential baselines over every task) = {est['job_hours']} job-hours; x gpus_per_task "
           f"{est['gpus_per_task']} = {est['gpu_hours']} GPU-hours reserved")
     print("params OK")
+
+
+def check_lr_coverage(tune: TuneParams, comb: CombineParams) -> None:
+    """With ``tune.lr_by_method``, every method that runs (tune and combine per arch, the
+    sequential baselines) has its learning rate there: a missing one names its key."""
+    if tune.lr_by_method is None:
+        return
+    for arch in tune.archs:
+        names = [n for methods in (tune.methods, comb.methods) for n, m in methods.items()
+                 if m.archs is None or arch in m.archs]
+        for name in names + list(tune.continual.methods.get(arch, [])):
+            tune.lr_for(arch, name)
 
 
 def _check_continual_options(options: dict[str, dict[str, Any]], used: set[str]) -> None:

@@ -25,6 +25,7 @@ from stages.report.tables import SEQUENTIAL_SUFFIX
 from stages.tracking.payloads import register_payload
 from stages.tracking.runs import Tracker
 
+LR_SOURCE_TAG = "lr.source"  # e.g. hpo:<sweep key>, params:tune.train.lr
 JOB_SPEC_ARTIFACT = "job/spec.json"  # the job spec on its child run: what `stages.tracking.registry reproduce` re-runs
 
 
@@ -99,7 +100,7 @@ class Publisher:
             side = {**payload_sidecar(spec, meta), "payload_sha256": payload_sha}
             st = store_tensors(self.rt, self.stage, spec, tensors, side, payload_path(self.out_dir, spec))
             artifacts = [st, st.with_suffix(".json")]
-        params = {k: spec[k] for k in ("arch", "method_name", "seed") if k in spec}
+        params = {k: spec[k] for k in ("arch", "method_name", "seed", "lr") if k in spec}
         params.update({"task": spec.get("task", "sequential"), "method": spec.get("method", spec.get("options"))})
         metrics = {k: v for k, v in meta.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         sources = input_sources(spec, self.store)
@@ -109,6 +110,8 @@ class Publisher:
         if self.lineage is not None:
             tags.update(self.lineage.tags())
         tags.update({"backbone_sha256": bb_sha, "bank_sha256": str(spec.get("bank_sha", ""))})
+        if "lr_source" in spec:  # where the job's learning rate comes from (TuneParams.lr_for)
+            tags[LR_SOURCE_TAG] = spec["lr_source"]
         rid = self.tracker.child(spec["id"], params, metrics, artifacts, tags=tags,
                                  key=spec_key(spec), logged_at=job_file(self.rt, self.stage, spec, ".mlflow.json"))
         if rid is not None:  # None: the store is unreachable (the Tracker is offline)

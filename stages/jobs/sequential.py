@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import torch
 
-from recast.baselines import TaskSpec, TrainConfig, make_method, run_sequential
+from recast.baselines import TaskSpec, make_method, run_sequential
+from recast.data.augment import TaskAugment
 from stages.config.common import record_nondeterminism, resolve, seed_everything
 from stages.jobs.inputs import InputStore, JobInputs, backbone_bundle, banks_bundle, task_bundle
 from stages.config.params import TrainParams, TuneParams
@@ -29,9 +30,10 @@ def continual_specs(stage: str, p: TuneParams, device: str, store: InputStore) -
         for name in c.methods[arch]:
             if name == "recast":  # RECAST itself under the protocol: one RecastModel on the mimicked banks
                 roles = {**roles, "banks": store.add(banks_bundle(resolve(p.mimic_dir), arch))}
+            lr, source = p.lr_for(arch, name)
             for seed in p.seeds:
                 specs.append({"id": f"{stage}/{arch}/{name}/sequential/s{seed}", "kind": "continual", "arch": arch,
-                              "method_name": name, "seed": seed, "epochs": c.epochs, "lr": c.lr,
+                              "method_name": name, "seed": seed, "lr": lr, "lr_source": source,
                               "options": c.options.get(name, {}), "task_order": list(tasks), "inputs": roles,
                               **common_fields(p, arch, device)})
     return specs
@@ -46,23 +48,33 @@ def continual_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
     else:
         backbone = inputs.backbone("backbone").plain()
         backbone.reset_classifier(0)
-    tasks = []
-    for name in spec["task_order"]:
+    method = make_method(spec["method_name"], backbone, spec.get("options") or None)
+    replay = hasattr(method, "replay_augment")  # ER-ACE, DER++, GDumb: a memory of raw views, re-augmented
+    tasks, augment = [], {}
+    for i, name in enumerate(spec["task_order"]):
         data = inputs.task(f"task/{name}")
 
         def mk(split: str, train: bool, limit: int | None, data=data):
             return data.loader(split, tr.batch_size, tr.image_size, train=train, seed=spec["seed"], limit=limit,
                                device=spec["device"])
 
-        tasks.append(TaskSpec(name, data.num_classes, mk("train", True, tr.limit_train),
-                              mk("val", False, tr.limit_eval), mk("test", False, tr.limit_eval)))
-    if spec["method_name"] == "recast":  # the per-task tuning recipe, so its accuracies match the tune jobs'
-        cfg = replace(tr.recipe(spec["device"]), seed=spec["seed"])
-    else:
-        cfg = TrainConfig(epochs=spec["epochs"], lr=spec["lr"], seed=spec["seed"], device=spec["device"],
-                          grad_clip=tr.grad_clip)
-    method = make_method(spec["method_name"], backbone, spec.get("options") or None)
+        train = mk("train", True, tr.limit_train)
+        if replay:  # batches (augmented, labels, raw); replays get their own task's augmentation again
+            train = train.with_raw_view()
+            m = data.manifest
+            augment[i] = (m.mean, m.std, m.augment, m.image_size[0])
+        tasks.append(TaskSpec(name, data.num_classes, train, mk("val", False, tr.limit_eval),
+                              mk("test", False, tr.limit_eval)))
+    if replay:
+        method.replay_augment = TaskAugment(augment, seed=spec["seed"])
+    # equal budget: every method trains with the per-task recipe (epochs, StepLR schedule, weight
+    # decay, clipping) at its own lr (``spec["lr"]``: tune.lr_by_method, else tune.train.lr); the
+    # baselines that train the backbone update its BatchNorm statistics (TrainConfig's default)
+    cfg = replace(tr.recipe(spec["device"], spec.get("lr")), seed=spec["seed"])
+    if spec["method_name"] != "recast":
+        cfg = replace(cfg, freeze_bn_stats=False)
     with record_nondeterminism() as nondeterministic:
         out = run_sequential(method, tasks, cfg, progress=False).to_json()
     return {**out, "arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"], "sequential": True,
+            "lr": cfg.lr, "epochs": cfg.epochs,
             "torch_threads": torch.get_num_threads(), "_nondeterministic": nondeterministic}, {}

@@ -36,7 +36,9 @@ def common_fields(p: TuneParams, arch: str, device: str) -> dict:
 def method_specs(stage: str, p: TuneParams, methods: dict[str, MethodParams], device: str,
                  store: InputStore) -> list[dict]:
     """One job per arch x method x task x seed (a method's ``archs`` limits where it runs);
-    their inputs are added to ``store``."""
+    their inputs are added to ``store``. ``lr``/``lr_source``: the method's learning rate and
+    where it comes from (``TuneParams.lr_for``; a method's own ``lr`` wins when no
+    ``tune.lr_by_method`` is set)."""
     tasks = task_names(p)
     data = resolve(p.data_dir)
     task_keys = {task: store.add(task_bundle(data / task)) for task in tasks}
@@ -54,9 +56,11 @@ def method_specs(stage: str, p: TuneParams, methods: dict[str, MethodParams], de
             roles = {"backbone": backbone}
             if m.needs_recast:
                 roles["banks"] = store.add(banks_bundle(resolve(p.mimic_dir), arch))
+            lr, source = (m.lr, f"params:{stage}.methods.{name}.lr") if m.lr is not None else p.lr_for(arch, name)
             for task in tasks:
                 for seed in p.seeds:
                     specs.append({"id": f"{stage}/{arch}/{name}/{task}/s{seed}", "arch": arch, "method_name": name,
                                   "method": m.model_dump(), "task": task, "seed": seed, "bank_sha": bank_sha,
+                                  "lr": lr, "lr_source": source,
                                   "inputs": {**roles, "task": task_keys[task]}, **common})
     return specs

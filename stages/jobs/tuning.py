@@ -35,7 +35,8 @@ def run_tuning(stage: str, p: TuneParams, methods: dict[str, MethodParams], rt: 
     specs += method_specs(stage, p, methods, device, store)
     default_out = (TuneParams if stage == "tune" else CombineParams).model_fields["out_dir"].default
     params = {"methods": {k: v.model_dump() for k, v in methods.items()}, "train": p.train.model_dump(),
-              "archs": p.archs, "seeds": p.seeds}
+              "archs": p.archs, "seeds": p.seeds,
+              "lr_by_method": p.lr_by_method.model_dump() if p.lr_by_method is not None else None}
     data = resolve(p.data_dir)
     with stage_lock(stage, rt):
         lineage = stage_lineage(stage)  # before any output is written: what dvc.lock will record

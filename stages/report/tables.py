@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from recast.baselines.results import average_accuracy, average_forgetting, backward_transfer, forward_transfer
 
 SCALARS = (str, int, float, bool, type(None))
 
@@ -98,4 +101,62 @@ def sequential_forgetting(results: list[dict], method: str = "recast") -> dict[s
     for r in sorted((r for r in results if r.get("sequential") and r["method"] == method), key=lambda r: r["seed"]):
         out.setdefault(r["arch"], {"tasks": r["task_names"], "acc_matrix": r["acc_matrix"],
                                    "avg_forgetting": r["avg_forgetting"]})
+    return out
+
+
+CONTINUAL_REFERENCE = "head_only"  # FWT's b_j: this per-task method's test accuracy on task j, same budget
+
+
+def continual_metrics(results: list[dict], reference: str = CONTINUAL_REFERENCE) -> pd.DataFrame:
+    """One row per sequential job (arch, method, seed): its accuracy matrix (lists) and the
+    metrics of ``recast.baselines.results`` over it: average accuracy, average forgetting, BWT,
+    and FWT against ``reference``'s per-task test accuracy on the same arch (mean over its seeds;
+    None where it did not run every task). A sequential method that also runs per task is named
+    ``<method>_sequential``, as in ``accuracies``."""
+    cols = ["arch", "method", "seed", "tasks", "acc_matrix", "avg_acc", "forgetting", "bwt", "fwt"]
+    per_task = [r for r in results if not r.get("sequential")]
+    names = {(r["arch"], r["method"]) for r in per_task}
+    ref: dict[tuple[str, str], list[float]] = {}
+    for r in per_task:
+        if r["method"] == reference:
+            ref.setdefault((r["arch"], r["task"]), []).append(float(r["test_acc"]))
+    rows = []
+    for r in sorted((r for r in results if r.get("sequential")), key=lambda r: (r["arch"], r["method"], r["seed"])):
+        matrix, tasks = r["acc_matrix"], list(r["task_names"])
+        b = [statistics.mean(ref[(r["arch"], t)]) if (r["arch"], t) in ref else None for t in tasks]
+        fwt = forward_transfer(matrix, b) if None not in b else None
+        method = r["method"] + SEQUENTIAL_SUFFIX if (r["arch"], r["method"]) in names else r["method"]
+        rows.append([r["arch"], method, r["seed"], tasks, matrix, average_accuracy(matrix),
+                     average_forgetting(matrix), backward_transfer(matrix), fwt])
+    return pd.DataFrame(rows, columns=cols)
+
+
+def continual_stats(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per arch and sequential method: mean and (sample) std over seeds of ``avg_acc``,
+    ``forgetting``, ``bwt``, ``fwt`` (columns ``<metric>_mean``, ``<metric>_std``), the number of
+    seeds, and the accuracy matrix averaged over seeds (``acc_matrix``, None above the diagonal)."""
+    metrics = ["avg_acc", "forgetting", "bwt", "fwt"]
+    rows = []
+    for (arch, method), g in frame.groupby(["arch", "method"], sort=False):
+        row: dict[str, Any] = {"arch": arch, "method": method, "n_seeds": len(g), "tasks": g["tasks"].iloc[0]}
+        for m in metrics:
+            values = [float(v) for v in g[m] if v is not None and not pd.isna(v)]
+            row[f"{m}_mean"] = statistics.mean(values) if len(values) == len(g) else None
+            row[f"{m}_std"] = statistics.stdev(values) if len(values) == len(g) and len(values) > 1 else None
+        mats = list(g["acc_matrix"])
+        row["acc_matrix"] = [[None if v is None else statistics.mean(m[i][j] for m in mats)
+                              for j, v in enumerate(r)] for i, r in enumerate(mats[0])]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def continual_run_metrics(continual: pd.DataFrame) -> dict[str, float]:
+    """The evaluate run's metrics of each sequential method: ``<arch>.<method>.{avg_acc,
+    forgetting, bwt, fwt}`` (means over seeds; FWT only where head-only ran every task)."""
+    out = {}
+    for _, r in continual.iterrows():
+        for m in ("avg_acc", "forgetting", "bwt", "fwt"):
+            value = r[f"{m}_mean"]
+            if value is not None and value == value:
+                out[f"{r['arch']}.{r['method']}.{m}"] = float(value)
     return out

@@ -150,3 +150,37 @@ def test_resized_crop_zooms_in():
     spans = out[:, 0, 16].amax(-1) - out[:, 0, 16].amin(-1)
     assert bool((spans < 0.9).all()) and bool((spans > 0.2).all())
     assert np.isfinite(out.numpy()).all()
+
+
+def test_raw_view_is_the_unaugmented_batch_and_reaugments_like_the_loader(tiny_task):
+    """Replay of raw images (issue 22): ``with_raw_view`` batches are (augmented, labels, raw),
+    the augmented view bit-identical to the plain loader's and raw = the eval transform of the
+    same rows; ``augment_normalised`` of raw with the task's pad-crop policy and the loader's
+    generator state gives the loader's own augmented batch (to float rounding)."""
+    from recast.data.augment import TaskAugment, augment_normalised, transform_batch
+
+    task_dir, splits = tiny_task
+    m = read_manifest(task_dir)
+    plain = BatchLoader(task_dir, "train", 4, 8, train=True, seed=3)
+    triples = list(plain.with_raw_view())
+    assert [len(b) for b in triples] == [3, 3, 3] and plain.raw_view is False
+    for (x, y), (xa, ya, raw) in zip(plain, triples):
+        assert torch.equal(x, xa) and torch.equal(y, ya)
+        assert not torch.allclose(xa, raw)  # pad 2 crops moved most images
+    # raw of the whole epoch = the eval transform of the train rows, in the loader's order
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(3 * 1_000_003))
+    images = torch.from_numpy(splits["train"][0])[order]
+    expected = transform_batch(images, 8, m.mean, m.std)
+    torch.testing.assert_close(torch.cat([b[2] for b in triples]), expected, rtol=0, atol=1e-6)
+    # re-augmenting raw with the same generator draws = the loader's augmentation of the same rows
+    gen_a, gen_b = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    want = transform_batch(images, 8, m.mean, m.std, m.augment, gen_a)
+    got = augment_normalised(expected, m.mean, m.std, m.augment, 8, gen_b)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # per task id: task 0 (pad crop) changes, task 1 (no policy) passes through
+    aug = TaskAugment({0: (m.mean, m.std, m.augment, 8), 1: (m.mean, m.std, None, 8)}, seed=0)
+    ids = torch.tensor([0, 1] * 5)
+    out = aug(expected, ids)
+    assert torch.equal(out[1::2], expected[1::2]) and not torch.allclose(out[0::2], expected[0::2])
+    with pytest.raises(KeyError, match="task id 2"):
+        aug(expected, torch.full((10,), 2))

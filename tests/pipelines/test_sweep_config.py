@@ -14,7 +14,7 @@ from pipelines.sweep import preflight, sweep_key
 from stages.config.common import ParamsError
 from stages.jobs.inputs import InputStore
 
-EXPECTED_TRIALS = {"gn": 6, "k": 4, "targets": 6, "budget": 11, "order": 4, "seeds": 9, "hpo": 2}  # hpo: per method
+EXPECTED_TRIALS = {"gn": 6, "k": 4, "targets": 6, "budget": 11, "order": 4, "seeds": 9, "hpo": 8}  # hpo: per method
 
 
 @pytest.mark.parametrize("sweep", SWEEP_NAMES)

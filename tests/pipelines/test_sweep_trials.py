@@ -80,3 +80,35 @@ def test_peak_memory_is_per_trial() -> None:
     reset_peak_memory()
     assert grown - before > 150
     assert peak_memory()["peak_rss_mb"] < grown - 150 and current_rss_mb() > 0
+
+
+def test_hpo_continual_trial_is_the_baseline_on_the_first_task_alone(stage_outputs, tiny_train, monkeypatch) -> None:
+    """A continual baseline in the hpo sweep (issue 22): one task, the recipe's (searched) lr and
+    epochs, scalar val/test accuracies as a tune trial has; replay baselines get the raw view."""
+    from pipelines.config import HpoSweep
+    from pipelines.sweep import trial_spec
+    from recast.data.augment import TaskAugment
+    import stages.jobs.sequential as seq
+
+    cfg = HpoSweep(train=tiny_train, methods={"ewc": TrialMethod(continual="ewc"),
+                                              "er_ace": TrialMethod(continual="er_ace", options={"memory_size": 8})})
+    specs = _specs("hpo", cfg)
+    assert specs["ewc"][0]["kind"] == "continual" and specs["ewc"][0]["task_order"] == ["mnist_lo5"]
+    spec = trial_spec({"ewc|mnist_lo5|42": specs["ewc"][0]},
+                      {"name": "ewc", "task": "mnist_lo5", "seed": 42, "lr": 0.0123, "epochs": 1, "weight_decay": 1e-6})
+    seen = {}
+    real = seq.run_sequential
+
+    def spy(method, tasks, cfg, progress=None):
+        seen[method.name] = (cfg.lr, cfg.epochs, len(next(iter(tasks[0].train))), getattr(method, "replay_augment", 0))
+        return real(method, tasks, cfg, progress)
+
+    monkeypatch.setattr(seq, "run_sequential", spy)
+    meta = run_trial(spec, specs["ewc"][1])
+    assert seen["ewc"][:3] == (0.0123, 1, 2)  # the searched lr, the recipe's epochs, plain batches
+    assert isinstance(meta["val_acc"], float) and meta["test_acc"] == meta["acc_matrix"][0][0]
+    er = run_trial(specs["er_ace"][0], specs["er_ace"][1])
+    lr, epochs, width, augment = seen["er_ace"]
+    assert (lr, width) == (tiny_train["lr"], 3) and isinstance(augment, TaskAugment)  # (augmented, labels, raw)
+    assert set(augment.tasks) == {0} and augment.tasks[0][2] is not None  # task 0's own policy
+    assert 0.0 <= er["test_acc"] <= 1.0

@@ -33,7 +33,8 @@ def _set(params: dict, path: tuple, value) -> dict:
     (("tune", "train", "gamma"), math.inf, "tune.train.gamma"),
     (("tune", "methods", "recast", "lr"), math.inf, "tune.methods.recast.lr"),
     (("tune", "train", "grad_clip"), math.inf, "tune.train.grad_clip"),
-    (("tune", "continual", "lr"), math.inf, "tune.continual.lr"),
+    (("tune", "continual", "lr"), 0.001, "tune.continual.lr"),        # equal budget: no lr of their own
+    (("tune", "continual", "epochs"), 3, "tune.continual.epochs"),    # ... and no epochs of their own
     (("pretrain", "lr"), math.inf, "pretrain.lr"),
     (("pretrain", "weight_decay"), math.inf, "pretrain.weight_decay"),
     (("tune", "tasks"), [], "tune.tasks"),

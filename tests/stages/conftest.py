@@ -39,7 +39,6 @@ def tiny_params() -> dict:
                 ablation["step_size"] = 10
     p["tune"].update(seeds=SEEDS)
     p["tune"]["train"].update(epochs=EPOCHS, step_size=1, limit_train=128, limit_eval=128, batch_size=32)
-    p["tune"]["continual"].update(epochs=1)
     return p
 
 

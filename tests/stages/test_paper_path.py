@@ -58,7 +58,6 @@ def micro_params(root: Path, device: str) -> dict:
     p["mimic"].update(image_size=SIZE, feature_batch=4, eval_limit=8)
     p["tune"]["seeds"] = [42]
     p["tune"]["train"].update(epochs=1, step_size=1, batch_size=8, image_size=SIZE, limit_train=8, limit_eval=8)
-    p["tune"]["continual"]["epochs"] = 1
     return p
 
 

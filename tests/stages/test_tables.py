@@ -34,3 +34,51 @@ def _roundtrip(frame: pd.DataFrame) -> io.BytesIO:
     frame.to_parquet(buf, index=False)
     buf.seek(0)
     return buf
+
+
+def _continual_rows() -> list[dict]:
+    """Head-only per task (the FWT reference) and EWC over tasks a, b, c with two seeds, by hand:
+    seed 0: R = [[.8], [.6, .7], [.5, .6, .9]]: ACC .6667, forgetting (.3 + .1)/2 = .2,
+            BWT ((.5-.8) + (.6-.7))/2 = -.2, FWT ((.7-.6) + (.9-.8))/2 = .1 (b = .9, .6, .8);
+    seed 1: R = [[.8], [.8, .7], [.7, .6, .9]]: ACC .7333, forgetting .1, BWT -.1, FWT .1."""
+    rows = [{"arch": "vit", "method": "head_only", "task": t, "seed": 0, "test_acc": acc, "sequential": False}
+            for t, acc in (("a", 0.9), ("b", 0.6), ("c", 0.8))]
+    for seed, matrix in ((0, [[0.8, None, None], [0.6, 0.7, None], [0.5, 0.6, 0.9]]),
+                         (1, [[0.8, None, None], [0.8, 0.7, None], [0.7, 0.6, 0.9]])):
+        rows.append({"arch": "vit", "method": "ewc", "seed": seed, "sequential": True, "task_names": ["a", "b", "c"],
+                     "final_acc": matrix[-1], "acc_matrix": matrix})
+    return rows
+
+
+def test_continual_metrics_on_hand_computed_matrices():
+    from stages.report.tables import continual_metrics, continual_run_metrics, continual_stats
+
+    per_seed = continual_metrics(_continual_rows()).set_index("seed")
+    assert abs(per_seed.at[0, "avg_acc"] - 2.0 / 3) < 1e-12 and abs(per_seed.at[0, "forgetting"] - 0.2) < 1e-12
+    assert abs(per_seed.at[0, "bwt"] + 0.2) < 1e-12 and abs(per_seed.at[0, "fwt"] - 0.1) < 1e-12
+    assert abs(per_seed.at[1, "bwt"] + 0.1) < 1e-12 and abs(per_seed.at[1, "forgetting"] - 0.1) < 1e-12
+    stats = continual_stats(continual_metrics(_continual_rows()))
+    (row,) = stats.to_dict("records")
+    assert row["n_seeds"] == 2 and abs(row["avg_acc_mean"] - 0.7) < 1e-12 and abs(row["bwt_mean"] + 0.15) < 1e-12
+    assert abs(row["acc_matrix"][1][0] - 0.7) < 1e-12 and row["acc_matrix"][0][1] is None  # mean over seeds
+    mlflow = continual_run_metrics(stats)
+    assert set(mlflow) == {"vit.ewc.avg_acc", "vit.ewc.forgetting", "vit.ewc.bwt", "vit.ewc.fwt"}
+    assert abs(mlflow["vit.ewc.fwt"] - 0.1) < 1e-12 and abs(mlflow["vit.ewc.forgetting"] - 0.15) < 1e-12
+    # without the reference on every task, no FWT (never a partial mean)
+    no_ref = [r for r in _continual_rows() if not (r["method"] == "head_only" and r["task"] == "c")]
+    assert continual_metrics(no_ref)["fwt"].isna().all()
+
+
+def test_report_cells_of_the_continual_table():
+    from stages.report.markdown import continual_frame, markdown
+    from stages.report.tables import continual_metrics, continual_stats
+
+    stats = continual_stats(continual_metrics(_continual_rows()))
+    (cells,) = continual_frame(stats).to_dict("records")
+    assert cells == {"method": "ewc", "seeds": "2", "avg acc": "70.00 ± 4.71", "forgetting": "15.00 ± 7.07",
+                     "BWT": "-15.00 ± 7.07", "FWT vs head-only": "10.00 ± 0.00"}
+    acc = accuracies(results_frame(_continual_rows()))
+    md = markdown({}, task_stats(acc), method_stats(acc), {}, {}, ["a", "b", "c"], continual=stats)
+    assert "## vit: continual learning, sequential methods (%)" in md and "b_j = head-only's test accuracy" in md
+    assert "## vit/ewc: accuracy matrix (%), mean over seeds" in md
+    assert "| b            | 70.00 | 70.00 |       |" in md and "| c            | 60.00 | 60.00 | 90.00 |" in md
