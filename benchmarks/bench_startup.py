@@ -105,8 +105,10 @@ def main(argv: list[str] | None = None) -> dict:
     for stage in STAGES:
         rows[stage] = {"import": _timed([py, "-c", f"import stages.{stage}"], root, env)}
     load = os.getloadavg()[0]
+    load_start = os.getloadavg()
     for stage in STAGES:
         rows[stage]["stage"] = _timed([py, "-m", f"stages.{stage}"], root, env)
+    load_end = os.getloadavg()  # the 5/15-min figures cover the pipeline: other work on the machine inflates it
     cpus = yaml.safe_load((root / "params.yaml").read_text())["runtime"]["num_cpus"]
     for stage, cache in JOB_CACHES.items():
         rows[stage].update(compute_floor(root / "outputs" / ".jobcache" / cache, cpus))
@@ -119,13 +121,15 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r.get('job_sum', 0.0):.1f} | {r.get('floor', 0.0):.1f} |")
     print(f"\nray.init + shutdown {ray_init:.1f} s; MLflow store + parent run {mlflow:.1f} s; "
           f"clean pipeline {total:.0f} s ({total / 60:.1f} min), of which the jobs' compute floor is {floor:.0f} s "
-          f"on {cpus} CPUs; load average at start {load:.2f}")
+          f"on {cpus} CPUs; load average at start {load:.2f}, after the pipeline (1/5/15 min) "
+          f"{' / '.join(f'{v:.2f}' for v in load_end)}")
     print(f"tune re-run with one job to compute: {one_job['inline_jobs_1']:.1f} s in-process, "
           f"{one_job['inline_jobs_0']:.1f} s through a local Ray")
     from recast.machine import machine_record  # torch: imported after the timed subprocesses
 
     out = {"stages": rows, "ray_init_s": ray_init, "mlflow_s": mlflow, "total_s": total, "floor_s": floor,
            "runtime_cpus": cpus, "one_job_tune_rerun_s": one_job, "loadavg_1min": load, "cpus": os.cpu_count(),
+           "loadavg_1_5_15_start": [round(v, 2) for v in load_start], "loadavg_1_5_15_end": [round(v, 2) for v in load_end],
            "machine": machine_record()}  # the pipeline's numbers depend on the CPU type (README, Determinism)
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(out, indent=2) + "\n")

@@ -71,7 +71,7 @@ def run(params: PrepareParams) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    data = stage_params(argv, __doc__.splitlines()[0], partial_ok=True)
+    data = stage_params(argv, __doc__.splitlines()[0], own_section_only=True)
     params = validate_section("prepare", PrepareParams, data)
     validate(params)
     seed_everything(params.seed)  # the library seeds its own generators; this guards anything else

@@ -60,3 +60,15 @@ def test_run_paper_suite_on_a_cifar_fixture(tmp_path, fx, cifar_raw):
     assert suite_dir == tmp_path / "prepared" / "paper"
     assert summary["tasks"] == ["cifar10"] and summary["source"] is None
     assert sum(summary["counts"]["cifar10"].values()) == 46 and summary["image_size"]["cifar10"] == [32, 32]
+
+
+def test_prepare_stage_imports_neither_timm_nor_the_cross_section_checks():
+    """The prepare stage reads sklearn arrays: it validates its own section only, so its process
+    skips timm, torchvision (and torch._dynamo with them) and the model plans (~5 s per run)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, stages.prepare; "
+            "print(sorted(m for m in ('timm', 'torchvision', 'stages.config.validate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

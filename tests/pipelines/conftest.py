@@ -10,6 +10,7 @@ against that copy."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from stages.config.common import file_lock
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE_OUTPUTS = (REPO / "outputs/pretrain/vit.json", REPO / "outputs/mimic/vit/recast.json",
@@ -56,10 +59,26 @@ def tiny_stage_params() -> dict:
 
 @pytest.fixture(scope="session")
 def stage_root(tmp_path_factory, source_tree) -> Path:
-    """A directory laid out like the repo after prepare, pretrain and mimic."""
+    """A directory laid out like the repo after prepare, pretrain and mimic.
+
+    Built once per test session: under pytest-xdist the first worker to need it builds it in the
+    session's shared base directory while holding a file lock; the other waits on the lock and
+    reads the finished directory (the tests only read it)."""
     if all(p.exists() for p in STAGE_OUTPUTS):
         return REPO
-    root = source_tree(tmp_path_factory.mktemp("stage-root"))
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # pytest-N/, common to the workers
+    root = shared / "stage-root"
+    with file_lock(shared / "stage-root.lock"):
+        if not (root / ".built").exists():
+            shutil.rmtree(root, ignore_errors=True)  # half built by a worker that died
+            root.mkdir()
+            _build_stage_root(source_tree(root))
+            (root / ".built").write_text(f"built by {os.environ.get('PYTEST_XDIST_WORKER', 'master')}\n")
+    return root
+
+
+def _build_stage_root(root: Path) -> None:
     (root / "tiny.yaml").write_text(yaml.safe_dump(tiny_stage_params()))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RECAST_PARAMS")}
     env.update(MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}", TQDM_DISABLE="1")
@@ -69,7 +88,6 @@ def stage_root(tmp_path_factory, source_tree) -> Path:
         assert proc.returncode == 0, f"stages.{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     missing = [str(p.relative_to(REPO)) for p in STAGE_OUTPUTS if not (root / p.relative_to(REPO)).exists()]
     assert not missing, f"the tiny stage run did not write {missing}"
-    return root
 
 
 @pytest.fixture

@@ -63,7 +63,7 @@ def params_for(stage_root: Path, tmp: Path) -> dict:
     params["tune"].update(archs=["vit"], tasks=[TASK], train=TRAIN, data_dir=str(stage_root / "data/prepared/offline"),
                           pretrain_dir=str(stage_root / "outputs/pretrain"), mimic_dir=str(stage_root / "outputs/mimic"),
                           methods={"head_only": {"kind": "head_only"}, "recast": {"kind": "recast"}},
-                          continual={"methods": {"vit": ["ewc"]}, "epochs": 1})
+                          continual={"methods": {"vit": ["ewc"]}})  # trains with TRAIN (equal budget)
     params["combine"]["methods"] = {"adaptformer_recast": params["combine"]["methods"]["adaptformer_recast"]}
     params["pretrain"]["archs"] = {"vit": params["pretrain"]["archs"]["vit"]}
     params["mimic"]["archs"] = {"vit": {**params["mimic"]["archs"]["vit"], "ablations": {}}}

@@ -2,9 +2,12 @@
 ``dvc repro`` (then a no-op one) of the default pipeline in a committed copy of the repo, with a
 real local Ray and a real sqlite MLflow store.
 
-``params.yaml`` keeps its structure (both archs, every method kind, the mimicry ablations, every
-continual baseline, combine, evaluate); only sizes shrink: two tasks, two seeds (for mean ± std),
-short schedules and a few hundred examples. The default sizes are timed by
+``params.yaml`` keeps its structure (both archs, one method of each family: head only, RECAST, an
+adapter alone and with RECAST; a regularisation and a parameter-isolation continual baseline, the
+sequential RECAST run, the gradient mimicry ablation; combine, evaluate); only sizes shrink: two
+tasks, two seeds (for mean ± std), short schedules and a few hundred examples. The rest of the
+methods and ablations (``configs/offline-full.yaml``) run end to end in ``test_paper_path`` (the
+paper configuration holds them all). The default sizes are timed by
 ``benchmarks/bench_startup.py`` instead (minutes per stage on this machine)."""
 
 from __future__ import annotations

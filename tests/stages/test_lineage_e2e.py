@@ -30,9 +30,9 @@ from e2e_sizes import EPOCHS, EXPERIMENT, SEEDS, TASKS
 from recast.machine import cpu_model
 
 TIMING = ("seconds", "rss", "peak", "host", "ray_node", "run_id")  # wall clock, memory, where, MLflow ids
-PER_TASK_METHODS = 3 + 2  # vit: head_only, recast, lora_tiny; resnet: head_only, recast
-SEQUENTIAL_METHODS = 4 + 1  # vit: ewc, lwf, inflora, recast; resnet: recast
-COMBINE_METHODS = 2 + 2  # vit: adaptformer(_recast); resnet: clr(_recast)
+PER_TASK_METHODS = 2 + 2  # vit: head_only, recast; resnet: head_only, recast
+SEQUENTIAL_METHODS = 3 + 1  # vit: ewc, inflora, recast; resnet: recast
+COMBINE_METHODS = 2  # vit: adaptformer(_recast)
 N_TUNE = PER_TASK_METHODS * len(TASKS) * len(SEEDS)
 N_COMBINE = COMBINE_METHODS * len(TASKS) * len(SEEDS)
 N_SEQUENTIAL = SEQUENTIAL_METHODS * len(SEEDS)

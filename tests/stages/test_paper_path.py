@@ -155,6 +155,11 @@ def test_paper_path_task_order_counts_and_bytes(paper_run):
     assert pretrain["vit"]["timm_tag"] and pretrain["resnet"]["timm_tag"]
     cells = {c.strip() for line in lines if line.startswith("|") for c in line.strip("|").split("|")}
     assert {"recast", "96", "168"} <= cells
+    # the mimicry ablations beside the main reconstruction, the VAE ones included (the quick default
+    # params.yaml has only the gradient one); RECAST trains fewer parameters than the tiny LoRA
+    assert {"vit (closed_form)", "vit (vae_mse)", "vit (vae_smooth_l1)", "resnet (closed_form)"} <= cells
+    report = json.loads((root / "metrics/report.json").read_text())
+    assert report["vit/recast"]["trainable_params"] < report["vit/lora_tiny"]["trainable_params"]
 
     # payload bytes are the bytes each method really stores
     width = {"vit": 48, "resnet": 64}

@@ -55,10 +55,26 @@ def test_missing_and_unknown_sections(default_params):
 
 
 def test_default_plan(default_params):
+    """The quick default: 3 tasks, one seed, one method of each family."""
     plan = validate_all(default_params)
-    assert plan["suite"] == "offline" and len(plan["tasks"]) == 5
+    assert plan["suite"] == "offline" and plan["tasks"] == ["mnist_lo5", "mnist_hi5_inv", "uci_digits"]
     assert plan["mimic"]["vit"]["coefficients_per_task"] == 6 * 3 * 2 * 2
-    assert plan["jobs"]["tune"] == 5 * 5 + 5  # (vit: 3 methods, resnet: 2) x 5 tasks + ewc, lwf, inflora, recast on vit, recast on resnet
+    assert plan["jobs"] == {"pretrain": 2, "mimic": 2, "tune": 4 * 3 + 4, "combine": 2 * 3}
+    # (vit, resnet: head_only, recast) x 3 tasks + ewc, inflora, recast on vit, recast on resnet; adaptformer(_recast) on vit
+    assert sorted(k for k in plan["tune"] if k.endswith("(sequential)")) == [
+        "resnet/recast (sequential)", "vit/ewc (sequential)", "vit/inflora (sequential)", "vit/recast (sequential)"]
+
+
+def test_offline_full_plan():
+    """configs/offline-full.yaml: the former default (every method, both ablations, every continual
+    baseline, 5 tasks), with 3 seeds."""
+    params = yaml.safe_load((REPO_ROOT / "configs" / "offline-full.yaml").read_text())
+    plan = validate_all(params)
+    assert plan["suite"] == "offline" and len(plan["tasks"]) == 5
+    assert params["tune"]["seeds"] == [42, 1998, 3142592]
+    assert sorted(params["mimic"]["archs"]["vit"]["ablations"]) == ["gradient", "vae"]
+    # (vit: 3 methods, resnet: 2) x 5 tasks x 3 seeds + (ewc, lwf, inflora, recast on vit, recast on resnet) x 3 seeds
+    assert plan["jobs"] == {"pretrain": 2, "mimic": 2, "tune": 5 * 5 * 3 + 5 * 3, "combine": 4 * 5 * 3}
 
 
 def test_paper_config_dry_run():
