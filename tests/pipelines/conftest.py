@@ -51,6 +51,8 @@ def tiny_stage_params() -> dict:
     params["mimic"]["archs"] = {"vit": {**params["mimic"]["archs"]["vit"], "ablations": {}}}  # sweeps use the main banks
     # later stages are not run, but every section is validated against the archs above
     params["tune"]["archs"] = ["vit"]
+    lrs = params["tune"]["lr_by_method"]  # the lr table of the archs that run
+    lrs.update(archs={"vit": lrs["archs"]["vit"]}, source={"vit": lrs["source"]["vit"]})
     params["tune"]["continual"]["methods"] = {"vit": params["tune"]["continual"]["methods"]["vit"]}
     params["combine"]["methods"] = {k: m for k, m in params["combine"]["methods"].items() if m.get("archs") == ["vit"]}
     params["evaluate"]["forgetting_archs"] = ["vit"]

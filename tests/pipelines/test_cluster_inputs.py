@@ -65,6 +65,8 @@ def params_for(stage_root: Path, tmp: Path) -> dict:
                           methods={"head_only": {"kind": "head_only"}, "recast": {"kind": "recast"}},
                           continual={"methods": {"vit": ["ewc"]}})  # trains with TRAIN (equal budget)
     params["combine"]["methods"] = {"adaptformer_recast": params["combine"]["methods"]["adaptformer_recast"]}
+    lrs = params["tune"]["lr_by_method"]  # the lr table of the arch that runs
+    lrs.update(archs={"vit": lrs["archs"]["vit"]}, source={"vit": lrs["source"]["vit"]})
     params["pretrain"]["archs"] = {"vit": params["pretrain"]["archs"]["vit"]}
     params["mimic"]["archs"] = {"vit": {**params["mimic"]["archs"]["vit"], "ablations": {}}}
     params["evaluate"]["forgetting_archs"] = ["vit"]
