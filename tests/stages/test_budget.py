@@ -29,16 +29,24 @@ def test_sequential_baselines_cannot_have_their_own_budget(default_params, key, 
     assert f"tune.continual.{key}" in str(err.value) and "equal budget" in str(err.value), str(err.value)
 
 
-def test_every_method_that_runs_needs_an_lr_from_the_sweep(default_params):
-    validate_all(default_params)  # the default covers every method on every arch
-    table = default_params["tune"]["lr_by_method"]["archs"]
+QUICK = {("vit", "head_only"), ("vit", "recast"), ("vit", "ewc"), ("vit", "inflora"), ("vit", "adaptformer"),
+         ("vit", "adaptformer_recast"), ("resnet", "head_only"), ("resnet", "recast")}
+FULL = QUICK | {("vit", "lwf"), ("vit", "lora_tiny"), ("resnet", "clr"), ("resnet", "clr_recast")}
+
+
+@pytest.mark.parametrize("config, expected, removed", [
+    ("params.yaml", QUICK, (("vit", "ewc"), ("vit", "adaptformer_recast"), ("resnet", "recast"))),
+    ("configs/offline-full.yaml", FULL, (("vit", "lwf"), ("vit", "adaptformer_recast"), ("resnet", "clr"))),
+])
+def test_every_method_that_runs_needs_an_lr_from_the_sweep(config, expected, removed):
+    params = yaml.safe_load((REPO_ROOT / config).read_text())
+    validate_all(params)  # the config covers every method it runs on every arch
+    table = params["tune"]["lr_by_method"]["archs"]
     covered = {(a, m) for a, ms in table.items() for m in ms}
-    # tune (per arch), combine and the sequential baselines of the default config
-    assert {("vit", "head_only"), ("vit", "ewc"), ("vit", "lwf"), ("vit", "inflora"), ("vit", "recast"),
-            ("vit", "lora_tiny"), ("vit", "adaptformer"), ("vit", "adaptformer_recast"), ("resnet", "clr"),
-            ("resnet", "clr_recast"), ("resnet", "head_only"), ("resnet", "recast")} <= covered
-    for arch, method in (("vit", "ewc"), ("vit", "adaptformer_recast"), ("resnet", "clr")):
-        p = copy.deepcopy(default_params)
+    # tune (per arch), combine and the sequential baselines of the config
+    assert covered == expected
+    for arch, method in removed:
+        p = copy.deepcopy(params)
         del p["tune"]["lr_by_method"]["archs"][arch][method]
         with pytest.raises(ParamsError) as err:
             validate_all(p)
