@@ -37,9 +37,13 @@ def test_recast_forgets_nothing_when_trained_in_sequence(arch, vit, make_task):
 def test_full_finetuning_on_one_backbone_does_forget(vit, make_task):
     """The check above can fail: a method that shares trained weights moves earlier columns."""
     tasks = [make_task("a", 2, seed=1, noise=4.0), make_task("b", 3, seed=2, noise=4.0)]
-    result = run_sequential(make_method("ewc", vit, {"lam": 0.0}), tasks, TrainConfig(epochs=2, lr=0.05, seed=0),
+    # lr 0.003: task a is learned (at 0.05 full fine-tuning diverges to chance on AMD EPYC's kernels,
+    # and a column stuck at chance cannot show forgetting); task b's training then costs it > 20 points
+    result = run_sequential(make_method("ewc", vit, {"lam": 0.0}), tasks, TrainConfig(epochs=2, lr=0.003, seed=0),
                             progress=False)
-    assert result.acc_matrix[1][0] != result.acc_matrix[0][0]
+    m = result.acc_matrix
+    assert m[0][0] > 0.9, m  # learned (2 classes, chance 0.5)
+    assert m[1][0] < m[0][0] - 0.2, m  # and forgotten: 1.0 -> 0.60 on AVX512 and on AVX2 kernels
 
 
 def test_recast_method_refuses_a_plain_backbone(vit):
