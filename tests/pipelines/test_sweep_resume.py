@@ -55,6 +55,7 @@ def mlflow_runs(uri: str, experiment: str) -> tuple[list, collections.Counter]:
     return parents, collections.Counter(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") in ids)
 
 
+@pytest.mark.slow  # fault injection: trial workers killed and retried (~1 min)
 def test_trial_worker_deaths_are_retried_and_rerun_recomputes_nothing(
         stage_outputs, write_config, local_ray, monkeypatch, tmp_path: Path) -> None:
     faults, markers = tmp_path / "faults", tmp_path / "markers"

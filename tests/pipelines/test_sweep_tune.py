@@ -49,7 +49,8 @@ def module_ray():
         os.environ["RAY_ADDRESS"] = old
 
 
-@pytest.mark.parametrize("sweep", list(TINY))
+# `make test-fast` keeps the hpo sweep (the one the default params use); the others run in `make test`
+@pytest.mark.parametrize("sweep", [s if s == "hpo" else pytest.param(s, marks=pytest.mark.slow) for s in TINY])
 def test_sweep_runs_on_tune(sweep: str, stage_outputs, write_config, module_ray, monkeypatch, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 

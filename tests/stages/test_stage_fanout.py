@@ -36,6 +36,7 @@ def ray_with_faults(tmp_path_factory):
     os.environ.pop(FAULT_ENV, None)
 
 
+@pytest.mark.slow  # fault injection: Ray workers killed mid-job
 @pytest.mark.timeout(600)
 def test_killed_workers_are_retried_and_rerun_resumes(ray_with_faults, tmp_path):
     rt = RuntimeParams(num_cpus=2, cpus_per_task=1, max_retries=2, cache_dir=str(tmp_path / "cache"), progress=False)
@@ -123,6 +124,7 @@ def sleepy_job(spec, inputs):
     return {"i": spec["i"]}, {}
 
 
+@pytest.mark.slow  # fault injection: SIGTERM while jobs are in flight
 def test_a_stopped_stage_cancels_its_outstanding_jobs(tmp_path, monkeypatch):
     """SIGTERM (StageKilled) while the driver publishes the first result: the job in flight is
     killed and the queued ones never start, although this process's Ray stays up."""

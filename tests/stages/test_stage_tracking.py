@@ -19,6 +19,7 @@ def _worker(uri: str, idx: int, n: int) -> None:
     tr.finish({"done": 1.0})
 
 
+@pytest.mark.slow  # several writer processes on one sqlite store
 @pytest.mark.timeout(300)
 def test_concurrent_writers_lose_nothing(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
