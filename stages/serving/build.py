@@ -13,8 +13,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,31 @@ def served_name(arch: str, method: str) -> str:
 def _experiment_id(client) -> str:
     exp = client.get_experiment_by_name(EXPERIMENT)
     return exp.experiment_id if exp is not None else client.create_experiment(EXPERIMENT)
+
+
+@contextlib.contextmanager
+def _mlflow_store(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking and registry URIs (module globals and the environment
+    variables ``set_*_uri`` writes) set to ``uri`` for the block, and put back exactly after it:
+    ``models:/`` URIs and the fluent API resolve through them, so a value an earlier caller left
+    must not send this build to another store, and this build must leave none behind."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    tracking, registry = tracking_utils._tracking_uri, registry_utils._registry_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(tracking)
+        registry_utils._registry_uri = registry
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def base_uri(arch: str, pretrain_dir: Path, mimic_dir: Path) -> tuple[str, str]:
@@ -93,7 +121,7 @@ def payload_uris(arch: str, method: str, tasks: list[str], bank_sha: str, alias:
         except Exception as err:  # noqa: BLE001 - MlflowException: no such model/alias
             raise ServingError(f"no payload {name}@{alias} in {uri}: {err}") from None
         pinned = f"models:/{name}/{mv.version}"
-        with tempfile.TemporaryDirectory() as tmp:  # the sidecar only: the bank check
+        with tempfile.TemporaryDirectory() as tmp, _mlflow_store(uri):  # the sidecar only: the bank check
             local = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=tmp)
             check_bank(task, payload_files(local), bank_sha, pinned)
         out[task] = pinned
@@ -114,15 +142,14 @@ def build(arch: str, method: str, pretrain_dir: Path, mimic_dir: Path, image_siz
     uri = tracking_uri()
     client = make_client(uri)
     exp = retry(lambda: _experiment_id(client), uri=uri, what="the serving experiment")
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    with mlflow.start_run(experiment_id=exp, run_name=f"serve.{arch}.{method}",
-                          tags={"bank_sha256": bank_sha, "arch": arch, "method": method}) as run:
-        mlflow.log_dict(cfg, "serving_config.json")
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("served.py")),
-                                       model_config=cfg, code_paths=[str(REPO / "recast"), str(REPO / "stages")],
-                                       signature=SIGNATURE, pip_requirements=REQUIREMENTS)
-    mv = mlflow.register_model(info.model_uri, name)
+    with _mlflow_store(uri):
+        with mlflow.start_run(experiment_id=exp, run_name=f"serve.{arch}.{method}",
+                              tags={"bank_sha256": bank_sha, "arch": arch, "method": method}) as run:
+            mlflow.log_dict(cfg, "serving_config.json")
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("served.py")),
+                                           model_config=cfg, code_paths=[str(REPO / "recast"), str(REPO / "stages")],
+                                           signature=SIGNATURE, pip_requirements=REQUIREMENTS)
+        mv = mlflow.register_model(info.model_uri, name)
     client.set_registered_model_alias(name, "current", mv.version)
     client.set_model_version_tag(name, mv.version, "tasks", ",".join(tasks))
     print(f"registered {name} version {mv.version} (alias current): {describe(cfg)}", file=sys.stderr)

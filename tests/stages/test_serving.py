@@ -87,10 +87,28 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(store):
-    """Version 1 serves a only; version 2 (alias current) serves a and b."""
+    """Version 1 serves a only; version 2 (alias current) serves a and b. Version 1 is built
+    while mlflow's process-wide URIs name a stale store (as an earlier test or a user's
+    ``mlflow.set_tracking_uri`` leaves them): the build must use the configured store and put
+    the stale globals back untouched."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
     from stages.serving.build import build
 
-    v1 = build("vit", "recast", store.root / "pretrain", store.root / "mimic", 32, tasks=["a"])
+    stale = f"sqlite:///{store.root / 'stale.db'}"
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri, os.environ.get("MLFLOW_REGISTRY_URI")
+    mlflow.set_tracking_uri(stale)
+    os.environ["MLFLOW_TRACKING_URI"] = store.uri  # the variable is ours again; mlflow's global is not
+    try:
+        v1 = build("vit", "recast", store.root / "pretrain", store.root / "mimic", 32, tasks=["a"])
+        assert (tracking_utils._tracking_uri, registry_utils._registry_uri) == (stale, saved[1])
+        assert os.environ["MLFLOW_TRACKING_URI"] == store.uri
+        assert os.environ.get("MLFLOW_REGISTRY_URI") == saved[2]
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        os.environ["MLFLOW_TRACKING_URI"] = store.uri
     v2 = build("vit", "recast", store.root / "pretrain", store.root / "mimic", 32, tasks=["a", "b"])
     return v1, v2
 
@@ -255,7 +273,9 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 
 def test_mlflow_models_serve_answers_a_mixed_request(store, built):
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri, "MLFLOW_DISABLE_TELEMETRY": "true",
+           # the venv's bin first: mlflow execs ``uvicorn`` by name, also when the venv is not activated
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/recast-serve.vit.recast@current",
            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
     log = open(store.root / "serve.log", "w")

@@ -73,7 +73,9 @@ def test_download_payload_reads_the_configured_store(tmp_path, monkeypatch):
     rid = tr.child("tune/vit/recast/mnist_rot", {"task": "mnist_rot"}, {"test_acc": 0.9}, artifacts=[payload])
     register_payload(rid, "vit", "mnist_rot", "recast", {"test_acc": "0.9"}, accuracy=0.9)
     tr.finish()
-    previous = mlflow.get_tracking_uri()
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    previous = tracking_utils._tracking_uri  # None unless set: put back as it was, leaving no global behind
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/elsewhere.db")  # sets mlflow's global and the variable
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the variable is ours again; mlflow's global is not
     try:
