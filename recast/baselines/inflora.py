@@ -11,6 +11,8 @@ directions orthogonal to the old inputs. After the task the branch is merged int
 by GPM's rule on the singular values of C: the top left singular vectors of ``P C`` are added
 until M holds a ``threshold`` fraction of ``sum sigma_i(C)^2``; the threshold moves from
 ``threshold`` towards ``threshold_end`` over the stream as the authors' schedule does.
+``energy="linear"`` counts the threshold on the inputs' energy ``tr C`` instead (GPM's rule on
+the representation matrix); the offline configs use it (README, deliberate differences).
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ class InfLoRAConfig:
             method's ``num_tasks`` (set by ``run_sequential``), the threshold stays constant
             when it is unknown.
         feature_batches: training batches used for the input covariances (None: all).
+        energy: what the threshold is a fraction of. ``"squared"`` (the authors' code): of
+            ``sum sigma_i(C)^2``, the squared singular values of the covariance, which weights
+            the top directions quadratically, so the memory holds much less than ``threshold``
+            of the inputs' energy when the spectrum is flat. ``"linear"`` (GPM's rule on the
+            representation matrix X, whose squared singular values are C's eigenvalues): of
+            ``tr C = sum sigma_i(C)``, the inputs' energy itself.
     """
 
     targets: tuple[str, ...] = ("attn.qkv",)
@@ -56,6 +64,7 @@ class InfLoRAConfig:
     threshold: float = 0.95
     threshold_end: float = 1.0
     feature_batches: int | None = None
+    energy: Literal["squared", "linear"] = "squared"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", (self.targets,) if isinstance(self.targets, str) else tuple(self.targets))
@@ -68,6 +77,8 @@ class InfLoRAConfig:
             raise ValueError(f"InfLoRAConfig.threshold must be in (0, 1], got {self.threshold!r}")
         if not (isinstance(self.threshold_end, (int, float)) and self.threshold <= self.threshold_end <= 1.0):
             raise ValueError(f"InfLoRAConfig.threshold_end must be in [threshold, 1], got {self.threshold_end!r}")
+        if self.energy not in ("squared", "linear"):
+            raise ValueError(f"InfLoRAConfig.energy must be 'squared' or 'linear', got {self.energy!r}")
         if self.feature_batches is not None:
             check_int("InfLoRAConfig.feature_batches", self.feature_batches, minimum=1)
 
@@ -231,10 +242,12 @@ class InfLoRA(ContinualMethod):
         free = self._complement(name, cov.shape[0], cov.device)  # (in, f)
         if free.shape[1] == 0:
             return memory
-        values = torch.linalg.svdvals(free.T @ cov) ** 2  # sigma_i(P C)^2, descending
-        total = float(torch.linalg.matrix_norm(cov) ** 2)  # ||C||_F^2 = sum sigma_i(C)^2
-        if total <= 0:
-            return memory
+        if self.cfg.energy == "squared":
+            values = torch.linalg.svdvals(free.T @ cov) ** 2  # sigma_i(P C)^2, descending
+            total = float(torch.linalg.matrix_norm(cov) ** 2)  # ||C||_F^2 = sum sigma_i(C)^2
+        else:  # the inputs' energy outside the memory: eigenvalues of free^T C free, summing to tr(P C)
+            values = torch.linalg.eigvalsh(free.T @ cov @ free).flip(0).clamp_min(0)
+            total = float(torch.trace(cov))
         if memory.shape[1] == 0:
             k = max(int((torch.cumsum(values / total, 0) < threshold).sum()), 1)
         else:
@@ -246,7 +259,11 @@ class InfLoRA(ContinualMethod):
         k = min(k, free.shape[1])
         if k == 0:
             return memory
-        return torch.cat([memory, self._top_directions(free, cov)[:, :k]], dim=1)  # (in, k_old + k)
+        if self.cfg.energy == "squared":
+            added = self._top_directions(free, cov)[:, :k]
+        else:  # the principal directions of the inputs outside the memory, whose energies were counted
+            added = free @ torch.linalg.eigh(free.T @ cov @ free)[1].flip(1)[:, :k]
+        return torch.cat([memory, added], dim=1)  # (in, k_old + k)
 
     def training_state(self) -> dict[str, Tensor]:
         return {f"memory.{n}": m for n, m in self.memory.items()}

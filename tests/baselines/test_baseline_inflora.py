@@ -66,6 +66,53 @@ def test_memory_takes_the_directions_below_the_threshold_on_squared_singular_val
     assert held(memory) < 0.8 <= held(m._top_directions(torch.eye(64, dtype=torch.float64), cov)[:, :memory.shape[1] + 1])
 
 
+def test_linear_energy_holds_the_threshold_of_the_inputs_energy(vit, tasks):
+    """``energy="linear"`` (GPM's rule on the inputs' energy, tr C): after the first task the
+    memory holds the largest prefix of C's eigenvalues below the threshold, so the old inputs'
+    energy outside it is in (1 - threshold, 1 - threshold + lambda_{k+1} / tr C]. The authors'
+    rule on the same covariances leaves more of it outside."""
+    outside = {}
+    for energy in ("squared", "linear"):
+        torch.manual_seed(0)
+        m = make_method("inflora", vit, {"rank": 2, "threshold": 0.9, "energy": energy})
+        m.before_task(tasks[0])
+        m.after_task(tasks[0], tasks[0].train)
+        cov = m.input_covariances(tasks[0].train)
+        outside[energy] = {}
+        for name, c in cov.items():
+            mem = m.memory[name]
+            outside[energy][name] = float(torch.trace(c - mem @ (mem.T @ c)) / torch.trace(c))
+            if energy == "linear":
+                ratios = torch.linalg.eigvalsh(c).flip(0) / torch.trace(c)
+                k = mem.shape[1]
+                assert abs(float(1 - ratios[:k].sum()) - outside[energy][name]) < 1e-9  # the top k eigenvectors
+                assert 0.1 - 1e-9 < outside[energy][name] <= 0.1 + float(ratios[k]) + 1e-9
+    assert all(outside["linear"][n] < outside["squared"][n] for n in outside["linear"])
+
+
+def test_linear_energy_later_task_on_a_hand_computed_covariance(vit):
+    """Eigenvalues (4, 3, 2, 1): at 0.8 the linear rule keeps 2 directions (prefix sums 0.4, 0.7
+    below 0.8), the squared rule 1 (16/30 = 0.53; 25/30 = 0.83). A second task with eigenvalues
+    (1, 1, 4, 4) on the same axes holds 2/10 already and adds e3, e4 (0.2 -> 0.6 -> 1.0)."""
+    eye = torch.eye(4, dtype=torch.float64)
+    first, second = torch.diag(torch.tensor([4.0, 3, 2, 1], dtype=torch.float64)), \
+        torch.diag(torch.tensor([1.0, 1, 4, 4], dtype=torch.float64))
+    kept = {}
+    for energy in ("squared", "linear"):
+        m = make_method("inflora", vit, {"threshold": 0.8, "threshold_end": 0.8, "energy": energy})
+        m.tasks = ["a"]
+        m.memory["x"] = m._grown_memory("x", first)
+        kept[energy] = m.memory["x"].shape[1]
+        if energy == "linear":
+            proj = m.memory["x"] @ m.memory["x"].T
+            assert torch.allclose(proj, torch.diag(torch.tensor([1.0, 1, 0, 0], dtype=torch.float64)), atol=1e-12)
+            m.tasks = ["a", "b"]
+            m.memory["x"] = m._grown_memory("x", second)
+            assert m.memory["x"].shape[1] == 4
+            assert torch.allclose(m.memory["x"] @ m.memory["x"].T, eye, atol=1e-12)
+    assert kept == {"squared": 1, "linear": 2}
+
+
 def test_threshold_moves_towards_the_end_value_over_the_stream(vit):
     m = make_method("inflora", vit, {"threshold": 0.9, "threshold_end": 1.0})
     assert m.threshold_after(2) == 0.9  # stream length unknown: constant
@@ -93,7 +140,8 @@ def test_merging_keeps_the_outputs(vit, tasks, fit_one_batch):
 def test_config_errors_name_the_field(vit, resnet):
     for kwargs, field in [({"rank": 0}, "rank"), ({"threshold": 1.5}, "threshold"), ({"rows": "q"}, "rows"),
                           ({"feature_batches": 0}, "feature_batches"),
-                          ({"threshold": 0.9, "threshold_end": 0.8}, "threshold_end")]:
+                          ({"threshold": 0.9, "threshold_end": 0.8}, "threshold_end"),
+                          ({"energy": "quadratic"}, "energy")]:
         with pytest.raises(ValueError, match=field):
             InfLoRAConfig(**kwargs)
     with pytest.raises(ValueError, match="attn.qkv"):

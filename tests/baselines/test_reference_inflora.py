@@ -142,3 +142,19 @@ def test_energy_rule_on_a_one_over_i_spectrum_keeps_what_the_reference_keeps(vit
     ours = m._grown_memory("x", cov)
     assert feature_list[0].shape[1] == ours.shape[1] == 11
     np.testing.assert_allclose((ours @ ours.T).numpy(), feature_list[0] @ feature_list[0].T, atol=1e-5)
+
+
+def test_linear_energy_on_the_one_over_i_spectrum_keeps_what_gpm_on_the_inputs_keeps(vit):
+    """The same spectrum with ``energy="linear"`` (a deliberate difference of the offline
+    configs, README): GPM's count on the eigenvalues themselves, ``#{k: H(k) / H(384) < 0.95}``
+    with H the harmonic numbers, is 276 directions (H(276) / H(384) = 0.94950, H(277) / H(384) = 0.95005)."""
+    dim = 384
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    cov = q @ torch.diag(1.0 / torch.arange(1, dim + 1, dtype=torch.float64)) @ q.T
+    harmonic = [sum(1.0 / i for i in range(1, k + 1)) for k in range(1, dim + 1)]
+    expected = sum(h / harmonic[-1] < 0.95 for h in harmonic)
+    m = make_method("inflora", vit, {"energy": "linear"})
+    m.tasks = ["a"]
+    ours = m._grown_memory("x", cov)
+    assert expected == ours.shape[1] == 276
+    np.testing.assert_allclose((ours @ ours.T).numpy(), q[:, :276].numpy() @ q[:, :276].T.numpy(), atol=1e-8)
