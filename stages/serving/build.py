@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -128,6 +129,21 @@ def payload_uris(arch: str, method: str, tasks: list[str], bank_sha: str, alias:
     return out
 
 
+def _current_if_same(client, name: str, cfg: dict[str, Any]):
+    """The ``current`` version of ``name`` when its logged ``serving_config.json`` equals ``cfg``
+    (same arch, method, base and pinned payload versions), else None."""
+    try:
+        mv = client.get_model_version_by_alias(name, "current")
+    except Exception:  # noqa: BLE001 - MlflowException: no such model or alias yet
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(mv.run_id, "serving_config.json", tmp)
+        except Exception:  # noqa: BLE001 - a version logged otherwise: build a new one
+            return None
+        return mv if json.loads(Path(path).read_text()) == cfg else None
+
+
 def build(arch: str, method: str, pretrain_dir: Path, mimic_dir: Path, image_size: int,
           tasks: list[str] | None = None, alias: str = "current", channels: int = 3) -> dict[str, Any]:
     """Log and register the served model of ``arch`` and ``method`` over ``tasks`` (default:
@@ -141,6 +157,11 @@ def build(arch: str, method: str, pretrain_dir: Path, mimic_dir: Path, image_siz
     name = served_name(arch, method)
     uri = tracking_uri()
     client = make_client(uri)
+    same = _current_if_same(client, name, cfg)
+    if same is not None:  # the same banks and payload versions are served already: no new version
+        print(f"{name} version {same.version} (alias current) already serves this: {describe(cfg)}", file=sys.stderr)
+        return {"name": name, "version": str(same.version), "run_id": same.run_id, "config": cfg,
+                "model_uri": same.source, "unchanged": True}
     exp = retry(lambda: _experiment_id(client), uri=uri, what="the serving experiment")
     with _mlflow_store(uri):
         with mlflow.start_run(experiment_id=exp, run_name=f"serve.{arch}.{method}",
@@ -154,4 +175,4 @@ def build(arch: str, method: str, pretrain_dir: Path, mimic_dir: Path, image_siz
     client.set_model_version_tag(name, mv.version, "tasks", ",".join(tasks))
     print(f"registered {name} version {mv.version} (alias current): {describe(cfg)}", file=sys.stderr)
     return {"name": name, "version": str(mv.version), "run_id": run.info.run_id, "config": cfg,
-            "model_uri": info.model_uri}
+            "model_uri": info.model_uri, "unchanged": False}

@@ -110,6 +110,10 @@ def built(store):
         mlflow.set_tracking_uri(saved[0])
         os.environ["MLFLOW_TRACKING_URI"] = store.uri
     v2 = build("vit", "recast", store.root / "pretrain", store.root / "mimic", 32, tasks=["a", "b"])
+    again = build("vit", "recast", store.root / "pretrain", store.root / "mimic", 32, tasks=["a", "b"])
+    assert (again["version"], again["unchanged"], v2["unchanged"]) == ("2", True, False)  # nothing new: no version
+    client = mlflow.MlflowClient(store.uri)
+    assert sorted(str(v.version) for v in client.search_model_versions("name = 'recast-serve.vit.recast'")) == ["1", "2"]
     return v1, v2
 
 
