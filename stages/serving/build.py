@@ -29,7 +29,7 @@ from mlflow.types.schema import Array, ColSpec, Schema
 from stages.jobs.backbones import bank_meta, pretrained_meta
 from stages.serving.pyfunc import BASE_ARTIFACT, ServingError, check_bank, describe, payload_files
 from stages.tracking.payloads import registry_name
-from stages.tracking.store import make_client, retry, tracking_uri
+from stages.tracking.store import artifact_location, make_client, retry, tracking_uri
 
 import mlflow  # noqa: E402 - after stages.tracking.store, which sets MLflow's environment defaults
 
@@ -46,9 +46,10 @@ def served_name(arch: str, method: str) -> str:
     return f"recast-serve.{arch}.{method}"
 
 
-def _experiment_id(client) -> str:
+def _experiment_id(client, uri: str) -> str:
     exp = client.get_experiment_by_name(EXPERIMENT)
-    return exp.experiment_id if exp is not None else client.create_experiment(EXPERIMENT)
+    return exp.experiment_id if exp is not None else client.create_experiment(
+        EXPERIMENT, artifact_location=artifact_location(uri))
 
 
 @contextlib.contextmanager
@@ -85,7 +86,7 @@ def base_uri(arch: str, pretrain_dir: Path, mimic_dir: Path) -> tuple[str, str]:
     backbone_sha = str(pretrained_meta(pretrain_dir, arch).get("sha256", ""))
     uri = tracking_uri()
     client = make_client(uri)
-    exp = retry(lambda: _experiment_id(client), uri=uri, what="the serving experiment")
+    exp = retry(lambda: _experiment_id(client, uri), uri=uri, what="the serving experiment")
     found = client.search_runs([exp], f"tags.bank_sha256 = '{bank_sha}' and tags.arch = '{arch}' "
                                       f"and tags.backbone_sha256 = '{backbone_sha}' and attributes.status = 'FINISHED'",
                                max_results=1)
@@ -162,7 +163,7 @@ def build(arch: str, method: str, pretrain_dir: Path, mimic_dir: Path, image_siz
         print(f"{name} version {same.version} (alias current) already serves this: {describe(cfg)}", file=sys.stderr)
         return {"name": name, "version": str(same.version), "run_id": same.run_id, "config": cfg,
                 "model_uri": same.source, "unchanged": True}
-    exp = retry(lambda: _experiment_id(client), uri=uri, what="the serving experiment")
+    exp = retry(lambda: _experiment_id(client, uri), uri=uri, what="the serving experiment")
     with _mlflow_store(uri):
         with mlflow.start_run(experiment_id=exp, run_name=f"serve.{arch}.{method}",
                               tags={"bank_sha256": bank_sha, "arch": arch, "method": method}) as run:

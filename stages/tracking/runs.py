@@ -29,7 +29,7 @@ from urllib.request import url2pathname
 
 from recast.machine import machine_tags
 from stages.config.common import StageKilled, write_json_atomic
-from stages.tracking.store import (DEFAULT_ARTIFACTS, DEFAULT_DB, TrackingUnavailable, short_error, check_server,
+from stages.tracking.store import (artifact_location, TrackingUnavailable, short_error, check_server,
                                    make_client, retry, tracking_uri)
 
 import mlflow  # noqa: E402 - after stages.tracking.store, which sets MLflow's environment defaults
@@ -136,12 +136,8 @@ class Tracker:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        location = None
-        if self.uri.startswith("sqlite:"):
-            location = DEFAULT_ARTIFACTS.as_uri() if self.uri == f"sqlite:///{DEFAULT_DB}" else \
-                (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=artifact_location(self.uri))
         except Exception:  # noqa: BLE001 - created concurrently by another process
             exp = self.client.get_experiment_by_name(name)
             if exp is None:

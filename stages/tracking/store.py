@@ -54,6 +54,16 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment of the store ``uri`` keeps its artifacts: for a sqlite store the
+    ``mlartifacts/`` folder beside the database (the default store's: ``DEFAULT_ARTIFACTS``); None
+    (the server's own default) otherwise. MLflow's default for sqlite, ``./mlruns``, would put
+    them under whatever the working directory is."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
+
+
 def _lock_path(uri: str) -> Path | None:
     if uri.startswith("sqlite:///"):
         return Path(uri[len("sqlite:///"):]).with_suffix(".lock")

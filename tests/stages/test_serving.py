@@ -53,11 +53,12 @@ def _payload(rc, task: str, n: int, out: Path, seed: int) -> Path:
 
 def _register(folder: Path, task: str) -> None:
     from stages.tracking.payloads import register_payload
-    from stages.tracking.store import make_client
+    from stages.tracking.store import artifact_location, make_client
 
     client = make_client()
     exp = client.get_experiment_by_name("payloads") or None
-    exp_id = exp.experiment_id if exp else client.create_experiment("payloads")
+    exp_id = exp.experiment_id if exp else client.create_experiment("payloads",
+                                                                    artifact_location=artifact_location(client.tracking_uri))
     rid = client.create_run(exp_id).info.run_id
     client.log_artifacts(rid, str(folder), "payload")
     client.set_terminated(rid)
@@ -165,6 +166,11 @@ def test_versions_reference_the_banks_never_copy_them(store, built):
         assert sorted(p.name for p in local.rglob("*.safetensors")) == []
         outside_code = sum(p.stat().st_size for p in local.rglob("*") if p.is_file() and "code" not in p.parts)
         assert outside_code < 20_000, outside_code
+    serving = client.get_experiment_by_name(EXPERIMENT).artifact_location  # beside the store, not ./mlruns
+    assert serving == (store.root / "mlartifacts").as_uri()
+    for v in (v1, v2):  # the logged model's files too
+        source = client.get_model_version("recast-serve.vit.recast", v["version"]).source
+        assert client.get_logged_model(source.split("/")[-1]).artifact_location.startswith(serving), source
     banks = store.root / "mimic" / "vit" / "banks.safetensors"
     assert banks.stat().st_size > 20_000  # what a copy would add per version
 
