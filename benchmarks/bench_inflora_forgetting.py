@@ -32,7 +32,7 @@ from benchmarks.environment import environment
 from recast.baselines import TaskSpec, make_method, run_sequential
 from recast.baselines.inflora import InfLoRA
 from stages.config.params import TrainParams
-from stages.jobs.inputs import JobInputs, backbone_bundle, task_bundle
+from stages.jobs.inputs import InputStore, backbone_bundle, task_bundle
 
 
 class Probe:
@@ -89,9 +89,8 @@ def main() -> None:
     options = dict(tune["continual"]["options"].get("inflora", {}))
     bundles = {"backbone": backbone_bundle(args.root / "outputs/pretrain", "vit"),
                **{f"task/{t}": task_bundle(args.root / "data/prepared/offline" / t) for t in tasks}}
-    keys = {role: f"{b.kind}-{b.digest}" for role, b in bundles.items()}
-    inputs = JobInputs(keys, {keys[r]: {n: np.frombuffer(p.read_bytes(), dtype=np.uint8) for n, p in b.files.items()}
-                              for r, b in bundles.items()})
+    store = InputStore(None)
+    inputs = store.local({role: store.add(bundle) for role, bundle in bundles.items()})
     out = []
     for variant in args.variants:
         kv = dict(item.split("=", 1) for item in variant.split(",") if item)
