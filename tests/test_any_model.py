@@ -192,3 +192,16 @@ def test_multihead_attention_out_proj_read_by_weight_is_exact_alone_and_refused_
         assert _rel(rc(x), model(x)) < 1e-5
         with pytest.raises(MixedBatchError, match=r"'0\.attn\.out_proj'.*weight read directly"):
             rc(x, tasks=["pretrained", "b"])
+
+
+def test_weight_space_adapters_refuse_a_standardising_or_padding_base():
+    from recast.adapters import LoRAConfig, PiggybackConfig, add_adapters
+
+    plain_std = _stack(lambda c: StdConv2d(c, c, 3, padding=1))
+    with pytest.raises(UnsupportedModuleError, match=r"'0\.0' \(timm\.layers\.std_conv\.StdConv2d\).*weight-space"):
+        add_adapters(plain_std, PiggybackConfig(targets=(r"\d\.0",), regex=True))
+    rc = _exact_rc(_stack(lambda c: Conv2dSame(c, c, 3)))
+    with pytest.raises(UnsupportedModuleError, match=r"Conv2dSame"):
+        add_adapters(rc.model, PiggybackConfig(targets=(r"\d\.0",), regex=True))
+    fine = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4)) for _ in range(2)])
+    assert len(add_adapters(fine, LoRAConfig(targets=(r"\d\.0",), regex=True, rank=1))) == 2
