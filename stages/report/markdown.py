@@ -11,6 +11,7 @@ sequential methods' average accuracy, forgetting, BWT and FWT and each one's acc
 
 from __future__ import annotations
 
+import socket
 import statistics
 from typing import Any
 
@@ -178,11 +179,12 @@ def run_info(frame: pd.DataFrame, results: list[dict], summary: dict, tasks: lis
     if "git_commit" in frame.columns:
         for commit, dirty in frame[["git_commit", "git_dirty"]].drop_duplicates().itertuples(index=False):
             commits[str(commit)] = commits.get(str(commit), False) or str(dirty).lower() in ("true", "1")
-    machines = sorted({f"{m.get('cpu_model', '?')}, {m.get('torch_threads', '?')} torch thread(s)"
-                       for r in results for m in [r.get("_machine") or r.get("machine") or {}] if m})
+    here, cpu = socket.gethostname(), machine_record()["cpu_model"]
+    machines = sorted({f"{r['host']}{' (' + cpu + ')' if r['host'] == here else ''}, "
+                       f"{r.get('torch_threads', '?')} torch thread(s) per job" for r in results if r.get("host")})
     if not machines:
         m = machine_record()
-        machines = [f"{m['cpu_model']}, {m['torch_threads']} torch thread(s)"]
+        machines = [f"{here} ({m['cpu_model']})"]
     seeds = sorted({int(s) for s in frame["seed"]}) if "seed" in frame.columns else []
     sha = sorted(set(frame["params_sha256"])) if "params_sha256" in frame.columns else []
     return {"config": config, "params_sha256": sha[0] if len(sha) == 1 else None,
