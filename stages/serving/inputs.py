@@ -93,6 +93,9 @@ def _as_array(value: object, row: int) -> np.ndarray:
 def row_tensor(value: object, row: int, shape: Sequence[int], transform: TaskTransform | None) -> torch.Tensor:
     """One ``image`` value (any of the module docstring's forms) -> float32 (C, S, S)."""
     channels, want = shape[0], int(np.prod(shape))
+    if value is None or (isinstance(value, float) and np.isnan(value)):  # null, or a record without "image"
+        raise ImageShapeError(f"row {row}: no image; send {want} floats, H x W x {channels} uint8 pixels or a "
+                              "base64 PNG/JPEG string")
     if isinstance(value, str | bytes):
         pixels = decode_image(value, row, channels)
     else:

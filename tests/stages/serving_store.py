@@ -276,6 +276,7 @@ def bad_requests(x: torch.Tensor) -> list[tuple[str, list[str], dict]]:
         ("ImageValueError", ["row 0", "300", "0..255"], records([("a", [[[300, 0, 0]]])])),
         ("ImageShapeError", ["row 0", "[2, 2, 4]", "H x W x 3"], records([("a", [[[0] * 4] * 2] * 2)])),
         ("ImageShapeError", ["row 0", "ragged"], records([("a", [[1.5, 2.5], [3.5]])])),
+        ("ImageShapeError", ["row 1", "no image"], {"dataframe_records": [{"task": "a", "image": flat}, {"task": "b"}]}),
         ("ImageDecodeError", ["row 1", "cannot decode"], records([("a", flat), ("b", b64(b"not an image at all"))])),
         ("ImageDecodeError", ["row 0", "not base64"], records([("a", "%%% not base64 %%%")])),
         ("ImageDecodeError", ["row 0", "['PNG', 'JPEG']", "GIF"], records([("a", b64(image_file(small, "GIF")))])),

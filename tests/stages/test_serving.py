@@ -102,7 +102,7 @@ def test_bad_input_named_errors_and_nothing_changed(served):
     good = model.predict(frame(tasks, x))
     before = _snapshot(inner)
     cases = bad_requests(x)
-    assert len(cases) == 14
+    assert len(cases) == 15
     for name, words, body in cases:
         with pytest.raises(getattr(errors, name)) as err:
             model.predict(as_frame(body))

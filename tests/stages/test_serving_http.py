@@ -53,7 +53,7 @@ def test_refused_requests_are_http_400_naming_the_problem(server):
         assert (status, out.get("error_code")) == (400, "INVALID_PARAMETER_VALUE"), (name, status, out)
         message = out["message"].split("Error: ", 1)[-1]  # the server prefixes "Failed to predict data '<frame>'"
         assert all(w in message for w in words), (name, message)
-    assert len(cases) == 14
+    assert len(cases) == 15
 
 
 def _bodies() -> list[list[dict]]:
