@@ -411,6 +411,18 @@ def check_templatable(name: str, module: nn.Module) -> None:
                                      "(another weight gave the same output)")
 
 
+def computes_like_weight_space(module: nn.Module) -> bool:
+    """Whether ``module``'s output is F.linear/F.conv2d (zero padding) of its ``weight`` and
+    ``bias``: what a weight-space adapter (LoRA, DoRA, Piggyback, ...) computes in its place.
+    False for subclasses that transform the weight or pad in forward (StdConv2d, Conv2dSame)."""
+    if isinstance(module, RECAST_LAYERS):
+        return module.shares_products
+    for base in (nn.Linear, nn.Conv2d):
+        if isinstance(module, base):
+            return _computes_like_base(type(module), base) and getattr(module, "padding_mode", "zeros") == "zeros"
+    return True  # another adapter, or a module of the protocol alone
+
+
 def make_recast_layer(module: nn.Module, bank: TemplateBank, coef_sets: int) -> RecastLinear | RecastConv2d:
     """The templated layer of an nn.Linear/nn.Conv2d (or subclass); see ``check_templatable``."""
     if isinstance(module, nn.Linear):

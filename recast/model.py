@@ -93,7 +93,7 @@ def _get_parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent_name) if parent_name else root), child
 
 
-def _find_head_name(model: nn.Module) -> str | None:
+def find_head_name(model: nn.Module) -> str | None:
     """The classifier of a timm-style model: ``pretrained_cfg['classifier']`` or
     ``get_classifier()``. A head that is a container (ModuleList, Sequential, a head module)
     resolves to the single Linear inside it.
@@ -165,7 +165,7 @@ class RecastModel(nn.Module):
         if head_name == "":
             self.head_name = None
         else:
-            self.head_name = head_name if head_name is not None else _find_head_name(model)
+            self.head_name = head_name if head_name is not None else find_head_name(model)
         self.num_features = getattr(model, "num_features", None)
         if self.head_name is not None:
             head = model.get_submodule(self.head_name)
