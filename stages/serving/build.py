@@ -149,9 +149,10 @@ def _current_if_same(client, name: str, cfg: dict[str, Any]):
         return mv if json.loads(Path(path).read_text()) == cfg else None
 
 
-def task_transforms(data_dir: Path, tasks: list[str]) -> dict[str, dict[str, list[float]]]:
-    """Per task the mean and std of its evaluation transform, from its prepared ``manifest.json``
-    in ``data_dir`` (what ``recast.data``'s loaders normalise with)."""
+def task_transforms(data_dir: Path, tasks: list[str], image_size: int) -> dict[str, dict[str, Any]]:
+    """Per task its evaluation transform (``stages.serving.inputs.TaskTransform``), from its
+    prepared ``manifest.json`` in ``data_dir``: the mean and std ``recast.data``'s loaders
+    normalise with and, for a ``jpeg``-stored task, the side its loader decodes JPEGs at."""
     out = {}
     for task in tasks:
         if not (Path(data_dir) / task / "manifest.json").exists():
@@ -159,6 +160,8 @@ def task_transforms(data_dir: Path, tasks: list[str]) -> dict[str, dict[str, lis
                                "transform): run the prepare stage, or pass the data_dir it wrote")
         manifest = read_manifest(Path(data_dir) / task, verify=False)
         out[task] = {"mean": list(manifest.mean), "std": list(manifest.std)}
+        if manifest.encoding == "jpeg":
+            out[task]["jpeg_side"] = min(manifest.image_size[0], image_size)  # as BatchLoader._pixels
     return out
 
 
@@ -179,7 +182,7 @@ def build(arch: str, method: str, pretrain_dir: Path, mimic_dir: Path, image_siz
            "image_shape": [channels, image_size, image_size], "max_rows": int(max_rows),
            "payloads": payload_uris(arch, method, tasks, bank_sha, alias)}
     if data_dir is not None:
-        cfg["transforms"] = task_transforms(Path(data_dir), tasks)
+        cfg["transforms"] = task_transforms(Path(data_dir), tasks, image_size)
     name = served_name(arch, method)
     uri = tracking_uri()
     client = make_client(uri)

@@ -13,7 +13,9 @@ An ``image`` value takes one of three forms, told apart by its type and shape:
 
 Pixels and encoded images go through the row's task's evaluation transform, the one the
 evaluate stage's loader applies (``recast.data.transform_batch`` without augmentation: resize to
-S, bilinear and antialiased when shrinking, then normalise with the task's mean and std).
+S, bilinear and antialiased when shrinking, then normalise with the task's mean and std); a JPEG
+sent for a ``jpeg``-stored task is first decoded as that task's loader decodes its stored JPEGs
+(``recast.data.jpeg.decode_jpeg``), so the task's own test files give the loader's tensors.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from recast.data import transform_batch
+from recast.data import DataError, transform_batch
+from recast.data.jpeg import decode_jpeg
 from stages.serving.errors import ImageDecodeError, ImageDtypeError, ImageShapeError, ImageValueError
 
 ENCODED_FORMATS = ("PNG", "JPEG")
@@ -38,14 +41,19 @@ MAX_ENCODED_PIXELS = 4096 * 4096  # larger encoded images are refused before the
 @dataclass(frozen=True)
 class TaskTransform:
     """The evaluation transform of one task: its train split's per-channel mean and std (pixels
-    scaled to [0, 1]), as its prepared ``manifest.json`` records them."""
+    scaled to [0, 1]), as its prepared ``manifest.json`` records them, and for a ``jpeg``-stored
+    task the side its loader decodes a JPEG at (``recast.data.jpeg.decode_jpeg``: min(stored
+    side, S), a reduced DCT scale where that is at most half), so that a JPEG sent gets the
+    loader's pixels; None for ``raw`` tasks."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    jpeg_side: int | None = None
 
 
-def decode_image(value: str | bytes, row: int, channels: int) -> np.ndarray:
-    """Base64 text (or the bytes) of a PNG or JPEG file -> uint8 pixels (C, H, W)."""
+def decode_image(value: str | bytes, row: int, channels: int, jpeg_side: int | None = None) -> np.ndarray:
+    """Base64 text (or the bytes) of a PNG or JPEG file -> uint8 pixels (C, H, W); a JPEG decoded
+    as a ``jpeg``-stored task's loader decodes it when ``jpeg_side`` is given."""
     data = value
     if isinstance(value, str):
         text = value.split(",", 1)[1] if value.startswith("data:") else value
@@ -62,7 +70,11 @@ def decode_image(value: str | bytes, row: int, channels: int) -> np.ndarray:
             if img.width * img.height > MAX_ENCODED_PIXELS:
                 raise ImageShapeError(f"row {row}: encoded image of {img.width} x {img.height} pixels; at most "
                                       f"{MAX_ENCODED_PIXELS} pixels are decoded")
+            if img.format == "JPEG" and jpeg_side is not None and channels == 3:
+                return decode_jpeg([data], jpeg_side)[0].numpy()  # (3, side, side), the loader's
             pixels = np.asarray(img.convert("RGB" if channels == 3 else "L"), dtype=np.uint8)
+    except DataError as err:
+        raise ImageDecodeError(f"row {row}: cannot decode the image as JPEG ({err})") from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f"row {row}: cannot decode the image as PNG or JPEG ({type(err).__name__}: "
                                f"{err})") from None
@@ -97,7 +109,7 @@ def row_tensor(value: object, row: int, shape: Sequence[int], transform: TaskTra
         raise ImageShapeError(f"row {row}: no image; send {want} floats, H x W x {channels} uint8 pixels or a "
                               "base64 PNG/JPEG string")
     if isinstance(value, str | bytes):
-        pixels = decode_image(value, row, channels)
+        pixels = decode_image(value, row, channels, transform.jpeg_side if transform else None)
     else:
         arr = _as_array(value, row)
         if arr.ndim == 3 and np.issubdtype(arr.dtype, np.integer):

@@ -77,7 +77,7 @@ class RecastServed(mlflow.pyfunc.PythonModel):
         self.rc = rc.eval()
         self.tasks = list(cfg["payloads"])
         self.widths = {t: rc.num_classes(t) for t in self.tasks}
-        self.transforms = {t: TaskTransform(tuple(v["mean"]), tuple(v["std"]))
+        self.transforms = {t: TaskTransform(tuple(v["mean"]), tuple(v["std"]), v.get("jpeg_side"))
                            for t, v in cfg.get("transforms", {}).items()}
         self.max_rows = int(cfg.get("max_rows", DEFAULT_MAX_ROWS))
 

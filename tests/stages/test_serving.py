@@ -144,6 +144,33 @@ def test_pixels_and_encoded_images_go_through_the_tasks_transform(store, served)
     assert {(r.shape[0], r.shape[1]) for r in pixels} == {(3, 32), (3, 24)}
 
 
+def test_encoded_images_give_the_loaders_tensors(store, tmp_path):
+    """The stored test files sent as images give exactly the evaluate loader's tensors: a raw
+    task's rows as PNG (stored 24 px, resized to 32), and a jpeg-stored task's own JPEG files
+    (stored 64 px, decoded at half scale as its loader does: ``jpeg_side`` 32)."""
+    from recast.data import AugmentPolicy, BatchLoader
+    from recast.data.storage import TaskWriter, write_task_arrays
+    from stages.serving.build import task_transforms
+    from stages.serving.example import encoded_images
+    from stages.serving.inputs import TaskTransform, row_tensor
+
+    rng = np.random.default_rng(3)
+    splits = {s: (rng.integers(0, 256, (6, 3, 64, 64), dtype=np.uint8), np.arange(6) % 2, [""] * 6)
+              for s in ("train", "val", "test")}
+    with TaskWriter(tmp_path, "j", ["x", "y"], 64, description="jpeg", augment=AugmentPolicy(), origin="test", seed=0,
+                    val_fraction=0.1, encoding="jpeg") as writer:
+        write_task_arrays(writer, splits)
+    cfg = {**task_transforms(store.data, ["b"], 32), **task_transforms(tmp_path, ["j"], 32)}
+    assert ("jpeg_side" in cfg["b"], cfg["j"]["jpeg_side"]) == (False, 32)
+    for task, root in (("b", store.data), ("j", tmp_path)):
+        x, _ = next(iter(BatchLoader(root / task, "test", 256, 32, train=False, seed=0)))
+        files, _ = encoded_images(root / task, "test")
+        transform = TaskTransform(tuple(cfg[task]["mean"]), tuple(cfg[task]["std"]), cfg[task].get("jpeg_side"))
+        got = torch.stack([row_tensor(b64(f), i, (3, 32, 32), transform) for i, f in enumerate(files)])
+        assert got.shape == x.shape == (len(files), 3, 32, 32)
+        assert torch.equal(got, x), (task, (got - x).abs().max())
+
+
 def test_a_payload_of_other_banks_is_refused_at_build_and_at_load(store, built):
     import mlflow
     from stages.serving.build import build
