@@ -12,8 +12,8 @@ little) or ``"other"`` (anything else: a wrong output or a crash, i.e. a defect)
 
 ``prepare_random`` makes a randomly initialised model a fair test: parameters that a fresh
 model holds constant (zero-initialised residual gains, layer scales, BatchNorm affine) are
-re-drawn so that every layer reaches the output, and BatchNorm statistics are calibrated on
-random batches.
+re-drawn so that every layer reaches the output (constant biases as small noise, so that they
+cannot drown it), and BatchNorm statistics are calibrated on random batches.
 """
 
 from __future__ import annotations
@@ -54,10 +54,13 @@ def prepare_random(model: nn.Module, batch_fn: Callable[[int], torch.Tensor], ca
     model in eval mode. ``batch_fn(i)`` gives the i-th calibration batch."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             flat = p.detach().reshape(-1)
             if flat.numel() and bool((flat == flat[0]).all()):  # constant: zeros, ones, 1e-5 layer scale
-                p.copy_(torch.rand(p.shape, generator=gen).to(p) + 0.5)
+                if name.rsplit(".", 1)[-1] == "bias":  # a shift: small, so it cannot drown the signal
+                    p.copy_(0.01 * torch.randn(p.shape, generator=gen).to(p))
+                else:  # a gain (zero-initialised residual gain, layer scale, norm weight): order one
+                    p.copy_(torch.rand(p.shape, generator=gen).to(p) + 0.5)
         norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for m in norms:
             if m.track_running_stats and m.running_mean is not None:

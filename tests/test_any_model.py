@@ -205,3 +205,26 @@ def test_weight_space_adapters_refuse_a_standardising_or_padding_base():
         add_adapters(rc.model, PiggybackConfig(targets=(r"\d\.0",), regex=True))
     fine = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4)) for _ in range(2)])
     assert len(add_adapters(fine, LoRAConfig(targets=(r"\d\.0",), regex=True, rank=1))) == 2
+
+
+def test_a_materialized_nfnet_is_an_nfnet_with_the_same_outputs():
+    import timm
+
+    from recast.coverage import prepare_random, templatable_names
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_nfnet", pretrained=False, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    prepare_random(model, lambda i: torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)))
+    names = [n for n in templatable_names(model, "head.fc") if n.startswith("stages.")]
+    cfg = RecastConfig(targets=tuple(names), groups=1, templates="group_size", coef_sets=1)
+    rc = recast.apply(model, cfg, layer_key=lambda n: ("stages", names.index(n), "x".join(
+        map(str, model.get_submodule(n).weight.shape))))
+    recast.mimic(rc, recast.MimicryConfig(progress=False))
+    plain = rc.materialize("pretrained")
+    assert type(plain) is type(model)
+    classes = {n: type(m) for n, m in model.named_modules()}
+    assert {n: type(m) for n, m in plain.named_modules()} == classes
+    assert sum(c is ScaledStdConv2d for c in classes.values()) >= 8
+    with torch.no_grad():
+        assert _rel(plain(x), model(x)) < 1e-5 and _rel(rc(x), model(x)) < 1e-5
