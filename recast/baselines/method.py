@@ -12,7 +12,9 @@ from tqdm.auto import tqdm
 
 from recast.baselines.common import MultiHeadNet, TaskSpec, prefixed
 from recast.checks import check_finite_loss
-from recast.training import TuneConfig, evaluate, make_optimizer, make_scheduler, module_device, train_mode
+from recast.training import (
+    TuneConfig, autocast, evaluate, make_grad_scaler, make_optimizer, make_scheduler, module_device, train_mode,
+)
 
 
 def unique_parameters(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
@@ -143,6 +145,7 @@ def train_epochs(method: ContinualMethod, batches: Iterable[Any], loss_fn: Calla
         raise ValueError(f"{desc}: no trainable parameters")
     optimizer = make_optimizer(params, cfg)
     scheduler = make_scheduler(optimizer, cfg)
+    scaler = make_grad_scaler(method.device, cfg.precision)
     device = method.device
     method.num_batches = len(batches) if hasattr(batches, "__len__") else None
     train_mode(method, cfg.freeze_bn_stats)
@@ -153,14 +156,17 @@ def train_epochs(method: ContinualMethod, batches: Iterable[Any], loss_fn: Calla
         loss = None
         for index, batch in enumerate(batches):
             method.batch_index = index
-            loss = loss_fn(move(batch, device))
+            with autocast(device, cfg.precision):
+                loss = loss_fn(move(batch, device))
             check_finite_loss(float(loss.detach()), desc, epoch, index)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # hooks and clipping see the true gradients (no-op unless fp16)
             method.before_step()
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             method.after_step()
         if loss is None:
             raise ValueError(f"{desc}: the training batches are empty")

@@ -22,7 +22,7 @@ from recast.baselines.lwf import LwF, LwFConfig
 from recast.baselines.method import ContinualMethod, unique_numel
 from recast.baselines.recast_seq import RecastSequential
 from recast.baselines.results import SequentialResult
-from recast.training import TuneConfig, evaluate
+from recast.training import TuneConfig, autocast, evaluate
 
 METHODS: dict[str, tuple[type[ContinualMethod], type | None]] = {
     "finetune_head": (FinetuneHead, None),
@@ -109,8 +109,9 @@ def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TuneConf
             method.after_task(task, task.train)
             _sync(device)
             wall.append(time.perf_counter() - start)
-            val_acc.append(evaluate(method, task.val, device, task=task.name) if task.val is not None else None)
-            row: list[float | None] = list(method.evaluate_tasks(tasks[:i + 1], device))
+            with autocast(device, cfg.precision):  # every method's own evaluation under the run's precision
+                val_acc.append(evaluate(method, task.val, device, task=task.name) if task.val is not None else None)
+                row: list[float | None] = list(method.evaluate_tasks(tasks[:i + 1], device))
             acc.append(row + [None] * (size - i - 1))
             train_bytes.append(state_bytes(method.training_state()))
     return SequentialResult(

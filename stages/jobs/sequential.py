@@ -70,11 +70,11 @@ def continual_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
     # equal budget: every method trains with the per-task recipe (epochs, StepLR schedule, weight
     # decay, clipping) at its own lr (``spec["lr"]``: tune.lr_by_method, else tune.train.lr); the
     # baselines that train the backbone update its BatchNorm statistics (TrainConfig's default)
-    cfg = replace(tr.recipe(spec["device"], spec.get("lr")), seed=spec["seed"])
+    cfg = replace(tr.recipe(spec["device"], spec.get("lr")), seed=spec["seed"], precision=spec.get("precision", "fp32"))
     if spec["method_name"] != "recast":
         cfg = replace(cfg, freeze_bn_stats=False)
     with record_nondeterminism() as nondeterministic:
         out = run_sequential(method, tasks, cfg, progress=False).to_json()
     return {**out, "arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"], "sequential": True,
-            "lr": cfg.lr, "epochs": cfg.epochs,
+            "lr": cfg.lr, "epochs": cfg.epochs, "precision": cfg.precision,
             "torch_threads": torch.get_num_threads(), "_nondeterministic": nondeterministic}, {}

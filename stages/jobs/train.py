@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -40,13 +41,14 @@ def tune_job(spec: dict, inputs: JobInputs,
     bb = inputs.backbone("backbone", banks="banks" if m.needs_recast else None)
     built = build_method(MethodSpec(m.kind, m.adapter, m.recast, m.overrides, m.lr), bb, spec["task"],
                          manifest.num_classes)
-    cfg = tr.recipe(spec["device"], spec.get("lr", m.lr))  # spec["lr"]: TuneParams.lr_for (stage specs)
+    cfg = replace(tr.recipe(spec["device"], spec.get("lr", m.lr)),  # spec["lr"]: TuneParams.lr_for (stage specs)
+                  precision=spec.get("precision", "fp32"))
     built.prepare(data.loader("train", tr.batch_size, tr.image_size, train=True, seed=spec["seed"],  # RoSA's
                               limit=tr.limit_train, device=spec["device"]), cfg.device)  # gradient support
     train, val, test = task_loaders(data, tr, spec["seed"], spec["device"])  # fresh: as if prepare never ran
     with record_nondeterminism() as nondeterministic:
         res = fit(built.model, built.trainable, train, val, cfg, desc=spec["id"], on_epoch=on_epoch)
-        test_acc = evaluate(built.model, test, cfg.device)
+        test_acc = evaluate(built.model, test, cfg.device, precision=cfg.precision)
     payload = built.payload()
     meta = {
         "arch": spec["arch"], "method": spec["method_name"], "task": spec["task"], "seed": spec["seed"],
@@ -58,7 +60,7 @@ def tune_job(spec: dict, inputs: JobInputs,
         "bytes": int(sum(t.numel() * t.element_size() for t in payload.values())),
         "seconds_per_step": res.seconds_per_step, "train_seconds": res.seconds, "steps": res.steps,
         "num_classes": manifest.num_classes, "recast": m.needs_recast, "torch_threads": torch.get_num_threads(),
-        "lr": cfg.lr, "epochs": cfg.epochs,
+        "lr": cfg.lr, "epochs": cfg.epochs, "precision": cfg.precision,
         "_history": res.history, "_nondeterministic": nondeterministic,
     }
     return meta, payload
