@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -11,9 +12,12 @@ from recast.data import BatchLoader
 from recast.recipes import MethodSpec, build_method
 from recast.training import evaluate, fit
 from stages.config.common import record_nondeterminism, seed_everything
+from stages.jobs.checkpoints import job_checkpoints
 from stages.jobs.inputs import JobInputs, TaskData
 from stages.config.params import MethodParams, TrainParams
 from stages.jobs.sequential import continual_job
+
+log = logging.getLogger(__name__)
 
 
 def task_loaders(data: TaskData, tr: TrainParams, seed: int,
@@ -46,10 +50,16 @@ def tune_job(spec: dict, inputs: JobInputs,
     built.prepare(data.loader("train", tr.batch_size, tr.image_size, train=True, seed=spec["seed"],  # RoSA's
                               limit=tr.limit_train, device=spec["device"]), cfg.device)  # gradient support
     train, val, test = task_loaders(data, tr, spec["seed"], spec["device"])  # fresh: as if prepare never ran
+    checkpoints = job_checkpoints(spec)
     with record_nondeterminism() as nondeterministic:
-        res = fit(built.model, built.trainable, train, val, cfg, desc=spec["id"], on_epoch=on_epoch)
+        res = fit(built.model, built.trainable, train, val, cfg, desc=spec["id"], on_epoch=on_epoch,
+                  checkpoint=checkpoints)
         test_acc = evaluate(built.model, test, cfg.device, precision=cfg.precision)
+    if res.resumed_epoch:
+        log.warning("%s: resumed at epoch %d from its checkpoint", spec["id"], res.resumed_epoch)
     payload = built.payload()
+    if checkpoints is not None:
+        checkpoints.clear()  # finished: its result goes to the job cache
     meta = {
         "arch": spec["arch"], "method": spec["method_name"], "task": spec["task"], "seed": spec["seed"],
         "val_acc": res.best_val_acc, "test_acc": test_acc, "best_epoch": res.best_epoch,
@@ -60,7 +70,7 @@ def tune_job(spec: dict, inputs: JobInputs,
         "bytes": int(sum(t.numel() * t.element_size() for t in payload.values())),
         "seconds_per_step": res.seconds_per_step, "train_seconds": res.seconds, "steps": res.steps,
         "num_classes": manifest.num_classes, "recast": m.needs_recast, "torch_threads": torch.get_num_threads(),
-        "lr": cfg.lr, "epochs": cfg.epochs, "precision": cfg.precision,
+        "lr": cfg.lr, "epochs": cfg.epochs, "precision": cfg.precision, "resumed_epoch": res.resumed_epoch,
         "_history": res.history, "_nondeterministic": nondeterministic,
     }
     return meta, payload

@@ -1,0 +1,148 @@
+"""A tune job resumes from its last epoch checkpoint (``stages.jobs.checkpoints``): the payload of
+a job stopped after epoch k and retried is bit-identical to an uninterrupted run's; a torn
+checkpoint falls back to the previous one (or epoch 0) with a warning; a finished job leaves no
+checkpoint. And ``runtime.precision``: a bf16 job trains under autocast, its payload stays fp32.
+The Ray test kills the worker with the suite's fault injection (``RECAST_FAULT_ONCE_DIR``)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import stages.jobs.checkpoints as checkpoints
+from faults import write_stage_files
+from recast.data.manifest import AugmentPolicy
+from recast.data.storage import TaskWriter, write_task_arrays
+from recast.io import tensors_sha256
+from stages.config.params import MethodParams, RuntimeParams, TrainParams
+from stages.jobs.fanout import FAULT_ENV, FAULT_POINT_ENV, checkpoint_location, run_jobs
+from stages.jobs.inputs import InputStore, backbone_bundle, banks_bundle, task_bundle
+from stages.jobs.train import dispatch, tune_job
+
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """Tiny ViT pretrain + RECAST banks (``faults.write_stage_files``) and a real 5-class task."""
+    root = write_stage_files(tmp_path_factory.mktemp("resume") / "project")
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n in (("train", 48), ("val", 10), ("test", 10)):
+        labels = np.arange(n) % 5
+        images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+        images[:, 0] = (labels * 50)[:, None, None]  # learnable: the red channel says the class
+        splits[split] = (images, labels, [f"{split}:{i}" for i in range(n)])
+    writer = TaskWriter(root / "data", "task_r", list("abcde"), 32, description="resume test",
+                        augment=AugmentPolicy("pad", 4, True), origin="test", seed=0, val_fraction=0.2)
+    with writer:
+        write_task_arrays(writer, splits)
+    return root
+
+
+def _spec(project: Path, store: InputStore, **extra) -> dict:
+    return {"id": "tune/vit/recast/task_r/s0", "arch": "vit", "method_name": "recast",
+            "method": MethodParams(kind="recast").model_dump(), "task": "task_r", "seed": 0, "bank_sha": "",
+            "train": TrainParams(epochs=EPOCHS, lr=0.02, step_size=2, batch_size=16, image_size=32).model_dump(),
+            "device": "cpu", "lr": 0.02,
+            "inputs": {"backbone": store.add(backbone_bundle(project / "outputs/pretrain", "vit")),
+                       "banks": store.add(banks_bundle(project / "outputs/mimic", "vit")),
+                       "task": store.add(task_bundle(project / "data/task_r"))}, **extra}
+
+
+def _run(spec: dict, store: InputStore) -> tuple[dict, dict]:
+    torch.set_num_threads(1)
+    return tune_job(spec, store.local(spec["inputs"]))
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_after(monkeypatch, k: int) -> None:
+    def fault(job_id: str, point: str) -> None:
+        if point == f"epoch:{k}":
+            raise Killed(point)
+    monkeypatch.setattr(checkpoints, "maybe_fault", fault)
+
+
+@pytest.fixture(scope="module")
+def reference(project) -> str:
+    store = InputStore()
+    meta, payload = _run(_spec(project, store), store)  # no checkpoint_dir: never checkpoints
+    assert meta["resumed_epoch"] == 0 and meta["precision"] == "fp32"
+    return tensors_sha256(payload)
+
+
+def test_job_stopped_after_epoch_2_resumes_bit_identical_and_cleans_up(project, reference, tmp_path, monkeypatch):
+    store = InputStore()
+    spec = _spec(project, store, checkpoint_dir=str(tmp_path / "ckpt"))
+    _kill_after(monkeypatch, 2)
+    with pytest.raises(Killed):
+        _run(spec, store)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "epoch-1.json", "epoch-1.safetensors", "epoch-2.json", "epoch-2.safetensors"]
+    meta, payload = _run(spec, store)  # the retry
+    assert meta["resumed_epoch"] == 2
+    assert tensors_sha256(payload) == reference
+    assert {t.dtype for t in payload.values()} == {torch.float32}
+    assert not (tmp_path / "ckpt").exists()  # a finished job deletes its checkpoints
+
+
+@pytest.mark.parametrize("torn, resumed", [(["epoch-2"], 1), (["epoch-1", "epoch-2"], 0)])
+def test_torn_checkpoint_falls_back_with_a_warning(project, reference, tmp_path, monkeypatch, caplog, torn, resumed):
+    store = InputStore()
+    spec = _spec(project, store, checkpoint_dir=str(tmp_path / "ckpt"))
+    _kill_after(monkeypatch, 2)
+    with pytest.raises(Killed):
+        _run(spec, store)
+    monkeypatch.setattr(checkpoints, "maybe_fault", lambda job_id, point: None)  # killed once only
+    for name in torn:  # a truncated tensor file (a node lost mid-write, a full disk)
+        path = tmp_path / "ckpt" / f"{name}.safetensors"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    fallback = "the epoch 1 one" if resumed else "epoch 0"
+    meta, payload = _run(spec, store)
+    torn_lines = [r.getMessage() for r in caplog.records if "is torn" in r.getMessage()]
+    assert len(torn_lines) == len(torn) and re.search(rf"epoch-2 is torn .*sha256", torn_lines[0])
+    assert torn_lines[-1].endswith(f"falling back to {fallback}")
+    assert meta["resumed_epoch"] == resumed
+    assert tensors_sha256(payload) == reference
+
+
+def test_bf16_job_trains_under_autocast_and_gives_an_fp32_payload(project, reference):
+    store = InputStore()
+    meta, payload = _run(_spec(project, store, precision="bf16"), store)
+    assert meta["precision"] == "bf16"
+    assert {t.dtype for t in payload.values()} == {torch.float32}
+    assert tensors_sha256(payload) != reference  # autocast changed the arithmetic
+    assert 0.0 <= meta["test_acc"] <= 1.0
+
+
+@pytest.mark.slow  # a local Ray, its worker killed once
+@pytest.mark.timeout(600)
+def test_ray_worker_killed_after_epoch_2_is_retried_and_resumes(project, reference, tmp_path, monkeypatch):
+    import ray
+
+    fault_dir = tmp_path / "faults"
+    monkeypatch.setenv(FAULT_ENV, str(fault_dir))
+    monkeypatch.setenv(FAULT_POINT_ENV, "epoch:2")
+    if ray.is_initialized():
+        ray.shutdown()
+    rt = RuntimeParams(num_cpus=1, cpus_per_task=1, max_retries=1, cache_dir=str(tmp_path / "cache"),
+                       progress=False, inline_jobs=0)
+    store = InputStore()
+    spec = _spec(project, store)
+    try:
+        (meta, payload), = run_jobs("tune", dispatch, [spec], rt, inputs=store).values()
+    finally:
+        ray.shutdown()
+    assert sorted(p.name for p in fault_dir.iterdir()) == ["tune_vit_recast_task_r_s0.epoch2.killed"]
+    assert meta["resumed_epoch"] == 2  # the retry started at epoch 2, not 0
+    assert tensors_sha256(payload) == reference
+    assert not Path(checkpoint_location(rt, "tune", spec)).exists()
+    assert os.environ[FAULT_POINT_ENV] == "epoch:2"
