@@ -87,3 +87,14 @@ def test_checkpoint_of_another_run_is_refused():
     store.stop_after = None
     with pytest.raises(CheckpointMismatchError, match=r"shapes \[\[24, 12\].*this run trains 4 of shapes \[\[16, 12\]"):
         _run(store, width=16)
+
+
+def test_named_errors_survive_pickling():
+    """They cross Ray's process boundary inside a JobError."""
+    import pickle
+
+    from recast.training import PrecisionError
+
+    for err in (CheckpointMismatchError("other shapes"), PrecisionError("fp16", "cpu")):
+        again = pickle.loads(pickle.dumps(err))
+        assert (type(again), str(again)) == (type(err), str(err))

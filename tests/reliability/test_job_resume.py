@@ -146,3 +146,23 @@ def test_ray_worker_killed_after_epoch_2_is_retried_and_resumes(project, referen
     assert tensors_sha256(payload) == reference
     assert not Path(checkpoint_location(rt, "tune", spec)).exists()
     assert os.environ[FAULT_POINT_ENV] == "epoch:2"
+
+
+def test_checkpoints_under_a_storage_uri_keep_the_two_newest_and_clear(tmp_path):
+    """``runtime.storage`` set: a job's checkpoints live under ``<storage>/checkpoints/<stage>/<key>``
+    (here a file:// URI, read through pyarrow.fs as s3:// or gs:// would be)."""
+    rt = RuntimeParams(storage=f"file://{tmp_path}/shared", cache_dir=str(tmp_path / "cache"))
+    location = checkpoint_location(rt, "tune", {"id": "x", "seed": 0})
+    assert location.startswith(f"file://{tmp_path}/shared/checkpoints/tune/")
+    saved = []
+    store = checkpoints.JobCheckpoints(location, after_save=saved.append)
+    assert store.load() is None
+    for epoch in (1, 2, 3):
+        store.save({"w": torch.full((2,), float(epoch))}, {"epoch": epoch})
+    folder = Path(location.removeprefix("file://"))
+    assert saved == [1, 2, 3] and sorted(p.name for p in folder.iterdir()) == [
+        "epoch-2.json", "epoch-2.safetensors", "epoch-3.json", "epoch-3.safetensors"]
+    tensors, meta = store.load()
+    assert meta == {"epoch": 3} and torch.equal(tensors["w"], torch.full((2,), 3.0))
+    store.clear()
+    assert not folder.exists() and store.load() is None
