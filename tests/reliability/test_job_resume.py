@@ -22,7 +22,7 @@ from recast.io import tensors_sha256
 from stages.config.params import MethodParams, RuntimeParams, TrainParams
 from stages.jobs.fanout import FAULT_ENV, FAULT_POINT_ENV, checkpoint_location, run_jobs
 from stages.jobs.inputs import InputStore, backbone_bundle, banks_bundle, task_bundle
-from stages.jobs.train import dispatch, tune_job
+from stages.jobs.train import dispatch
 
 EPOCHS = 3
 
@@ -32,16 +32,17 @@ def project(tmp_path_factory) -> Path:
     """Tiny ViT pretrain + RECAST banks (``faults.write_stage_files``) and a real 5-class task."""
     root = write_stage_files(tmp_path_factory.mktemp("resume") / "project")
     rng = np.random.default_rng(0)
-    splits = {}
-    for split, n in (("train", 48), ("val", 10), ("test", 10)):
-        labels = np.arange(n) % 5
-        images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
-        images[:, 0] = (labels * 50)[:, None, None]  # learnable: the red channel says the class
-        splits[split] = (images, labels, [f"{split}:{i}" for i in range(n)])
-    writer = TaskWriter(root / "data", "task_r", list("abcde"), 32, description="resume test",
-                        augment=AugmentPolicy("pad", 4, True), origin="test", seed=0, val_fraction=0.2)
-    with writer:
-        write_task_arrays(writer, splits)
+    for name, channel in (("task_r", 0), ("task_s", 1)):
+        splits = {}
+        for split, n in (("train", 48), ("val", 10), ("test", 10)):
+            labels = np.arange(n) % 5
+            images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+            images[:, channel] = (labels * 50)[:, None, None]  # learnable: one channel says the class
+            splits[split] = (images, labels, [f"{split}:{i}" for i in range(n)])
+        writer = TaskWriter(root / "data", name, list("abcde"), 32, description="resume test",
+                            augment=AugmentPolicy("pad", 4, True), origin="test", seed=0, val_fraction=0.2)
+        with writer:
+            write_task_arrays(writer, splits)
     return root
 
 
@@ -55,20 +56,45 @@ def _spec(project: Path, store: InputStore, **extra) -> dict:
                        "task": store.add(task_bundle(project / "data/task_r"))}, **extra}
 
 
+def _sequential_spec(project: Path, store: InputStore, **extra) -> dict:
+    return {"id": "tune/vit/ewc/sequential/s0", "kind": "continual", "arch": "vit", "method_name": "ewc", "seed": 0,
+            "lr": 0.01, "options": {}, "task_order": ["task_r", "task_s"],
+            "train": TrainParams(epochs=2, lr=0.01, step_size=1, batch_size=16, image_size=32).model_dump(),
+            "device": "cpu",
+            "inputs": {"backbone": store.add(backbone_bundle(project / "outputs/pretrain", "vit")),
+                       **{f"task/{t}": store.add(task_bundle(project / "data" / t)) for t in ("task_r", "task_s")}},
+            **extra}
+
+
+COMPARED = ("acc_matrix", "final_acc", "val_acc", "avg_acc", "forgetting", "trainable_params", "training_state_bytes")
+
+
 def _run(spec: dict, store: InputStore) -> tuple[dict, dict]:
     torch.set_num_threads(1)
-    return tune_job(spec, store.local(spec["inputs"]))
+    return dispatch(spec, store.local(spec["inputs"]))
+
+
+@pytest.fixture(scope="module")
+def sequential_reference(project) -> dict:
+    store = InputStore()
+    meta, tensors = _run(_sequential_spec(project, store), store)
+    assert meta["resumed_task"] == 0 and tensors == {}
+    return {k: meta[k] for k in COMPARED}
 
 
 class Killed(Exception):
     pass
 
 
-def _kill_after(monkeypatch, k: int) -> None:
+def _raise_at(where: str):
     def fault(job_id: str, point: str) -> None:
-        if point == f"epoch:{k}":
+        if point == where:
             raise Killed(point)
-    monkeypatch.setattr(checkpoints, "maybe_fault", fault)
+    return fault
+
+
+def _kill_after(monkeypatch, k: int) -> None:
+    monkeypatch.setattr(checkpoints, "maybe_fault", _raise_at(f"epoch:{k}"))
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +131,28 @@ def test_torn_checkpoint_falls_back_with_a_warning(project, reference, tmp_path,
     for name in torn:  # a truncated tensor file (a node lost mid-write, a full disk)
         path = tmp_path / "ckpt" / f"{name}.safetensors"
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    fallback = "the epoch 1 one" if resumed else "epoch 0"
+    fallback = "the epoch-1 one" if resumed else "the start"
     meta, payload = _run(spec, store)
     torn_lines = [r.getMessage() for r in caplog.records if "is torn" in r.getMessage()]
     assert len(torn_lines) == len(torn) and re.search(rf"epoch-2 is torn .*sha256", torn_lines[0])
     assert torn_lines[-1].endswith(f"falling back to {fallback}")
     assert meta["resumed_epoch"] == resumed
     assert tensors_sha256(payload) == reference
+
+
+def test_sequential_job_stopped_after_task_1_resumes_with_the_same_results(project, sequential_reference, tmp_path,
+                                                                           monkeypatch):
+    store = InputStore()
+    spec = _sequential_spec(project, store, checkpoint_dir=str(tmp_path / "ckpt"))
+    monkeypatch.setattr(checkpoints, "maybe_fault", _raise_at("task:1"))
+    with pytest.raises(Killed):
+        _run(spec, store)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["task-1.json", "task-1.safetensors"]
+    monkeypatch.setattr(checkpoints, "maybe_fault", lambda job_id, point: None)
+    meta, _ = _run(spec, store)
+    assert meta["resumed_task"] == 1
+    assert {k: meta[k] for k in COMPARED} == sequential_reference
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_bf16_job_trains_under_autocast_and_gives_an_fp32_payload(project, reference):
@@ -125,27 +166,34 @@ def test_bf16_job_trains_under_autocast_and_gives_an_fp32_payload(project, refer
 
 @pytest.mark.slow  # a local Ray, its worker killed once
 @pytest.mark.timeout(600)
-def test_ray_worker_killed_after_epoch_2_is_retried_and_resumes(project, reference, tmp_path, monkeypatch):
+def test_ray_workers_killed_mid_job_are_retried_and_resume(project, reference, sequential_reference, tmp_path,
+                                                           monkeypatch):
+    """The per-task job loses its worker after epoch 2, the sequential one after task 1."""
     import ray
 
     fault_dir = tmp_path / "faults"
     monkeypatch.setenv(FAULT_ENV, str(fault_dir))
-    monkeypatch.setenv(FAULT_POINT_ENV, "epoch:2")
+    monkeypatch.setenv(FAULT_POINT_ENV, "epoch:2,task:1")
     if ray.is_initialized():
         ray.shutdown()
-    rt = RuntimeParams(num_cpus=1, cpus_per_task=1, max_retries=1, cache_dir=str(tmp_path / "cache"),
+    rt = RuntimeParams(num_cpus=2, cpus_per_task=1, max_retries=1, cache_dir=str(tmp_path / "cache"),
                        progress=False, inline_jobs=0)
     store = InputStore()
-    spec = _spec(project, store)
+    per_task, sequential = _spec(project, store), _sequential_spec(project, store)
     try:
-        (meta, payload), = run_jobs("tune", dispatch, [spec], rt, inputs=store).values()
+        done = run_jobs("tune", dispatch, [per_task, sequential], rt, inputs=store)
     finally:
         ray.shutdown()
-    assert sorted(p.name for p in fault_dir.iterdir()) == ["tune_vit_recast_task_r_s0.epoch2.killed"]
+    assert sorted(p.name for p in fault_dir.iterdir()) == [
+        "tune_vit_ewc_sequential_s0.task1.killed", "tune_vit_recast_task_r_s0.epoch2.killed"]
+    meta, payload = done[per_task["id"]]
     assert meta["resumed_epoch"] == 2  # the retry started at epoch 2, not 0
     assert tensors_sha256(payload) == reference
-    assert not Path(checkpoint_location(rt, "tune", spec)).exists()
-    assert os.environ[FAULT_POINT_ENV] == "epoch:2"
+    meta, _ = done[sequential["id"]]
+    assert meta["resumed_task"] == 1  # after task 1, not from the first task
+    assert {k: meta[k] for k in COMPARED} == sequential_reference
+    assert not any(Path(checkpoint_location(rt, "tune", s)).exists() for s in (per_task, sequential))
+    assert os.environ[FAULT_POINT_ENV] == "epoch:2,task:1"
 
 
 def test_checkpoints_under_a_storage_uri_keep_the_two_newest_and_clear(tmp_path):
@@ -160,7 +208,7 @@ def test_checkpoints_under_a_storage_uri_keep_the_two_newest_and_clear(tmp_path)
     for epoch in (1, 2, 3):
         store.save({"w": torch.full((2,), float(epoch))}, {"epoch": epoch})
     folder = Path(location.removeprefix("file://"))
-    assert saved == [1, 2, 3] and sorted(p.name for p in folder.iterdir()) == [
+    assert saved == ["epoch:1", "epoch:2", "epoch:3"] and sorted(p.name for p in folder.iterdir()) == [
         "epoch-2.json", "epoch-2.safetensors", "epoch-3.json", "epoch-3.safetensors"]
     tensors, meta = store.load()
     assert meta == {"epoch": 3} and torch.equal(tensors["w"], torch.full((2,), 3.0))
