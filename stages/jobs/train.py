@@ -9,6 +9,7 @@ from dataclasses import replace
 import torch
 
 from recast.data import BatchLoader
+from recast.checkpoint import Checkpointer
 from recast.recipes import MethodSpec, build_method
 from recast.training import evaluate, fit
 from stages.config.common import record_nondeterminism, seed_everything
@@ -31,12 +32,13 @@ def task_loaders(data: TaskData, tr: TrainParams, seed: int,
             loader("test", False, tr.limit_eval))
 
 
-def tune_job(spec: dict, inputs: JobInputs,
-             on_epoch: Callable[[dict[str, float]], None] | None = None) -> tuple[dict, dict]:
+def tune_job(spec: dict, inputs: JobInputs, on_epoch: Callable[[dict[str, float]], None] | None = None,
+             checkpoint: Checkpointer | None = None) -> tuple[dict, dict]:
     """Train one method on one task (inputs ``task``, ``backbone``, ``banks`` for RECAST);
     returns (metrics, payload tensors). ``on_epoch`` receives each epoch's
     ``recast.training.fit`` history entry (a sweep reports it). The metrics carry the per-epoch
-    ``_history`` and the ``_nondeterministic`` ops torch warned about."""
+    ``_history`` and the ``_nondeterministic`` ops torch warned about. ``checkpoint``: where ``fit``
+    checkpoints (a sweep trial: Tune's own); default: the job's ``stages.jobs.checkpoints``."""
     seed_everything(spec["seed"])
     tr = TrainParams(**spec["train"])
     m = MethodParams(**spec["method"])
@@ -53,7 +55,7 @@ def tune_job(spec: dict, inputs: JobInputs,
     checkpoints = job_checkpoints(spec)
     with record_nondeterminism() as nondeterministic:
         res = fit(built.model, built.trainable, train, val, cfg, desc=spec["id"], on_epoch=on_epoch,
-                  checkpoint=checkpoints)
+                  checkpoint=checkpoint if checkpoint is not None else checkpoints)
         test_acc = evaluate(built.model, test, cfg.device, precision=cfg.precision)
     if res.resumed_epoch:
         log.warning("%s: resumed at epoch %d from its checkpoint", spec["id"], res.resumed_epoch)
