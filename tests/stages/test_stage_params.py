@@ -35,6 +35,7 @@ def _mutate(params, path, value, delete=False):
     (("mimic", "archs", "vit", "overrides"), {"groups": 4}, "mimic.archs.vit"),  # G does not divide depth 6
     (("mimic", "archs", "vit", "preset"), "recast_everything", "mimic.archs.vit.preset"),
     (("runtime", "device"), "tpu", "runtime.device"),
+    (("runtime", "precision"), "fp8", "runtime.precision"),
     (("tune", "methods", "bad"), {"kind": "adapter", "adapter": "nope"}, "tune.methods.bad"),
     (("tune", "continual", "methods"), {"vit": ["ewc", "sgd_magic"]}, "tune.continual.methods.vit"),
     (("prepare", "val_fraction"), 0.9, "prepare.val_fraction"),
@@ -45,6 +46,17 @@ def test_bad_params_name_the_key(default_params, path, value, expected):
     with pytest.raises(ParamsError) as err:
         validate_all(_mutate(default_params, path, value))
     assert expected in str(err.value)
+
+
+def test_fp16_on_cpu_is_refused_by_name(default_params):
+    """fp16 autocast needs CUDA (and its grad scaler): refused before any compute, naming the key."""
+    for device, gpus in (("cpu", 0.0), ("auto", 0.0)):
+        p = _mutate(default_params, ("runtime", "precision"), "fp16")
+        p["runtime"].update(device=device, gpus_per_task=gpus)
+        with pytest.raises(ParamsError, match=r"runtime\.precision: precision 'fp16' on device 'cpu': fp16 "
+                                              r"autocast needs a CUDA device; use 'bf16'"):
+            validate_all(p)
+    assert validate_all(_mutate(default_params, ("runtime", "precision"), "bf16"))  # bf16 runs on CPU
 
 
 def test_missing_and_unknown_sections(default_params):
@@ -88,6 +100,7 @@ def test_paper_config_dry_run():
     assert plan["mimic"]["resnet"]["template_params"] == 16_367_616
     assert plan["tune"]["vit/recast"] == 6 * 3  # six tasks x three seeds
     assert plan["device"] == "cuda"
+    assert params["runtime"]["precision"] == "bf16"
 
 
 def test_train_overrides_give_the_arch_its_own_recipe(default_params):
