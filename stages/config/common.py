@@ -70,12 +70,13 @@ def read_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
     return data
 
 
-def validate_section(name: str, model: type[M], data: dict[str, Any]) -> M:
-    """Validate ``data[name]`` against ``model``; errors name the full key (``section.key``)."""
+def section_errors(name: str, model: type[M], data: dict[str, Any]) -> tuple[M | None, list[str]]:
+    """Validate ``data[name]`` against ``model``: the section, or None and one line per invalid
+    key, each naming the full key (``section.key``)."""
     if name not in data:
-        raise ParamsError(f"params: missing section '{name}'")
+        return None, [f"params: missing section '{name}'"]
     try:
-        return model.model_validate(data[name] or {})
+        return model.model_validate(data[name] or {}), []
     except ValidationError as err:
         lines = []
         for e in err.errors():
@@ -87,7 +88,20 @@ def validate_section(name: str, model: type[M], data: dict[str, Any]) -> M:
                 lines.append(f"{key}: {msg}")
             else:
                 lines.append(f"{key}: {msg} (got {e.get('input')!r})")
-        raise ParamsError("invalid params:\n  " + "\n  ".join(lines)) from None
+        return None, lines
+
+
+def params_error(lines: list[str]) -> ParamsError:
+    """One ParamsError listing every invalid key."""
+    return ParamsError("invalid params:\n  " + "\n  ".join(lines))
+
+
+def validate_section(name: str, model: type[M], data: dict[str, Any]) -> M:
+    """Validate ``data[name]`` against ``model``; errors name the full key (``section.key``)."""
+    section, lines = section_errors(name, model, data)
+    if section is None:
+        raise params_error(lines) if name in data else ParamsError(lines[0])
+    return section
 
 
 def load_section(name: str, model: type[M], path: str | os.PathLike | None = None) -> M:
