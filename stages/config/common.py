@@ -25,6 +25,10 @@ from recast.machine import machine_tags
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 PARAMS_ENV = "RECAST_PARAMS"  # the params file of this process (``--params`` sets it)
+# DVC sets these in every stage it runs; in an experiment run in a temporary copy of the workspace
+# (``dvc exp run --queue`` / ``--temp``) DVC_ROOT is the workspace it was queued from.
+DVC_ROOT_ENV = "DVC_ROOT"
+EXPERIMENT_ENVS = {"dvc.exp_name": "DVC_EXP_NAME", "dvc.exp_baseline_rev": "DVC_EXP_BASELINE_REV"}
 
 M = TypeVar("M", bound="Section")
 
@@ -190,6 +194,40 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         json.dump(obj, fh, indent=2, sort_keys=True)
         fh.write("\n")
     os.replace(tmp, path)
+
+
+class WorkspaceUnavailable(RuntimeError):
+    """An experiment's workspace (DVC_ROOT) is not a DVC workspace: its store and job cache cannot be found."""
+
+
+def workspace_root() -> Path:
+    """The DVC workspace whose MLflow store and job cache this process shares: the repo itself,
+    or, for an experiment that DVC runs in a temporary copy (``dvc exp run --queue`` / ``--temp``;
+    the copy is deleted afterwards), the workspace DVC_ROOT names.
+
+    Raises:
+        WorkspaceUnavailable: DVC_ROOT names no DVC workspace (never a silent store of the copy's own).
+    """
+    root = os.environ.get(DVC_ROOT_ENV)
+    if not root or Path(root).resolve() == REPO_ROOT:
+        return REPO_ROOT
+    root = Path(root).resolve()
+    if not (root / ".dvc").is_dir():
+        raise WorkspaceUnavailable(f"{DVC_ROOT_ENV}={root}: not a DVC workspace (no .dvc/); an experiment logs to and "
+                                   "caches its jobs in the workspace it was queued from")
+    return root
+
+
+def experiment_tags() -> dict[str, str]:
+    """``dvc.exp_name`` / ``dvc.exp_baseline_rev`` of the DVC experiment this process runs in (none outside one)."""
+    return {tag: os.environ[env] for tag, env in EXPERIMENT_ENVS.items() if os.environ.get(env)}
+
+
+def resolve_shared(path: str | os.PathLike) -> Path:
+    """Resolve a path of what every run of the workspace shares (the job cache) against
+    ``workspace_root()``: an experiment in a temporary copy uses the workspace's."""
+    p = Path(path)
+    return p if p.is_absolute() else (workspace_root() / p)
 
 
 def resolve(path: str | os.PathLike) -> Path:

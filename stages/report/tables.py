@@ -160,3 +160,25 @@ def continual_run_metrics(continual: pd.DataFrame) -> dict[str, float]:
             if value is not None and value == value:
                 out[f"{r['arch']}.{r['method']}.{m}"] = float(value)
     return out
+
+
+def headline_metrics(summary: dict[str, Any], mimic: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers that ``dvc metrics`` and ``dvc exp show`` compare (``metrics/report.json``;
+    everything else is in ``reports/`` and MLflow): per arch the average test accuracy of every
+    method in % (``acc``), the average forgetting in points of every sequential method
+    (``forgetting``; a per-task method also run sequentially is ``<method>_seq``), the trainable
+    parameters per task of every per-task method (``params``), the closed-form mimicry's minimum
+    weight cosine (``mimic_cos``) and the minutes all tune and combine jobs trained (``train_min``)."""
+    out: dict[str, Any] = {"acc": {}, "forgetting": {}, "params": {}}
+    for key, v in sorted(summary.items()):
+        arch, method = key.split("/", 1)
+        method = method.replace(SEQUENTIAL_SUFFIX, "_seq")
+        out["acc"].setdefault(arch, {})[method] = round(100 * v["avg_test_acc"], 2)
+        if v.get("sequential"):
+            out["forgetting"].setdefault(arch, {})[method] = round(100 * v["avg_forgetting"], 2)
+        else:
+            out["params"].setdefault(arch, {})[method] = round(v["trainable_params"])
+    out["mimic_cos"] = {arch: round(m["min_weight_cosine"], 6) for arch, m in sorted(mimic.items())
+                        if isinstance(m, dict) and "min_weight_cosine" in m}
+    out["train_min"] = round(sum(v.get("train_seconds", 0.0) for v in summary.values()) / 60, 1)
+    return out
