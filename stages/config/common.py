@@ -59,7 +59,18 @@ def check_digest(path: str | os.PathLike, actual: str, expected: str | None, wha
         raise IntegrityError(f"{path}: no recorded {what} to verify it against")
     if actual != expected:
         raise IntegrityError(f"{path}: content {what} {actual[:16]} does not match the recorded {expected[:16]} "
-                             "(corrupt or edited file); rebuild it with the stage that wrote it")
+                             f"(corrupt or edited file); {repair_advice(path)}")
+
+
+def repair_advice(path: str | os.PathLike) -> str:
+    """How to repair a damaged stage output: DVC's cache keeps the bytes the stage wrote, and never
+    shares them with the workspace file (``.dvc/config``: cache type reflink or copy)."""
+    try:
+        rel = Path(path).resolve().relative_to(REPO_ROOT)
+    except ValueError:  # not under this repo: not a DVC output
+        return "rebuild it with the stage that wrote it"
+    return (f"restore the bytes the stage wrote from DVC's cache: `dvc checkout --force {rel}` "
+            "(or rebuild it: `dvc repro -f -s <stage that wrote it>`)")
 
 
 def read_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
