@@ -359,6 +359,7 @@ def run_jobs(
                 on_result(spec, cached, True)
         else:
             pending.append(spec)
+    print(f"{stage}: {len(results)} of {len(specs)} jobs from the job cache {cache}", file=sys.stderr, flush=True)
     if not pending:
         return results
 
