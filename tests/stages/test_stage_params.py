@@ -116,8 +116,6 @@ def test_validate_reports_every_invalid_key_of_every_section(default_params, tmp
     import subprocess
     import sys
 
-    from stages.config.common import section_errors  # noqa: F401 - the per-section collector this relies on
-
     bad = _mutate(default_params, ("runtime", "num_cpus"), "two")
     bad = _mutate(bad, ("runtime", "bogus"), 1)
     bad = _mutate(bad, ("tune", "seeds"), "42")
