@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from typing import Literal
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recast.mixed import Routing, pick_strategy
+from recast.mixed import MixedBatchError, Routing, pick_strategy, route_of
 
 FanMode = Literal["fan_in", "fan_out"]
 
@@ -67,22 +68,95 @@ def random_unit_coefficients(coef_sets: int, num_templates: int, generator: torc
     return c / c.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-class _RecastMixin:
-    """Per-task coefficients + weight generation shared by RecastLinear and RecastConv2d."""
+class UnsupportedModuleError(TypeError):
+    """A targeted module whose class cannot be templated exactly; ``module`` names it,
+    ``cls`` is its class and ``reason`` says why. Raised before any compute."""
 
-    coefs: nn.ParameterDict
-    task: str | None
+    def __init__(self, module: str, cls: str, reason: str):
+        self.module, self.cls, self.reason = module, cls, reason
+        super().__init__(f"cannot template '{module}' ({cls}): {reason}. Exclude it from the targets "
+                         "(RecastConfig.exclude) or target other modules")
 
-    def _init_recast(self, bank: TemplateBank, coef_sets: int) -> None:
+    def __reduce__(self):
+        return type(self), (self.module, self.cls, self.reason)
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def module_view(module: nn.Module, tensors: dict[str, torch.Tensor | None]) -> nn.Module:
+    """A shallow view of ``module``, of its own class, whose parameters/buffers named in
+    ``tensors`` are replaced (the rest shared): its class's ``forward`` run on the view
+    computes what the module computes with those tensors.
+
+    Unlike ``torch.func.functional_call`` nothing of ``module`` is modified, even for the
+    duration of the call, so concurrent callers may use views of one module at once.
+    """
+    state = dict(module.__dict__)
+    params, buffers = dict(module._parameters), dict(module._buffers)
+    for name, value in tensors.items():
+        if name in buffers:
+            buffers[name] = value
+        else:
+            params[name] = value
+    state["_parameters"], state["_buffers"] = params, buffers
+    view = object.__new__(type(module))
+    object.__setattr__(view, "__dict__", state)
+    return view
+
+
+_CONTAINERS = (dict, set, list)
+_RECAST_ATTRS = ("_bank", "coef_sets", "task", "recast_name", "base_class", "_param_order")
+
+
+class _RecastLayer(nn.Module):
+    """A targeted module whose weight is generated from a template bank and per-task coefficients.
+
+    The layer takes over the original module's state (its other parameters, buffers, attributes
+    and hooks; its ``weight`` parameter is dropped) and runs the original class's own
+    ``forward`` with the generated weight (``module_view``): a subclass that transforms its
+    weight (timm's StdConv2d) or pads in ``forward`` (Conv2dSame) computes what it computed.
+    ``materialize`` gives back a module of the original class. The state_dict keys are the
+    original ones minus ``weight``, plus ``coefs.<task>``.
+
+    Plain ``nn.Linear``/``nn.Conv2d`` (classes that keep their base class's forward) run
+    F.linear/F.conv2d directly; only they may use the shared-products and batched strategies
+    of a mixed batch (their output is linear in the weight). Other classes run every mixed
+    batch task by task (``"grouped"``).
+    """
+
+    kind: type[nn.Module]  # nn.Linear or nn.Conv2d
+
+    def __init__(self, module: nn.Module, bank: TemplateBank, coef_sets: int):
+        super().__init__()
+        if not isinstance(module, self.kind):
+            raise TypeError(f"{type(self).__name__} templates a {self.kind.__name__}, got {type(module).__name__}")
+        state = {k: (copy.copy(v) if isinstance(v, _CONTAINERS) else v) for k, v in module.__dict__.items()}
+        self.__dict__.update(state)
+        self.base_class = type(module)
+        self._param_order = tuple(self._parameters)
+        del self._parameters["weight"]
+        bias = self._parameters.get("bias")
+        if bias is not None:  # the layer's own copy (a task that trains biases copies it again)
+            self._parameters["bias"] = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         self._bank = [bank]  # a list: a reference that nn.Module does not register
         self.coef_sets = coef_sets
         self.coefs = nn.ParameterDict()
-        self.task = None
-        self.routing: Routing | None = None  # set by RecastModel for one mixed-task forward
+        self.task: str | None = None
+
+    @classmethod
+    def from_module(cls, module: nn.Module, bank: TemplateBank, coef_sets: int) -> "_RecastLayer":
+        return cls(module, bank, coef_sets)
 
     @property
     def bank(self) -> TemplateBank:
         return self._bank[0]
+
+    @property
+    def plain(self) -> bool:
+        """Whether the original class computes its base class's forward (F.linear/F.conv2d)."""
+        return _computes_like_base(self.base_class, self.kind)
 
     def add_task(self, task: str, coefs: torch.Tensor) -> None:
         """Register the (K, n) coefficients of ``task``."""
@@ -100,21 +174,59 @@ class _RecastMixin:
     @property
     def weight(self) -> torch.Tensor:
         """The active task's generated weight (what adapters add their delta to, eq. 6)."""
+        if route_of(self) is not None:
+            raise MixedBatchError(
+                f"'{self.recast_name}' ({_qualname(self.base_class)}) has its weight read directly by the code "
+                "around it (e.g. nn.MultiheadAttention reads out_proj.weight) instead of being called, so a "
+                "mixed-task batch cannot give each row its task's weight: run one task at a time with set_task")
         if self.task is None:
             raise RuntimeError("no active task: call RecastModel.set_task(name) first")
         return self.task_weight(self.task)
 
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        r = route_of(self)
+        if r is not None:
+            if len(args) != 1 or kwargs:
+                raise MixedBatchError(f"'{self.recast_name}' was called with more than its input; mixed-task "
+                                      "batches route one input tensor per templated module")
+            return self._mixed(args[0], r)
+        return self._run(self.weight, self._parameters.get("bias"), *args, **kwargs)
+
+    def _run(self, weight: torch.Tensor, bias: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
+        """The original class's forward with ``weight`` and ``bias``."""
+        if self.plain and not kwargs and len(args) == 1:
+            return self._plain_forward(args[0], weight, bias)
+        return self.base_class.forward(self._as_original(weight, bias), *args, **kwargs)
+
+    def _as_original(self, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        """A view of this layer as a module of the original class holding ``weight`` and ``bias``
+        (the other tensors shared, nothing of this layer modified)."""
+        state = {k: v for k, v in self.__dict__.items() if k not in _RECAST_ATTRS}
+        state["_modules"] = {k: v for k, v in self._modules.items() if k != "coefs"}
+        params = self._parameters
+        state["_parameters"] = {k: weight if k == "weight" else bias if k == "bias" else params[k]
+                                for k in self._param_order}
+        view = object.__new__(self.base_class)
+        object.__setattr__(view, "__dict__", state)
+        return view
+
+    def _plain_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
     def _mixed(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
         """Each row with its own task's weight (see ``recast.mixed``)."""
-        name = getattr(self, "recast_name", type(self).__name__)
+        name = self.recast_name
         r.check_rows(x, name)
         biases = r.values.get(name)  # per-task biases, where the batch's tasks differ in them
+        bias = self._parameters.get("bias")
         strategy = r.strategy
-        if strategy == "auto":
+        if not self.shares_products:
+            strategy = "grouped"  # the output may not be linear in the weight: task by task
+        elif strategy == "auto":
             strategy = self._pick(x, r)
         r.picks[name] = strategy
         if strategy == "grouped":
-            outs = [self._run(r.select(x, u), self.task_weight(t), biases[u]["bias"] if biases else self.bias)
+            outs = [self._run(self.task_weight(t), biases[u]["bias"] if biases else bias, r.select(x, u))
                     for u, t in enumerate(r.tasks)]
             return r.regroup(outs)
         means = torch.stack([self.coefs[t].mean(dim=0) for t in r.tasks])  # (U, n), eq. 2
@@ -124,31 +236,43 @@ class _RecastMixin:
         else:
             y = self._shared(x, means.index_select(0, r.index))
         if biases:
-            bias = torch.stack([v["bias"] for v in biases]).index_select(0, r.index)  # (B, out)
-            return y + self._per_row(bias, y)
-        return y if self.bias is None else y + self._per_row(self.bias, y)
+            per_row = torch.stack([v["bias"] for v in biases]).index_select(0, r.index)  # (B, out)
+            return y + self._per_row(per_row, y)
+        return y if bias is None else y + self._per_row(bias, y)
+
+    @property
+    def shares_products(self) -> bool:
+        """Whether a mixed batch may mix template products (output linear in the weight)."""
+        return self.plain
+
+    def to_plain(self, task: str) -> nn.Module:
+        """A module of the original class (the templates' dtype) holding ``task``'s generated weight
+        and copies of the live bias and other tensors."""
+        weight = nn.Parameter(self.task_weight(task).detach().clone())
+        plain = copy.deepcopy(self._as_original(weight, self._parameters.get("bias")))
+        for p in plain.parameters():
+            p.requires_grad_(True)
+        return plain.to(device=self.bank.templates.device, dtype=self.bank.templates.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{_qualname(self.base_class)}: {self.base_class.extra_repr(self)}, "
+                f"n={self.bank.num_templates}, K={self.coef_sets}, task={self.task}")
 
 
-class RecastLinear(_RecastMixin, nn.Module):
-    """A Linear whose weight is generated from a template bank and per-task coefficients."""
+def _computes_like_base(cls: type, base: type) -> bool:
+    """Whether ``cls`` (a subclass of ``base``) keeps ``base``'s forward code."""
+    if cls.forward is not base.forward:
+        return False
+    return base is not nn.Conv2d or cls._conv_forward is nn.Conv2d._conv_forward
 
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, bank: TemplateBank, coef_sets: int):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-        self._init_recast(bank, coef_sets)
 
-    @classmethod
-    def from_module(cls, module: nn.Linear, bank: TemplateBank, coef_sets: int) -> "RecastLinear":
-        return cls(module.in_features, module.out_features, module.bias, bank, coef_sets)
+class RecastLinear(_RecastLayer):
+    """An nn.Linear (or subclass) whose weight is generated from a template bank and per-task
+    coefficients."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.routing is not None:
-            return self._mixed(x, self.routing)
-        return F.linear(x, self.weight, self.bias)
+    kind = nn.Linear
 
-    @staticmethod
-    def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _plain_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight, bias)
 
     def _pick(self, x: torch.Tensor, r: Routing) -> str:
@@ -183,43 +307,19 @@ class RecastLinear(_RecastMixin, nn.Module):
             return bias
         return bias.view(bias.shape[0], *([1] * (y.dim() - 2)), bias.shape[1])
 
-    def to_plain(self, task: str) -> nn.Linear:
-        """A plain nn.Linear (the templates' dtype) holding ``task``'s generated weight and the live bias."""
-        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        with torch.no_grad():
-            layer.weight.copy_(self.task_weight(task))
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        return layer.to(device=self.bank.templates.device, dtype=self.bank.templates.dtype)
 
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, n={self.bank.num_templates}, K={self.coef_sets}, task={self.task}"
+class RecastConv2d(_RecastLayer):
+    """An nn.Conv2d (or subclass) with a generated weight; stride, padding (mode), dilation,
+    groups and bias kept."""
 
+    kind = nn.Conv2d
 
-class RecastConv2d(_RecastMixin, nn.Module):
-    """A Conv2d (stride, padding, dilation, groups, bias kept) with a generated weight."""
+    def _plain_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return nn.Conv2d._conv_forward(self, x, weight, bias)
 
-    def __init__(self, conv: nn.Conv2d, bank: TemplateBank, coef_sets: int):
-        super().__init__()
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"RecastConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
-        self.dilation, self.groups = conv.dilation, conv.groups
-        self.bias = nn.Parameter(conv.bias.detach().clone()) if conv.bias is not None else None
-        self._init_recast(bank, coef_sets)
-
-    @classmethod
-    def from_module(cls, module: nn.Conv2d, bank: TemplateBank, coef_sets: int) -> "RecastConv2d":
-        return cls(module, bank, coef_sets)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.routing is not None:
-            return self._mixed(x, self.routing)
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-    def _run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+    @property
+    def shares_products(self) -> bool:
+        return self.plain and self.padding_mode == "zeros"
 
     def _pick(self, x: torch.Tensor, r: Routing) -> str:
         positions = 1
@@ -254,33 +354,121 @@ class RecastConv2d(_RecastMixin, nn.Module):
         """``bias`` (out,) or per row (B, out), shaped to add to ``y`` (B, out, H, W)."""
         return bias.view(-1, bias.shape[-1], 1, 1) if bias.dim() == 2 else bias.view(-1, 1, 1)
 
-    def to_plain(self, task: str) -> nn.Conv2d:
-        """A plain nn.Conv2d (the templates' dtype) holding ``task``'s generated weight and the live bias."""
-        conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, self.groups, bias=self.bias is not None,
-        )
-        with torch.no_grad():
-            conv.weight.copy_(self.task_weight(task))
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv.to(device=self.bank.templates.device, dtype=self.bank.templates.dtype)
-
-    def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"n={self.bank.num_templates}, K={self.coef_sets}, task={self.task}")
-
 
 RECAST_LAYERS = (RecastLinear, RecastConv2d)
 
 
-def make_recast_layer(module: nn.Module, bank: TemplateBank, coef_sets: int) -> RecastLinear | RecastConv2d:
-    """Swap-in for a Linear/Conv2d."""
+def _probe_input(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
     if isinstance(module, nn.Linear):
-        return RecastLinear.from_module(module, bank, coef_sets)
+        return torch.randn(2, module.in_features, generator=gen).to(weight)
+    size = max(d * (k - 1) + 1 + s for k, s, d in zip(module.kernel_size, module.stride, module.dilation))
+    return torch.randn(2, module.in_channels, size, size, generator=gen).to(weight)
+
+
+def check_templatable(name: str, module: nn.Module) -> None:
+    """Refuse (``UnsupportedModuleError``) a targeted module that a templated layer could not
+    compute exactly.
+
+    nn.Linear, nn.Conv2d and subclasses that keep their forward are accepted as they are. A
+    subclass that overrides its forward is probed once on a small random input: its forward
+    run on a view with its own weight must give its output bit for bit, and with another
+    weight a different output (i.e. the forward reads the weight as ``self.weight``).
+    """
+    cls = type(module)
+    qual = _qualname(cls)
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        raise UnsupportedModuleError(name, qual, "only nn.Linear, nn.Conv2d and their subclasses can be templated")
+    if nn.utils.parametrize.is_parametrized(module):
+        raise UnsupportedModuleError(name, qual, "its weight is parametrized (torch.nn.utils.parametrize)")
+    weight = module._parameters.get("weight")
+    if not isinstance(weight, nn.Parameter) or isinstance(weight, nn.parameter.UninitializedParameter):
+        raise UnsupportedModuleError(name, qual, "its weight is not an initialised parameter (lazy module, "
+                                     "weight_norm or spectral_norm)")
+    if module._forward_pre_hooks or module._forward_pre_hooks_with_kwargs:
+        raise UnsupportedModuleError(name, qual, "it has forward pre-hooks, which may rewrite its weight "
+                                     "(weight_norm, spectral_norm)")
+    base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+    if _computes_like_base(cls, base):
+        return
+    try:
+        x = _probe_input(module, weight)
+        other = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)).to(weight)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            expected = cls.forward(module, x)
+            torch.manual_seed(0)
+            same = cls.forward(module_view(module, {"weight": weight.detach()}), x)
+            torch.manual_seed(0)
+            changed = cls.forward(module_view(module, {"weight": other}), x)
+    except Exception as e:  # noqa: BLE001 - any failure of the probe means: not supported
+        raise UnsupportedModuleError(name, qual, f"its forward failed on a probe input ({type(e).__name__}: {e})") from e
+    if not (isinstance(expected, torch.Tensor) and isinstance(same, torch.Tensor) and torch.equal(expected, same)):
+        raise UnsupportedModuleError(name, qual, "its forward does not compute from its parameters alone "
+                                     "(a view with the same weight gave another output)")
+    if torch.equal(expected, changed):
+        raise UnsupportedModuleError(name, qual, "its forward does not read its weight as self.weight "
+                                     "(another weight gave the same output)")
+
+
+def computes_like_weight_space(module: nn.Module) -> bool:
+    """Whether ``module``'s output is F.linear/F.conv2d (zero padding) of its ``weight`` and
+    ``bias``: what a weight-space adapter (LoRA, DoRA, Piggyback, ...) computes in its place.
+    False for subclasses that transform the weight or pad in forward (StdConv2d, Conv2dSame)."""
+    if isinstance(module, RECAST_LAYERS):
+        return module.shares_products
+    for base in (nn.Linear, nn.Conv2d):
+        if isinstance(module, base):
+            return _computes_like_base(type(module), base) and getattr(module, "padding_mode", "zeros") == "zeros"
+    return True  # another adapter, or a module of the protocol alone
+
+
+def make_recast_layer(module: nn.Module, bank: TemplateBank, coef_sets: int) -> RecastLinear | RecastConv2d:
+    """The templated layer of an nn.Linear/nn.Conv2d (or subclass); see ``check_templatable``."""
+    if isinstance(module, nn.Linear):
+        return RecastLinear(module, bank, coef_sets)
     if isinstance(module, nn.Conv2d):
-        return RecastConv2d.from_module(module, bank, coef_sets)
-    raise TypeError(f"cannot template a {type(module).__name__}; only Linear and Conv2d")
+        return RecastConv2d(module, bank, coef_sets)
+    raise TypeError(f"cannot template a {type(module).__name__}; only Linear and Conv2d (and subclasses)")
+
+
+class NormRoute:
+    """A norm layer's ``forward`` inside a RecastModel: its class's forward, and in a mixed-task
+    batch whose tasks differ in this layer's tensors, that forward run per group of rows on a
+    ``module_view`` with each task's tensors. Installed once per norm layer (an instance
+    attribute), it keeps no per-call state."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        m = self.module
+        forward = type(m).forward
+        r = route_of(m)
+        values = r.values.get(r.members[id(m)]) if r is not None else None
+        if values is None:
+            return forward(m, *args, **kwargs)
+        x = args[0]
+        r.check_rows(x, r.members[id(m)])
+        return r.regroup([forward(module_view(m, v), r.select(x, u), *args[1:], **kwargs)
+                          for u, v in enumerate(values)])
+
+
+def route_norms(model: nn.Module, norms: tuple[type, ...], skip: str | None = None) -> None:
+    """Install ``NormRoute`` on every layer of ``model`` of the classes ``norms`` (idempotent),
+    except inside the module path ``skip`` (the task heads)."""
+    for path, m in model.named_modules():
+        if skip is not None and (path == skip or path.startswith(skip + ".")):
+            continue
+        if isinstance(m, norms) and not isinstance(m.__dict__.get("forward"), NormRoute):
+            m.forward = NormRoute(m)
+
+
+def unroute_norms(model: nn.Module) -> None:
+    """Remove ``NormRoute`` from ``model`` (a plain copy gets its classes' own forward back)."""
+    for m in model.modules():
+        if isinstance(m.__dict__.get("forward"), NormRoute):
+            del m.__dict__["forward"]
 
 
 # ----------------------------------------------------------------- frozen BatchNorm statistics

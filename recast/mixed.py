@@ -18,11 +18,18 @@ batch can be run three ways, picked per layer and batch by ``pick_strategy``:
 
 Everything else that differs between the tasks of a batch (heads, per-task biases, norm
 parameters, BatchNorm statistics) is run per group of rows, or gathered per row.
+
+Re-entrancy: a forward's ``Routing`` is never stored on the shared modules. ``routed(routing)``
+makes it current in a context-local (``contextvars``: one per thread, and per asyncio task), and
+each module of the model looks it up with ``route_of(module)``. Concurrent mixed forwards on one
+model, from several threads, therefore each see their own routing and overlap freely.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -113,6 +120,9 @@ class Routing:
         values: per module name, per distinct task, the tensors that differ between the tasks
             (``{"bias": ...}`` of templated layers, affine/statistics of norm layers).
         picks: the strategy used per templated layer (filled in by the forward).
+        members: ``id(module) -> name`` of the modules this routing applies to (the model's
+            templated layers, task heads and norm layers); another model's modules called
+            inside the same forward are not routed by it.
     """
 
     tasks: list[str]
@@ -123,6 +133,7 @@ class Routing:
     strategy: str = "auto"
     values: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
     picks: dict[str, str] = field(default_factory=dict)
+    members: dict[int, str] = field(default_factory=dict)
 
     @classmethod
     def build(cls, tasks: Sequence[str], device: torch.device, strategy: str = "auto") -> "Routing":
@@ -189,3 +200,24 @@ def sort_order(tasks: Sequence[str]) -> list[int]:
     for t in tasks:
         pos.setdefault(t, len(pos))
     return sorted(range(len(tasks)), key=lambda i: pos[tasks[i]])
+
+
+_ROUTES: ContextVar[tuple[Routing, ...]] = ContextVar("recast_routes", default=())
+
+
+@contextlib.contextmanager
+def routed(routing: Routing) -> Iterator[Routing]:
+    """Make ``routing`` current for the calls inside the block (in this thread / task only)."""
+    token = _ROUTES.set(_ROUTES.get() + (routing,))
+    try:
+        yield routing
+    finally:
+        _ROUTES.reset(token)
+
+
+def route_of(module: object) -> Routing | None:
+    """The current routing that ``module`` is a member of (None outside a mixed forward)."""
+    for r in _ROUTES.get():
+        if id(module) in r.members:
+            return r
+    return None

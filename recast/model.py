@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+import weakref
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -23,16 +25,34 @@ from torch import nn
 from recast.config import RecastConfig
 from recast.adapters.base import AdapterWrapper
 from recast.layers import (
-    RECAST_LAYERS, TemplateBank, freeze_batch_norm_stats, make_recast_layer, random_unit_coefficients,
-    unfreeze_batch_norm_stats,
+    RECAST_LAYERS, TemplateBank, check_templatable, freeze_batch_norm_stats, make_recast_layer,
+    random_unit_coefficients, route_norms, unfreeze_batch_norm_stats, unroute_norms,
 )
-from recast.mixed import STRATEGIES, MixedBatchAdapterError, MixedBatchError, Routing, UnknownTaskError, sort_order
+from recast.mixed import (
+    STRATEGIES, MixedBatchAdapterError, MixedBatchError, Routing, UnknownTaskError, route_of, routed, sort_order,
+)
 from recast.targets import LayerKeyFn, Plan, build_plan, template_fan_mode
 from recast.task_state import KINDS, PREFIX, Kind, Live, TaskState
 
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 _BATCH_NORM = nn.modules.batchnorm._BatchNorm
+# (weak reference to the model, routing) of the last mixed forward in this thread / task
+_LAST_ROUTING: ContextVar[tuple[weakref.ref, Routing] | None] = ContextVar("recast_last_routing", default=None)
+
+
+class HeadDetectionError(ValueError):
+    """The classifier cannot be told apart automatically; ``candidates`` are the Linear layers
+    found in the model's head ``head``."""
+
+    def __init__(self, head: str, cls: str, candidates: Sequence[str]):
+        self.head, self.cls, self.candidates = head, cls, list(candidates)
+        super().__init__(f"the model's head '{head}' ({cls}) holds {len(self.candidates)} Linear layers "
+                         f"{self.candidates[:6]}, not one classifier: pass head_name= (the module to make "
+                         "per-task) to recast.apply, or head_name='' for none")
+
+    def __reduce__(self):
+        return type(self), (self.head, self.cls, self.candidates)
 
 
 class TaskHeads(nn.Module):
@@ -49,13 +69,12 @@ class TaskHeads(nn.Module):
         self.heads = nn.ModuleDict()
         self.task: str | None = None
         self.base_task = base_task
-        self.routing: Routing | None = None  # set by RecastModel for one mixed-task forward
 
     def head_of(self, task: str) -> nn.Module:
         return self.heads[task] if task in self.heads else self.heads[self.base_task]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.routing
+        r = route_of(self)
         if r is not None:
             r.check_rows(x, "head")
             outs = [self.head_of(t)(r.select(x, u)) for u, t in enumerate(r.tasks)]
@@ -69,42 +88,40 @@ class TaskHeads(nn.Module):
         return self.heads[self.task](x)
 
 
-class GroupedNorm(nn.Module):
-    """Stands in for a norm layer during a mixed-task forward: each group of rows goes through
-    the layer's own forward with its task's tensors (``torch.func.functional_call``)."""
-
-    def __init__(self, norm: nn.Module, routing: Routing, values: list[dict[str, torch.Tensor]]):
-        super().__init__()
-        self.norm = norm
-        self._routing, self._values = routing, values
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = self._routing
-        r.check_rows(x, type(self.norm).__name__)
-        return r.regroup([torch.func.functional_call(self.norm, v, (r.select(x, u),), strict=False)
-                          for u, v in enumerate(self._values)])
-
-
 def _get_parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (root.get_submodule(parent_name) if parent_name else root), child
 
 
-def _find_head_name(model: nn.Module) -> str | None:
+def find_head_name(model: nn.Module) -> str | None:
+    """The classifier of a timm-style model: ``pretrained_cfg['classifier']`` or
+    ``get_classifier()``. A head that is a container (ModuleList, Sequential, a head module)
+    resolves to the single Linear inside it.
+
+    Raises:
+        HeadDetectionError: the head holds no Linear or several (e.g. CrossViT's one per branch).
+    """
+    name = None
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    name = cfg.get("classifier") if isinstance(cfg, dict) else None
-    if isinstance(name, str):
+    candidate = cfg.get("classifier") if isinstance(cfg, dict) else None
+    if isinstance(candidate, str):
         try:
-            model.get_submodule(name)
-            return name
+            model.get_submodule(candidate)
+            name = candidate
         except AttributeError:
             pass
-    if hasattr(model, "get_classifier"):
+    if name is None and hasattr(model, "get_classifier"):
         head = model.get_classifier()
-        for n, m in model.named_modules():
-            if m is head and n:
-                return n
-    return None
+        name = next((n for n, m in model.named_modules() if m is head and n), None)
+    if name is None:
+        return None
+    head = model.get_submodule(name)
+    if not any(True for _ in head.children()):
+        return name  # a single layer
+    linears = [f"{name}.{n}" for n, m in head.named_modules() if n and isinstance(m, nn.Linear)]
+    if len(linears) != 1:
+        raise HeadDetectionError(name, type(head).__name__, linears)
+    return linears[0]
 
 
 class RecastModel(nn.Module):
@@ -125,7 +142,7 @@ class RecastModel(nn.Module):
                  head_name: str | None = None, seed: int = 0):
         super().__init__()
         self.config = config
-        self.plan: Plan = build_plan(model, config, layer_key)
+        self.plan: Plan = build_plan(model, config, layer_key, check=check_templatable)
         gen = torch.Generator().manual_seed(seed)
         modules = dict(model.named_modules())
         first = next(iter(model.parameters()))
@@ -145,7 +162,10 @@ class RecastModel(nn.Module):
             layer.recast_name = mp.name  # stable name even when an adapter later wraps the layer
             parent, child = _get_parent(model, mp.name)
             setattr(parent, child, layer)
-        self.head_name = head_name if head_name is not None else _find_head_name(model)
+        if head_name == "":
+            self.head_name = None
+        else:
+            self.head_name = head_name if head_name is not None else find_head_name(model)
         self.num_features = getattr(model, "num_features", None)
         if self.head_name is not None:
             head = model.get_submodule(self.head_name)
@@ -161,7 +181,7 @@ class RecastModel(nn.Module):
         self.active_task: str | None = None
         self._frozen = False
         self.mixed_strategy = "auto"  # strategy of templated layers in mixed batches (recast.mixed)
-        self.last_routing: Routing | None = None  # of the last mixed forward (its ``picks`` per layer)
+        route_norms(self.model, NORM_LAYERS, skip=self.head_name)
         if config.bn_stats == "per_task":
             live = self._live("bn_stats")
             self.task_state.set_values(base, "bn_stats", live, live, None)
@@ -176,6 +196,13 @@ class RecastModel(nn.Module):
         for module in self.model.modules():
             if isinstance(module, RECAST_LAYERS):
                 yield module.recast_name, module
+
+    @property
+    def last_routing(self) -> Routing | None:
+        """The routing of this model's last mixed forward in the calling thread (its ``picks``:
+        the strategy used per templated layer); None if there was none."""
+        last = _LAST_ROUTING.get()
+        return last[1] if last is not None and last[0]() is self else None
 
     @property
     def task_heads(self) -> TaskHeads | None:
@@ -270,7 +297,7 @@ class RecastModel(nn.Module):
         if self.mixed_strategy not in STRATEGIES:
             raise ValueError(f"mixed_strategy must be one of {STRATEGIES}, got {self.mixed_strategy!r}")
         routing = Routing.build(tasks, args[0].device, self.mixed_strategy)
-        self.last_routing = routing
+        _LAST_ROUTING.set((weakref.ref(self), routing))
         for kind in self.task_state.kinds_in_use():
             live = self._live(kind)
             per_task = [self.task_state.values(t, kind, live, self.active_task) for t in routing.tasks]
@@ -289,32 +316,17 @@ class RecastModel(nn.Module):
 
     @contextlib.contextmanager
     def _mixed(self, routing: Routing):
-        """Route one forward: templated layers and heads read ``routing``; norm layers whose
-        tensors differ between the batch's tasks are replaced by GroupedNorm meanwhile."""
-        layers = [m for m in self.model.modules() if isinstance(m, RECAST_LAYERS)]
-        heads = self.task_heads
-        recast_names = {layer.recast_name for layer in layers}
-        swapped = []
-        try:
-            for layer in layers:
-                layer.routing = routing
-            if heads is not None:
-                heads.routing = routing
-            for name, values in routing.values.items():
-                if name in recast_names:
-                    continue
-                parent, child = _get_parent(self.model, name)
-                norm = getattr(parent, child)
-                swapped.append((parent, child, norm))
-                setattr(parent, child, GroupedNorm(norm, routing, values))
+        """Route one forward: the model's templated layers, heads and norm layers read ``routing``
+        from a context-local (``recast.mixed.routed``); no module is modified, so concurrent
+        mixed forwards on this model are each right."""
+        members = routing.members
+        for path, m in self.model.named_modules():
+            if isinstance(m, RECAST_LAYERS):
+                members[id(m)] = m.recast_name
+            elif isinstance(m, (TaskHeads, *NORM_LAYERS)):
+                members[id(m)] = path
+        with routed(routing):
             yield routing
-        finally:
-            for parent, child, norm in reversed(swapped):
-                setattr(parent, child, norm)
-            for layer in layers:
-                layer.routing = None
-            if heads is not None:
-                heads.routing = None
 
     def _ordinary_modules(self) -> Iterator[tuple[str, nn.Module]]:
         """(path, module) of the network outside the task heads."""
@@ -556,6 +568,7 @@ class RecastModel(nn.Module):
             memo[id(b.templates)] = b.templates
         model = copy.deepcopy(self.model, memo)
         unfreeze_batch_norm_stats(model)  # a plain model of the original classes
+        unroute_norms(model)
         owned = {kind: self._task_values(task, kind) for kind in self.task_state.kinds_in_use()}
         biases = owned.pop("biases", {})
         with torch.no_grad():

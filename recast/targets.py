@@ -140,8 +140,13 @@ def bank_key(stack: str, role: str, group: int) -> str:
     return f"{stack_part}__{role.replace('.', '_')}__g{group}"
 
 
-def build_plan(model: nn.Module, config: RecastConfig, layer_key: LayerKeyFn | None = None) -> Plan:
+def build_plan(model: nn.Module, config: RecastConfig, layer_key: LayerKeyFn | None = None,
+               check: Callable[[str, nn.Module], None] | None = None) -> Plan:
     """Match targets, parse layer indices and split each stack into G groups.
+
+    Args:
+        check: called on each planned module (name, module) before its weight is read; it
+            raises to refuse a module (``recast.layers.check_templatable``).
 
     Raises:
         ValueError: no match, unparseable layer index, G not dividing a stack's depth,
@@ -169,6 +174,9 @@ def build_plan(model: nn.Module, config: RecastConfig, layer_key: LayerKeyFn | N
     layers: dict[tuple[str, str], list[int]] = {}
     for _, stack, idx, role in parsed:
         layers.setdefault((stack, role), []).append(idx)
+    if check is not None:
+        for name, *_ in parsed:
+            check(name, modules[name])
     module_plans, members = [], {}
     for name, stack, idx, role in parsed:
         ordered = sorted(set(layers[(stack, role)]))

@@ -33,11 +33,11 @@ from stages.config.params import CombineParams, EvaluateParams, MimicParams, Pre
 from stages.jobs.reload import payload_reload
 from stages.jobs.specs import task_names
 from stages.report.curves import plot_params_vs_acc
-from stages.report.markdown import markdown
+from stages.report.markdown import markdown, run_info
 from stages.report.tables import (accuracies, continual_metrics, continual_run_metrics, continual_stats,
-                                  headline_metrics, method_stats, read_results,
-                                  results_frame, sequential_forgetting, task_stats, write_parquet)
-from stages.tracking.lineage import TaskData, stage_lineage
+                                  headline_metrics, method_stats, read_results, results_frame,
+                                  sequential_forgetting, task_stats, write_parquet)
+from stages.tracking.lineage import TaskData, params_file, stage_lineage
 from stages.tracking.runlog import log_datasets
 from stages.tracking.runs import Tracker
 
@@ -63,11 +63,12 @@ def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: s
     continual = continual_stats(continual_metrics(results))
     reload = payload_reload(p.forgetting_archs, resolve(p_tune.out_dir), results, p_tune, rt, p.forgetting_method)
     report_dir = resolve(p.report_dir)
-    plot_params_vs_acc(summary, report_dir / "params_vs_acc.png")
+    plot_params_vs_acc(summary, report_dir / "params_vs_acc.png", methods)
     write_parquet(tasks, report_dir / "tasks.parquet")
     write_parquet(methods, report_dir / "methods.parquet")
     write_parquet(results_frame(continual.to_dict("records")), report_dir / "continual.parquet")
-    md = markdown(summary, tasks, methods, forgetting, mimic, task_names(p_tune), reload, frame, continual)
+    md = markdown(summary, tasks, methods, forgetting, mimic, task_names(p_tune), reload, frame, continual,
+                  run_info(frame, results, summary, task_names(p_tune), params_file().name), p.forgetting_method)
     (report_dir / "report.md").write_text(md + "\n")
     metrics = headline_metrics(summary, mimic)
     write_json_atomic(metrics_path("report", p.report_dir, EvaluateParams.model_fields["report_dir"].default), metrics)

@@ -123,3 +123,20 @@ def test_bench_multitask_tiny(tmp_path):
         m = r["memory"]
         assert m["payload_bytes"] > 0 and m["tensor_bytes"] == m["bound_bytes"]  # nothing but T payloads added
         assert m["plain_models_bytes"] == r["T"] * m["plain_model_bytes"]
+
+
+def test_bench_concurrency_tiny(tmp_path):
+    out = tmp_path / "concurrency.json"
+    result = _load("bench_concurrency").main(["--model", "test_vit", "--image", "32", "--calls", "8", "--threads", "4",
+                                               "--json-out", str(out)])
+    assert json.loads(out.read_text())["wrong_calls"] == 0 == result["wrong_calls"]
+    assert result["one_thread"]["calls_per_s"] > 0 and result["concurrent"]["rows_per_s"] > 0
+
+
+def test_bench_zoo_checks_and_resumes(tmp_path):
+    out = tmp_path / "zoo.jsonl"
+    summary = _load("bench_zoo").main(["--filter", "test_convnext*", "--out", str(out)])
+    assert summary["models"] >= 2 and summary["counts"].get("exact") == summary["models"], summary
+    lines = len(out.read_text().splitlines())
+    _load("bench_zoo").main(["--filter", "test_convnext*", "--out", str(out)])  # resumes: nothing rerun
+    assert len(out.read_text().splitlines()) == lines

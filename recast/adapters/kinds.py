@@ -16,6 +16,18 @@ from recast.adapters.config import (
 from recast.adapters.lowrank import DoRALinear, LoRALinear, RoSALinear
 from recast.adapters.masks import PiggybackConv2d, PiggybackLinear
 from recast.adapters.registry import ADAPTERS, AdapterKind, Target, register_adapter
+from recast.layers import UnsupportedModuleError, computes_like_weight_space
+
+
+def _weight_space(target: Target) -> nn.Module:
+    """``target.module``, refused if a weight-space adapter would not compute what it computes."""
+    module = target.module
+    if not computes_like_weight_space(module):
+        cls = getattr(module, "base_class", type(module))
+        raise UnsupportedModuleError(target.name, f"{cls.__module__}.{cls.__qualname__}",
+                                     "its forward is not F.linear/F.conv2d of its weight (it transforms the weight "
+                                     "or pads in forward), so a weight-space adapter cannot stand in for it")
+    return module
 
 
 class _LinearKind(AdapterKind):
@@ -34,7 +46,7 @@ class LoRA(_LinearKind):
     cfg: LoRAConfig
 
     def wrap(self, target: Target, generator: torch.Generator) -> AdapterWrapper:
-        return LoRALinear(target.module, self.cfg.rank, self.cfg.alpha, generator=generator)
+        return LoRALinear(_weight_space(target), self.cfg.rank, self.cfg.alpha, generator=generator)
 
 
 @register_adapter
@@ -45,7 +57,7 @@ class MeLo(_LinearKind):
     cfg: MeLoConfig
 
     def wrap(self, target: Target, generator: torch.Generator) -> AdapterWrapper:
-        d, rest = divmod(target.module.out_features, 3)
+        d, rest = divmod(_weight_space(target).out_features, 3)
         if rest:
             raise ValueError(f"MeLo needs a fused qkv Linear (out_features divisible by 3); '{target.name}' has "
                              f"out_features={target.module.out_features}")
@@ -61,7 +73,7 @@ class DoRA(_LinearKind):
     cfg: DoRAConfig
 
     def wrap(self, target: Target, generator: torch.Generator) -> AdapterWrapper:
-        return DoRALinear(target.module, self.cfg.rank, self.cfg.alpha, generator=generator)
+        return DoRALinear(_weight_space(target), self.cfg.rank, self.cfg.alpha, generator=generator)
 
 
 @register_adapter
@@ -86,7 +98,7 @@ class RoSA(_LinearKind):
         return [0] * len(modules)
 
     def wrap(self, target: Target, generator: torch.Generator) -> AdapterWrapper:
-        return RoSALinear(target.module, self.cfg.rank, self.num_sparse[target.name], self.cfg.alpha,
+        return RoSALinear(_weight_space(target), self.cfg.rank, self.num_sparse[target.name], self.cfg.alpha,
                           generator=generator)
 
 
@@ -136,7 +148,7 @@ class Piggyback(AdapterKind):
 
     def wrap(self, target: Target, generator: torch.Generator) -> AdapterWrapper:
         cls = PiggybackConv2d if is_conv_like(target.module) else PiggybackLinear
-        return cls(target.module, self.cfg.mask_init, self.cfg.threshold)
+        return cls(_weight_space(target), self.cfg.mask_init, self.cfg.threshold)
 
 
 @register_adapter

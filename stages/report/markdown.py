@@ -11,10 +11,13 @@ sequential methods' average accuracy, forgetting, BWT and FWT and each one's acc
 
 from __future__ import annotations
 
+import socket
 import statistics
 from typing import Any
 
 import pandas as pd
+
+from recast.machine import machine_record
 
 
 def table(frame: pd.DataFrame) -> str:
@@ -64,17 +67,27 @@ def mimicry_frame(mimic: dict[str, dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=MIMICRY_COLUMNS)
 
 
+def continual_of(continual: pd.DataFrame | None, arch: str, method: str) -> pd.Series | None:
+    """The continual-stats row of ``method`` trained task after task on ``arch`` (a method that
+    also runs per task appears there as ``<method>_sequential``), or None."""
+    if continual is None or continual.empty:
+        return None
+    rows = continual[(continual["arch"] == arch) & continual["method"].isin([method, f"{method}_sequential"])]
+    return None if rows.empty else rows.iloc[0]
+
+
 def accuracy_frame(arch: str, summary: dict[str, dict], tasks: pd.DataFrame, methods: pd.DataFrame,
-                   forgetting: dict[str, dict], task_order: list[str] | None = None) -> pd.DataFrame:
+                   continual: pd.DataFrame | None = None, task_order: list[str] | None = None) -> pd.DataFrame:
     """Task-wise test accuracy of ``arch``, one row per method (fewest trainable parameters
     first): per task mean ± std over seeds, the average, the paper's number when ``methods`` has
-    it, forgetting, parameters and bytes per task, wall time."""
+    it, forgetting (the continual table's: mean ± std over seeds of the method trained task after
+    task, where it was), parameters and bytes per task, wall time."""
     t_arch = tasks[tasks["arch"] == arch]
     present = list(t_arch["task"].unique())
     order = [t for t in (task_order or []) if t in present] + sorted(set(present) - set(task_order or []))
     paper = "paper" in methods.columns
     head = ["method", *order, "avg (mean ± std over seeds)", "seeds", *(["paper", "ours - paper"] if paper else []),
-            "forgetting", "method params/task", "head params/task", "bytes/task", "wall s"]
+            "forgetting (mean ± std)", "method params/task", "head params/task", "bytes/task", "wall s"]
     m_arch = methods[methods["arch"] == arch].set_index("method")
 
     def params_key(kv: tuple[str, dict]) -> Any:
@@ -92,15 +105,15 @@ def accuracy_frame(arch: str, summary: dict[str, dict], tasks: pd.DataFrame, met
         extra = []
         if paper:
             extra = ["-" if pd.isna(m["paper"]) else f"{m['paper']:.1f}", "-" if pd.isna(m["diff"]) else f"{m['diff']:+.2f}"]
-        forg = v.get("avg_forgetting")
-        if method == "recast" and arch in forgetting:
-            forg = forgetting[arch]["avg_forgetting"]
+        seq = continual_of(continual, arch, method)
+        forg = "-" if seq is None or seq["forgetting_mean"] is None or pd.isna(seq["forgetting_mean"]) else \
+            pm(seq["forgetting_mean"], seq["forgetting_std"])
         by = v.get("bytes", v.get("bytes_per_task", "-"))
         by = int(statistics.mean(by)) if isinstance(by, list) else (int(by) if by != "-" else by)
         wall = v.get("train_seconds", v.get("wall_time_s", 0))
         wall = sum(wall) if isinstance(wall, list) else wall
         rows.append([method, *cells, pm(m["mean"], m["std"]), str(int(m["n_seeds"])), *extra,
-                     "-" if forg is None else f"{100 * forg:.2f}", str(count(v.get("task_params", v.get("trainable_params")))),
+                     forg, str(count(v.get("task_params", v.get("trainable_params")))),
                      str(count(v.get("head_params"))), str(by), f"{wall:.1f}"])
     return pd.DataFrame(rows, columns=head)
 
@@ -127,24 +140,9 @@ CONTINUAL_INTRO = ("Sequential methods: one shared model trained task after task
                    "(Lopez-Paz & Ranzato 2017), with **b_j = head-only's test accuracy on task j** (the same "
                    "frozen pretrained backbone, a fresh head trained on task j alone, at the same budget; "
                    "mean over its seeds).")
-BUDGET_NOTE = ("Equal budget (issue 22): every method, per-task and sequential alike, trains `tune.train`'s "
-               "epochs and StepLR schedule at the learning rate `tune.lr_by_method` gives it (one rule for all: "
-               "the `hpo` sweep, ASHA over one shared lr grid on the first task's validation split; each job's "
-               "MLflow run has the tag `lr.source`). Before, the sequential baselines trained 3 epochs at a "
-               "constant lr 1e-3 against the per-task methods' 6 epochs at 1e-2 with StepLR, and InfLoRA "
-               "averaged 31.1 % on the ViT against head-only's 44.8 % (first task 50.4 % against 88.8 %): a "
-               "budget effect (`benchmarks/bench_inflora_budget.py`: at the per-task budget both reach "
-               "about 89 % on that task). At equal budget InfLoRA learns each task as well as head-only or "
-               "better (FWT). Its average still fell below head-only's (39.9 against 43.9 %, Intel default run) "
-               "through forgetting: the authors' memory rule counts the threshold on the squared singular "
-               "values of the input covariance, which on this 64-wide backbone left 12.5 % of the first task's "
-               "input energy outside the memory, and the later tasks' updates (at an lr chosen on the first "
-               "task alone, where nothing can be forgotten) moved its layer outputs by 17-35 % "
-               "(`benchmarks/bench_inflora_forgetting.py`). The offline configs count it on the inputs' energy "
-               "(`tune.continual.options.inflora`: `energy: linear`, GPM's own rule, `threshold: 0.99`): 0.7 % "
-               "outside, forgetting 15.6 -> 0.4 points, average 44.3 -> 52.2 % on the default (AMD, seed 42); "
-               "on the 5 tasks of offline-full 38.2 -> 46.3 % (3 seeds, head-only 45.0 %); README, deliberate "
-               "differences.")
+BUDGET_NOTE = ("Budget: every method, per-task and sequential alike, trains `tune.train`'s epochs and "
+               "learning-rate schedule at the rate `tune.lr_by_method` gives it; each job's MLflow run records "
+               "that rate and where it came from (tag `lr.source`).")
 
 
 def continual_frame(stats: pd.DataFrame) -> pd.DataFrame:
@@ -174,30 +172,78 @@ LINEAGE_INTRO = ("Every accuracy above is the mean over the jobs of `outputs/{tu
                  "row there names its MLflow run (`run_id`), code (`git_commit`), params and data digests.")
 
 
+def run_info(frame: pd.DataFrame, results: list[dict], summary: dict, tasks: list[str], config: str) -> dict[str, Any]:
+    """What the report's opening says about this run (``stages.report.markdown.run_header``), from
+    the results' own lineage columns and job records."""
+    commits = {}
+    if "git_commit" in frame.columns:
+        for commit, dirty in frame[["git_commit", "git_dirty"]].drop_duplicates().itertuples(index=False):
+            commits[str(commit)] = commits.get(str(commit), False) or str(dirty).lower() in ("true", "1")
+    here, cpu = socket.gethostname(), machine_record()["cpu_model"]
+    machines = sorted({f"{r['host']}{' (' + cpu + ')' if r['host'] == here else ''}, "
+                       f"{r.get('torch_threads', '?')} torch thread(s) per job" for r in results if r.get("host")})
+    if not machines:
+        m = machine_record()
+        machines = [f"{here} ({m['cpu_model']})"]
+    seeds = sorted({int(s) for s in frame["seed"]}) if "seed" in frame.columns else []
+    sha = sorted(set(frame["params_sha256"])) if "params_sha256" in frame.columns else []
+    return {"config": config, "params_sha256": sha[0] if len(sha) == 1 else None,
+            "archs": sorted({k.split("/")[0] for k in summary}), "tasks": tasks, "seeds": seeds,
+            "commits": commits, "machines": machines}
+
+
+def run_header(info: dict[str, Any]) -> list[str]:
+    """The report's opening: what this run was (config, archs, tasks, seeds, commit, machine) and
+    how to read the tables. ``info`` keys: ``config``, ``params_sha256``, ``archs``, ``tasks``,
+    ``seeds``, ``commits`` ({commit: dirty}), ``machines`` (CPU models and torch threads)."""
+    def join(values: Any) -> str:
+        return ", ".join(f"`{v}`" for v in values) if values else "-"
+
+    commits = info.get("commits") or {}
+    code = ", ".join(f"`{c[:12]}`{' (uncommitted changes)' if dirty else ''}" for c, dirty in commits.items()) or "-"
+    sha = info.get("params_sha256")
+    return [
+        f"**What ran.** Config `{info.get('config', 'params.yaml')}`"
+        + (f" (params sha256 `{str(sha)[:12]}`)" if sha else "")
+        + f"; architectures {join(info.get('archs'))}; tasks, in training order, {join(info.get('tasks'))}; "
+        f"seeds {join(info.get('seeds'))}; code {code}; machine {join(info.get('machines'))}.",
+        "",
+        "**How to read it.** Accuracies are test accuracies in %, as mean ± std over the seeds (std `-` for "
+        "one seed). Per-task methods train one task at a time from the same pretrained backbone; sequential "
+        "methods train one model on the tasks in order, and their forgetting (also in the task-wise tables) is "
+        "the accuracy lost on earlier tasks by the end. " + BUDGET_NOTE,
+    ]
+
+
 def markdown(summary: dict[str, dict], tasks: pd.DataFrame, methods: pd.DataFrame, forgetting: dict[str, dict],
              mimic: dict, task_order: list[str] | None = None, reload: dict[str, dict] | None = None,
-             lineage: pd.DataFrame | None = None, continual: pd.DataFrame | None = None) -> str:
+             lineage: pd.DataFrame | None = None, continual: pd.DataFrame | None = None,
+             run_info: dict[str, Any] | None = None, forgetting_method: str = "recast") -> str:
     """The report. ``tasks``/``methods``: ``stages.report.tables.task_stats``/``method_stats``
     frames; ``summary``: the tune and combine stages' metrics; ``forgetting``/``reload``: per arch
     an accuracy matrix; ``lineage``: the jobs' results table (its lineage columns);
     ``continual``: ``stages.report.tables.continual_stats`` (per arch and sequential method:
-    average accuracy, forgetting, BWT, FWT and the accuracy matrix)."""
-    lines = ["# RECAST report", ""]
+    average accuracy, forgetting, BWT, FWT and the accuracy matrix); ``run_info``: what ran
+    (``run_header``)."""
+    lines = ["# RECAST report", "", *run_header(run_info or {}), ""]
     if mimic:
         lines += section("Neural Mimicry", mimicry_frame(mimic))
     for arch in sorted({k.split("/")[0] for k in summary}):
         lines += section(f"{arch}: task-wise test accuracy (%), mean ± std over seeds",
-                         accuracy_frame(arch, summary, tasks, methods, forgetting, task_order))
+                         accuracy_frame(arch, summary, tasks, methods, continual, task_order))
     for arch in ([] if continual is None or continual.empty else sorted(continual["arch"].unique())):
         stats = continual[continual["arch"] == arch]
         lines += section(f"{arch}: continual learning, sequential methods (%)", continual_frame(stats), CONTINUAL_INTRO)
-        lines += [BUDGET_NOTE, *([inflora_note(arch, stats, methods)] if inflora_note(arch, stats, methods) else []), ""]
+        note = inflora_note(arch, stats, methods)
+        lines += [note, ""] if note else []
         for _, r in stats.iterrows():
             lines += section(f"{arch}/{r['method']}: accuracy matrix (%), mean over seeds",
                              matrix_frame({"tasks": r["tasks"], "acc_matrix": r["acc_matrix"]}))
-    for title, matrices in ((SEQUENTIAL_TITLE, forgetting), (RELOAD_TITLE, reload or {})):
-        for arch, f in sorted(matrices.items()):
-            lines += section(f"{arch}: {title}", matrix_frame(f))
+    for arch, f in sorted(forgetting.items()):  # printed above, as the continual table's matrix, where it ran
+        if continual_of(continual, arch, forgetting_method) is None:
+            lines += section(f"{arch}: {SEQUENTIAL_TITLE}", matrix_frame(f))
+    for arch, f in sorted((reload or {}).items()):
+        lines += section(f"{arch}: {RELOAD_TITLE}", matrix_frame(f))
     if lineage is not None and "git_commit" in lineage.columns:
         lines += section("Lineage", lineage_frame(lineage), LINEAGE_INTRO)
     return "\n".join(lines)

@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.models import ModelSignature
-from mlflow.types.schema import Array, ColSpec, Schema
+from mlflow.types.schema import AnyType, Array, ColSpec, Schema
 
+from recast.data import read_manifest
 from stages.jobs.backbones import bank_meta, pretrained_meta
-from stages.serving.pyfunc import BASE_ARTIFACT, ServingError, check_bank, describe, payload_files
+from stages.serving.errors import ServingError
+from stages.serving.pyfunc import BASE_ARTIFACT, DEFAULT_MAX_ROWS, check_bank, describe, payload_files
 from stages.tracking.payloads import registry_name
 from stages.tracking.store import artifact_location, make_client, retry, tracking_uri
 
@@ -37,7 +39,9 @@ EXPERIMENT = "recast-serving"
 REQUIREMENTS = [f"{p}=={version(p)}" for p in ("mlflow", "torch", "timm", "safetensors", "pandas", "numpy")]
 REPO = Path(__file__).resolve().parents[2]
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "task"), ColSpec(Array("double"), "image")]),
+    # image: AnyType, so MLflow's schema casts nothing (it turned integers and numeric strings into
+    # floats); stages.serving.inputs tells its three forms apart and refuses the rest by name
+    inputs=Schema([ColSpec("string", "task"), ColSpec(AnyType(), "image")]),
     outputs=Schema([ColSpec("string", "task"), ColSpec("long", "class"), ColSpec(Array("double"), "probabilities")]))
 
 
@@ -145,16 +149,40 @@ def _current_if_same(client, name: str, cfg: dict[str, Any]):
         return mv if json.loads(Path(path).read_text()) == cfg else None
 
 
+def task_transforms(data_dir: Path, tasks: list[str], image_size: int) -> dict[str, dict[str, Any]]:
+    """Per task its evaluation transform (``stages.serving.inputs.TaskTransform``), from its
+    prepared ``manifest.json`` in ``data_dir``: the mean and std ``recast.data``'s loaders
+    normalise with and, for a ``jpeg``-stored task, the side its loader decodes JPEGs at."""
+    out = {}
+    for task in tasks:
+        if not (Path(data_dir) / task / "manifest.json").exists():
+            raise ServingError(f"no prepared task {task!r} in {data_dir} (its manifest.json gives the served "
+                               "transform): run the prepare stage, or pass the data_dir it wrote")
+        manifest = read_manifest(Path(data_dir) / task, verify=False)
+        out[task] = {"mean": list(manifest.mean), "std": list(manifest.std)}
+        if manifest.encoding == "jpeg":
+            out[task]["jpeg_side"] = min(manifest.image_size[0], image_size)  # as BatchLoader._pixels
+    return out
+
+
 def build(arch: str, method: str, pretrain_dir: Path, mimic_dir: Path, image_size: int,
-          tasks: list[str] | None = None, alias: str = "current", channels: int = 3) -> dict[str, Any]:
+          tasks: list[str] | None = None, alias: str = "current", channels: int = 3, data_dir: Path | None = None,
+          max_rows: int = DEFAULT_MAX_ROWS) -> dict[str, Any]:
     """Log and register the served model of ``arch`` and ``method`` over ``tasks`` (default:
-    every registered task); alias the new version ``current``. Returns name, version, config."""
+    every registered task); alias the new version ``current``. With ``data_dir`` (the prepared
+    tasks) it also takes PNG/JPEG images and uint8 pixels, through each task's evaluation
+    transform; ``max_rows`` bounds the rows of one request. Returns name, version, config."""
+    if max_rows < 1:
+        raise ServingError(f"max_rows={max_rows}; must be >= 1")
     base, bank_sha = base_uri(arch, Path(pretrain_dir), Path(mimic_dir))
     tasks = tasks or registered_tasks(arch, method)
     if not tasks:
         raise ServingError(f"no registered payloads recast.{arch}.{method}.* in {tracking_uri()}: run the tune stage")
     cfg = {"arch": arch, "method": method, "base_uri": base, "bank_sha256": bank_sha,
-           "image_shape": [channels, image_size, image_size], "payloads": payload_uris(arch, method, tasks, bank_sha, alias)}
+           "image_shape": [channels, image_size, image_size], "max_rows": int(max_rows),
+           "payloads": payload_uris(arch, method, tasks, bank_sha, alias)}
+    if data_dir is not None:
+        cfg["transforms"] = task_transforms(Path(data_dir), tasks, image_size)
     name = served_name(arch, method)
     uri = tracking_uri()
     client = make_client(uri)

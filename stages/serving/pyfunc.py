@@ -9,13 +9,17 @@ every payload's bank sha256 against the served banks before loading any, and bui
 RecastModel. A new version for one more task therefore adds a line to the config, and the
 banks are neither re-saved nor copied.
 
-Input: a DataFrame with a ``task`` column (str) and an ``image`` column, each value the
-model's input image (as the ``recast.data`` loaders yield it: float, C x H x W) flattened to a
-list of C*H*W numbers. Output per row: ``class`` (int) and ``probabilities`` (softmax over
-that task's classes, a list as long as its head). Bad input is refused before any compute with
-a named error: ``UnknownServedTaskError`` (the served tasks listed), ``ImageShapeError``,
-``ImageDtypeError``, ``EmptyBatchError``; a payload made against other banks raises
-``BankMismatchError`` at build and at load.
+The config also holds each task's evaluation transform (mean and std of its prepared data) and
+``max_rows``, the most rows one request may hold (``DEFAULT_MAX_ROWS`` unless the build sets it).
+
+Input: a DataFrame with a ``task`` column (str) and an ``image`` column: a base64 PNG or JPEG,
+uint8 pixels H x W x C, or the model's input tensor flattened (``stages.serving.inputs``).
+Output per row: ``class`` (int) and ``probabilities`` (softmax over that task's classes, a list
+as long as its head). Bad input is refused before any compute with a ``RequestError``
+(``stages.serving.errors``: an ``MlflowException`` that the scoring server answers as HTTP 400
+with its message); a payload made against other banks raises ``BankMismatchError`` at build and
+at load. ``predict`` keeps no per-call state on the model: concurrent calls (the scoring
+server's worker threads) share only the loaded, read-only ``RecastModel``.
 """
 
 from __future__ import annotations
@@ -24,50 +28,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
 from recast.io import load_payload, read_meta
-from recast.mixed import UnknownTaskError
 from stages.jobs.backbones import load_backbone
+from stages.serving.errors import (BankMismatchError, EmptyBatchError, RequestError, RowLimitError, ServingError,
+                                   UnknownServedTaskError)
+from stages.serving.inputs import TaskTransform, images_tensor
 
 import mlflow  # noqa: E402
 
 BASE_ARTIFACT = "base"  # artifact path of the base run: pretrain/<arch>.{json,safetensors}, mimic/<arch>/...
-
-
-class ServingError(ValueError):
-    """Input or configuration the served model refuses (nothing is changed)."""
-
-
-class UnknownServedTaskError(UnknownTaskError, ServingError):
-    """A row's task is not one of the served tasks (``known``)."""
-
-
-class BankMismatchError(ServingError):
-    """A payload trained against other banks than the served ones."""
-
-    def __init__(self, task: str, payload_sha: str, served_sha: str, where: str = ""):
-        self.task, self.payload_sha, self.served_sha, self.where = task, payload_sha, served_sha, where
-        super().__init__(f"payload of task {task!r}{' (' + where + ')' if where else ''} was trained against banks "
-                         f"{str(payload_sha)[:12]}, the served banks are {served_sha[:12]}: "
-                         "register a payload tuned on these banks (or serve its own banks)")
-
-    def __reduce__(self):
-        return type(self), (self.task, self.payload_sha, self.served_sha, self.where)
-
-
-class ImageShapeError(ServingError):
-    """An image whose number of values is not C*H*W of the served input shape."""
-
-
-class ImageDtypeError(ServingError):
-    """An image whose values are not floating-point numbers."""
-
-
-class EmptyBatchError(ServingError):
-    """A request without rows."""
+DEFAULT_MAX_ROWS = 256  # rows per request unless the build sets ``max_rows``
 
 
 def payload_files(directory: str | Path) -> Path:
@@ -84,29 +57,6 @@ def check_bank(task: str, stem: Path, served_sha: str, where: str = "") -> dict[
     if meta.get("bank_sha256") != served_sha:
         raise BankMismatchError(task, str(meta.get("bank_sha256")), served_sha, where)
     return meta
-
-
-def images_tensor(frame: pd.DataFrame, shape: tuple[int, ...]) -> torch.Tensor:
-    """The ``image`` column as one (rows, *shape) float32 tensor; named errors for bad rows."""
-    want = int(np.prod(shape))
-    out = np.empty((len(frame), want), dtype=np.float32)
-    for i, value in enumerate(frame["image"]):
-        arr = np.asarray(value)
-        if arr.dtype == object:
-            try:
-                arr = np.asarray(value.tolist() if hasattr(value, "tolist") else list(value))
-            except TypeError:
-                raise ImageDtypeError(f"row {i}: image must be a list of numbers, got {type(value).__name__}") from None
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise ImageDtypeError(f"row {i}: image values must be floating-point numbers (float32), got dtype "
-                                  f"{arr.dtype}")
-        if arr.size != want or (arr.ndim > 1 and tuple(arr.shape) != tuple(shape)):
-            raise ImageShapeError(f"row {i}: image of shape {list(arr.shape)} ({arr.size} values); the served "
-                                  f"model takes {list(shape)} images, flattened to {want} values")
-        if not np.isfinite(arr).all():
-            raise ImageDtypeError(f"row {i}: image has non-finite values")
-        out[i] = arr.reshape(-1)
-    return torch.from_numpy(out).reshape(len(frame), *shape)
 
 
 class RecastServed(mlflow.pyfunc.PythonModel):
@@ -127,19 +77,25 @@ class RecastServed(mlflow.pyfunc.PythonModel):
         self.rc = rc.eval()
         self.tasks = list(cfg["payloads"])
         self.widths = {t: rc.num_classes(t) for t in self.tasks}
+        self.transforms = {t: TaskTransform(tuple(v["mean"]), tuple(v["std"]), v.get("jpeg_side"))
+                           for t, v in cfg.get("transforms", {}).items()}
+        self.max_rows = int(cfg.get("max_rows", DEFAULT_MAX_ROWS))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         missing = [c for c in ("task", "image") if c not in frame.columns]
         if missing:
-            raise ServingError(f"input needs the columns ['task', 'image'], missing {missing}")
+            raise RequestError(f"input needs the columns ['task', 'image'], missing {missing}")
         if len(frame) == 0:
             raise EmptyBatchError("empty batch: send at least one row (task, image)")
+        if len(frame) > self.max_rows:
+            raise RowLimitError(f"{len(frame)} rows in one request; this model takes at most {self.max_rows} rows "
+                                "per request (max_rows, set at build): split the request")
         tasks = [str(t) for t in frame["task"]]
         for t in tasks:
             if t not in self.widths:
                 raise UnknownServedTaskError(t, self.tasks)
-        x = images_tensor(frame, self.shape)
+        x = images_tensor(list(frame["image"]), tasks, self.shape, self.transforms)
         with torch.no_grad():
             logits = self.rc(x, tasks=tasks)
         classes, probs = [], []

@@ -82,3 +82,27 @@ def test_report_cells_of_the_continual_table():
     assert "## vit: continual learning, sequential methods (%)" in md and "b_j = head-only's test accuracy" in md
     assert "## vit/ewc: accuracy matrix (%), mean over seeds" in md
     assert "| b            | 70.00 | 70.00 |       |" in md and "| c            | 60.00 | 60.00 | 90.00 |" in md
+
+
+def test_report_gives_one_forgetting_per_method_and_opens_with_what_ran():
+    from stages.report.markdown import accuracy_frame, markdown, run_header
+    from stages.report.tables import continual_metrics, continual_stats
+
+    rows = _continual_rows()
+    stats = continual_stats(continual_metrics(rows))
+    acc = accuracies(results_frame(rows))
+    # the stage summary carries the FIRST seed's forgetting (0.2); the report must show the mean over seeds
+    summary = {"vit/ewc": {"avg_forgetting": 0.2, "trainable_params": 10}, "vit/head_only": {"trainable_params": 5}}
+    frame = accuracy_frame("vit", summary, task_stats(acc), method_stats(acc), stats, ["a", "b", "c"])
+    forgetting = dict(zip(frame["method"], frame["forgetting (mean ± std)"]))
+    assert forgetting == {"head_only": "-", "ewc": "15.00 ± 7.07"}  # the continual table's cell
+    head = run_header({"config": "offline-full.yaml", "archs": ["vit"], "tasks": ["a", "b"], "seeds": [1, 2],
+                       "commits": {"0123456789abcdef": True}, "machines": ["CPU X, 1 torch thread(s)"]})
+    assert head[0] == ("**What ran.** Config `offline-full.yaml`; architectures `vit`; tasks, in training order, "
+                       "`a`, `b`; seeds `1`, `2`; code `0123456789ab` (uncommitted changes); machine "
+                       "`CPU X, 1 torch thread(s)`.")
+    md = markdown(summary, task_stats(acc), method_stats(acc), {"vit": {"tasks": ["a"], "acc_matrix": [[0.5]],
+                  "avg_forgetting": 0.0}}, {}, ["a", "b", "c"], continual=stats, forgetting_method="ewc")
+    titles = [line for line in md.splitlines() if line.startswith("## ")]
+    assert len(titles) == len(set(titles)) and md.count("Budget: every method") == 1
+    assert not any("task after task on one model" in t for t in titles)  # ewc's matrix is the continual one
