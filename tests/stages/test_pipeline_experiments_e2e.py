@@ -45,6 +45,9 @@ def stage_runs(root: Path) -> list:
 @pytest.fixture(scope="module")
 def queued(pipeline_run):
     """The run committed as the baseline, then one queued experiment with one of its two seeds."""
+    # test_lineage_e2e re-ran tune outside DVC (other timings): back to what dvc.lock records
+    dvc(pipeline_run, "checkout", "--force")
+    assert json.loads(dvc(pipeline_run, "status", "--json").stdout) == {}
     git(pipeline_run, "add", "-A")
     git(pipeline_run, "commit", "-qm", "tiny run")  # dvc.lock and metrics/report.json: what `dvc exp show` reads
     before = {r.info.run_id for r in stage_runs(pipeline_run.root)}
