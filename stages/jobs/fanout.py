@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from recast.io import save_tensors, write_tensor_file
 from recast.machine import KERNEL_ENV, machine_record
-from stages.config.common import file_lock, resolve, temp_path, write_json_atomic
+from stages.config.common import file_lock, resolve, resolve_shared, temp_path, write_json_atomic
 from stages.jobs.inputs import InputStore, JobInputs
 from stages.config.params import RuntimeParams
 
@@ -241,7 +241,7 @@ def _cache_paths(cache: Path, key: str) -> tuple[Path, Path]:
 def job_file(rt: RuntimeParams, stage: str, spec: dict, suffix: str) -> Path:
     """``<cache_dir>/<stage>/<key><suffix>``: a file of ``spec``'s job in the job cache
     (``.safetensors``: its tensors; ``.mlflow.json``: where its artifacts were logged)."""
-    return resolve(rt.cache_dir) / stage / f"{spec_key(spec)}{suffix}"
+    return resolve_shared(rt.cache_dir) / stage / f"{spec_key(spec)}{suffix}"
 
 
 def checkpoint_location(rt: RuntimeParams, stage: str, spec: dict) -> str:
@@ -333,7 +333,7 @@ def _write_cached(cache: Path, key: str, result: Result) -> None:
 def stage_lock(stage: str, rt: RuntimeParams) -> Iterator[None]:
     """Hold ``<cache_dir>/<stage>.lock`` for a whole stage run: a second run of the same stage
     waits, then finds the first one's jobs in the cache."""
-    with file_lock(resolve(rt.cache_dir) / f"{stage}.lock", waiting=f"{stage}: another run of this stage is in progress"):
+    with file_lock(resolve_shared(rt.cache_dir) / f"{stage}.lock", waiting=f"{stage}: another run of this stage is in progress"):
         yield
 
 
@@ -359,7 +359,7 @@ def run_jobs(
     if len(set(ids)) != len(ids):
         raise ValueError(f"{stage}: duplicate job ids")
     store = inputs or InputStore(rt.storage)
-    cache = resolve(rt.cache_dir) / stage
+    cache = resolve_shared(rt.cache_dir) / stage
     results: dict[str, Result] = {}
     pending = []
     threads = rt.torch_threads
@@ -373,6 +373,7 @@ def run_jobs(
                 on_result(spec, cached, True)
         else:
             pending.append(spec)
+    print(f"{stage}: {len(results)} of {len(specs)} jobs from the job cache {cache}", file=sys.stderr, flush=True)
     if not pending:
         return results
 
