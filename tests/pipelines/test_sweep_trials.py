@@ -3,10 +3,14 @@ sweep point, closed-form mimicry quality, RECAST's order invariance and per-tria
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from pipelines.config import BudgetSweep, GnSweep, OrderSweep, TrialMethod
-from stages.jobs.memory import current_rss_mb, peak_memory, reset_peak_memory
 from pipelines.specs import build_specs
 from pipelines.trials import run_trial
 from stages.jobs.inputs import InputStore
@@ -70,16 +74,28 @@ def test_trials_report_every_epoch(stage_outputs, tiny_train) -> None:
     assert meta["val_acc"] == max(e["val_acc"] for e in epochs)  # the best epoch's state is kept
 
 
+PEAK_PROBE = """
+import json
+from stages.jobs.memory import current_rss_mb, peak_memory, reset_peak_memory
+reset_peak_memory()
+before = peak_memory()["peak_rss_mb"]
+block = bytearray(200 * 2**20)  # touch 200 MiB
+block[:: 4096] = b"x" * len(block[:: 4096])
+grown = peak_memory()["peak_rss_mb"]
+del block
+reset_peak_memory()
+print(json.dumps({"before": before, "grown": grown, "after": peak_memory()["peak_rss_mb"], "rss": current_rss_mb()}))
+"""
+
+
 def test_peak_memory_is_per_trial() -> None:
-    reset_peak_memory()
-    before = peak_memory()["peak_rss_mb"]
-    block = bytearray(200 * 2**20)  # touch 200 MiB
-    block[:: 4096] = b"x" * len(block[:: 4096])
-    grown = peak_memory()["peak_rss_mb"]
-    del block
-    reset_peak_memory()
-    assert grown - before > 150
-    assert peak_memory()["peak_rss_mb"] < grown - 150 and current_rss_mb() > 0
+    # in a fresh process: a long-lived test worker that freed big models earlier can serve the
+    # block from pages it still holds, and its many threads update the kernel's RSS lazily
+    out = subprocess.run([sys.executable, "-c", PEAK_PROBE], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    assert m["grown"] - m["before"] > 150
+    assert m["after"] < m["grown"] - 150 and m["rss"] > 0
 
 
 def test_hpo_continual_trial_is_the_baseline_on_the_first_task_alone(stage_outputs, tiny_train, monkeypatch) -> None:
