@@ -8,7 +8,9 @@ the classifier templated with templates = layers per bank; closed-form mimicry; 
 (relative 1e-4). Models over ``--max-params`` (counted on the meta device, nothing allocated)
 are skipped as not fitting memory.
 
-Outcomes: exact / refused (a named error) / other (a wrong output or a crash: a defect) /
+Outcomes: exact (in float32) / exact_float64 (float32 off by more than 1e-4 from rounding that
+the randomly initialised network amplifies, exact in float64) / refused (a named error) / other
+(a wrong output or a crash: a defect) /
 inconclusive (the original output is not finite, or hardly depends on the templated layers) /
 skipped (too large, or timm cannot build it at any tried input size). The models run in a worker
 process that appends one JSON line per model to ``--out``; a rerun resumes after the last line,
@@ -67,7 +69,7 @@ def check_one(name: str, max_params: float) -> dict:
             continue
         prepare_random(model, batch)
         r = exactness(model, batch(99))
-        return {"model": name, "outcome": r.outcome, "rel_error": r.rel_error, "sensitivity": r.sensitivity,
+        return {"model": name, "outcome": r.outcome, "dtype": r.dtype, "rel_error": r.rel_error, "sensitivity": r.sensitivity,
                 "templated": r.templated, "params": params, "input": side, "kwargs": kwargs,
                 "seconds": round(time.perf_counter() - start, 2), "detail": r.detail[:300]}
     return {"model": name, "outcome": "skipped", "params": params, "detail": "forward fails at every tried input size"}
@@ -129,14 +131,15 @@ def main(argv: list[str] | None = None) -> dict:
                         "--max-params", str(args.max_params), "--worker", *todo],
                        cwd=Path(__file__).resolve().parents[1], check=False)
     records = read(args.out)
-    counts = collections.Counter(records[n]["outcome"] for n in names)
+    counts = collections.Counter(records[n]["outcome"] + ("_float64" if records[n].get("dtype") == "float64" else "")
+                                 for n in names)
     summary = {"models": len(names), "counts": dict(counts), "max_params": args.max_params,
                "seconds": round(time.perf_counter() - start, 1), "environment": env,
                "other": sorted(n for n in names if records[n]["outcome"] == "other"),
                "refused": {n: records[n]["detail"][:120] for n in names if records[n]["outcome"] == "refused"}}
     (args.out.with_suffix(".json")).write_text(json.dumps(summary, indent=2) + "\n")
     print("| outcome | models |\n|---|---|")
-    for k in ("exact", "refused", "other", "inconclusive", "skipped"):
+    for k in ("exact", "exact_float64", "refused", "other", "inconclusive", "skipped"):
         print(f"| {k} | {counts.get(k, 0)} |")
     return summary
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import recast
 from recast import RecastConfig
-from recast.layers import RecastConv2d, UnsupportedModuleError
+from recast.layers import RecastConv2d, RecastLinear, UnsupportedModuleError
 from recast.mixed import MixedBatchError
 from recast.model import HeadDetectionError
 
@@ -228,3 +228,24 @@ def test_a_materialized_nfnet_is_an_nfnet_with_the_same_outputs():
     assert sum(c is ScaledStdConv2d for c in classes.values()) >= 8
     with torch.no_grad():
         assert _rel(plain(x), model(x)) < 1e-5 and _rel(rc(x), model(x)) < 1e-5
+
+
+def test_exactness_tells_amplified_rounding_from_a_wrong_layer(monkeypatch):
+    from recast.coverage import exactness
+
+    # 40 layers whose gain amplifies any difference: float32 rounding of the reconstruction grows
+    # beyond 1e-4, float64 is exact
+    torch.manual_seed(0)
+    deep = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(40)])
+    with torch.no_grad():
+        for block in deep:
+            block[0].weight.mul_(6.0)
+    x = torch.randn(4, 16)
+    result = exactness(deep, x, head_name="")
+    assert result.outcome == "exact" and result.dtype == "float64" and "float32: relative error" in result.detail
+    assert exactness(deep, x, head_name="", float64_retry=False).outcome == "other"
+    # a real defect (here: a templated Linear that scales its weight by 1.001) stays a mismatch in float64
+    shallow = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(3)])
+    monkeypatch.setattr(RecastLinear, "_plain_forward", lambda self, x, w, b: F.linear(x, 1.001 * w, b))
+    result = exactness(shallow, x, head_name="")
+    assert result.outcome == "other" and "float64: other" in result.detail, result

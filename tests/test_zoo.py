@@ -70,7 +70,7 @@ def test_timm_family_is_exact_or_refused_by_name(name):
     if name in REFUSED:
         assert result.outcome == "refused" and result.detail.startswith("HeadDetectionError"), result
     else:
-        assert result.outcome == "exact", result
+        assert result.outcome == "exact" and result.dtype == "float32", result
         assert result.rel_error <= 1e-4 and result.sensitivity > 1e-4 and result.templated >= 4
 
 
@@ -80,7 +80,7 @@ def test_torchvision_model_is_exact(name):
     kwargs, head = TORCHVISION[name]
     model = getattr(torchvision.models, name)(weights=None, num_classes=10, **kwargs)
     result = _check(model, head_name=head)
-    assert result.outcome == "exact", result
+    assert result.outcome == "exact" and result.dtype == "float32", result
     assert result.rel_error <= 1e-4 and result.sensitivity > 1e-4
 
 
