@@ -36,6 +36,9 @@ TIMM = {
     "crossvit_tiny_240": {}, "efficientvim_m1": {}, "repvit_m0_9": IMG,
 }
 REFUSED = {"crossvit_tiny_240", "efficientvim_m1", "repvit_m0_9"}
+# exact in float64, 1.7e-4 in float32: at random init LeViT amplifies float32 rounding of the
+# reconstruction (a 1 % coefficient change moves its output by 54 %; recast.coverage retries in float64)
+FLOAT64 = {"levit_128s"}
 TORCHVISION = {"resnet18": ({}, "fc"), "convnext_tiny": ({}, "classifier.2"),
                "efficientnet_b0": ({}, "classifier.1"), "vit_b_16": ({"image_size": SIZE}, "heads.head")}
 
@@ -70,7 +73,7 @@ def test_timm_family_is_exact_or_refused_by_name(name):
     if name in REFUSED:
         assert result.outcome == "refused" and result.detail.startswith("HeadDetectionError"), result
     else:
-        assert result.outcome == "exact" and result.dtype == "float32", result
+        assert result.outcome == "exact" and result.dtype == ("float64" if name in FLOAT64 else "float32"), result
         assert result.rel_error <= 1e-4 and result.sensitivity > 1e-4 and result.templated >= 4
 
 
