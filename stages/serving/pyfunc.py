@@ -64,6 +64,7 @@ class RecastServed(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         cfg = dict(context.model_config)
+        self.config = cfg  # read-only: what this version serves (the base, each task's pinned payload)
         self.arch, self.method = cfg["arch"], cfg["method"]
         self.bank_sha, self.shape = cfg["bank_sha256"], tuple(cfg["image_shape"])
         base = Path(mlflow.artifacts.download_artifacts(artifact_uri=cfg["base_uri"]))
