@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compare", action="store_true", help="issue 31: mlflow serve vs Ray Serve cross-task vs "
                     "Ray Serve multiplexing at --task-counts, Zipf(1.1) task popularity (benchmarks/serving_compare.py)")
     ap.add_argument("--task-counts", default="1,8,64")
+    ap.add_argument("--repeats", type=int, default=3, help="--compare: interleaved repeats per server (median rows/s)")
     args = ap.parse_args(argv)
     name = "bench_serving_compare.json" if args.compare else "bench_serving.json"
     args.json_out = args.json_out or str(REPO_ROOT / "benchmarks" / "results" / name)
@@ -242,11 +243,12 @@ def compare(args) -> dict:
         os.environ["MLFLOW_TRACKING_URI"] = uri = f"sqlite:///{root / 'mlflow.db'}"
         names = [f"t{i}" for i in range(max(counts))]
         build_store(root, {t: 10 for t in names}, build_model=False)
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+        # 4 logical CPUs: each app's replica gets 2 (torch then runs 2 threads, as in mlflow serve)
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": uri}})
         port = sc.free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        ray_url = f"http://127.0.0.1:{port}/invocations"
+        ray_base = f"http://127.0.0.1:{port}"
         rng = np.random.default_rng(0)
         try:
             for n_tasks in counts:
@@ -264,21 +266,25 @@ def compare(args) -> dict:
                 row = {"tasks": n_tasks, "distinct_tasks_sent": len(set(picks)), "uptime_before": _uptime()}
                 url, proc = sc.mlflow_server(model_uri, uri, root)
                 try:
-                    sc.run_load(url, warm)  # warm-up: one request per client, all at once
-                    row["mlflow"] = sc.summarise(*sc.run_load(url, work), want)
+                    cross = RecastServe.options(ray_actor_options={"num_cpus": 2}).bind(
+                        RayServeArgs(model_uri=model_uri, tracking_uri=uri).model_dump())
+                    multi = sc.RecastMultiplexed.options(ray_actor_options={"num_cpus": 2}).bind(model_uri, uri)
+                    serve.run(cross, name="cross", route_prefix="/cross")
+                    serve.run(multi, name="multiplexed", route_prefix="/multiplexed")
+                    urls = {"mlflow": url, "ray_cross_task": f"{ray_base}/cross/invocations",
+                            "ray_multiplexed": f"{ray_base}/multiplexed/invocations"}
+                    for server_url in urls.values():
+                        sc.run_load(server_url, warm)  # warm-up: one request per client, all at once
+                    runs = {k: [] for k in urls}
+                    for _ in range(args.repeats):  # interleaved: a load swing hits every server alike
+                        for key, server_url in urls.items():
+                            runs[key].append(sc.run_load(server_url, work))
+                    for key, measured in runs.items():
+                        row[key] = sc.summarise_repeats(measured, want)
                 finally:
                     sc.stop(proc)
-                cross = RecastServe.options(ray_actor_options={"num_cpus": os.cpu_count()}).bind(
-                    RayServeArgs(model_uri=model_uri, tracking_uri=uri).model_dump())
-                serve.run(cross, name="cross", route_prefix="/")
-                sc.run_load(ray_url, warm)
-                row["ray_cross_task"] = sc.summarise(*sc.run_load(ray_url, work), want)
-                serve.delete("cross")
-                multi = sc.RecastMultiplexed.options(ray_actor_options={"num_cpus": os.cpu_count()}).bind(model_uri, uri)
-                serve.run(multi, name="multiplexed", route_prefix="/")
-                sc.run_load(ray_url, warm)
-                row["ray_multiplexed"] = sc.summarise(*sc.run_load(ray_url, work), want)
-                serve.delete("multiplexed")
+                    for app_name in ("cross", "multiplexed"):
+                        serve.delete(app_name)
                 row["uptime_after"] = _uptime()
                 results["runs"].append(row)
                 print(json.dumps(row), flush=True)
@@ -286,12 +292,12 @@ def compare(args) -> dict:
             serve.shutdown()
             ray.shutdown()
     by_t = {r["tasks"]: r for r in results["runs"]}
-    print("| T | server | rows/s | p50 ms | p99 ms | errors | wrong rows | load before |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| T | server | rows/s (median) | rows/s (all repeats) | p50 ms | p99 ms | errors | wrong rows | load before |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results["runs"]:
         for key in ("mlflow", "ray_cross_task", "ray_multiplexed"):
             m = r[key]
-            print(f"| {r['tasks']} | {key} | {m['rows_per_s']} | {m['p50_ms']} | {m['p99_ms']} | {m['errors']} | "
+            print(f"| {r['tasks']} | {key} | {m['rows_per_s']} | {m['rows_per_s_repeats']} | {m['p50_ms']} | {m['p99_ms']} | {m['errors']} | "
                   f"{m['wrong_rows']} | {r['uptime_before'].split('load average: ')[-1]} |")
     if max(counts) in by_t:
         top = by_t[max(counts)]

@@ -151,6 +151,17 @@ def summarise(seconds: float, got: dict, want: dict) -> dict:
             "errors": errors, "wrong_rows": wrong}
 
 
+def summarise_repeats(measured: list[tuple[float, dict]], want: dict) -> dict:
+    """Repeats of one server: median rows/s (and each repeat's), latency percentiles over all requests."""
+    each = [summarise(seconds, got, want) for seconds, got in measured]
+    lat = np.array([v[2] for _, got in measured for v in got.values()]) * 1000
+    return {"requests": sum(e["requests"] for e in each), "rows": sum(e["rows"] for e in each),
+            "rows_per_s": float(np.median([e["rows_per_s"] for e in each])),
+            "rows_per_s_repeats": [e["rows_per_s"] for e in each],
+            "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1),
+            "errors": sum(e["errors"] for e in each), "wrong_rows": sum(e["wrong_rows"] for e in each)}
+
+
 def mlflow_server(model_uri: str, tracking: str, root: Path):
     """``mlflow models serve`` on 127.0.0.1 (one worker): (URL, process)."""
     port = free_port()

@@ -105,6 +105,8 @@ class RecastServe:
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path.rstrip("/")
+        prefix = request.scope.get("root_path", "").rstrip("/")  # the app's route_prefix, if Serve passes it
+        path = path[len(prefix):] if prefix and path.startswith(prefix) else path
         if request.method == "GET" and path in ("/ping", "/health"):
             return Response("\n", media_type="application/json")
         if request.method == "GET" and path == "/version":
