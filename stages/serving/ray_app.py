@@ -32,10 +32,11 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-import mlflow  # noqa: E402
-from mlflow.exceptions import MlflowException
-from mlflow.pyfunc.scoring_server import infer_and_parse_data, predictions_to_json
 from stages.tracking.store import tracking_uri
+
+import mlflow  # noqa: E402 - after stages.tracking.store, which sets MLflow's environment defaults
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.pyfunc.scoring_server import infer_and_parse_data, predictions_to_json  # noqa: E402
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20  # 256 rows of flattened floats are ~16 MB of JSON
