@@ -29,4 +29,4 @@ bench: setup
 	. $(BIN)/activate && python -m benchmarks.bench_mimicry && python -m benchmarks.bench_speed
 
 clean-outputs:
-	rm -rf outputs metrics reports data/prepared mlflow.db mlartifacts dvc.lock
+	rm -rf outputs reports data/prepared mlflow.db mlartifacts dvc.lock metrics/*.json

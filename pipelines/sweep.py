@@ -8,7 +8,9 @@ points, tasks and seeds (the specs of ``pipelines.specs``). ``hpo``: one Tuner p
 and seed, random search over lr, epochs and weight decay, ASHA on validation accuracy. Trials run
 ``pipelines.trials.run_trial`` with the resources of params.yaml's ``runtime`` section (overridden
 by the sweep config's ``runtime``), report each epoch through ``tune.report`` and are retried
-``runtime.max_retries`` times (``FailureConfig``). Inputs reach them through a
+``runtime.max_retries`` times (``FailureConfig``); a retried ``tune``/``stage_tune`` trial resumes
+from its last epoch (``pipelines.tune_checkpoints``: each epoch reported with its checkpoint
+through Tune's own API). Inputs reach them through a
 ``stages.jobs.inputs.InputStore`` (Ray's object store, or ``runtime.storage``): the driver passes the
 refs with ``tune.with_parameters``, each trial resolves its own with ``JobInputs.fetch``.
 
@@ -43,7 +45,8 @@ from pipelines.config import SWEEP_NAMES, HpoSweep, SweepBase, load_config, runt
 from pipelines.report import make_row, write_report
 from pipelines.specs import build_specs, recast_variants
 from pipelines.tracking import TrialLogger
-from pipelines.trials import run_trial
+from pipelines.trials import CHECKPOINTED_KINDS, run_trial
+from pipelines.tune_checkpoints import TuneTrialCheckpoints
 from recast.targets import build_plan
 from stages.jobs.backbones import load_backbone
 from stages.config.common import resolve
@@ -140,7 +143,11 @@ def sweep_trial(config: dict[str, Any], specs: dict[str, dict], inputs: dict[str
     def on_epoch(entry: dict[str, Any]) -> None:
         tune.report({**entry, "trial_key": spec["id"], "final": False})
 
-    meta = run_trial(spec, JobInputs.fetch(spec["inputs"], inputs), on_epoch)
+    if spec.get("kind") in CHECKPOINTED_KINDS:  # each epoch reported once, with its checkpoint
+        checkpoints = TuneTrialCheckpoints(spec["id"], {"trial_key": spec["id"], "final": False})
+        meta = run_trial(spec, JobInputs.fetch(spec["inputs"], inputs), None, checkpoints)
+    else:
+        meta = run_trial(spec, JobInputs.fetch(spec["inputs"], inputs), on_epoch)
     result = {**meta, "trial_key": spec["id"], "host": os.uname().nodename,
               "ray_node": ray.get_runtime_context().get_node_id(), "final": True}
     write_done(done_dir, spec["id"], result)
@@ -165,7 +172,8 @@ def _tuner(trainable, name: str, storage: str, param_space: dict, tune_config: t
     if tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True), True
     run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=[logger], verbose=0,
-                                failure_config=tune.FailureConfig(max_failures=rt.max_retries))
+                                failure_config=tune.FailureConfig(max_failures=rt.max_retries),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=1))  # the last epoch's only
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config), False
 
 

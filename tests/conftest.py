@@ -58,6 +58,7 @@ def tiny_resnet():
 SHARED_FIXTURE_FILES = {  # file -> work unit
     "tests/stages/test_pipeline_e2e.py": "e2e",  # both read pipeline_run: one clean dvc repro (minutes)
     "tests/stages/test_lineage_e2e.py": "e2e",
+    "tests/stages/test_pipeline_experiments_e2e.py": "e2e",  # after the two above: adds an experiment, commits
 }
 
 

@@ -89,7 +89,23 @@ def test_bench_speed_tiny(tmp_path):
     assert "| vit_all4 (test_vit) |" in results["table"]
 
 
-@pytest.mark.parametrize("script", ["bench_mimicry", "bench_speed"])
+def test_bench_amp_tiny(tmp_path):
+    """The GPU script's throughput step on CPU: both precisions train, parameters stay fp32."""
+    out = tmp_path / "amp.json"
+    argv = ["--device", "cpu", "--model", "test_vit", "--image-size", "32", "--batch", "4", "--warmup", "0",
+            "--steps", "1", "--json-out", str(out)]
+    returned = _load("bench_amp").main(argv)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(returned))
+    assert set(returned["rows"]) == {"fp32", "bf16"} and returned["bf16_over_fp32"] > 0
+    for row in returned["rows"].values():
+        assert row["images_per_s"] > 0 and row["param_dtypes"] == ["torch.float32"] and math.isfinite(row["final_loss"])
+    from recast.training import PrecisionError
+
+    with pytest.raises(PrecisionError, match="fp16 autocast needs a CUDA device"):
+        _load("bench_amp").main([*argv[:-2], "--precisions", "fp16", "--json-out", str(out)])
+
+
+@pytest.mark.parametrize("script", ["bench_mimicry", "bench_speed", "bench_amp"])
 def test_bench_rejects_unknown_device(script):
     with pytest.raises(SystemExit):
         _load(script).parse_args(["--device", "tpu"])

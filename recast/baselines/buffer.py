@@ -104,6 +104,37 @@ class TensorMemory:
             return {}
         return self._select(torch.arange(self.size, device=self.labels.device))
 
+    def checkpoint_state(self) -> tuple[dict[str, Tensor], dict]:
+        """Everything that decides later slots and samples: the slots (whole, not just the filled
+        part), the generator's state, the counters (a resumed run continues the same stream)."""
+        tensors = {"labels": self.labels, "task_ids": self.task_ids}
+        if self.images is not None:
+            tensors["images"] = self.images
+        if self.logits is not None:
+            tensors["logits"] = self.logits
+        if self.generator is not None:
+            tensors["generator"] = self.generator.get_state()
+        return tensors, {"size": self.size, **self._counters()}
+
+    def load_checkpoint_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Restore ``checkpoint_state`` into this (freshly built) memory of the same capacity."""
+        device = self.labels.device
+        self.labels, self.task_ids = tensors["labels"].to(device), tensors["task_ids"].to(device)
+        self.images = tensors["images"].to(device) if "images" in tensors else None
+        self.logits = tensors["logits"].to(device) if "logits" in tensors else None
+        if "generator" in tensors:
+            if self.generator is None:
+                self.generator = torch.Generator()
+            self.generator.set_state(tensors["generator"])
+        self.size = int(meta["size"])
+        self._load_counters(meta)
+
+    def _counters(self) -> dict:
+        return {}
+
+    def _load_counters(self, meta: dict) -> None:
+        pass
+
 
 class ReservoirBuffer(TensorMemory):
     """Reservoir sampling (Vitter, 1985), the memory of ER-ACE and DER++ in their references
@@ -115,6 +146,12 @@ class ReservoirBuffer(TensorMemory):
     def __init__(self, capacity: int, generator: torch.Generator | None = None) -> None:
         super().__init__(capacity, generator)
         self.seen = 0  # samples offered so far
+
+    def _counters(self) -> dict:
+        return {"seen": self.seen}
+
+    def _load_counters(self, meta: dict) -> None:
+        self.seen = int(meta["seen"])
 
     def _slot(self, task_id: int, label: int) -> int | None:
         n, self.seen = self.seen, self.seen + 1
@@ -144,6 +181,15 @@ class ClassBalancedBuffer(TensorMemory):
     def class_counts(self) -> dict[tuple[int, int], int]:
         return {c: n for c, n in self._counts.items() if n > 0}
 
+    def _counters(self) -> dict:  # JSON: classes as [task id, label] pairs, in first-seen order
+        return {"classes": [list(c) for c in self._classes], "seen": [list(c) for c in self._seen],
+                "counts": [[*c, n] for c, n in self._counts.items()]}
+
+    def _load_counters(self, meta: dict) -> None:
+        self._classes = [tuple(c) for c in meta["classes"]]
+        self._seen = {tuple(c): i for i, c in enumerate(meta["seen"])}
+        self._counts = Counter({(t, label): n for t, label, n in meta["counts"]})
+
     def _slot(self, task_id: int, label: int) -> int | None:
         cls = (task_id, label)
         self._seen.setdefault(cls, len(self._seen))
@@ -166,6 +212,36 @@ class ClassBalancedBuffer(TensorMemory):
         slots = [s for s, c in enumerate(self._classes) if c == largest]
         pick = int(torch.randint(len(slots), (1,), generator=self.generator))
         return slots[pick]
+
+
+def replay_checkpoint_state(buffer: TensorMemory | None, augment: object | None,
+                            generators: dict[str, torch.Generator] | None = None) -> tuple[dict[str, Tensor], dict]:
+    """The checkpoint of a replay method's state outside its ``state_dict``: the memory, the
+    re-augmentation's generator (``TaskAugment.generator``) and the method's own generators."""
+    tensors: dict[str, Tensor] = {}
+    meta: dict = {}
+    if buffer is not None:
+        held, meta["buffer"] = buffer.checkpoint_state()
+        tensors.update({f"buffer.{k}": v for k, v in held.items()})
+    if getattr(augment, "generator", None) is not None:
+        tensors["augment_generator"] = augment.generator.get_state()
+    for name, gen in (generators or {}).items():
+        tensors[f"generator.{name}"] = gen.get_state()
+    return tensors, meta
+
+
+def load_replay_checkpoint_state(buffer: TensorMemory | None, augment: object | None, tensors: dict[str, Tensor],
+                                 meta: dict, generators: dict[str, torch.Generator] | None = None) -> None:
+    """Restore ``replay_checkpoint_state`` into the rebuilt memory, augmentation and generators."""
+    if "buffer" in meta:
+        if buffer is None:
+            raise ValueError("checkpoint holds a replay memory; the rebuilt method has none")
+        buffer.load_checkpoint_state({k[len("buffer."):]: v for k, v in tensors.items() if k.startswith("buffer.")},
+                                     meta["buffer"])
+    if "augment_generator" in tensors and getattr(augment, "generator", None) is not None:
+        augment.generator.set_state(tensors["augment_generator"])
+    for name, gen in (generators or {}).items():
+        gen.set_state(tensors[f"generator.{name}"])
 
 
 def grouped_logits(net: MultiHeadNet, images: Tensor, task_ids: Tensor,

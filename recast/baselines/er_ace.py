@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from recast.baselines.buffer import ReservoirBuffer, TensorMemory, replay_cross_entropy
+from recast.baselines.buffer import (
+    ReservoirBuffer, TensorMemory, load_replay_checkpoint_state, replay_checkpoint_state, replay_cross_entropy,
+)
 from recast.baselines.common import TaskSpec
 from recast.baselines.method import ContinualMethod, train_epochs, unique_parameters
 from recast.checks import check_int
@@ -87,6 +89,12 @@ class ReplayMethod(ContinualMethod):
 
     def training_state(self) -> dict[str, Tensor]:
         return self.buffer.tensors() if self.buffer is not None else {}
+
+    def extra_checkpoint_state(self) -> tuple[dict[str, Tensor], dict]:
+        return replay_checkpoint_state(self.buffer, self.replay_augment)
+
+    def load_extra_checkpoint_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        load_replay_checkpoint_state(self.buffer, self.replay_augment, tensors, meta)
 
 
 def ace_logits(logits: Tensor, labels: Tensor, seen_max: int) -> Tensor:

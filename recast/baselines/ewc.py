@@ -84,6 +84,16 @@ class EWC(ContinualMethod):
             self.fisher[name] = value if old is None else self.cfg.gamma * old + value
         self.anchor = {n: p.detach().clone() for n, p in self.net.backbone.named_parameters()}
 
+    def extra_checkpoint_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors = {f"fisher.{k}": v for k, v in self.fisher.items()}
+        tensors.update({f"anchor.{k}": v for k, v in self.anchor.items()})
+        return tensors, {}
+
+    def load_extra_checkpoint_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        device = self.device
+        self.fisher = {k[len("fisher."):]: v.to(device) for k, v in tensors.items() if k.startswith("fisher.")}
+        self.anchor = {k[len("anchor."):]: v.to(device) for k, v in tensors.items() if k.startswith("anchor.")}
+
     def estimate_fisher(self, task: TaskSpec, train: Iterable[Any]) -> dict[str, Tensor]:
         """Diagonal Fisher of the backbone parameters on ``train`` (see the class docstring).
 

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from recast.baselines.buffer import ClassBalancedBuffer, grouped_logits
+from recast.baselines.buffer import (
+    ClassBalancedBuffer, grouped_logits, load_replay_checkpoint_state, replay_checkpoint_state,
+)
 from recast.baselines.common import TaskSpec
 from recast.baselines.method import ContinualMethod, train_epochs, unique_parameters
 from recast.checks import check_int
@@ -124,6 +126,12 @@ class GDumb(ContinualMethod):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return unique_parameters(self.net.parameters())
+
+    def extra_checkpoint_state(self) -> tuple[dict[str, Tensor], dict]:
+        return replay_checkpoint_state(self.buffer, self.replay_augment, {"cutmix": self.gen})
+
+    def load_extra_checkpoint_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        load_replay_checkpoint_state(self.buffer, self.replay_augment, tensors, meta, {"cutmix": self.gen})
 
     def fill_memory(self, train: Iterable[Any]) -> None:
         """Offer every training sample of the current task to the memory once."""

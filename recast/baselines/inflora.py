@@ -193,6 +193,21 @@ class InfLoRA(ContinualMethod):
             self.branches[name] = wrapper
             _set_submodule(self.net.backbone, name, wrapper)
 
+    def rebuild_task(self, task: TaskSpec) -> None:
+        """A finished task left its head and merged branches (plain Linears, loaded from the
+        state_dict): no branch design from its data."""
+        ContinualMethod.before_task(self, task)
+
+    def extra_checkpoint_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        if self.branches:
+            raise ValueError("InfLoRA: checkpoint between tasks only (unmerged branches)")
+        return {f"memory.{k}": v for k, v in self.memory.items()}, {"ranks": dict(self.ranks)}
+
+    def load_extra_checkpoint_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        device = self.device
+        self.memory = {k[len("memory."):]: v.to(device) for k, v in tensors.items() if k.startswith("memory.")}
+        self.ranks = {k: int(v) for k, v in meta["ranks"].items()}
+
     def _rows(self, name: str, base: nn.Linear) -> Tensor:
         out = base.out_features
         if self.cfg.rows == "all":

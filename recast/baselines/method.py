@@ -12,7 +12,9 @@ from tqdm.auto import tqdm
 
 from recast.baselines.common import MultiHeadNet, TaskSpec, prefixed
 from recast.checks import check_finite_loss
-from recast.training import TuneConfig, evaluate, make_optimizer, make_scheduler, module_device, train_mode
+from recast.training import (
+    TuneConfig, autocast, evaluate, make_grad_scaler, make_optimizer, make_scheduler, module_device, train_mode,
+)
 
 
 def unique_parameters(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
@@ -99,6 +101,40 @@ class ContinualMethod(nn.Module):
     def after_step(self) -> None:
         """Called after the optimiser step."""
 
+    # ---- checkpoints (a sequential run resumed at a task boundary) --------------------------
+    def checkpoint_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Everything later tasks depend on, between two tasks: the module's ``state_dict``
+        (weights, heads, registered buffers: ``module.*``) and what a subclass keeps outside it
+        (``extra_checkpoint_state``: ``extra.*`` tensors, JSON). Copies: safetensors-ready."""
+        tensors = {f"module.{k}": v.detach().cpu().clone() for k, v in self.state_dict().items()}
+        extra, meta = self.extra_checkpoint_state()
+        tensors.update({f"extra.{k}": v.detach().cpu().clone() for k, v in extra.items()})
+        return tensors, {"tasks": list(self.tasks), "extra": meta}
+
+    def restore_checkpoint(self, tensors: dict[str, Tensor], meta: dict[str, Any], done: list[TaskSpec]) -> None:
+        """Load ``checkpoint_state`` into a freshly built method: rebuild the per-task structure
+        of the ``done`` tasks (``rebuild_task``), then load the tensors and the extra state."""
+        for task in done:
+            self.rebuild_task(task)
+        if list(self.tasks) != list(meta["tasks"]):
+            raise ValueError(f"checkpoint of tasks {meta['tasks']}; this run rebuilt {self.tasks}")
+        module = {k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")}
+        self.load_state_dict(module, strict=True)
+        extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}  # CPU: generator states
+        self.load_extra_checkpoint_state(extra, meta["extra"])
+
+    def rebuild_task(self, task: TaskSpec) -> None:
+        """The structure a finished task left (its head, ...) without its training: ``before_task``
+        here; a method whose ``before_task`` computes from the task's data overrides it."""
+        self.before_task(task)
+
+    def extra_checkpoint_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """State outside the ``state_dict`` (Fisher, memories, generators); none here."""
+        return {}, {}
+
+    def load_extra_checkpoint_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """Restore ``extra_checkpoint_state`` (``tensors`` on the CPU: move what the method uses on its device)."""
+
     # ---- storage accounting ------------------------------------------------------------
     def shared_state(self) -> dict[str, Tensor]:
         """Tensors stored once for all tasks (here the shared backbone)."""
@@ -143,6 +179,7 @@ def train_epochs(method: ContinualMethod, batches: Iterable[Any], loss_fn: Calla
         raise ValueError(f"{desc}: no trainable parameters")
     optimizer = make_optimizer(params, cfg)
     scheduler = make_scheduler(optimizer, cfg)
+    scaler = make_grad_scaler(method.device, cfg.precision)
     device = method.device
     method.num_batches = len(batches) if hasattr(batches, "__len__") else None
     train_mode(method, cfg.freeze_bn_stats)
@@ -153,14 +190,17 @@ def train_epochs(method: ContinualMethod, batches: Iterable[Any], loss_fn: Calla
         loss = None
         for index, batch in enumerate(batches):
             method.batch_index = index
-            loss = loss_fn(move(batch, device))
+            with autocast(device, cfg.precision):
+                loss = loss_fn(move(batch, device))
             check_finite_loss(float(loss.detach()), desc, epoch, index)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # hooks and clipping see the true gradients (no-op unless fp16)
             method.before_step()
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             method.after_step()
         if loss is None:
             raise ValueError(f"{desc}: the training batches are empty")

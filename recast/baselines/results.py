@@ -123,6 +123,7 @@ class SequentialResult:
             ones (replay buffer, EWC Fisher + anchor, LwF old model, GDumb initial backbone),
             measured after each task.
         wall_time_s: seconds spent training each task (fit + after-task work, no evaluation).
+        resumed_task: tasks taken from a checkpoint (0: the run started at the first task).
     """
 
     method: str
@@ -134,6 +135,7 @@ class SequentialResult:
     task_bytes: list[int]
     training_state_bytes: list[int]
     wall_time_s: list[float]
+    resumed_task: int = 0
 
     def __post_init__(self) -> None:
         check_acc_matrix(self.acc_matrix)
@@ -184,5 +186,5 @@ class SequentialResult:
             "trainable_params": list(self.trainable_params), "shared_bytes": self.shared_bytes,
             "task_bytes": list(self.task_bytes), "bytes_per_task": self.bytes_per_task,
             "training_state_bytes": list(self.training_state_bytes),
-            "wall_time_s": list(self.wall_time_s),
+            "wall_time_s": list(self.wall_time_s), "resumed_task": self.resumed_task,
         }

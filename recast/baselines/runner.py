@@ -22,7 +22,8 @@ from recast.baselines.lwf import LwF, LwFConfig
 from recast.baselines.method import ContinualMethod, unique_numel
 from recast.baselines.recast_seq import RecastSequential
 from recast.baselines.results import SequentialResult
-from recast.training import TuneConfig, evaluate
+from recast.checkpoint import Checkpointer, CheckpointMismatchError
+from recast.training import TuneConfig, autocast, evaluate
 
 METHODS: dict[str, tuple[type[ContinualMethod], type | None]] = {
     "finetune_head": (FinetuneHead, None),
@@ -70,8 +71,11 @@ def _check_tasks(tasks: list[TaskSpec]) -> None:
         raise ValueError(f"task names must be unique, got {names}")
 
 
+SEQUENTIAL_FORMAT = "recast-sequential-checkpoint/1"
+
+
 def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TuneConfig,
-                   progress: bool | None = None) -> SequentialResult:
+                   progress: bool | None = None, checkpoint: Checkpointer | None = None) -> SequentialResult:
     """Train ``method`` on ``tasks`` in order; after each task test every task seen so far.
 
     Randomness of the run (heads, buffers, task embeddings, dropout) comes from torch's RNG
@@ -84,6 +88,10 @@ def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TuneConf
         tasks: the sequence; names must be unique.
         cfg: optimisation settings and seed.
         progress: tqdm bars per task; None: ``cfg.progress``.
+        checkpoint: where a checkpoint is saved after every task (the method's state, its RNG,
+            the rows measured so far; ``meta["task"]``: tasks done) and loaded from at the start:
+            a run stopped between tasks resumes there, bit-identical to a run never stopped
+            (``SequentialResult.resumed_task``).
     """
     progress = cfg.progress if progress is None else progress
     _check_tasks(tasks)
@@ -95,11 +103,30 @@ def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TuneConf
     train_bytes: list[int] = []
     wall: list[float] = []
     cuda = [device] if device.type == "cuda" else []
+    first = 0
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(cfg.seed)
         method.to(device)
         method.num_tasks = size
+        saved = checkpoint.load() if checkpoint is not None else None
+        if saved is not None:
+            tensors, meta = saved
+            names = [t.name for t in tasks]
+            if meta.get("format") != SEQUENTIAL_FORMAT or meta["task_names"] != names or meta["method"] != method.name:
+                raise CheckpointMismatchError(f"checkpoint of {meta.get('method')!r} over {meta.get('task_names')}; "
+                                              f"this run: {method.name!r} over {names}")
+            first = int(meta["task"])
+            method.restore_checkpoint({k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")},
+                                      meta["method_state"], tasks[:first])
+            method.to(device)
+            acc, val_acc, trainable = meta["acc_matrix"], meta["val_acc"], meta["trainable_params"]
+            train_bytes, wall = meta["training_state_bytes"], meta["wall_time_s"]
+            torch.set_rng_state(tensors["rng.cpu"])
+            if cuda and "rng.cuda" in tensors:
+                torch.cuda.set_rng_state(tensors["rng.cuda"], device)
         for i, task in enumerate(tasks):
+            if i < first:
+                continue
             _sync(device)
             start = time.perf_counter()
             method.before_task(task)
@@ -109,15 +136,26 @@ def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TuneConf
             method.after_task(task, task.train)
             _sync(device)
             wall.append(time.perf_counter() - start)
-            val_acc.append(evaluate(method, task.val, device, task=task.name) if task.val is not None else None)
-            row: list[float | None] = list(method.evaluate_tasks(tasks[:i + 1], device))
+            with autocast(device, cfg.precision):  # every method's own evaluation under the run's precision
+                val_acc.append(evaluate(method, task.val, device, task=task.name) if task.val is not None else None)
+                row: list[float | None] = list(method.evaluate_tasks(tasks[:i + 1], device))
             acc.append(row + [None] * (size - i - 1))
             train_bytes.append(state_bytes(method.training_state()))
+            if checkpoint is not None:
+                state, method_meta = method.checkpoint_state()
+                tensors = {f"method.{k}": v for k, v in state.items()}
+                tensors["rng.cpu"] = torch.get_rng_state()
+                if cuda:
+                    tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+                checkpoint.save(tensors, {
+                    "format": SEQUENTIAL_FORMAT, "task": i + 1, "task_names": [t.name for t in tasks],
+                    "method": method.name, "method_state": method_meta, "acc_matrix": acc, "val_acc": val_acc,
+                    "trainable_params": trainable, "training_state_bytes": train_bytes, "wall_time_s": wall})
     return SequentialResult(
         method=method.name, task_names=[t.name for t in tasks], acc_matrix=acc, val_acc=val_acc,
         trainable_params=trainable, shared_bytes=state_bytes(method.shared_state()),
         task_bytes=[state_bytes(method.task_state(t.name)) for t in tasks],
-        training_state_bytes=train_bytes, wall_time_s=wall)
+        training_state_bytes=train_bytes, wall_time_s=wall, resumed_task=first)
 
 
 def _sync(device: torch.device) -> None:

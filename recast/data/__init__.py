@@ -8,6 +8,7 @@ Preparing: ``build_offline_suite`` (embedded digits suite, see ``recast.data.off
 
 from recast.data.augment import transform_batch
 from recast.data.cifar import RestrictedUnpickler
+from recast.data.download import REMOTES, ChecksumError, DownloadError, FetchPolicy, fetch
 from recast.data.errors import DataError
 from recast.data.loader import BatchLoader, TaskDataset
 from recast.data.manifest import SPLITS, AugmentPolicy, TaskManifest, read_manifest, sha256_file
@@ -21,13 +22,18 @@ __all__ = [
     "SOURCE_TASK",
     "SPLITS",
     "AugmentPolicy",
+    "REMOTES",
     "BatchLoader",
+    "ChecksumError",
     "DataError",
+    "DownloadError",
+    "FetchPolicy",
     "RestrictedUnpickler",
     "TaskDataset",
     "TaskManifest",
     "build_offline_suite",
     "describe",
+    "fetch",
     "load_split",
     "locate",
     "prepare_paper_task",

@@ -1,6 +1,7 @@
 """The paper's six tasks: find them under a data root (or download them), store them prepared.
 
-Expected locations under ``data_root`` (the first layout found wins):
+Expected locations under ``data_root`` (the first layout found wins; ``download=True`` fetches the
+official archives into them, see ``recast.data.download``):
 
 - cifar10: ``cifar-10-batches-bin/`` (preferred) or ``cifar-10-batches-py/`` (torchvision's).
 - cifar100: ``cifar-100-binary/`` (preferred) or ``cifar-100-python/`` (torchvision's).
@@ -28,6 +29,7 @@ from typing import Literal
 import numpy as np
 
 from recast.data.cifar import CIFAR10_BIN, CIFAR10_PY, read_cifar_binary, read_cifar_python
+from recast.data.download import FetchPolicy, fetch
 from recast.data.errors import DataError
 from recast.data.jpeg import JPEG_QUALITY
 from recast.data.manifest import AugmentPolicy
@@ -88,23 +90,6 @@ DESCRIPTIONS = {
 }
 
 
-def _torchvision_download(name: str, root: Path) -> None:
-    import torchvision.datasets as tvd
-
-    makers = {
-        "cifar10": lambda: tvd.CIFAR10(str(root), train=True, download=True),
-        "cifar100": lambda: tvd.CIFAR100(str(root), train=True, download=True),
-        "flowers102": lambda: tvd.Flowers102(str(root), split="train", download=True),
-        "aircraft": lambda: tvd.FGVCAircraft(str(root), split="trainval", download=True),
-    }
-    if name not in makers:
-        raise DataError(root, f"{name} cannot be downloaded by torchvision; place it by hand (see below)")
-    try:
-        makers[name]()
-    except (OSError, RuntimeError) as err:
-        raise DataError(root, f"downloading {name} with torchvision failed ({err}); are you offline?") from None
-
-
 def _expected(name: str, root: Path) -> str:
     lines = []
     for layout in LAYOUTS[name]:
@@ -115,8 +100,11 @@ def _expected(name: str, root: Path) -> str:
     return "\n".join(lines)
 
 
-def locate(name: str, data_root: str | os.PathLike, download: bool = False) -> tuple[Path, Layout]:
-    """Find ``name`` under ``data_root`` (downloading it first if allowed and absent)."""
+def locate(
+    name: str, data_root: str | os.PathLike, download: bool = False, policy: FetchPolicy = FetchPolicy(),
+    progress: bool = False,
+) -> tuple[Path, Layout]:
+    """Find ``name`` under ``data_root`` (fetching its official archives first if allowed and absent)."""
     if name not in LAYOUTS:
         raise ValueError(f"unknown paper task {name!r}; choose from {PAPER_TASKS}")
     root = Path(data_root)
@@ -126,13 +114,10 @@ def locate(name: str, data_root: str | os.PathLike, download: bool = False) -> t
             if all((where / r).exists() for r in layout.required):
                 return where, layout
         if attempt == 0 and download:
-            try:
-                _torchvision_download(name, root)
-            except DataError as err:
-                raise DataError(root, f"{err.problem}\nExpected one of:\n{_expected(name, root)}") from None
+            fetch(name, root, policy, progress)  # ChecksumError / DownloadError name the URL and the file
         else:
             break
-    hint = "" if download else "\n(or set download: true to fetch it with torchvision when online)"
+    hint = "" if download else "\n(or set download: true to fetch its official archives when online)"
     raise DataError(root, f"no {name} data found. Expected one of:\n{_expected(name, root)}{hint}")
 
 
@@ -146,6 +131,7 @@ def prepare_paper_task(
     download: bool = False,
     progress: bool = False,
     workers: int | None = None,
+    policy: FetchPolicy = FetchPolicy(),
 ) -> Path:
     """Read one paper task from its official layout and write ``out_dir/<name>/``.
 
@@ -156,9 +142,11 @@ def prepare_paper_task(
         seed: seed of the val split and the stored row order.
         val_fraction: fraction of each class of the official training data carved out as val.
         image_size: stored side for non-CIFAR tasks (CIFAR stays 32).
-        download: let torchvision download the dataset if absent (cifar*, flowers102, aircraft).
+        download: fetch the official archives if absent (``recast.data.download``: checksum, resume,
+            atomic extraction).
         progress: show tqdm progress bars.
         workers: image-decoding threads (default min(4, cpus)).
+        policy: download attempts, back-off and timeout.
 
     Returns:
         The task directory.
@@ -169,7 +157,7 @@ def prepare_paper_task(
         raise ValueError(f"val_fraction={val_fraction}; must be in (0, 0.5)")
     if image_size < 8:
         raise ValueError(f"image_size={image_size}; must be >= 8")
-    directory, layout = locate(name, data_root, download)
+    directory, layout = locate(name, data_root, download, policy, progress)
     raw = layout.reader(directory)
     is_cifar = name.startswith("cifar")
     size = 32 if is_cifar else image_size

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stages.config.common import PARAMS_ENV, StageKilled, read_params
+from stages.config.common import PARAMS_ENV, ParamsError, StageKilled, read_params
 
 
 def stage_params(argv: list[str] | None, description: str | None, own_section_only: bool = False) -> dict[str, Any]:
@@ -47,6 +47,9 @@ def entry(name: str, spec) -> None:
     module = importlib.import_module(spec.name if spec is not None else name)
     try:
         result = module.main()
+    except ParamsError as err:  # names every bad key; a traceback would bury it
+        print(err, file=sys.stderr)
+        sys.exit(2)
     except StageKilled as err:  # SIGTERM outside a ray.get (inside one, Ray raises KeyboardInterrupt)
         print(f"{spec.name if spec is not None else name}: {err}", file=sys.stderr)
         sys.exit(128 + 15)

@@ -25,6 +25,10 @@ from recast.machine import machine_tags
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 PARAMS_ENV = "RECAST_PARAMS"  # the params file of this process (``--params`` sets it)
+# DVC sets these in every stage it runs; in an experiment run in a temporary copy of the workspace
+# (``dvc exp run --queue`` / ``--temp``) DVC_ROOT is the workspace it was queued from.
+DVC_ROOT_ENV = "DVC_ROOT"
+EXPERIMENT_ENVS = {"dvc.exp_name": "DVC_EXP_NAME", "dvc.exp_baseline_rev": "DVC_EXP_BASELINE_REV"}
 
 M = TypeVar("M", bound="Section")
 
@@ -55,7 +59,18 @@ def check_digest(path: str | os.PathLike, actual: str, expected: str | None, wha
         raise IntegrityError(f"{path}: no recorded {what} to verify it against")
     if actual != expected:
         raise IntegrityError(f"{path}: content {what} {actual[:16]} does not match the recorded {expected[:16]} "
-                             "(corrupt or edited file); rebuild it with the stage that wrote it")
+                             f"(corrupt or edited file); {repair_advice(path)}")
+
+
+def repair_advice(path: str | os.PathLike) -> str:
+    """How to repair a damaged stage output: DVC's cache keeps the bytes the stage wrote, and never
+    shares them with the workspace file (``.dvc/config``: cache type reflink or copy)."""
+    try:
+        rel = Path(path).resolve().relative_to(REPO_ROOT)
+    except ValueError:  # not under this repo: not a DVC output
+        return "rebuild it with the stage that wrote it"
+    return (f"restore the bytes the stage wrote from DVC's cache: `dvc checkout --force {rel}` "
+            "(or rebuild it: `dvc repro -f -s <stage that wrote it>`)")
 
 
 def read_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -70,12 +85,13 @@ def read_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
     return data
 
 
-def validate_section(name: str, model: type[M], data: dict[str, Any]) -> M:
-    """Validate ``data[name]`` against ``model``; errors name the full key (``section.key``)."""
+def section_errors(name: str, model: type[M], data: dict[str, Any]) -> tuple[M | None, list[str]]:
+    """Validate ``data[name]`` against ``model``: the section, or None and one line per invalid
+    key, each naming the full key (``section.key``)."""
     if name not in data:
-        raise ParamsError(f"params: missing section '{name}'")
+        return None, [f"params: missing section '{name}'"]
     try:
-        return model.model_validate(data[name] or {})
+        return model.model_validate(data[name] or {}), []
     except ValidationError as err:
         lines = []
         for e in err.errors():
@@ -87,7 +103,20 @@ def validate_section(name: str, model: type[M], data: dict[str, Any]) -> M:
                 lines.append(f"{key}: {msg}")
             else:
                 lines.append(f"{key}: {msg} (got {e.get('input')!r})")
-        raise ParamsError("invalid params:\n  " + "\n  ".join(lines)) from None
+        return None, lines
+
+
+def params_error(lines: list[str]) -> ParamsError:
+    """One ParamsError listing every invalid key."""
+    return ParamsError("invalid params:\n  " + "\n  ".join(lines))
+
+
+def validate_section(name: str, model: type[M], data: dict[str, Any]) -> M:
+    """Validate ``data[name]`` against ``model``; errors name the full key (``section.key``)."""
+    section, lines = section_errors(name, model, data)
+    if section is None:
+        raise params_error(lines) if name in data else ParamsError(lines[0])
+    return section
 
 
 def load_section(name: str, model: type[M], path: str | os.PathLike | None = None) -> M:
@@ -176,6 +205,40 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         json.dump(obj, fh, indent=2, sort_keys=True)
         fh.write("\n")
     os.replace(tmp, path)
+
+
+class WorkspaceUnavailable(RuntimeError):
+    """An experiment's workspace (DVC_ROOT) is not a DVC workspace: its store and job cache cannot be found."""
+
+
+def workspace_root() -> Path:
+    """The DVC workspace whose MLflow store and job cache this process shares: the repo itself,
+    or, for an experiment that DVC runs in a temporary copy (``dvc exp run --queue`` / ``--temp``;
+    the copy is deleted afterwards), the workspace DVC_ROOT names.
+
+    Raises:
+        WorkspaceUnavailable: DVC_ROOT names no DVC workspace (never a silent store of the copy's own).
+    """
+    root = os.environ.get(DVC_ROOT_ENV)
+    if not root or Path(root).resolve() == REPO_ROOT:
+        return REPO_ROOT
+    root = Path(root).resolve()
+    if not (root / ".dvc").is_dir():
+        raise WorkspaceUnavailable(f"{DVC_ROOT_ENV}={root}: not a DVC workspace (no .dvc/); an experiment logs to and "
+                                   "caches its jobs in the workspace it was queued from")
+    return root
+
+
+def experiment_tags() -> dict[str, str]:
+    """``dvc.exp_name`` / ``dvc.exp_baseline_rev`` of the DVC experiment this process runs in (none outside one)."""
+    return {tag: os.environ[env] for tag, env in EXPERIMENT_ENVS.items() if os.environ.get(env)}
+
+
+def resolve_shared(path: str | os.PathLike) -> Path:
+    """Resolve a path of what every run of the workspace shares (the job cache) against
+    ``workspace_root()``: an experiment in a temporary copy uses the workspace's."""
+    p = Path(path)
+    return p if p.is_absolute() else (workspace_root() / p)
 
 
 def resolve(path: str | os.PathLike) -> Path:

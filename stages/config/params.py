@@ -17,7 +17,7 @@ from recast.adapters import adapter_preset
 from recast.config import MimicryConfig
 from recast.data import OFFLINE_TASKS, PAPER_TASKS
 from recast.presets import PRESET_NAMES, preset
-from recast.training import TuneConfig
+from recast.training import Precision, PrecisionError, TuneConfig
 from stages.config.common import ParamsError, Section
 
 PosInt = Annotated[StrictInt, Field(ge=1)]
@@ -34,7 +34,7 @@ def _unique(v: list | None) -> list | None:
 
 # ----------------------------------------------------------------------------- runtime
 class RuntimeParams(Section):
-    """``runtime``: Ray resources, retries, device, MLflow experiment, job cache.
+    """``runtime``: Ray resources, retries, device, precision, MLflow experiment, job cache.
 
     Ray is local unless RAY_ADDRESS is set (then ``num_cpus`` is ignored: the cluster's count);
     MLflow uses an sqlite store under the repo unless MLFLOW_TRACKING_URI is set. Jobs get their
@@ -46,6 +46,9 @@ class RuntimeParams(Section):
     without starting a local Ray (never with RAY_ADDRESS set; 0: always Ray).
     Every job runs with ``torch_threads`` torch threads, in-process and on Ray alike (and
     ``stages.registry reproduce`` with the job's recorded count): float sums depend on it.
+    ``precision`` (``fp32``, ``bf16``, ``fp16``: CUDA only) is the autocast dtype of tune, combine,
+    the sequential baselines and evaluate's reload check (``recast.training.autocast``); banks,
+    coefficients, heads and payloads stay fp32 and mimicry always runs in fp32/fp64.
     """
 
     num_cpus: PosInt = 2
@@ -59,6 +62,7 @@ class RuntimeParams(Section):
     storage: str | None = None
     inline_jobs: NonNegInt = 1
     torch_threads: PosInt = 1
+    precision: Precision = "fp32"
 
     @field_validator("gpus_per_task")
     @classmethod
@@ -85,6 +89,13 @@ class RuntimeParams(Section):
     def _device_has_gpu(self):
         if self.device == "cuda" and self.gpus_per_task == 0:
             raise ValueError("device 'cuda' needs gpus_per_task > 0 (Ray gives a job a GPU only when it asks)")
+        return self
+
+    @model_validator(mode="after")
+    def _fp16_needs_cuda(self):
+        if self.precision == "fp16" and (self.device == "cpu" or self.gpus_per_task == 0):
+            raise ValueError(f"precision: {PrecisionError('fp16', 'cpu')} (runtime.device {self.device!r}, "
+                             f"gpus_per_task {self.gpus_per_task})")
         return self
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from typing import Any
 
 import timm
@@ -23,7 +24,7 @@ from recast.baselines.common import config_from_mapping
 from recast.data.offline import SPECS as OFFLINE_SPECS
 from recast.data.offline import TEST_FRACTION
 from recast.targets import build_plan
-from stages.config.common import ParamsError, read_params, validate_section
+from stages.config.common import ParamsError, params_error, read_params, section_errors, validate_section
 from stages.config.params import SECTIONS, CombineParams, TuneParams, suite_tasks
 
 
@@ -40,50 +41,39 @@ def _plan_recast(arch_name: str, pre, mim) -> dict[str, Any]:
             "template_params": sum(torch.Size(b.shape).numel() * b.templates for b in plan.banks)}
 
 
-def validate_all(data: dict[str, Any]) -> dict[str, Any]:
-    """Validate all sections; returns the stage plan. Raises ParamsError naming the bad key."""
-    unknown = sorted(set(data) - set(SECTIONS))
-    if unknown:
-        raise ParamsError(f"params: unknown section(s) {unknown}; valid: {sorted(SECTIONS)}")
-    v = {name: validate_section(name, model, data) for name, model in SECTIONS.items()}
-    rt, prep, pre, mim, tune, comb = (v[k] for k in ("runtime", "prepare", "pretrain", "mimic", "tune", "combine"))
-    ev = v["evaluate"]
+CONFIG_KEY = "config"  # top-level: the name of the conf/config/ file params.yaml was composed from
 
-    tasks = suite_tasks(prep)
-    if tune.tasks is not None:
-        bad = [t for t in tune.tasks if t not in tasks]
-        if bad:
-            raise ParamsError(f"tune.tasks: {bad} are not prepared by the '{prep.suite}' suite; choose from {tasks}")
-        tasks = list(tune.tasks)
-    for section, archs in (("mimic.archs", mim.archs), ("tune.archs", tune.archs)):
-        missing = [a for a in archs if a not in pre.archs]
-        if missing:
-            raise ParamsError(f"{section}: {missing} not defined in pretrain.archs {sorted(pre.archs)}")
-    for section, methods in (("tune.methods", tune.methods), ("combine.methods", comb.methods)):
-        for name, m in methods.items():
-            if m.needs_recast:
-                missing = [a for a in (m.archs or tune.archs) if a not in mim.archs]
-                if missing:
-                    raise ParamsError(f"{section}.{name}: needs RECAST banks for {missing}; add them to mimic.archs")
-            for a in m.archs or []:
-                if a not in pre.archs:
-                    raise ParamsError(f"{section}.{name}.archs: unknown arch {a!r}; defined: {sorted(pre.archs)}")
-    bad = [a for a in ev.forgetting_archs if a not in tune.archs]
-    if bad:
-        raise ParamsError(f"evaluate.forgetting_archs: {bad} not in tune.archs {tune.archs}")
-    for arch, names in tune.continual.methods.items():
-        if arch not in tune.archs:
-            raise ParamsError(f"tune.continual.methods.{arch}: not one of tune.archs {tune.archs}")
-        if "recast" in names and arch not in mim.archs:
-            raise ParamsError(f"tune.continual.methods.{arch}: 'recast' needs RECAST banks; add {arch!r} to mimic.archs")
-        bad = [m for m in names if m not in METHODS]
-        if bad:
-            raise ParamsError(f"tune.continual.methods.{arch}: unknown {bad}; valid: {sorted(METHODS)}")
-    _check_continual_options(tune.continual.options, {m for ms in tune.continual.methods.values() for m in ms})
-    check_lr_coverage(tune, comb)
+
+def validate_all(data: dict[str, Any]) -> dict[str, Any]:
+    """Validate all sections; returns the stage plan. Raises one ParamsError naming every
+    invalid key of every section (then every failed cross-section check)."""
+    errors: list[str] = []
+    unknown = sorted(set(data) - set(SECTIONS) - {CONFIG_KEY})
+    if unknown:
+        errors.append(f"params: unknown section(s) {unknown}; valid: {sorted(SECTIONS)} and '{CONFIG_KEY}'")
+    if not isinstance(data.get(CONFIG_KEY, ""), str):
+        errors.append(f"{CONFIG_KEY}: the name of a conf/config/ file (got {data[CONFIG_KEY]!r})")
+    v = {}
+    for name, model in SECTIONS.items():
+        section, lines = section_errors(name, model, data)
+        v[name] = section
+        errors += lines
+    if errors:
+        raise params_error(errors)
+    rt, prep, pre, mim, tune, comb = (v[k] for k in ("runtime", "prepare", "pretrain", "mimic", "tune", "combine"))
+    errors = _cross_section_errors(prep, pre, mim, tune, comb, v["evaluate"])
+    plan_mimic = {}
+    for a in (a for a in mim.archs if a in pre.archs):
+        try:
+            plan_mimic[a] = _plan_recast(a, pre, mim)
+        except ParamsError as err:
+            errors.append(str(err))
+    if errors:
+        raise params_error(errors)
+    tasks = list(tune.tasks) if tune.tasks is not None else suite_tasks(prep)
 
     plan: dict[str, Any] = {"suite": prep.suite, "tasks": tasks, "device": rt.device}
-    plan["mimic"] = {a: _plan_recast(a, pre, mim) for a in mim.archs}
+    plan["mimic"] = plan_mimic
     n = len(tasks) * len(tune.seeds)
     count = lambda methods: {f"{a}/{k}": n for a in tune.archs for k, m in methods.items() if m.archs is None or a in m.archs}
     plan["tune"] = count(tune.methods)
@@ -93,6 +83,48 @@ def validate_all(data: dict[str, Any]) -> dict[str, Any]:
     plan["jobs"] = {"pretrain": len(pre.archs), "mimic": len(mim.archs), "tune": sum(plan["tune"].values()),
                     "combine": sum(plan["combine"].values())}
     return plan
+
+
+def _cross_section_errors(prep, pre, mim, tune: TuneParams, comb: CombineParams, ev) -> list[str]:
+    """Every failed check between sections, one line each."""
+    errors: list[str] = []
+    tasks = suite_tasks(prep)
+    if tune.tasks is not None:
+        bad = [t for t in tune.tasks if t not in tasks]
+        if bad:
+            errors.append(f"tune.tasks: {bad} are not prepared by the '{prep.suite}' suite; choose from {tasks}")
+    for section, archs in (("mimic.archs", mim.archs), ("tune.archs", tune.archs)):
+        missing = [a for a in archs if a not in pre.archs]
+        if missing:
+            errors.append(f"{section}: {missing} not defined in pretrain.archs {sorted(pre.archs)}")
+    for section, methods in (("tune.methods", tune.methods), ("combine.methods", comb.methods)):
+        for name, m in methods.items():
+            if m.needs_recast:
+                missing = [a for a in (m.archs or tune.archs) if a not in mim.archs]
+                if missing:
+                    errors.append(f"{section}.{name}: needs RECAST banks for {missing}; add them to mimic.archs")
+            for a in m.archs or []:
+                if a not in pre.archs:
+                    errors.append(f"{section}.{name}.archs: unknown arch {a!r}; defined: {sorted(pre.archs)}")
+    bad = [a for a in ev.forgetting_archs if a not in tune.archs]
+    if bad:
+        errors.append(f"evaluate.forgetting_archs: {bad} not in tune.archs {tune.archs}")
+    for arch, names in tune.continual.methods.items():
+        if arch not in tune.archs:
+            errors.append(f"tune.continual.methods.{arch}: not one of tune.archs {tune.archs}")
+        if "recast" in names and arch not in mim.archs:
+            errors.append(f"tune.continual.methods.{arch}: 'recast' needs RECAST banks; add {arch!r} to mimic.archs")
+        bad = [m for m in names if m not in METHODS]
+        if bad:
+            errors.append(f"tune.continual.methods.{arch}: unknown {bad}; valid: {sorted(METHODS)}")
+    for check in (lambda: _check_continual_options(tune.continual.options,
+                                                   {m for ms in tune.continual.methods.values() for m in ms}),
+                  lambda: check_lr_coverage(tune, comb)):
+        try:
+            check()
+        except ParamsError as err:
+            errors.append(str(err))
+    return errors
 
 
 # Official train(+val) images of the paper's tasks (public dataset sizes); val is carved from them.
@@ -127,14 +159,18 @@ def gpu_estimate(data: dict[str, Any], plan: dict[str, Any], seconds_per_step: f
             "gpu_hours": round(job_seconds * rt.gpus_per_task / 3600, 1), "job_hours": round(job_seconds / 3600, 1)}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default=None)
     ap.add_argument("--seconds-per-step", type=float, default=SECONDS_PER_STEP,
                     help=f"assumed time of one training step on one GPU (default {SECONDS_PER_STEP})")
     args = ap.parse_args(argv)
-    data = read_params(args.params)
-    plan = validate_all(data)
+    try:
+        data = read_params(args.params)
+        plan = validate_all(data)
+    except ParamsError as err:  # the message names every bad key: a traceback would only bury it
+        print(err, file=sys.stderr)
+        return 2
     print(json.dumps(plan, indent=2))
     est = gpu_estimate(data, plan, args.seconds_per_step)
     print(f"GPU estimate (tune + combine): {est['jobs']} jobs x {est['mean_job_hours']:.3f} h per per-task job "
@@ -142,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
           f"sequential baselines over every task) = {est['job_hours']} job-hours; x gpus_per_task "
           f"{est['gpus_per_task']} = {est['gpu_hours']} GPU-hours reserved")
     print("params OK")
+    return 0
 
 
 def check_lr_coverage(tune: TuneParams, comb: CombineParams) -> None:
@@ -173,4 +210,4 @@ def _check_continual_options(options: dict[str, dict[str, Any]], used: set[str])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

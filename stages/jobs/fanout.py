@@ -43,13 +43,14 @@ from tqdm.auto import tqdm
 
 from recast.io import save_tensors, write_tensor_file
 from recast.machine import KERNEL_ENV, machine_record
-from stages.config.common import file_lock, resolve, temp_path, write_json_atomic
+from stages.config.common import file_lock, resolve, resolve_shared, temp_path, write_json_atomic
 from stages.jobs.inputs import InputStore, JobInputs
 from stages.config.params import RuntimeParams
 
 Result = tuple[dict[str, Any], dict[str, torch.Tensor]]
 JobFn = Callable[[dict, JobInputs], Result]
 FAULT_ENV = "RECAST_FAULT_ONCE_DIR"  # tests: a job whose marker is absent kills its worker once
+FAULT_POINT_ENV = "RECAST_FAULT_POINT"  # tests: where (comma list): "start" (default), "epoch:<k>", "task:<k>"
 MARKER_ENV = "RECAST_TRIAL_MARKER_DIR"  # tests: each sweep trial that computes leaves a file here
 
 
@@ -94,7 +95,8 @@ def code_fingerprint() -> str:
 
 # Fields holding where an input lives; its content enters the key through a digest field
 # (backbone_sha, bank_sha, task_sha, source_sha), so a copied or moved project keys the same.
-PATH_FIELDS = frozenset({"task_dir", "task_dirs", "data_dir", "pretrain_dir", "mimic_dir", "out_dir", "cache_dir"})
+PATH_FIELDS = frozenset({"task_dir", "task_dirs", "data_dir", "pretrain_dir", "mimic_dir", "out_dir", "cache_dir",
+                         "checkpoint_dir"})
 
 
 def _without_paths(value: Any) -> Any:
@@ -133,7 +135,8 @@ def init_ray(rt: RuntimeParams):
     address = os.environ.get("RAY_ADDRESS")
     env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
                 "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
-    env_vars.update({k: os.environ[k] for k in (FAULT_ENV, MARKER_ENV, *KERNEL_ENV) if os.environ.get(k)})
+    env_vars.update({k: os.environ[k] for k in (FAULT_ENV, FAULT_POINT_ENV, MARKER_ENV, *KERNEL_ENV)
+                     if os.environ.get(k)})
     runtime_env: dict[str, Any] = {"env_vars": env_vars, "working_dir": str(CODE_ROOT), "excludes": CODE_EXCLUDES}
     sigterm = signal.getsignal(signal.SIGTERM)
     if address:
@@ -151,12 +154,15 @@ def init_ray(rt: RuntimeParams):
     return ray
 
 
-def maybe_fault(job_id: str) -> None:
-    """Tests: with RECAST_FAULT_ONCE_DIR set, exit this process the first time ``job_id`` runs."""
+def maybe_fault(job_id: str, point: str = "start") -> None:
+    """Tests: with RECAST_FAULT_ONCE_DIR set, exit this process the first time ``job_id`` reaches
+    ``point``, the one named by RECAST_FAULT_POINT (default ``start``; ``epoch:<k>`` / ``task:<k>``:
+    once its checkpoint after epoch / task k is written)."""
     fault_dir = os.environ.get(FAULT_ENV)
-    if not fault_dir:
+    if not fault_dir or point not in os.environ.get(FAULT_POINT_ENV, "start").split(","):
         return
-    marker = Path(fault_dir) / f"{job_id.replace('/', '_')}.killed"
+    suffix = "" if point == "start" else "." + point.replace(":", "")
+    marker = Path(fault_dir) / f"{job_id.replace('/', '_')}{suffix}.killed"
     if not marker.exists():
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text("killed once\n")
@@ -235,7 +241,15 @@ def _cache_paths(cache: Path, key: str) -> tuple[Path, Path]:
 def job_file(rt: RuntimeParams, stage: str, spec: dict, suffix: str) -> Path:
     """``<cache_dir>/<stage>/<key><suffix>``: a file of ``spec``'s job in the job cache
     (``.safetensors``: its tensors; ``.mlflow.json``: where its artifacts were logged)."""
-    return resolve(rt.cache_dir) / stage / f"{spec_key(spec)}{suffix}"
+    return resolve_shared(rt.cache_dir) / stage / f"{spec_key(spec)}{suffix}"
+
+
+def checkpoint_location(rt: RuntimeParams, stage: str, spec: dict) -> str:
+    """Where ``spec``'s job keeps its checkpoints (``stages.jobs.checkpoints``): under
+    ``runtime.storage`` when set (every node reads it), else in the local job cache."""
+    if rt.storage:
+        return f"{rt.storage.rstrip('/')}/checkpoints/{stage}/{spec_key(spec)}"
+    return str(resolve(rt.cache_dir) / stage / "checkpoints" / spec_key(spec))
 
 
 def store_tensors(rt: RuntimeParams, stage: str, spec: dict, tensors: dict[str, torch.Tensor], meta: dict,
@@ -319,7 +333,7 @@ def _write_cached(cache: Path, key: str, result: Result) -> None:
 def stage_lock(stage: str, rt: RuntimeParams) -> Iterator[None]:
     """Hold ``<cache_dir>/<stage>.lock`` for a whole stage run: a second run of the same stage
     waits, then finds the first one's jobs in the cache."""
-    with file_lock(resolve(rt.cache_dir) / f"{stage}.lock", waiting=f"{stage}: another run of this stage is in progress"):
+    with file_lock(resolve_shared(rt.cache_dir) / f"{stage}.lock", waiting=f"{stage}: another run of this stage is in progress"):
         yield
 
 
@@ -345,7 +359,7 @@ def run_jobs(
     if len(set(ids)) != len(ids):
         raise ValueError(f"{stage}: duplicate job ids")
     store = inputs or InputStore(rt.storage)
-    cache = resolve(rt.cache_dir) / stage
+    cache = resolve_shared(rt.cache_dir) / stage
     results: dict[str, Result] = {}
     pending = []
     threads = rt.torch_threads
@@ -359,18 +373,24 @@ def run_jobs(
                 on_result(spec, cached, True)
         else:
             pending.append(spec)
+    print(f"{stage}: {len(results)} of {len(specs)} jobs from the job cache {cache}", file=sys.stderr, flush=True)
     if not pending:
         return results
 
+    def with_checkpoints(spec: dict) -> dict:  # a path field: the cache key stays the spec's
+        return {**spec, "checkpoint_dir": checkpoint_location(rt, stage, spec)}
+
     def finish(spec: dict, result: Result) -> None:
         _write_cached(cache, spec_key(spec), result)
+        if not rt.storage:  # the job deleted its own; this catches a local one it could not
+            shutil.rmtree(checkpoint_location(rt, stage, spec), ignore_errors=True)
         results[spec["id"]] = result
         if on_result:
             on_result(spec, result, False)
 
     if runs_inline(rt, len(pending)):
         for spec in pending:
-            finish(spec, _run_inline(fn, spec, threads, store))
+            finish(spec, _run_inline(fn, with_checkpoints(spec), threads, store))
         return results
     ray = init_ray(rt)
     refs_by_key = store.refs(pending)
@@ -379,7 +399,7 @@ def run_jobs(
     refs = {}
     for spec in pending:
         needed = {k: refs_by_key[k] for k in set(spec.get("inputs", {}).values())}
-        refs[remote.remote(fn, spec, threads, code, needed)] = spec
+        refs[remote.remote(fn, with_checkpoints(spec), threads, code, needed)] = spec
     bar = tqdm(total=len(specs), initial=len(results), desc=stage, disable=not rt.progress)
     try:
         while refs:

@@ -68,7 +68,7 @@ def reload_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
             loaders = {prev: inputs.task(f"task/{prev}").loader(
                 "test", 256, spec["image_size"], train=False, seed=0, limit=spec["limit_eval"], device=device)
                 for prev in tasks[:i + 1]}
-            acc = evaluate_mixed(rc, loaders, device)  # tasks 0..i in mixed batches, one forward each
+            acc = evaluate_mixed(rc, loaders, device, spec.get("precision", "fp32"))  # tasks 0..i mixed, one forward each
             row: list[float | None] = [acc[prev] for prev in tasks[:i + 1]] + [None] * (len(tasks) - i - 1)
             matrix.append(row)
     final = matrix[-1]
@@ -82,5 +82,7 @@ def payload_reload(archs: list[str], tune_dir: Path, results: list[dict], p_tune
     device = job_device(rt)
     store = InputStore(rt.storage)
     specs = [s for arch in archs if (s := reload_spec(arch, tune_dir, results, p_tune, device, store, method))]
+    if rt.precision != "fp32":  # the standalone accuracies were measured in it
+        specs = [{**s, "precision": rt.precision} for s in specs]
     done = run_jobs("reload", reload_job, specs, rt, inputs=store)
     return {s["arch"]: {k: v for k, v in done[s["id"]][0].items() if not k.startswith("_")} for s in specs}

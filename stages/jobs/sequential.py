@@ -3,6 +3,7 @@ trains ONE shared backbone on every task in the configured order (``recast.basel
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import torch
@@ -10,9 +11,12 @@ import torch
 from recast.baselines import TaskSpec, make_method, run_sequential
 from recast.data.augment import TaskAugment
 from stages.config.common import record_nondeterminism, resolve, seed_everything
+from stages.jobs.checkpoints import job_checkpoints
 from stages.jobs.inputs import InputStore, JobInputs, backbone_bundle, banks_bundle, task_bundle
 from stages.config.params import TrainParams, TuneParams
 from stages.jobs.specs import common_fields, task_names
+
+log = logging.getLogger(__name__)
 
 
 def continual_specs(stage: str, p: TuneParams, device: str, store: InputStore) -> list[dict]:
@@ -70,11 +74,16 @@ def continual_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
     # equal budget: every method trains with the per-task recipe (epochs, StepLR schedule, weight
     # decay, clipping) at its own lr (``spec["lr"]``: tune.lr_by_method, else tune.train.lr); the
     # baselines that train the backbone update its BatchNorm statistics (TrainConfig's default)
-    cfg = replace(tr.recipe(spec["device"], spec.get("lr")), seed=spec["seed"])
+    cfg = replace(tr.recipe(spec["device"], spec.get("lr")), seed=spec["seed"], precision=spec.get("precision", "fp32"))
     if spec["method_name"] != "recast":
         cfg = replace(cfg, freeze_bn_stats=False)
+    checkpoints = job_checkpoints(spec)
     with record_nondeterminism() as nondeterministic:
-        out = run_sequential(method, tasks, cfg, progress=False).to_json()
+        out = run_sequential(method, tasks, cfg, progress=False, checkpoint=checkpoints).to_json()
+    if out["resumed_task"]:
+        log.warning("%s: resumed after task %d from its checkpoint", spec["id"], out["resumed_task"])
+    if checkpoints is not None:
+        checkpoints.clear()  # finished: its result goes to the job cache
     return {**out, "arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"], "sequential": True,
-            "lr": cfg.lr, "epochs": cfg.epochs,
+            "lr": cfg.lr, "epochs": cfg.epochs, "precision": cfg.precision,
             "torch_threads": torch.get_num_threads(), "_nondeterministic": nondeterministic}, {}

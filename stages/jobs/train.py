@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from recast.data import BatchLoader
+from recast.checkpoint import Checkpointer
 from recast.recipes import MethodSpec, build_method
 from recast.training import evaluate, fit
 from stages.config.common import record_nondeterminism, seed_everything
+from stages.jobs.checkpoints import job_checkpoints
 from stages.jobs.inputs import JobInputs, TaskData
 from stages.config.params import MethodParams, TrainParams
 from stages.jobs.sequential import continual_job
+
+log = logging.getLogger(__name__)
 
 
 def task_loaders(data: TaskData, tr: TrainParams, seed: int,
@@ -26,12 +32,13 @@ def task_loaders(data: TaskData, tr: TrainParams, seed: int,
             loader("test", False, tr.limit_eval))
 
 
-def tune_job(spec: dict, inputs: JobInputs,
-             on_epoch: Callable[[dict[str, float]], None] | None = None) -> tuple[dict, dict]:
+def tune_job(spec: dict, inputs: JobInputs, on_epoch: Callable[[dict[str, float]], None] | None = None,
+             checkpoint: Checkpointer | None = None) -> tuple[dict, dict]:
     """Train one method on one task (inputs ``task``, ``backbone``, ``banks`` for RECAST);
     returns (metrics, payload tensors). ``on_epoch`` receives each epoch's
     ``recast.training.fit`` history entry (a sweep reports it). The metrics carry the per-epoch
-    ``_history`` and the ``_nondeterministic`` ops torch warned about."""
+    ``_history`` and the ``_nondeterministic`` ops torch warned about. ``checkpoint``: where ``fit``
+    checkpoints (a sweep trial: Tune's own); default: the job's ``stages.jobs.checkpoints``."""
     seed_everything(spec["seed"])
     tr = TrainParams(**spec["train"])
     m = MethodParams(**spec["method"])
@@ -40,14 +47,21 @@ def tune_job(spec: dict, inputs: JobInputs,
     bb = inputs.backbone("backbone", banks="banks" if m.needs_recast else None)
     built = build_method(MethodSpec(m.kind, m.adapter, m.recast, m.overrides, m.lr), bb, spec["task"],
                          manifest.num_classes)
-    cfg = tr.recipe(spec["device"], spec.get("lr", m.lr))  # spec["lr"]: TuneParams.lr_for (stage specs)
+    cfg = replace(tr.recipe(spec["device"], spec.get("lr", m.lr)),  # spec["lr"]: TuneParams.lr_for (stage specs)
+                  precision=spec.get("precision", "fp32"))
     built.prepare(data.loader("train", tr.batch_size, tr.image_size, train=True, seed=spec["seed"],  # RoSA's
                               limit=tr.limit_train, device=spec["device"]), cfg.device)  # gradient support
     train, val, test = task_loaders(data, tr, spec["seed"], spec["device"])  # fresh: as if prepare never ran
+    checkpoints = job_checkpoints(spec)
     with record_nondeterminism() as nondeterministic:
-        res = fit(built.model, built.trainable, train, val, cfg, desc=spec["id"], on_epoch=on_epoch)
-        test_acc = evaluate(built.model, test, cfg.device)
+        res = fit(built.model, built.trainable, train, val, cfg, desc=spec["id"], on_epoch=on_epoch,
+                  checkpoint=checkpoint if checkpoint is not None else checkpoints)
+        test_acc = evaluate(built.model, test, cfg.device, precision=cfg.precision)
+    if res.resumed_epoch:
+        log.warning("%s: resumed at epoch %d from its checkpoint", spec["id"], res.resumed_epoch)
     payload = built.payload()
+    if checkpoints is not None:
+        checkpoints.clear()  # finished: its result goes to the job cache
     meta = {
         "arch": spec["arch"], "method": spec["method_name"], "task": spec["task"], "seed": spec["seed"],
         "val_acc": res.best_val_acc, "test_acc": test_acc, "best_epoch": res.best_epoch,
@@ -58,7 +72,7 @@ def tune_job(spec: dict, inputs: JobInputs,
         "bytes": int(sum(t.numel() * t.element_size() for t in payload.values())),
         "seconds_per_step": res.seconds_per_step, "train_seconds": res.seconds, "steps": res.steps,
         "num_classes": manifest.num_classes, "recast": m.needs_recast, "torch_threads": torch.get_num_threads(),
-        "lr": cfg.lr, "epochs": cfg.epochs,
+        "lr": cfg.lr, "epochs": cfg.epochs, "precision": cfg.precision, "resumed_epoch": res.resumed_epoch,
         "_history": res.history, "_nondeterministic": nondeterministic,
     }
     return meta, payload

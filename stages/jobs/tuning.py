@@ -33,6 +33,8 @@ def run_tuning(stage: str, p: TuneParams, methods: dict[str, MethodParams], rt: 
     # submission order, so the short jobs fill the other workers instead of idling at the end
     specs = continual_specs(stage, p, device, store) if continual else []
     specs += method_specs(stage, p, methods, device, store)
+    if rt.precision != "fp32":  # fp32 specs (and so their job-cache keys) stay as they were
+        specs = [{**spec, "precision": rt.precision} for spec in specs]
     default_out = (TuneParams if stage == "tune" else CombineParams).model_fields["out_dir"].default
     params = {"methods": {k: v.model_dump() for k, v in methods.items()}, "train": p.train.model_dump(),
               "archs": p.archs, "seeds": p.seeds,

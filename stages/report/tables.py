@@ -160,3 +160,29 @@ def continual_run_metrics(continual: pd.DataFrame) -> dict[str, float]:
             if value is not None and value == value:
                 out[f"{r['arch']}.{r['method']}.{m}"] = float(value)
     return out
+
+
+def headline_metrics(summary: dict[str, Any], mimic: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers that ``dvc metrics`` and ``dvc exp show`` compare (``metrics/report.json``;
+    everything else is in ``reports/`` and MLflow): ``<arch>.<method>``, the average test accuracy
+    in % of every method (a per-task method also run sequentially: ``<method>_seq``; the names are
+    short because ``dvc exp show`` prints one column per number); ``forgetting.<arch>.<method>``,
+    the average forgetting in points of every sequential method; ``params.<arch>.<method>``, the
+    trainable parameters per task of every per-task method; ``mimic_cos.<arch>``, the closed-form
+    mimicry's minimum weight cosine; ``train_min``, the minutes all tune and combine jobs trained."""
+    acc: dict[str, dict[str, float]] = {}
+    out: dict[str, Any] = {"forgetting": {}, "params": {}}
+    for key, v in sorted(summary.items()):
+        arch, method = key.split("/", 1)
+        method = method.replace(SEQUENTIAL_SUFFIX, "_seq")
+        acc.setdefault(arch, {})[method] = round(100 * v["avg_test_acc"], 2)
+        if v.get("sequential"):
+            out["forgetting"].setdefault(arch, {})[method] = round(100 * v["avg_forgetting"], 2)
+        else:
+            out["params"].setdefault(arch, {})[method] = round(v["trainable_params"])
+    out["mimic_cos"] = {arch: round(m["min_weight_cosine"], 6) for arch, m in sorted(mimic.items())
+                        if isinstance(m, dict) and "min_weight_cosine" in m}
+    out["train_min"] = round(sum(v.get("train_seconds", 0.0) for v in summary.values()) / 60, 1)
+    clash = set(acc) & set(out)
+    assert not clash, f"an arch named like a headline group: {clash}"
+    return {**acc, **out}

@@ -36,7 +36,8 @@ def params_file(root: Path | None = None) -> Path:
 def git_state(root: Path | None = None) -> dict[str, str]:
     """``{"commit": sha, "dirty": "true"|"false"}``; empty strings outside a git work tree or
     before the first commit. Dirty means tracked or untracked (not ignored) changes other than
-    ``dvc.lock``, which ``dvc repro`` itself rewrites after each stage."""
+    what ``dvc repro`` itself writes: ``dvc.lock`` after each stage, and ``metrics/`` (the headline
+    metrics in git, DVC's ``.gitignore`` of the stages' summaries)."""
     root = root or resolve(".")
 
     def git(*args: str) -> subprocess.CompletedProcess:
@@ -45,7 +46,7 @@ def git_state(root: Path | None = None) -> dict[str, str]:
     head = git("rev-parse", "HEAD")
     if head.returncode != 0:
         return {"commit": "", "dirty": ""}
-    status = git("status", "--porcelain", "--", ".", ":(exclude)dvc.lock")
+    status = git("status", "--porcelain", "--", ".", ":(exclude)dvc.lock", ":(exclude)metrics")
     return {"commit": head.stdout.strip(), "dirty": str(bool(status.stdout.strip())).lower()}
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stages.config.common import experiment_tags
 from stages.tracking.store import make_client, retry, tracking_uri
 
 import mlflow  # noqa: E402 - after stages.tracking.store, which sets MLflow's environment defaults
@@ -60,7 +61,8 @@ def register_payload(run_id: str, arch: str, task: str, method: str, tags: dict[
                 return str(mv.version)  # a later payload is current now
         else:
             run = client.get_run(run_id)
-            mv = client.create_model_version(name, f"{run.info.artifact_uri}/payload", run_id=run_id, tags=tags)
+            mv = client.create_model_version(name, f"{run.info.artifact_uri}/payload", run_id=run_id,
+                                             tags={**experiment_tags(), **tags})
         client.set_registered_model_alias(name, "current", mv.version)
         best = None
         try:

@@ -28,13 +28,15 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from recast.machine import machine_tags
-from stages.config.common import StageKilled, write_json_atomic
+from stages.config.common import StageKilled, experiment_tags, write_json_atomic
 from stages.tracking.store import (artifact_location, TrackingUnavailable, short_error, check_server,
                                    make_client, retry, tracking_uri)
 
 import mlflow  # noqa: E402 - after stages.tracking.store, which sets MLflow's environment defaults
 
 T = TypeVar("T")
+# MLflow 3's UI opens an experiment by its kind: training runs, not its GenAI traces overview
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 
 class Tracker:
@@ -52,7 +54,8 @@ class Tracker:
         check_server(self.uri)
         self.client = make_client(self.uri)
         self.experiment_id = retry(lambda: self._experiment(experiment), uri=self.uri)
-        driver = {"driver_host": socket.gethostname(), "driver_pid": str(os.getpid()), **machine_tags()}
+        driver = {"driver_host": socket.gethostname(), "driver_pid": str(os.getpid()), **machine_tags(),
+                  **experiment_tags()}
         if run_id is None:
             retry(self._end_stale_runs, uri=self.uri, what="ending stale runs")
             run = retry(lambda: self.client.create_run(self.experiment_id, run_name=stage,
@@ -135,9 +138,12 @@ class Tracker:
     def _experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # a store from before the tag
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
             return exp.experiment_id
         try:
-            return self.client.create_experiment(name, artifact_location=artifact_location(self.uri))
+            return self.client.create_experiment(name, artifact_location=artifact_location(self.uri),
+                                                 tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
         except Exception:  # noqa: BLE001 - created concurrently by another process
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
@@ -188,7 +194,8 @@ class Tracker:
             refs = {"artifacts_run_id": first[0], "artifacts_uri": first[1]} if first else {}
             run = self.client.create_run(
                 self.experiment_id, run_name=name,
-                tags={"mlflow.parentRunId": self.parent_id, "job": name, **where, **keyed, **refs, **(tags or {})})
+                tags={"mlflow.parentRunId": self.parent_id, "job": name, **where, **keyed, **refs,
+                      **experiment_tags(), **(tags or {})})
             rid = run.info.run_id
             flat = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in _flatten(params).items()]
             ts = int(time.time() * 1000)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from stages.config.common import REPO_ROOT
+from stages.config.common import WorkspaceUnavailable, workspace_root
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -36,8 +36,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 T = TypeVar("T")
-DEFAULT_DB = REPO_ROOT / "mlflow.db"
-DEFAULT_ARTIFACTS = REPO_ROOT / "mlartifacts"
+DEFAULT_DB = "mlflow.db"  # in the workspace (``stages.config.common.workspace_root``)
 RETRY_ENV = "RECAST_MLFLOW_RETRY_S"
 DEFAULT_RETRY_S = 60.0
 HEALTH_TIMEOUT_S = 5.0
@@ -50,13 +49,23 @@ class TrackingUnavailable(RuntimeError):
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else the embedded sqlite store under the repo."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
+    """MLFLOW_TRACKING_URI, else the workspace's sqlite store ``mlflow.db``: also for an experiment
+    that DVC runs in a temporary copy, whose own store would be deleted with it.
+
+    Raises:
+        TrackingUnavailable: the experiment's workspace cannot be found.
+    """
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    try:
+        return f"sqlite:///{workspace_root() / DEFAULT_DB}"
+    except WorkspaceUnavailable as err:
+        raise TrackingUnavailable(f"no MLflow store: {err}") from None
 
 
 def artifact_location(uri: str) -> str | None:
     """Where a new experiment of the store ``uri`` keeps its artifacts: for a sqlite store the
-    ``mlartifacts/`` folder beside the database (the default store's: ``DEFAULT_ARTIFACTS``); None
+    ``mlartifacts/`` folder beside the database (the default store's: the workspace's ``mlartifacts/``); None
     (the server's own default) otherwise. MLflow's default for sqlite, ``./mlruns``, would put
     them under whatever the working directory is."""
     if uri.startswith("sqlite:///"):

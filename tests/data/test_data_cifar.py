@@ -104,24 +104,6 @@ def test_missing_data_root_lists_expected_paths(tmp_path):
         locate("cifar100", tmp_path)
 
 
-def test_download_uses_torchvision_when_allowed(tmp_path, fx, cifar_raw, monkeypatch):
-    import torchvision.datasets
-
-    calls = []
-
-    class FakeCIFAR10:
-        def __init__(self, root, train, download):
-            calls.append((root, train, download))
-            fx.write_cifar10_py(tmp_path / "raw", cifar_raw["cifar10"])
-
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
-    task_dir = prepare_paper_task("cifar10", tmp_path / "raw", tmp_path / "out", seed=1, download=True)
-    assert calls == [(str(tmp_path / "raw"), True, True)]
-    assert read_manifest(task_dir).counts["test"] == 6
-    with pytest.raises(DataError, match="indoor67 cannot be downloaded by torchvision"):
-        prepare_paper_task("indoor67", tmp_path / "raw", tmp_path / "out", seed=0, download=True)
-
-
 def test_prepare_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown paper task 'imagenet'"):
         prepare_paper_task("imagenet", tmp_path, tmp_path, seed=0)

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.sweep import main
-from stages.jobs.fanout import FAULT_ENV, MARKER_ENV
+from stages.jobs.fanout import FAULT_ENV, FAULT_POINT_ENV, MARKER_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = {"head_only": {}, "recast_att": {"recast": {"preset": "recast_att", "overrides": {"groups": 3}}}}
@@ -84,6 +84,35 @@ def test_trial_worker_deaths_are_retried_and_rerun_recomputes_nothing(
     parents, children = mlflow_runs(uri, "sweep-tests")
     assert len(parents) == 1 and children == {"budget/vit/head_only/mnist_lo5/s42": 1,
                                               "budget/vit/recast_att/mnist_lo5/s42": 1}
+
+
+@pytest.mark.slow  # fault injection: trial workers killed after their first epoch (~1 min)
+def test_trial_killed_after_an_epoch_resumes_from_its_tune_checkpoint(
+        stage_outputs, write_config, local_ray, monkeypatch, tmp_path: Path) -> None:
+    """Each epoch is reported with its checkpoint through Tune's API; the retried trial starts
+    at epoch 1 (``resumed_epoch``), and its results equal those of a sweep never interrupted."""
+    faults, markers = tmp_path / "faults", tmp_path / "markers"
+    train = {"epochs": 2, "lr": 0.01, "step_size": 10, "batch_size": 32, "limit_train": 32, "limit_eval": 32}
+    methods = {"recast_att": METHODS["recast_att"]}  # one trial: coefficients, a head, AdamW moments
+    clean = main(["--sweep", "budget", "--config", str(write_config("budget", methods=methods, train=train)),
+                  "--num-cpus", "2"])
+    local_ray.shutdown()
+    monkeypatch.setenv(FAULT_ENV, str(faults))
+    monkeypatch.setenv(FAULT_POINT_ENV, "epoch:1")
+    monkeypatch.setenv(MARKER_ENV, str(markers))
+    config = write_config("budget", methods=methods, train=train, out_dir=str(tmp_path / "sweeps-killed"),
+                          runtime={"cache_dir": str(tmp_path / "cache-killed"), "experiment": "sweep-killed",
+                                   "progress": False})
+    killed = main(["--sweep", "budget", "--config", str(config), "--num-cpus", "2"])
+    assert sorted(p.name for p in faults.iterdir()) == ["budget_vit_recast_att_mnist_lo5_s42.epoch1.killed"]
+    assert computed(markers) == {"budget_vit_recast_att_mnist_lo5_s42": 2}  # started twice, resumed once
+    rows = {r["name"]: r for r in pq.read_table(tmp_path / "sweeps-killed/budget/results.parquet").to_pylist()}
+    assert {n: r["resumed_epoch"] for n, r in rows.items()} == {"recast_att": 1}
+    before = {r["name"]: r for r in pq.read_table(tmp_path / "sweeps/budget/results.parquet").to_pylist()}
+    assert {n: r["resumed_epoch"] for n, r in before.items()} == {"recast_att": 0}
+    for name in rows:  # same thread count, same machine: the resumed trial computed the same numbers
+        assert (rows[name]["val_acc"], rows[name]["test_acc"]) == (before[name]["val_acc"], before[name]["test_acc"])
+    assert clean["trials"] == killed["trials"] == 1
 
 
 def _session_pids(sid: int) -> list[int]:

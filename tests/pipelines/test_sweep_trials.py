@@ -99,9 +99,9 @@ def test_hpo_continual_trial_is_the_baseline_on_the_first_task_alone(stage_outpu
     seen = {}
     real = seq.run_sequential
 
-    def spy(method, tasks, cfg, progress=None):
+    def spy(method, tasks, cfg, progress=None, checkpoint=None):
         seen[method.name] = (cfg.lr, cfg.epochs, len(next(iter(tasks[0].train))), getattr(method, "replay_augment", 0))
-        return real(method, tasks, cfg, progress)
+        return real(method, tasks, cfg, progress, checkpoint)
 
     monkeypatch.setattr(seq, "run_sequential", spy)
     meta = run_trial(spec, specs["ewc"][1])

@@ -45,6 +45,15 @@ def tiny_params() -> dict:
     return p
 
 
+def write_default_config(root: Path, params: dict) -> None:
+    """Make ``params`` the default configuration of the copy at ``root``: ``conf/config/default.yaml``
+    (what ``dvc exp run`` composes) and ``params.yaml`` composed from it, as DVC writes it."""
+    from dvc.utils.hydra import compose_and_dump
+
+    (root / "conf" / "config" / "default.yaml").write_text("# @package _global_\n" + yaml.safe_dump(params, sort_keys=False))
+    compose_and_dump(root / "params.yaml", str(root / "conf"), None, "config", str(root), [])
+
+
 def clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RECAST_PARAMS")}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
@@ -66,7 +75,7 @@ class PipelineRun:
 def pipeline_run(tmp_path_factory, source_tree) -> PipelineRun:
     root = source_tree(tmp_path_factory.mktemp("e2e"))
     params = tiny_params()
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_default_config(root, params)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     subprocess.run([*git, "add", "-A"], cwd=root, check=True)
     subprocess.run([*git, "commit", "-qm", "tiny"], cwd=root, check=True)

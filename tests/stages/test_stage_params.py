@@ -35,6 +35,7 @@ def _mutate(params, path, value, delete=False):
     (("mimic", "archs", "vit", "overrides"), {"groups": 4}, "mimic.archs.vit"),  # G does not divide depth 6
     (("mimic", "archs", "vit", "preset"), "recast_everything", "mimic.archs.vit.preset"),
     (("runtime", "device"), "tpu", "runtime.device"),
+    (("runtime", "precision"), "fp8", "runtime.precision"),
     (("tune", "methods", "bad"), {"kind": "adapter", "adapter": "nope"}, "tune.methods.bad"),
     (("tune", "continual", "methods"), {"vit": ["ewc", "sgd_magic"]}, "tune.continual.methods.vit"),
     (("prepare", "val_fraction"), 0.9, "prepare.val_fraction"),
@@ -45,6 +46,17 @@ def test_bad_params_name_the_key(default_params, path, value, expected):
     with pytest.raises(ParamsError) as err:
         validate_all(_mutate(default_params, path, value))
     assert expected in str(err.value)
+
+
+def test_fp16_on_cpu_is_refused_by_name(default_params):
+    """fp16 autocast needs CUDA (and its grad scaler): refused before any compute, naming the key."""
+    for device, gpus in (("cpu", 0.0), ("auto", 0.0)):
+        p = _mutate(default_params, ("runtime", "precision"), "fp16")
+        p["runtime"].update(device=device, gpus_per_task=gpus)
+        with pytest.raises(ParamsError, match=r"runtime\.precision: precision 'fp16' on device 'cpu': fp16 "
+                                              r"autocast needs a CUDA device; use 'bf16'"):
+            validate_all(p)
+    assert validate_all(_mutate(default_params, ("runtime", "precision"), "bf16"))  # bf16 runs on CPU
 
 
 def test_missing_and_unknown_sections(default_params):
@@ -88,6 +100,7 @@ def test_paper_config_dry_run():
     assert plan["mimic"]["resnet"]["template_params"] == 16_367_616
     assert plan["tune"]["vit/recast"] == 6 * 3  # six tasks x three seeds
     assert plan["device"] == "cuda"
+    assert params["runtime"]["precision"] == "bf16"
 
 
 def test_train_overrides_give_the_arch_its_own_recipe(default_params):
@@ -108,3 +121,51 @@ def test_mimic_ablations_are_validated_naming_the_ablation(default_params):
     bad = {**mimic, "archs": {**mimic["archs"], "vit": {**mimic["archs"]["vit"], "ablations": {"g": {"method": "svd"}}}}}
     with pytest.raises(ParamsError, match=r"mimic\.archs\.vit.*ablations\.g"):
         validate_all({**default_params, "mimic": bad})
+
+
+def test_validate_reports_every_invalid_key_of_every_section(default_params, tmp_path):
+    """One run names every bad key of every section (it stopped at the first section: runtime),
+    and the command prints the message alone and exits 2 (it printed an 18-line traceback, exit 1)."""
+    import subprocess
+    import sys
+
+    bad = _mutate(default_params, ("runtime", "num_cpus"), "two")
+    bad = _mutate(bad, ("runtime", "bogus"), 1)
+    bad = _mutate(bad, ("tune", "seeds"), "42")
+    bad = _mutate(bad, ("evaluate", "nope"), 2)
+    keys = ["runtime.num_cpus", "runtime.bogus", "tune.seeds", "evaluate.nope"]
+    with pytest.raises(ParamsError) as err:
+        validate_all(bad)
+    lines = str(err.value).splitlines()
+    assert [line.split(":")[0].strip() for line in lines[1:]] == keys, lines
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    proc = subprocess.run([sys.executable, "-m", "stages.config.validate", "--params", str(path)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == lines
+
+
+def test_params_yaml_is_dvc_hydra_composition_of_conf(tmp_path):
+    """``params.yaml`` is exactly what ``dvc exp run`` composes from ``conf/`` (so a `-S` of one
+    value changes one value, not the file's layout: it rewrote 26 + 16 lines), and
+    ``-S config=<name>`` composes each configuration file and records its name."""
+    import difflib
+
+    from dvc.utils.hydra import compose_and_dump
+
+    def compose(*overrides: str) -> str:
+        out = tmp_path / f"p{len(list(tmp_path.iterdir()))}.yaml"
+        compose_and_dump(out, str(REPO_ROOT / "conf"), None, "config", str(tmp_path), list(overrides))
+        return out.read_text()
+
+    committed = (REPO_ROOT / "params.yaml").read_text()
+    assert compose() == committed
+    diff = [d for d in difflib.unified_diff(committed.splitlines(), compose("tune.seeds=[42,1998]").splitlines(),
+                                            lineterm="", n=0) if d[:1] in "+-" and d[:3] not in ("+++", "---")]
+    assert diff == ["+  - 1998"]
+    for name, path in (("default", "conf/config/default.yaml"), ("offline-full", "configs/offline-full.yaml"),
+                       ("paper", "configs/paper.yaml")):
+        composed = yaml.safe_load(compose(f"config={name}"))
+        assert composed == yaml.safe_load((REPO_ROOT / path).read_text()) and composed["config"] == name

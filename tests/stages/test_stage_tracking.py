@@ -126,3 +126,40 @@ def test_artifacts_are_logged_once_per_job_and_linked(tmp_path, monkeypatch):
     run2 = again.client.get_run(rid2)
     assert run2.data.tags["artifacts_run_id"] == rid and run2.data.tags["artifacts_uri"].endswith("/payload")
     assert again.client.list_artifacts(rid2) == [] and len(first.client.list_artifacts(rid, "payload")) == 1
+
+
+def test_experiment_in_a_temporary_copy_logs_to_its_workspace(tmp_path, monkeypatch):
+    """A DVC experiment run in a temporary copy (``dvc exp run --queue`` / ``--temp``: DVC sets
+    DVC_ROOT to the workspace) logs its runs and payload versions to the workspace's store, tagged
+    with the experiment's name and baseline, into an experiment of kind training runs; a DVC_ROOT
+    that is no workspace fails instead of making a store of its own."""
+    from mlflow.tracking import MlflowClient
+
+    from stages.config.common import resolve_shared
+    from stages.tracking.payloads import register_payload
+    from stages.tracking.runs import Tracker
+    from stages.tracking.store import TrackingUnavailable, tracking_uri
+
+    workspace = tmp_path / "workspace"
+    (workspace / ".dvc").mkdir(parents=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(workspace))
+    monkeypatch.setenv("DVC_EXP_NAME", "tiny-seeds")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
+    assert tracking_uri() == f"sqlite:///{workspace / 'mlflow.db'}"
+    assert resolve_shared("outputs/.jobcache") == workspace / "outputs" / ".jobcache"
+    tr = Tracker("tune", "recast")
+    rid = tr.child("vit/recast/t0", {"seed": 42}, {"test_acc": 0.5})
+    version = register_payload(rid, "vit", "t0", "recast", {"test_acc": "0.5"}, accuracy=0.5)
+    tr.finish()
+    client = MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name("recast")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 2 and {r.data.tags["dvc.exp_name"] for r in runs} == {"tiny-seeds"}
+    assert {r.data.tags["dvc.exp_baseline_rev"] for r in runs} == {"a" * 40}
+    mv = client.get_model_version("recast.vit.recast.t0", version)
+    assert mv.tags["dvc.exp_name"] == "tiny-seeds"
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "gone"))
+    with pytest.raises(TrackingUnavailable, match="not a DVC workspace"):
+        Tracker("tune", "recast")
