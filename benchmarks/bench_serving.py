@@ -56,8 +56,9 @@ def _uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def build_store(root: Path) -> str:
-    """A served model of the default ViT with two random-payload tasks; returns its tracking URI."""
+def build_store(root: Path, tasks: dict[str, int] = TASKS, build_model: bool = True) -> str:
+    """A served model of the default ViT with random-payload ``tasks`` (name: classes), prepared
+    tasks for their transforms; built unless ``build_model`` is False. Returns the tracking URI."""
     from stages.serving.build import build
     from stages.tracking.payloads import register_payload
     from stages.tracking.store import artifact_location, make_client
@@ -76,7 +77,7 @@ def build_store(root: Path) -> str:
     client = make_client()
     exp = client.create_experiment("payloads", artifact_location=artifact_location(client.tracking_uri))
     rng = np.random.default_rng(0)
-    for i, (task, n) in enumerate(TASKS.items()):
+    for i, (task, n) in enumerate(tasks.items()):
         rc.add_task(task, num_classes=n)
         gen = torch.Generator().manual_seed(i)
         with torch.no_grad():
@@ -92,7 +93,8 @@ def build_store(root: Path) -> str:
         with TaskWriter(root / "prepared", task, [str(c) for c in range(n)], 32, description="bench",
                         augment=AugmentPolicy(), origin="bench", seed=0, val_fraction=0.1) as writer:
             write_task_arrays(writer, splits)
-    build("vit", "recast", root / "pretrain", root / "mimic", 32, tasks=list(TASKS), data_dir=root / "prepared")
+    if build_model:
+        build("vit", "recast", root / "pretrain", root / "mimic", 32, tasks=list(tasks), data_dir=root / "prepared")
     return os.environ["MLFLOW_TRACKING_URI"]
 
 
@@ -159,8 +161,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--requests", type=int, default=20, help="requests per client")
     ap.add_argument("--rows", type=int, default=8, help="rows per request")
     ap.add_argument("--workers", type=int, default=1, help="uvicorn workers of mlflow models serve (-w)")
-    ap.add_argument("--json-out", default=str(REPO_ROOT / "benchmarks" / "results" / "bench_serving.json"))
+    ap.add_argument("--json-out", default=None, help="default: benchmarks/results/bench_serving[_compare].json")
+    ap.add_argument("--compare", action="store_true", help="issue 31: mlflow serve vs Ray Serve cross-task vs "
+                    "Ray Serve multiplexing at --task-counts, Zipf(1.1) task popularity (benchmarks/serving_compare.py)")
+    ap.add_argument("--task-counts", default="1,8,64")
+    ap.add_argument("--repeats", type=int, default=3, help="--compare: interleaved repeats per server (median rows/s)")
     args = ap.parse_args(argv)
+    name = "bench_serving_compare.json" if args.compare else "bench_serving.json"
+    args.json_out = args.json_out or str(REPO_ROOT / "benchmarks" / "results" / name)
+    if args.compare:
+        return compare(args)
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,6 +220,93 @@ def main(argv: list[str] | None = None) -> dict:
     for r in results["runs"]:
         print(f"| {r['clients']} | {r['requests']} | {r['rows']} | {r['seconds']} | {r['requests_per_s']} | "
               f"{r['rows_per_s']} | {r['errors']} | {r['wrong_rows']} | {r['uptime_before']} |")
+    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def compare(args) -> dict:
+    """Issue 31, item 2: rows/s and p50/p99 of (a) mlflow serve, (b) Ray Serve cross-task, (c) Ray
+    Serve multiplexing, at each T of ``--task-counts``; each T's servers measured back to back."""
+    import mlflow
+    import ray
+    from ray import serve
+
+    from benchmarks import serving_compare as sc
+    from stages.serving.build import build
+    from stages.serving.ray_app import RayServeArgs, RecastServe
+
+    counts = [int(t) for t in args.task_counts.split(",")]
+    results = {"args": vars(args), "environment": environment(), "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        os.environ["MLFLOW_TRACKING_URI"] = uri = f"sqlite:///{root / 'mlflow.db'}"
+        names = [f"t{i}" for i in range(max(counts))]
+        build_store(root, {t: 10 for t in names}, build_model=False)
+        # 4 logical CPUs: each app's replica gets 2 (torch then runs 2 threads, as in mlflow serve)
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": uri}})
+        port = sc.free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        ray_base = f"http://127.0.0.1:{port}"
+        rng = np.random.default_rng(0)
+        try:
+            for n_tasks in counts:
+                out = build("vit", "recast", root / "pretrain", root / "mimic", 32, tasks=names[:n_tasks],
+                            data_dir=root / "prepared")
+                model_uri = f"models:/recast-serve.vit.recast/{out['version']}"
+                model = mlflow.pyfunc.load_model(model_uri)
+                picks = sc.zipf_tasks(n_tasks, args.clients * args.requests, rng)
+                work = [[(names[picks[c * args.requests + r]], json.dumps({"dataframe_records": [
+                    {"task": names[picks[c * args.requests + r]],
+                     "image": _png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))} for _ in range(args.rows)]}).encode())
+                    for r in range(args.requests)] for c in range(args.clients)]
+                want = sc.expected(model, work)
+                warm = [reqs[:1] for reqs in work]
+                row = {"tasks": n_tasks, "distinct_tasks_sent": len(set(picks)), "uptime_before": _uptime()}
+                url, proc = sc.mlflow_server(model_uri, uri, root)
+                try:
+                    cross = RecastServe.options(ray_actor_options={"num_cpus": 2}).bind(
+                        RayServeArgs(model_uri=model_uri, tracking_uri=uri).model_dump())
+                    multi = sc.RecastMultiplexed.options(ray_actor_options={"num_cpus": 2}).bind(model_uri, uri)
+                    serve.run(cross, name="cross", route_prefix="/cross")
+                    serve.run(multi, name="multiplexed", route_prefix="/multiplexed")
+                    urls = {"mlflow": url, "ray_cross_task": f"{ray_base}/cross/invocations",
+                            "ray_multiplexed": f"{ray_base}/multiplexed/invocations"}
+                    for server_url in urls.values():
+                        sc.run_load(server_url, warm)  # warm-up: one request per client, all at once
+                    runs = {k: [] for k in urls}
+                    for _ in range(args.repeats):  # interleaved: a load swing hits every server alike
+                        for key, server_url in urls.items():
+                            runs[key].append(sc.run_load(server_url, work))
+                    for key, measured in runs.items():
+                        row[key] = sc.summarise_repeats(measured, want)
+                finally:
+                    sc.stop(proc)
+                    for app_name in ("cross", "multiplexed"):
+                        serve.delete(app_name)
+                row["uptime_after"] = _uptime()
+                results["runs"].append(row)
+                print(json.dumps(row), flush=True)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    by_t = {r["tasks"]: r for r in results["runs"]}
+    print("| T | server | rows/s (median) | rows/s (all repeats) | p50 ms | p99 ms | errors | wrong rows | load before |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results["runs"]:
+        for key in ("mlflow", "ray_cross_task", "ray_multiplexed"):
+            m = r[key]
+            print(f"| {r['tasks']} | {key} | {m['rows_per_s']} | {m['rows_per_s_repeats']} | {m['p50_ms']} | {m['p99_ms']} | {m['errors']} | "
+                  f"{m['wrong_rows']} | {r['uptime_before'].split('load average: ')[-1]} |")
+    if max(counts) in by_t:
+        top = by_t[max(counts)]
+        results["ratios"] = {"cross_vs_multiplexed": round(top["ray_cross_task"]["rows_per_s"] / top["ray_multiplexed"]["rows_per_s"], 2),
+                             "cross_vs_mlflow": round(top["ray_cross_task"]["rows_per_s"] / top["mlflow"]["rows_per_s"], 2)}
+        if min(counts) in by_t:
+            results["ratios"]["cross_top_vs_cross_T1"] = round(
+                top["ray_cross_task"]["rows_per_s"] / by_t[min(counts)]["ray_cross_task"]["rows_per_s"], 2)
+        print(results["ratios"])
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
     return results

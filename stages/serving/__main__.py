@@ -2,7 +2,8 @@
 builds and registers ``recast-serve.<arch>.<method>`` (alias ``current``) from the stage
 outputs named in params.yaml and the registered payloads (``stages.serving.build``); the
 store is MLFLOW_TRACKING_URI, else the embedded one. Serve it with ``mlflow models serve -m
-models:/recast-serve.vit.recast@current --env-manager local``. ``python -m stages.serving example
+models:/recast-serve.vit.recast@current --env-manager local``, or on Ray Serve with ``serve run
+infra/serve/recast-serve.yaml`` (``stages.serving.ray_app``). ``python -m stages.serving example
 --tasks a,b`` writes ``request.json``: test images of the prepared tasks as base64 PNG
 (``stages.serving.example``)."""
 

@@ -30,7 +30,7 @@ from recast.data import read_manifest
 from stages.jobs.backbones import bank_meta, pretrained_meta
 from stages.serving.errors import ServingError
 from stages.serving.pyfunc import BASE_ARTIFACT, DEFAULT_MAX_ROWS, check_bank, describe, payload_files
-from stages.tracking.payloads import registry_name
+from stages.tracking.payloads import list_registered, registry_name
 from stages.tracking.store import artifact_location, make_client, retry, tracking_uri
 
 import mlflow  # noqa: E402 - after stages.tracking.store, which sets MLflow's environment defaults
@@ -108,10 +108,8 @@ def base_uri(arch: str, pretrain_dir: Path, mimic_dir: Path) -> tuple[str, str]:
 
 def registered_tasks(arch: str, method: str) -> list[str]:
     """Tasks with a registered payload of ``arch`` and ``method`` (sorted)."""
-    client = make_client()
     prefix = registry_name(arch, "", method)
-    return sorted(rm.name[len(prefix):] for rm in client.search_registered_models(max_results=1000)
-                  if rm.name.startswith(prefix))
+    return sorted(r["name"][len(prefix):] for r in list_registered(prefix))
 
 
 def payload_uris(arch: str, method: str, tasks: list[str], bank_sha: str, alias: str = "current") -> dict[str, str]:

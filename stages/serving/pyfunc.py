@@ -64,6 +64,7 @@ class RecastServed(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         cfg = dict(context.model_config)
+        self.config = cfg  # read-only: what this version serves (the base, each task's pinned payload)
         self.arch, self.method = cfg["arch"], cfg["method"]
         self.bank_sha, self.shape = cfg["bank_sha256"], tuple(cfg["image_shape"])
         base = Path(mlflow.artifacts.download_artifacts(artifact_uri=cfg["base_uri"]))
@@ -81,7 +82,10 @@ class RecastServed(mlflow.pyfunc.PythonModel):
                            for t, v in cfg.get("transforms", {}).items()}
         self.max_rows = int(cfg.get("max_rows", DEFAULT_MAX_ROWS))
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def prepare(self, model_input: pd.DataFrame) -> tuple[list[str], torch.Tensor]:
+        """A request's rows -> (task per row, input tensor (rows, C, S, S)); a ``RequestError`` for
+        a request refused before any compute. ``predict`` and the Ray Serve deployment
+        (``stages.serving.ray_app``, which batches several requests into one forward) share it."""
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         missing = [c for c in ("task", "image") if c not in frame.columns]
         if missing:
@@ -95,9 +99,15 @@ class RecastServed(mlflow.pyfunc.PythonModel):
         for t in tasks:
             if t not in self.widths:
                 raise UnknownServedTaskError(t, self.tasks)
-        x = images_tensor(list(frame["image"]), tasks, self.shape, self.transforms)
+        return tasks, images_tensor(list(frame["image"]), tasks, self.shape, self.transforms)
+
+    def forward(self, x: torch.Tensor, tasks: list[str]) -> torch.Tensor:
+        """One mixed-task forward of rows ``x`` (rows, C, S, S) -> logits (rows, widest head)."""
         with torch.no_grad():
-            logits = self.rc(x, tasks=tasks)
+            return self.rc(x, tasks=tasks)
+
+    def answer(self, logits: torch.Tensor, tasks: list[str]) -> pd.DataFrame:
+        """Logits of rows of ``tasks`` -> the answer: task, class, probabilities over its classes."""
         classes, probs = [], []
         for row, t in zip(logits, tasks):
             p = torch.softmax(row[:self.widths[t]], dim=0)
@@ -105,6 +115,9 @@ class RecastServed(mlflow.pyfunc.PythonModel):
             probs.append(p.tolist())
         return pd.DataFrame({"task": tasks, "class": classes, "probabilities": probs})
 
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        tasks, x = self.prepare(model_input)
+        return self.answer(self.forward(x, tasks), tasks)
 
 def describe(cfg: dict[str, Any]) -> str:
     """One line for a log: which tasks at which payload versions on which banks."""

@@ -5,6 +5,7 @@ command line."""
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +15,29 @@ from stages.tracking.store import make_client, retry, tracking_uri
 import mlflow  # noqa: E402 - after stages.tracking.store, which sets MLflow's environment defaults
 
 
+PAGE_SIZE = 1000  # results per registry search call; every page is read (MLflow's limit for models is 1,000)
+
+
+def search_all(search: Callable[..., Any], page_size: int = PAGE_SIZE, **kwargs: Any) -> list[Any]:
+    """Every result of an MLflow client search (``search_registered_models``,
+    ``search_model_versions``), page after page until no page token is left: nothing is cut
+    off at one call's ``max_results``."""
+    out, token = [], None
+    while True:
+        page = search(max_results=page_size, page_token=token, **kwargs)
+        out.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            return out
+
+
 def registry_name(arch: str, task: str, method: str) -> str:
     """Registered-model name of one task's payload: ``recast.<arch>.<method>.<task>``."""
     return f"recast.{arch}.{method}.{task}"
 
 
 def register_payload(run_id: str, arch: str, task: str, method: str, tags: dict[str, str],
-                     accuracy: float | None = None) -> str:
+                     accuracy: float | None = None, page_size: int = PAGE_SIZE) -> str:
     """Register the payload logged under ``run_id`` as a new version; alias it ``current``
     (and ``best`` when it beats the current best test accuracy). Returns the version.
 
@@ -36,7 +53,7 @@ def register_payload(run_id: str, arch: str, task: str, method: str, tags: dict[
         except Exception as err:  # noqa: BLE001
             if "already exists" not in str(err).lower() and "resource_already_exists" not in str(err).lower():
                 raise
-        versions = client.search_model_versions(f"name = '{name}'", max_results=10000)
+        versions = search_all(client.search_model_versions, page_size, filter_string=f"name = '{name}'")
         mine = [v for v in versions if v.run_id == run_id]
         if mine:
             mv = mine[0]
@@ -60,11 +77,11 @@ def register_payload(run_id: str, arch: str, task: str, method: str, tags: dict[
     return retry(create, uri=uri, what=f"registration of {name}")
 
 
-def list_registered(prefix: str = "recast.") -> list[dict[str, Any]]:
-    """Registered payloads: name, arch, task, method, latest version, aliases."""
+def list_registered(prefix: str = "recast.", page_size: int = PAGE_SIZE) -> list[dict[str, Any]]:
+    """Registered payloads (every page of the registry): name, arch, task, method, aliases."""
     client = make_client()
     out = []
-    for rm in client.search_registered_models(max_results=1000):
+    for rm in search_all(client.search_registered_models, page_size):
         if not rm.name.startswith(prefix):
             continue
         out.append({"name": rm.name, **rm.tags, "aliases": dict(getattr(rm, "aliases", {}) or {})})
