@@ -149,7 +149,9 @@ class Publisher:
 
 
 def summarise(results: list[dict]) -> dict[str, Any]:
-    """Per arch/method: mean test accuracy over tasks (seeds averaged), params and bytes per task."""
+    """Per arch/method: mean test accuracy over tasks (seeds averaged), params and bytes per task;
+    for a sequential method the same numbers of its end-of-stream accuracies, and its
+    forgetting, each a mean over seeds."""
     groups: dict[str, dict[str, list[dict]]] = {}
     for r in results:
         if r.get("sequential"):
@@ -167,14 +169,25 @@ def summarise(results: list[dict]) -> dict[str, Any]:
                     "bytes": statistics.mean(x["bytes"] for x in rows),
                     "seconds_per_step": statistics.mean(x["seconds_per_step"] for x in rows),
                     "train_seconds": sum(x["train_seconds"] for x in rows)}
-    for r in results:
-        if r.get("sequential"):
-            key = f"{r['arch']}/{r['method']}"
-            if key in groups:  # e.g. RECAST, which also runs per task: its protocol row gets its own name
-                key += SEQUENTIAL_SUFFIX
-            out[key] = {k: r[k] for k in ("avg_forgetting", "forgetting", "acc_matrix", "task_names") if k in r}
-            out[key].update(avg_test_acc=r["avg_acc"], test_acc=dict(zip(r["task_names"], r["final_acc"])),
-                            trainable_params=statistics.mean(r["trainable_params"]),
-                            bytes=statistics.mean(r["bytes_per_task"]) if isinstance(r["bytes_per_task"], list)
-                            else r["bytes_per_task"], train_seconds=sum(r["wall_time_s"]), sequential=True)
+    sequential: dict[str, list[dict]] = {}
+    for r in sorted((r for r in results if r.get("sequential")), key=lambda r: r["seed"]):
+        key = f"{r['arch']}/{r['method']}"
+        if key in groups:  # e.g. RECAST, which also runs per task: its protocol row gets its own name
+            key += SEQUENTIAL_SUFFIX
+        sequential.setdefault(key, []).append(r)
+    for key, rs in sequential.items():  # every number a mean over the seeds, like the per-task rows
+        first = rs[0]
+        matrix = [[None if v is None else statistics.mean(r["acc_matrix"][i][j] for r in rs) for j, v in enumerate(row)]
+                  for i, row in enumerate(first["acc_matrix"])]
+        out[key] = {"avg_forgetting": statistics.mean(r["avg_forgetting"] for r in rs),
+                    "forgetting": [None if None in f else statistics.mean(f) for f in zip(*(r["forgetting"] for r in rs))]
+                    if all("forgetting" in r for r in rs) else first.get("forgetting"),
+                    "acc_matrix": matrix, "task_names": first["task_names"], "seeds": len(rs),
+                    "avg_test_acc": statistics.mean(r["avg_acc"] for r in rs),
+                    "test_acc": {t: statistics.mean(r["final_acc"][i] for r in rs)
+                                 for i, t in enumerate(first["task_names"])},
+                    "trainable_params": statistics.mean(statistics.mean(r["trainable_params"]) for r in rs),
+                    "bytes": statistics.mean(statistics.mean(r["bytes_per_task"]) if isinstance(r["bytes_per_task"], list)
+                                             else r["bytes_per_task"] for r in rs),
+                    "train_seconds": sum(sum(r["wall_time_s"]) for r in rs), "sequential": True}
     return out

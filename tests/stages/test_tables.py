@@ -106,3 +106,22 @@ def test_report_gives_one_forgetting_per_method_and_opens_with_what_ran():
     titles = [line for line in md.splitlines() if line.startswith("## ")]
     assert len(titles) == len(set(titles)) and md.count("Budget: every method") == 1
     assert not any("task after task on one model" in t for t in titles)  # ewc's matrix is the continual one
+
+
+def test_stage_summary_of_a_sequential_method_is_the_mean_over_seeds():
+    from stages.jobs.results import summarise
+
+    def seq(seed, matrix):
+        final = matrix[-1]
+        forgetting = [max(matrix[i][j] for i in range(j, 2)) - final[j] for j in range(1)] + [None]
+        return {"arch": "vit", "method": "ewc", "seed": seed, "sequential": True, "task_names": ["a", "b"],
+                "acc_matrix": matrix, "final_acc": final, "avg_acc": sum(final) / 2, "forgetting": forgetting,
+                "avg_forgetting": forgetting[0], "trainable_params": [10, 12], "bytes_per_task": [40, 48],
+                "wall_time_s": [1.0, 2.0]}
+
+    rows = [seq(2, [[0.8, None], [0.4, 0.9]]), seq(1, [[0.8, None], [0.6, 0.7]])]
+    s = summarise(rows)["vit/ewc"]
+    assert s["seeds"] == 2 and abs(s["avg_forgetting"] - 0.3) < 1e-12  # (0.4 + 0.2) / 2, not one seed's
+    assert abs(s["avg_test_acc"] - 0.65) < 1e-12 and s["test_acc"] == {"a": 0.5, "b": 0.8}
+    assert s["acc_matrix"][1] == [0.5, 0.8] and s["acc_matrix"][0][1] is None and s["forgetting"][1] is None
+    assert s["train_seconds"] == 6.0 and s["trainable_params"] == 11 and s["sequential"] is True
