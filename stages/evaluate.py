@@ -28,7 +28,7 @@ from typing import Any
 
 from recast.paper_results import PAPER_AVG_ACC
 from stages.config.cli import entry, stage_params
-from stages.config.common import metrics_path, resolve, validate_section, write_json_atomic
+from stages.config.common import metrics_path, read_params, resolve, validate_section, write_json_atomic
 from stages.config.params import CombineParams, EvaluateParams, MimicParams, PrepareParams, RuntimeParams, TuneParams
 from stages.jobs.reload import payload_reload
 from stages.jobs.specs import task_names
@@ -68,7 +68,7 @@ def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: s
     write_parquet(methods, report_dir / "methods.parquet")
     write_parquet(results_frame(continual.to_dict("records")), report_dir / "continual.parquet")
     md = markdown(summary, tasks, methods, forgetting, mimic, task_names(p_tune), reload, frame, continual,
-                  run_info(frame, results, summary, task_names(p_tune), params_file().name), p.forgetting_method)
+                  run_info(frame, results, summary, task_names(p_tune), config_label()), p.forgetting_method)
     (report_dir / "report.md").write_text(md + "\n")
     metrics = headline_metrics(summary, mimic)
     write_json_atomic(metrics_path("report", p.report_dir, EvaluateParams.model_fields["report_dir"].default), metrics)
@@ -82,6 +82,13 @@ def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: s
                         **continual_run_metrics(continual)})
     return {"metrics": metrics, "forgetting": forgetting, "reload": reload, "continual": continual}
 
+
+
+def config_label() -> str:
+    """The params file and the configuration DVC composed it from (``config: <name>``)."""
+    path = params_file()
+    name = read_params(path).get("config")
+    return f"{path.name}, config={name}" if name else path.name
 
 
 def main(argv: list[str] | None = None) -> None:

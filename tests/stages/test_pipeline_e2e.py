@@ -51,7 +51,7 @@ def test_clean_run_produces_sane_metrics(pipeline_run):
     md = (root / "reports" / "report.md").read_text()
     cells = {c.strip() for line in md.splitlines() if line.startswith("|") for c in line.strip("|").split("|")}
     assert "recast" in cells and "loading check" in md
-    assert md.startswith("# RECAST report\n\n**What ran.** Config `params.yaml`") and "**How to read it.**" in md
+    assert md.startswith("# RECAST report\n\n**What ran.** Config `params.yaml, config=") and "**How to read it.**" in md
     titles = [line for line in md.splitlines() if line.startswith("## ")]
     assert len(titles) == len(set(titles))  # every table once
     # RECAST trained task after task: its matrix once, as the continual table's (mean over seeds)
