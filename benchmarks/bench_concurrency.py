@@ -18,8 +18,6 @@ import argparse
 import json
 import math
 import sys
-import threading
-import time
 from pathlib import Path
 
 import timm
@@ -28,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import recast  # noqa: E402
+from benchmarks.concurrent import released_together  # noqa: E402
 from benchmarks.environment import environment  # noqa: E402
 from recast import preset  # noqa: E402
 
@@ -53,22 +52,13 @@ def requests(calls: int, rows: int, tasks: int, image: int) -> list[tuple[torch.
 def run(rc, reqs, threads: int) -> tuple[float, list[torch.Tensor]]:
     """Seconds to answer ``reqs`` split round-robin over ``threads`` threads; outputs in order."""
     out: list[torch.Tensor | None] = [None] * len(reqs)
-    barrier = threading.Barrier(threads + 1)
 
     def work(k):
-        barrier.wait()
         with torch.no_grad():
             for i in range(k, len(reqs), threads):
                 out[i] = rc(reqs[i][0], tasks=reqs[i][1])
 
-    pool = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
-    for t in pool:
-        t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in pool:
-        t.join()
-    return time.perf_counter() - start, out
+    return released_together([lambda k=k: work(k) for k in range(threads)]), out
 
 
 def main(argv: list[str] | None = None) -> dict:

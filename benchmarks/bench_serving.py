@@ -28,7 +28,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -41,6 +40,7 @@ import yaml
 from PIL import Image
 
 import recast
+from benchmarks.concurrent import released_together  # noqa: E402
 from benchmarks.environment import environment
 from recast.data import AugmentPolicy
 from recast.data.storage import TaskWriter, write_task_arrays
@@ -124,21 +124,12 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
 def run_clients(url: str, work: list[list[bytes]]) -> tuple[float, dict]:
     """Every client sends its requests one after another, all clients at once: (seconds, answers)."""
     got: dict = {}
-    barrier = threading.Barrier(len(work) + 1)
 
     def client(c: int) -> None:
-        barrier.wait()
         for r, body in enumerate(work[c]):
             got[c, r] = _post(url, body)
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(len(work))]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - start, got
+    return released_together([lambda c=c: client(c) for c in range(len(work))]), got
 
 
 def score(got: dict, want: dict) -> tuple[int, int, int]:

@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -39,6 +38,8 @@ from starlette.responses import Response
 from recast.io import load_payload
 from stages.jobs.backbones import load_backbone
 from stages.serving.pyfunc import payload_files
+
+from benchmarks.concurrent import released_together
 
 MODEL_ID_HEADER = "serve_multiplexed_model_id"
 
@@ -118,21 +119,12 @@ def post(url: str, body: bytes, task: str) -> tuple[int, dict, float]:
 def run_load(url: str, work: list[list[tuple[str, bytes]]]) -> tuple[float, dict]:
     """All clients at once, each its requests in turn: (wall seconds, {(c, r): (status, answer, latency)})."""
     got: dict = {}
-    barrier = threading.Barrier(len(work) + 1)
 
     def client(c: int) -> None:
-        barrier.wait()
         for r, (task, body) in enumerate(work[c]):
             got[c, r] = post(url, body, task)
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(len(work))]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - start, got
+    return released_together([lambda c=c: client(c) for c in range(len(work))]), got
 
 
 def summarise(seconds: float, got: dict, want: dict) -> dict:
