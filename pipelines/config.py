@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from stages.config.common import ParamsError, Section, read_params, validate_section
+from stages.config.common import ParamsError, Section, read_params, resolve, validate_section
 from stages.config.params import MimicArch
 from stages.config.params import RuntimeParams
 from stages.config.params import MethodParams, TrainParams
@@ -235,24 +235,34 @@ class SeedsSweep(SweepBase):
 
 
 class HpoSweep(SweepBase):
-    """Hyperparameter search per method, task and seed: lr and weight decay log-uniform, epochs
-    uniform integers (bounds inclusive; equal bounds fix the value), ``num_samples`` random trials
-    each; with ``asha``, the ASHA scheduler stops trials whose validation accuracy trails at its
-    rungs. The shipped configs search the lr alone, over one grid for every method, at the
-    pipeline's epochs and weight decay (equal budget); their best lr per method is
-    ``tune.lr_by_method`` of params.yaml (the summary's ``lr_by_method``).
+    """The learning-rate rule of a pipeline configuration: every method of ``params`` (a pipeline
+    config: params.yaml or a ``conf/config/`` file) on ``arch``, scored on EVERY task of that
+    config at its own recipe (``tune.train``), over one shared lr grid.
+
+    One Tuner per method and seed, ``num_samples`` random lrs from the log-uniform ``lr`` range
+    (``search_seed``: the same lrs for every method). A trial runs the pipeline's own job:
+    a per-task method (``tune``/``combine`` methods) is trained on each task in turn
+    (``stages.jobs.train.tune_job``) and scored by the mean validation accuracy over the tasks;
+    a sequential baseline (``tune.continual``) runs the whole task stream
+    (``stages.jobs.sequential.continual_job``) and is scored by the mean validation accuracy of
+    every task at the end of the stream, so forgetting counts. A trial reports after each task
+    (the mean over the tasks so far); with ``asha``, ASHA compares trials at those task rungs and
+    stops the ones that trail. Test accuracy is recorded, never used.
 
     Attributes:
-        methods: the methods searched (RECAST and LoRA at a matched budget in the shipped config).
-        grace_period, reduction_factor: ASHA's first rung (in reported epochs) and its halving rate.
-        search_seed: seed of the random search (the same trials with and without ASHA).
+        params: the pipeline configuration whose methods, tasks, recipe and inputs (prepared
+            data, pretrained backbone, mimicked banks) are used.
+        methods: a subset of the config's method names (default: every method it runs on arch;
+            RECAST's sequential run shares the per-task RECAST lr and is not searched).
+        lr: the shared log-uniform lr range.
+        grace_period, reduction_factor: ASHA's first rung (in tasks) and its halving rate.
+        search_seed: seed of the random search (the same lrs with and without ASHA).
     """
 
-    methods: dict[str, TrialMethod] = Field(min_length=1)
-    lr: tuple[float, float] = (1e-3, 1e-1)
-    weight_decay: tuple[float, float] = (1e-6, 1e-2)
-    epochs: tuple[int, int] = (1, 4)
-    num_samples: int = Field(8, ge=1)
+    params: str = "params.yaml"
+    methods: list[str] | None = None
+    lr: tuple[float, float] = (1e-4, 1e-1)
+    num_samples: int = Field(6, ge=1)
     asha: bool = True
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
@@ -260,13 +270,48 @@ class HpoSweep(SweepBase):
 
     @model_validator(mode="after")
     def _check(self):
-        for key in ("lr", "weight_decay", "epochs"):
-            lo, hi = getattr(self, key)
-            if not 0 < lo <= hi:
-                raise ValueError(f"{key}: need 0 < low <= high, got [{lo}, {hi}]")
-        if any(m.lr is not None for m in self.methods.values()):
-            raise ValueError("methods: lr is searched; remove the methods' lr")
+        lo, hi = self.lr
+        if not 0 < lo <= hi:
+            raise ValueError(f"lr: need 0 < low <= high, got [{lo}, {hi}]")
+        from_params = sorted({"tasks", "train", "data_dir", "pretrain_dir"} & self.model_fields_set)
+        if from_params:
+            raise ValueError(f"{', '.join(from_params)}: taken from the pipeline config ({self.params}); remove")
         return self
+
+    def pipeline(self) -> tuple[Any, dict[str, Any]]:
+        """(``TuneParams`` of ``params`` for this arch and the sweep's seeds, every per-task
+        method of its tune and combine sections on the arch by name)."""
+        from stages.config.params import CombineParams, TuneParams
+
+        data = read_params(resolve(self.params))
+        tp = validate_section("tune", TuneParams, data)
+        if self.arch not in tp.archs:
+            raise ParamsError(f"arch: {self.arch!r} is not one of {self.params}'s tune.archs {tp.archs}")
+        if "pretrain" in data:  # the workspace must hold this config's backbone, not another config's
+            from stages.config.params import PretrainParams
+            from stages.jobs.backbones import pretrained_meta
+
+            pp = validate_section("pretrain", PretrainParams, data)
+            want = pp.archs[self.arch].epochs or pp.epochs if self.arch in pp.archs else None
+            got = pretrained_meta(resolve(tp.pretrain_dir), self.arch).get("epochs")
+            if pp.source == "train" and want is not None and got != want:
+                raise ParamsError(f"params: {resolve(tp.pretrain_dir) / self.arch}.json was pretrained for {got} epochs, "
+                                  f"{self.params} says {want}: run that config's pipeline up to mimic first "
+                                  f"(dvc exp run -S config=<name>, or dvc repro mimic with it as params.yaml)")
+        tp = tp.model_copy(update={"archs": [self.arch], "seeds": list(self.seeds)})
+        per_task = dict(tp.methods)
+        if "combine" in data:
+            per_task.update(validate_section("combine", CombineParams, data).methods)
+        per_task = {n: m for n, m in per_task.items() if m.archs is None or self.arch in m.archs}
+        continual = [n for n in tp.continual.methods.get(self.arch, []) if n != "recast"]
+        known = [*per_task, *continual]
+        if self.methods is not None:
+            unknown = [n for n in self.methods if n not in known]
+            if unknown:
+                raise ParamsError(f"methods: {unknown} not run on {self.arch} by {self.params}; it runs {known}")
+            per_task = {n: m for n, m in per_task.items() if n in self.methods}
+            continual = [n for n in continual if n in self.methods]
+        return tp, {"per_task": per_task, "continual": continual}
 
 
 SWEEPS: dict[str, type[SweepBase]] = {

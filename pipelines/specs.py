@@ -26,6 +26,8 @@ from pipelines.config import (
 from stages.jobs.backbones import pretrained_meta
 from stages.config.common import ParamsError, resolve
 from stages.jobs.inputs import InputStore, backbone_bundle, banks_bundle, task_bundle
+from stages.jobs.sequential import continual_specs
+from stages.jobs.specs import method_specs, task_names
 from stages.config.params import MimicArch
 
 
@@ -136,23 +138,36 @@ def seeds_specs(store: InputStore, cfg: SeedsSweep, device: str) -> list[dict]:
 
 
 def hpo_specs(store: InputStore, cfg: HpoSweep, device: str) -> list[dict]:
-    """One base spec per method, task and seed; the search adds lr, epochs and weight decay. A
-    continual baseline is a ``continual`` trial over the task alone (the keys
-    ``stages.jobs.sequential.continual_job`` reads; its lr is the recipe's, ``lr: None``)."""
-    specs = _tune_specs("hpo", cfg, device, store,
-                        [(name, m, {}) for name, m in cfg.methods.items() if m.continual is None])
-    common = _common("hpo", cfg, device, store)
-    for name, m in cfg.methods.items():
-        if m.continual is None:
+    """One base spec per method of the pipeline config and seed, each running the pipeline's own
+    jobs on every task of the config (the search sets their lr):
+
+    - ``stage_tasks``: a per-task method, ``jobs`` = its tune-stage job spec for each task
+      (``stages.jobs.specs.method_specs``), run one after the other in one trial;
+    - ``continual``: a sequential baseline over the config's task order
+      (``stages.jobs.sequential.continual_specs``), scored on the validation splits at the end.
+    """
+    tp, methods = cfg.pipeline()
+    tasks = task_names(tp)
+    pretrained_meta(resolve(tp.pretrain_dir), cfg.arch)  # a missing backbone is named here
+    specs = []
+    jobs = method_specs("hpo", tp, methods["per_task"], device, store)
+    for name, m in methods["per_task"].items():
+        family = m.kind if m.kind != "adapter" else (f"recast+{m.adapter}" if m.recast else m.adapter)
+        for seed in cfg.seeds:
+            mine = [j for j in jobs if j["method_name"] == name and j["seed"] == seed]
+            roles = {"backbone": mine[0]["inputs"]["backbone"], **{f"task/{j['task']}": j["inputs"]["task"]
+                                                                   for j in mine}}
+            if "banks" in mine[0]["inputs"]:
+                roles["banks"] = mine[0]["inputs"]["banks"]
+            specs.append({"id": f"hpo/{cfg.arch}/{name}/s{seed}", "sweep": "hpo", "kind": "stage_tasks",
+                          "name": name, "family": family, "arch": cfg.arch, "task": "all", "tasks": tasks,
+                          "seed": seed, "point": {}, "jobs": mine, "device": device, "inputs": roles})
+    for job in continual_specs("hpo", tp, device, store):
+        if job["method_name"] not in methods["continual"]:
             continue
-        for task in cfg.tasks:
-            key = _task_key(store, cfg, task)
-            for seed in cfg.seeds:
-                specs.append({**common, "id": f"hpo/{cfg.arch}/{name}/{task}/s{seed}", "kind": "continual",
-                              "name": name, "family": m.family, "point": {}, "method": m.model_dump(),
-                              "task": task, "seed": seed, "method_name": m.continual, "options": m.options,
-                              "task_order": [task], "lr": None,
-                              "inputs": {**common["inputs"], f"task/{task}": key}})
+        specs.append({**job, "id": f"hpo/{cfg.arch}/{job['method_name']}/s{job['seed']}", "sweep": "hpo",
+                      "name": job["method_name"], "family": job["method_name"], "task": "all", "tasks": tasks,
+                      "point": {}, "score_val": True})
     return specs
 
 

@@ -4,8 +4,9 @@
                               [--no-asha]
 
 Grid sweeps: one ``tune.Tuner`` whose param space is a ``tune.grid_search`` over the sweep's
-points, tasks and seeds (the specs of ``pipelines.specs``). ``hpo``: one Tuner per method, task
-and seed, random search over lr, epochs and weight decay, ASHA on validation accuracy. Trials run
+points, tasks and seeds (the specs of ``pipelines.specs``). ``hpo``: one Tuner per method of a
+pipeline config and seed, random search over the lr, each trial scored on every task of the
+config (``pipelines.config.HpoSweep``), ASHA on the validation accuracy. Trials run
 ``pipelines.trials.run_trial`` with the resources of params.yaml's ``runtime`` section (overridden
 by the sweep config's ``runtime``), report each epoch through ``tune.report`` and are retried
 ``runtime.max_retries`` times (``FailureConfig``); a retried ``tune``/``stage_tune`` trial resumes
@@ -55,7 +56,6 @@ from stages.jobs.inputs import InputStore, JobInputs
 from stages.config.params import RuntimeParams
 from stages.jobs.runtime import job_device
 
-SEARCHED = ("lr", "epochs", "weight_decay")
 
 
 def sweep_key(sweep: str, specs: list[dict]) -> str:
@@ -85,17 +85,17 @@ def point_of(spec: dict) -> str:
 
 
 def trial_spec(specs: dict[str, dict], config: dict[str, Any]) -> dict:
-    """The spec of one Tune trial: its grid point's spec, with the searched values (``hpo``)
-    in its recipe and in its id (the trial key)."""
+    """The spec of one Tune trial: its grid point's spec, with the searched lr (``hpo``) in
+    every job it runs and in its id (the trial key)."""
     spec = specs[f"{config['name']}|{config['task']}|{config['seed']}"]
-    searched = {k: config[k] for k in SEARCHED if k in config}
-    if not searched:
+    if "lr" not in config:
         return spec
-    label = f"lr{searched['lr']:.3g}-e{searched['epochs']}-wd{searched['weight_decay']:.3g}"
-    out = {**spec, "id": f"{spec['id']}/{label}", "train": {**spec["train"], **searched},
-           "method": {**spec["method"], "lr": None}, "point": {**spec.get("point", {}), **searched}}
-    if "lr" in spec:  # a continual trial: its lr is the recipe's (the searched one)
-        out["lr"] = None
+    lr = float(config["lr"])
+    out = {**spec, "id": f"{spec['id']}/lr{lr:.3g}", "point": {**spec.get("point", {}), "lr": lr}}
+    if "jobs" in spec:  # stage_tasks: the tune stage's job of each task at this lr
+        out["jobs"] = [{**j, "lr": lr, "lr_source": "hpo:trial"} for j in spec["jobs"]]
+    else:  # a sequential baseline
+        out["lr"], out["lr_source"] = lr, "hpo:trial"
     return out
 
 
@@ -188,20 +188,16 @@ def _experiments(sweep: str, cfg: SweepBase, specs: list[dict], key: str,
         return [(f"{sweep}-{key}", space, tune.TuneConfig())]
     out = []
     for spec in specs:
-        # equal bounds fix a value (the shipped configs search the lr alone)
+        # one lr per trial from the shared grid (equal bounds fix it); every other setting is the config's
         space = {"name": spec["name"], "task": spec["task"], "seed": spec["seed"],
-                 "lr": tune.loguniform(*cfg.lr) if cfg.lr[0] < cfg.lr[1] else cfg.lr[0],
-                 "weight_decay": tune.loguniform(*cfg.weight_decay) if cfg.weight_decay[0] < cfg.weight_decay[1]
-                 else cfg.weight_decay[0],
-                 "epochs": tune.randint(cfg.epochs[0], cfg.epochs[1] + 1) if cfg.epochs[0] < cfg.epochs[1]
-                 else cfg.epochs[0]}
-        # the final report is one iteration after the last epoch's
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs[1] + 1,
+                 "lr": tune.loguniform(*cfg.lr) if cfg.lr[0] < cfg.lr[1] else cfg.lr[0]}
+        # a trial reports once per task, then its final result one iteration later
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=len(spec["tasks"]) + 1,
                                   grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor) \
             if asha else FIFOScheduler()
         tc = tune.TuneConfig(metric="val_acc", mode="max", num_samples=cfg.num_samples, scheduler=scheduler,
                              search_alg=BasicVariantGenerator(random_state=cfg.search_seed))
-        label = f"{spec['name']}-{spec['task']}-s{spec['seed']}"
+        label = f"{spec['name']}-s{spec['seed']}"
         out.append((f"{sweep}-{key}-{label}", space, tc))
     return out
 
@@ -223,8 +219,8 @@ def best_per_group(rows: list[dict]) -> dict[str, dict[str, Any]]:
             continue
         group = f"{r['name']}|{r['task']}|s{r['seed']}"
         if group not in best or r["val_acc"] > best[group]["val_acc"]:
-            best[group] = {k: r.get(k) for k in ("name", "task", "seed", "lr", "epochs", "weight_decay", "val_acc",
-                                                 "test_acc", "id")}
+            best[group] = {k: r.get(k) for k in ("name", "task", "seed", "lr", "val_acc", "test_acc", "id",
+                                                 "val_acc_by_task")}
     return best
 
 
@@ -311,8 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, p in summary["points"].items():
         print(f"  {name:28s} acc {p['acc_mean']:.4f} +- {p['acc_std']:.4f}  ({p['trials']} trials)")
     for group, b in summary.get("best", {}).items():
-        print(f"  best {group}: lr {b['lr']:.4g} epochs {b['epochs']} wd {b['weight_decay']:.3g} "
-              f"val {b['val_acc']:.4f} test {b['test_acc']:.4f}")
+        print(f"  best {group}: lr {b['lr']:.4g} val {b['val_acc']:.4f} (test {b['test_acc']:.4f}, not used)")
     if "lr_by_method" in summary:
         print(f"  tune.lr_by_method (source {summary['lr_source']}): archs.{cfg.arch}: {summary['lr_by_method']}")
     return summary

@@ -10,10 +10,13 @@ Kinds (``spec["kind"]``):
 - ``recast_sequence``: one RecastModel trained task after task in the spec's order; every earlier
   task is re-evaluated after each new one (its accuracy matrix shows zero forgetting, and the
   final accuracies do not depend on the order).
-- ``continual``: a sequential baseline over the order (``stages.jobs.sequential.continual_job``).
+- ``continual``: a sequential baseline over the order (``stages.jobs.sequential.continual_job``);
+  in ``hpo`` (``score_val``) scored on every task's validation split at the end of the stream.
+- ``stage_tasks``: ``hpo``'s per-task method: the tune stage's job on every task of the config,
+  one after the other, scored by the mean validation accuracy over the tasks.
 
 ``on_epoch`` receives every epoch of ``recast.training.fit`` (the sweep reports it to Tune); the
-continual baselines report only their final result. Every kind reports the peak memory of the
+``hpo`` kinds report once per task instead (ASHA's rungs are tasks). Every kind reports the peak memory of the
 trial itself (the worker's resident-set high-water mark is reset first).
 """
 
@@ -159,12 +162,43 @@ def recast_sequence_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = N
 def continual_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
                     checkpoint: Checkpointer | None = None) -> dict[str, Any]:
     """``stages.jobs.sequential.continual_job`` over the spec's order, final accuracies keyed by task
-    (``recast.baselines.run_sequential`` has no per-epoch hook: one final report)."""
-    meta, _ = continual_job(spec, inputs)
+    (``recast.baselines.run_sequential`` has no per-epoch hook). With ``score_val`` (``hpo``): after
+    each task, ``on_epoch`` gets ``val_acc`` = the mean validation accuracy of every task seen,
+    measured then; the final ``val_acc`` is that mean at the end of the stream (forgetting counts)."""
+    rows: list[list[float]] = []
+
+    def on_task(i: int, val_row: list[float]) -> None:
+        rows.append(val_row)
+        if on_epoch is not None:
+            on_epoch({"val_acc": sum(val_row) / len(val_row), "tasks_done": i + 1})
+
+    meta, _ = continual_job(spec, inputs, on_task=on_task if spec.get("score_val") else None)
     meta["final_acc"] = dict(zip(meta["task_names"], meta["final_acc"], strict=True))
-    if len(meta["task_names"]) == 1:  # one task (hpo): its accuracies as numbers, as a tune trial's
-        meta["val_acc"], meta["test_acc"] = meta["val_acc"][0], meta["acc_matrix"][0][0]
+    if spec.get("score_val"):
+        meta["val_acc_by_task"] = dict(zip(meta["task_names"], rows[-1], strict=True))
+        meta["val_acc"] = sum(rows[-1]) / len(rows[-1])
+        meta["test_acc"] = meta["avg_acc"]
     return meta
+
+
+def stage_tasks_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
+                      checkpoint: Checkpointer | None = None) -> dict[str, Any]:
+    """The tune stage's job of one per-task method on every task of the config in turn (``hpo``):
+    after each task ``on_epoch`` gets ``val_acc`` = the mean best validation accuracy over the
+    tasks so far; the final ``val_acc`` is the mean over all of them (``test_acc`` likewise,
+    recorded and never selected on)."""
+    val, test, seconds = {}, {}, 0.0
+    first: dict[str, Any] = {}
+    for i, job in enumerate(spec["jobs"]):
+        meta, _ = tune_job(job, JobInputs(job["inputs"], inputs.payloads))
+        val[job["task"]], test[job["task"]] = meta["val_acc"], meta["test_acc"]
+        seconds += meta["train_seconds"]
+        first = first or meta
+        if on_epoch is not None:
+            on_epoch({"val_acc": sum(val.values()) / len(val), "tasks_done": i + 1})
+    return {"val_acc": sum(val.values()) / len(val), "test_acc": sum(test.values()) / len(test),
+            "val_acc_by_task": val, "test_acc_by_task": test, "train_seconds": seconds,
+            "epochs": first["epochs"], "task_params": first["task_params"], "tasks_done": len(val)}
 
 
 def stage_tune_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
@@ -175,7 +209,7 @@ def stage_tune_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
 
 
 _KINDS = {"tune": tune_trial, "stage_tune": stage_tune_trial, "recast_sequence": recast_sequence_trial,
-          "continual": continual_trial}
+          "continual": continual_trial, "stage_tasks": stage_tasks_trial}
 
 
 def run_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -75,7 +76,8 @@ SEQUENTIAL_FORMAT = "recast-sequential-checkpoint/1"
 
 
 def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TuneConfig,
-                   progress: bool | None = None, checkpoint: Checkpointer | None = None) -> SequentialResult:
+                   progress: bool | None = None, checkpoint: Checkpointer | None = None,
+                   on_task: Callable[[int, list[float]], None] | None = None) -> SequentialResult:
     """Train ``method`` on ``tasks`` in order; after each task test every task seen so far.
 
     Randomness of the run (heads, buffers, task embeddings, dropout) comes from torch's RNG
@@ -92,6 +94,9 @@ def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TuneConf
             the rows measured so far; ``meta["task"]``: tasks done) and loaded from at the start:
             a run stopped between tasks resumes there, bit-identical to a run never stopped
             (``SequentialResult.resumed_task``).
+        on_task: called after each task ``i`` with the validation accuracy of every task seen so
+            far, measured then (``tasks[:i + 1]``, each ``val`` required): a sweep's score at the
+            end of the stream counts forgetting. Not called for tasks restored from a checkpoint.
     """
     progress = cfg.progress if progress is None else progress
     _check_tasks(tasks)
@@ -141,6 +146,10 @@ def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TuneConf
                 row: list[float | None] = list(method.evaluate_tasks(tasks[:i + 1], device))
             acc.append(row + [None] * (size - i - 1))
             train_bytes.append(state_bytes(method.training_state()))
+            if on_task is not None:
+                with autocast(device, cfg.precision):
+                    seen = [replace(t, test=t.val) for t in tasks[:i + 1]]
+                    on_task(i, list(method.evaluate_tasks(seen, device)))
             if checkpoint is not None:
                 state, method_meta = method.checkpoint_state()
                 tensors = {f"method.{k}": v for k, v in state.items()}

@@ -4,6 +4,7 @@ trains ONE shared backbone on every task in the configured order (``recast.basel
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -43,8 +44,10 @@ def continual_specs(stage: str, p: TuneParams, device: str, store: InputStore) -
     return specs
 
 
-def continual_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
-    """Ray task: one sequential continual-learning baseline over all tasks of one arch."""
+def continual_job(spec: dict, inputs: JobInputs,
+                  on_task: Callable[[int, list[float]], None] | None = None) -> tuple[dict, dict]:
+    """Ray task: one sequential continual-learning baseline over all tasks of one arch.
+    ``on_task``: ``run_sequential``'s (the validation accuracy of every task seen, after each task)."""
     seed_everything(spec["seed"])
     tr = TrainParams(**spec["train"])
     if spec["method_name"] == "recast":
@@ -79,7 +82,7 @@ def continual_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
         cfg = replace(cfg, freeze_bn_stats=False)
     checkpoints = job_checkpoints(spec)
     with record_nondeterminism() as nondeterministic:
-        out = run_sequential(method, tasks, cfg, progress=False, checkpoint=checkpoints).to_json()
+        out = run_sequential(method, tasks, cfg, progress=False, checkpoint=checkpoints, on_task=on_task).to_json()
     if out["resumed_task"]:
         log.warning("%s: resumed after task %d from its checkpoint", spec["id"], out["resumed_task"])
     if checkpoints is not None:
