@@ -18,6 +18,7 @@ from pydantic import Field, field_validator, model_validator
 
 from stages.config.common import ParamsError, Section, read_params, resolve, validate_section
 from stages.config.params import MimicArch
+from stages.jobs.backbones import pretrained_meta
 from stages.config.params import RuntimeParams
 from stages.config.params import MethodParams, TrainParams
 
@@ -287,17 +288,6 @@ class HpoSweep(SweepBase):
         tp = validate_section("tune", TuneParams, data)
         if self.arch not in tp.archs:
             raise ParamsError(f"arch: {self.arch!r} is not one of {self.params}'s tune.archs {tp.archs}")
-        if "pretrain" in data:  # the workspace must hold this config's backbone, not another config's
-            from stages.config.params import PretrainParams
-            from stages.jobs.backbones import pretrained_meta
-
-            pp = validate_section("pretrain", PretrainParams, data)
-            want = pp.archs[self.arch].epochs or pp.epochs if self.arch in pp.archs else None
-            got = pretrained_meta(resolve(tp.pretrain_dir), self.arch).get("epochs")
-            if pp.source == "train" and want is not None and got != want:
-                raise ParamsError(f"params: {resolve(tp.pretrain_dir) / self.arch}.json was pretrained for {got} epochs, "
-                                  f"{self.params} says {want}: run that config's pipeline up to mimic first "
-                                  f"(dvc exp run -S config=<name>, or dvc repro mimic with it as params.yaml)")
         tp = tp.model_copy(update={"archs": [self.arch], "seeds": list(self.seeds)})
         per_task = dict(tp.methods)
         if "combine" in data:
@@ -312,6 +302,26 @@ class HpoSweep(SweepBase):
             per_task = {n: m for n, m in per_task.items() if n in self.methods}
             continual = [n for n in continual if n in self.methods]
         return tp, {"per_task": per_task, "continual": continual}
+
+
+def check_backbone(cfg: HpoSweep) -> None:
+    """The workspace must hold the backbone of ``cfg.params``, not another config's: the
+    pretrained epochs recorded in ``<pretrain_dir>/<arch>.json`` must be the config's."""
+    from stages.config.params import PretrainParams, TuneParams
+
+    data = read_params(resolve(cfg.params))
+    if "pretrain" not in data:
+        return
+    pp = validate_section("pretrain", PretrainParams, data)
+    if pp.source != "train" or cfg.arch not in pp.archs:
+        return
+    want = pp.archs[cfg.arch].epochs or pp.epochs
+    pretrain_dir = resolve(validate_section("tune", TuneParams, data).pretrain_dir)
+    got = pretrained_meta(pretrain_dir, cfg.arch).get("epochs")
+    if got != want:
+        raise ParamsError(f"params: {pretrain_dir / cfg.arch}.json was pretrained for {got} epochs, "
+                          f"{cfg.params} says {want}: run that config's pipeline up to mimic first "
+                          f"(dvc exp run -S config=<name>, or dvc repro mimic with it as params.yaml)")
 
 
 SWEEPS: dict[str, type[SweepBase]] = {

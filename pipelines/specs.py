@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from pipelines.config import (
+    check_backbone,
     BudgetSweep,
     GnSweep,
     HpoSweep,
@@ -148,7 +149,7 @@ def hpo_specs(store: InputStore, cfg: HpoSweep, device: str) -> list[dict]:
     """
     tp, methods = cfg.pipeline()
     tasks = task_names(tp)
-    pretrained_meta(resolve(tp.pretrain_dir), cfg.arch)  # a missing backbone is named here
+    check_backbone(cfg)  # a missing backbone, or another config's, is named here
     specs = []
     jobs = method_specs("hpo", tp, methods["per_task"], device, store)
     for name, m in methods["per_task"].items():

@@ -113,8 +113,29 @@ def write_config(tmp_path: Path):
         data = {"out_dir": str(tmp_path / "sweeps"), "train": TINY_TRAIN,
                 "runtime": {"cache_dir": str(tmp_path / "cache"), "experiment": "sweep-tests", "progress": False},
                 **fields}
+        if "params" in fields:  # hpo: the recipe is the pipeline config's
+            data.pop("train")
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def pipeline_params(stage_outputs: Path, tmp_path: Path):
+    """``pipeline_params(**tune)`` -> path of a pipeline config for the ``hpo`` sweep: the stage
+    root's own params (so its pretrain section matches the backbone there) with a tiny recipe
+    on two tasks, ``tune`` fields replaced by ``tune`` and no combine methods."""
+    source = stage_outputs / "tiny.yaml" if (stage_outputs / "tiny.yaml").exists() else stage_outputs / "params.yaml"
+
+    def write(**tune) -> Path:
+        params = yaml.safe_load(source.read_text())
+        params["tune"].update(tasks=["mnist_lo5", "mnist_hi5_inv"], train=TINY_TRAIN, seeds=[42], lr_by_method=None,
+                              **tune)
+        params.pop("combine", None)
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(yaml.safe_dump(params))
         return path
 
     return write

@@ -14,12 +14,15 @@ from pipelines.sweep import preflight, sweep_key
 from stages.config.common import ParamsError
 from stages.jobs.inputs import InputStore
 
-EXPECTED_TRIALS = {"gn": 6, "k": 4, "targets": 6, "budget": 11, "order": 4, "seeds": 9, "hpo": 8}  # hpo: per method
+EXPECTED_TRIALS = {"gn": 6, "k": 4, "targets": 6, "budget": 11, "order": 4, "seeds": 9, "hpo": 6}  # hpo: per method
 
 
 @pytest.mark.parametrize("sweep", SWEEP_NAMES)
 def test_shipped_configs_expand_to_trials(stage_outputs, sweep: str) -> None:
     cfg = load_config(sweep)
+    if sweep == "hpo":  # the stage root's own config (its backbone was pretrained with it)
+        tiny = stage_outputs / "tiny.yaml"
+        cfg = cfg.model_copy(update={"params": str(tiny if tiny.exists() else stage_outputs / "params.yaml")})
     specs = build_specs(sweep, cfg, "cpu", InputStore())
     assert len(specs) == EXPECTED_TRIALS[sweep]
     assert len({s["id"] for s in specs}) == len(specs)
@@ -57,11 +60,11 @@ def test_unknown_and_ill_typed_keys_are_named(tmp_path: Path) -> None:
     bad.write_text("pairs: [[1, 2]]\nrecast: {preset: recast_att, overrides: {groups: 2}}\n")
     with pytest.raises(ParamsError, match=r"recast.overrides sets \['groups'\]"):
         load_config("gn", bad)
-    bad.write_text("methods: {r: {recast: {preset: recast_att}}}\nlr: [0.1, 0.01]\n")
+    bad.write_text("lr: [0.1, 0.01]\n")
     with pytest.raises(ParamsError, match=r"lr: need 0 < low <= high, got \[0.1, 0.01\]"):
         load_config("hpo", bad)
-    bad.write_text("methods: {r: {recast: {preset: recast_att}, lr: 0.1}}\n")
-    with pytest.raises(ParamsError, match=r"lr is searched"):
+    bad.write_text("tasks: [mnist_lo5]\ntrain: {epochs: 1}\n")  # the rule scores the config's own tasks and recipe
+    with pytest.raises(ParamsError, match=r"tasks, train: taken from the pipeline config \(params.yaml\); remove"):
         load_config("hpo", bad)
     with pytest.raises(ValueError, match="unknown sweep 'lr'"):
         load_config("lr")
@@ -80,3 +83,20 @@ def test_runtime_overrides_and_sweep_identity(stage_outputs) -> None:
     specs = build_specs("k", cfg, "cpu", InputStore())
     assert sweep_key("k", specs) == sweep_key("k", list(reversed(specs)))
     assert sweep_key("k", specs) != sweep_key("k", specs[:-1])
+
+
+@pytest.mark.parametrize("name", ["hpo", "hpo_resnet", "hpo_full", "hpo_full_resnet"])
+def test_shipped_lr_rules_search_every_method_of_their_config(name: str) -> None:
+    """Each shipped hpo config searches exactly the methods whose lr its pipeline config reads
+    (``tune.lr_by_method.archs.<arch>``; RECAST's sequential run shares the per-task RECAST lr)."""
+    import yaml
+
+    from stages.config.common import resolve
+
+    cfg = load_config("hpo", Path("pipelines/configs") / f"{name}.yaml")
+    tp, methods = cfg.pipeline()
+    searched = set(methods["per_task"]) | set(methods["continual"])
+    assert searched, name
+    table = yaml.safe_load(resolve(cfg.params).read_text())["tune"]["lr_by_method"]["archs"][cfg.arch]
+    assert set(table) == searched, (name, sorted(set(table) ^ searched))
+    assert set(methods["continual"]) <= set(tp.continual.methods[cfg.arch]) and "recast" not in methods["continual"]

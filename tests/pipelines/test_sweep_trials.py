@@ -98,33 +98,49 @@ def test_peak_memory_is_per_trial() -> None:
     assert m["after"] < m["grown"] - 150 and m["rss"] > 0
 
 
-def test_hpo_continual_trial_is_the_baseline_on_the_first_task_alone(stage_outputs, tiny_train, monkeypatch) -> None:
-    """A continual baseline in the hpo sweep (issue 22): one task, the recipe's (searched) lr and
-    epochs, scalar val/test accuracies as a tune trial has; replay baselines get the raw view."""
+def test_hpo_trials_run_the_pipelines_jobs_on_every_task(stage_outputs, pipeline_params, monkeypatch) -> None:
+    """The lr rule: a per-task method is the tune stage's own job on each task of the config at the
+    trial's lr, scored by the mean validation accuracy over the tasks (one report per task); a
+    sequential baseline runs the config's task stream at that lr and is scored on every task's
+    validation split at the END of the stream (after the last task, so forgetting counts)."""
     from pipelines.config import HpoSweep
     from pipelines.sweep import trial_spec
-    from recast.data.augment import TaskAugment
     import stages.jobs.sequential as seq
 
-    cfg = HpoSweep(train=tiny_train, methods={"ewc": TrialMethod(continual="ewc"),
-                                              "er_ace": TrialMethod(continual="er_ace", options={"memory_size": 8})})
-    specs = _specs("hpo", cfg)
-    assert specs["ewc"][0]["kind"] == "continual" and specs["ewc"][0]["task_order"] == ["mnist_lo5"]
-    spec = trial_spec({"ewc|mnist_lo5|42": specs["ewc"][0]},
-                      {"name": "ewc", "task": "mnist_lo5", "seed": 42, "lr": 0.0123, "epochs": 1, "weight_decay": 1e-6})
-    seen = {}
-    real = seq.run_sequential
+    params = pipeline_params(methods={"head_only": {"kind": "head_only"}}, continual={"methods": {"vit": ["ewc"]}})
+    specs = _specs("hpo", HpoSweep(params=str(params), arch="vit"))
+    assert sorted(specs) == ["ewc", "head_only"]
+    head, ewc = specs["head_only"][0], specs["ewc"][0]
+    assert head["kind"] == "stage_tasks" and [j["task"] for j in head["jobs"]] == ["mnist_lo5", "mnist_hi5_inv"]
+    assert ewc["kind"] == "continual" and ewc["task_order"] == ["mnist_lo5", "mnist_hi5_inv"] and ewc["score_val"]
+    trial = {"task": "all", "seed": 42, "lr": 0.0123}
+    head_t = trial_spec({"head_only|all|42": head}, {**trial, "name": "head_only"})
+    ewc_t = trial_spec({"ewc|all|42": ewc}, {**trial, "name": "ewc"})
+    assert [j["lr"] for j in head_t["jobs"]] == [0.0123, 0.0123] and ewc_t["lr"] == 0.0123
+    assert head_t["id"] == "hpo/vit/head_only/s42/lr0.0123"
 
-    def spy(method, tasks, cfg, progress=None, checkpoint=None):
-        seen[method.name] = (cfg.lr, cfg.epochs, len(next(iter(tasks[0].train))), getattr(method, "replay_augment", 0))
-        return real(method, tasks, cfg, progress, checkpoint)
+    reports: list[dict] = []
+    meta = run_trial(head_t, specs["head_only"][1], reports.append)
+    assert [r["tasks_done"] for r in reports] == [1, 2]
+    by_task = meta["val_acc_by_task"]
+    assert reports[0]["val_acc"] == by_task["mnist_lo5"]
+    assert meta["val_acc"] == reports[1]["val_acc"] == pytest.approx((by_task["mnist_lo5"] + by_task["mnist_hi5_inv"]) / 2)
+
+    seen, real = {}, seq.run_sequential
+
+    def spy(method, tasks, cfg, progress=None, checkpoint=None, on_task=None):
+        seen["lr"], seen["tasks"] = cfg.lr, [t.name for t in tasks]
+
+        def record(i, row):
+            seen.setdefault("rows", []).append(row)
+            on_task(i, row)
+        return real(method, tasks, cfg, progress, checkpoint, on_task=record)
 
     monkeypatch.setattr(seq, "run_sequential", spy)
-    meta = run_trial(spec, specs["ewc"][1])
-    assert seen["ewc"][:3] == (0.0123, 1, 2)  # the searched lr, the recipe's epochs, plain batches
-    assert isinstance(meta["val_acc"], float) and meta["test_acc"] == meta["acc_matrix"][0][0]
-    er = run_trial(specs["er_ace"][0], specs["er_ace"][1])
-    lr, epochs, width, augment = seen["er_ace"]
-    assert (lr, width) == (tiny_train["lr"], 3) and isinstance(augment, TaskAugment)  # (augmented, labels, raw)
-    assert set(augment.tasks) == {0} and augment.tasks[0][2] is not None  # task 0's own policy
-    assert 0.0 <= er["test_acc"] <= 1.0
+    reports.clear()
+    meta = run_trial(ewc_t, specs["ewc"][1], reports.append)
+    assert seen["lr"] == 0.0123 and seen["tasks"] == ["mnist_lo5", "mnist_hi5_inv"]
+    assert [len(r) for r in seen["rows"]] == [1, 2]  # after task i: every task seen so far
+    assert [r["tasks_done"] for r in reports] == [1, 2]
+    assert meta["val_acc_by_task"] == dict(zip(seen["tasks"], seen["rows"][-1]))  # measured after the LAST task
+    assert meta["val_acc"] == pytest.approx(sum(seen["rows"][-1]) / 2) and meta["test_acc"] == meta["avg_acc"]

@@ -27,8 +27,8 @@ TINY = {
     # recast: one epoch per task (2) + final; lwf: one final report
     "order": ({"tasks": TWO_TASKS, "orders": [TWO_TASKS], "continual": ["lwf"], "continual_epochs": 1}, 2, None),
     "seeds": ({"methods": {"recast": {"kind": "recast"}}, "seeds": [42]}, 1, 2),
-    "hpo": ({"methods": {"recast": {"recast": RECAST}}, "num_samples": 2, "epochs": [1, 2], "lr": [0.005, 0.05]},
-            2, None),
+    # the pipeline config's recast and ewc, each trial on both tasks: 2 lrs x 2 methods
+    "hpo": ({"num_samples": 2, "lr": [0.005, 0.05], "grace_period": 1}, 4, None),
 }
 ORDER_ITERATIONS = {"recast": 3, "lwf": 1}
 
@@ -51,13 +51,18 @@ def module_ray():
 
 # `make test-fast` keeps the hpo sweep (the one the default params use); the others run in `make test`
 @pytest.mark.parametrize("sweep", [s if s == "hpo" else pytest.param(s, marks=pytest.mark.slow) for s in TINY])
-def test_sweep_runs_on_tune(sweep: str, stage_outputs, write_config, module_ray, monkeypatch, tmp_path: Path) -> None:
+def test_sweep_runs_on_tune(sweep: str, stage_outputs, write_config, pipeline_params, module_ray, monkeypatch,
+                            tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     fields, trials, iterations = dict(TINY[sweep][0]), *TINY[sweep][1:]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    config = write_config(sweep, tasks=fields.pop("tasks", ["mnist_lo5"]), **fields)
+    if sweep == "hpo":  # tasks and recipe come from the pipeline config
+        params = pipeline_params(methods={"recast": {"kind": "recast"}}, continual={"methods": {"vit": ["ewc"]}})
+        config = write_config(sweep, params=str(params), **fields)
+    else:
+        config = write_config(sweep, tasks=fields.pop("tasks", ["mnist_lo5"]), **fields)
     summary = main(["--sweep", sweep, "--config", str(config)])
 
     table = pq.read_table(tmp_path / f"sweeps/{sweep}/results.parquet").to_pylist()
@@ -68,8 +73,9 @@ def test_sweep_runs_on_tune(sweep: str, stage_outputs, write_config, module_ray,
     assert all(0.0 <= r[acc] <= 1.0 and r["peak_rss_mb"] > 0 for r in finished)
     for r in table:
         expected = ORDER_ITERATIONS[r["name"]] if sweep == "order" else iterations
-        if sweep == "hpo":  # epochs is searched; a trial ASHA stopped has fewer reports
-            expected = r["epochs"] + 1 if r["final"] else r["training_iteration"]
+        if sweep == "hpo":  # one report per task (2) + the final; a trial ASHA stopped has fewer
+            expected = 3 if r["final"] else r["training_iteration"]
+            assert expected in (1, 2, 3), r
         assert r["training_iteration"] == expected, r
     assert (tmp_path / f"sweeps/{sweep}/{sweep}.png").stat().st_size > 1000
 
@@ -86,9 +92,14 @@ def test_sweep_runs_on_tune(sweep: str, stage_outputs, write_config, module_ray,
             (epoch,) = client.get_metric_history(kid.info.run_id, "epoch_val_acc")
             assert epoch.step == 1 and 0.0 <= epoch.value <= 1.0
     if sweep == "hpo":
-        (best,) = summary["best"].values()
-        assert best["val_acc"] == max(r["val_acc"] for r in finished) and 0.0 <= best["test_acc"] <= 1.0
-        assert 0.005 <= best["lr"] <= 0.05 and best["epochs"] in (1, 2)
+        assert sorted(summary["best"]) == ["ewc|all|s42", "recast|all|s42"]
+        for name, best in ((k.split("|")[0], b) for k, b in summary["best"].items()):
+            mine = [r for r in finished if r["name"] == name]
+            assert best["val_acc"] == max(r["val_acc"] for r in mine) and 0.005 <= best["lr"] <= 0.05
+            # the score is the mean over BOTH tasks' validation splits
+            assert sorted(best["val_acc_by_task"]) == ["mnist_hi5_inv", "mnist_lo5"]
+            assert best["val_acc"] == pytest.approx(sum(best["val_acc_by_task"].values()) / 2)
+        assert set(summary["lr_by_method"]) == {"ewc", "recast"}
 
 
 def test_inputs_reach_trials_through_the_object_store(stage_outputs, module_ray) -> None:
