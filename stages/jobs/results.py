@@ -139,7 +139,7 @@ class Publisher:
                             "bank_sha256": str(spec.get("bank_sha")), "payload_sha256": payload_sha,
                             "params_sha256": lineage.get("params_sha256", ""), "deps_sha256": lineage.get("deps_sha256", "")}
             self.tracker.guard(lambda: register_payload(rid, spec["arch"], spec["task"], spec["method_name"],
-                                                        version_tags, accuracy=meta["test_acc"]),
+                                                        version_tags, val_acc=meta["val_acc"]),
                                f"registration of {spec['id']}")
 
     def sorted_rows(self, task_order: list[str]) -> list[dict]:

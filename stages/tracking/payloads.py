@@ -1,6 +1,7 @@
 """The payload registry (MLflow model registry): one registered model per arch, method and task,
-one version per payload, aliases ``current`` and ``best``. ``stages.tracking.registry`` is its
-command line."""
+one version per payload, aliases ``current`` (the latest payload) and ``best`` (the version with
+the highest VALIDATION accuracy, its tag ``val_acc``; test accuracy never selects a payload).
+``stages.tracking.registry`` is its command line."""
 
 from __future__ import annotations
 
@@ -36,16 +37,36 @@ def registry_name(arch: str, task: str, method: str) -> str:
     return f"recast.{arch}.{method}.{task}"
 
 
+BEST_BY = "val_acc"  # the version tag (and run metric) that ranks versions for the alias ``best``
+
+
+def _score(client: Any, mv: Any) -> float | None:
+    """A version's validation accuracy: its ``val_acc`` tag, else its run's ``val_acc`` metric
+    (a version registered before the rule; the tag is then written, once)."""
+    tag = (mv.tags or {}).get(BEST_BY)
+    if tag is not None:
+        return float(tag) if tag else None  # "": looked up before, nothing to rank by
+    try:
+        value = client.get_run(mv.run_id).data.metrics.get(BEST_BY)
+    except Exception:  # noqa: BLE001 - a deleted run: the version cannot be ranked
+        value = None
+    client.set_model_version_tag(mv.name, mv.version, BEST_BY, f"{value:.6f}" if value is not None else "")
+    return value
+
+
 def register_payload(run_id: str, arch: str, task: str, method: str, tags: dict[str, str],
-                     accuracy: float | None = None, page_size: int = PAGE_SIZE) -> str:
-    """Register the payload logged under ``run_id`` as a new version; alias it ``current``
-    (and ``best`` when it beats the current best test accuracy). Returns the version.
+                     val_acc: float | None = None, page_size: int = PAGE_SIZE) -> str:
+    """Register the payload logged under ``run_id`` as a new version (its ``val_acc`` as the
+    version tag ``val_acc``); alias it ``current``, and point ``best`` at the version with the
+    highest validation accuracy (ties: the newest). Every call ranks all versions, so a registry
+    whose ``best`` was chosen by another rule is re-aliased on its next registration. Returns the version.
 
     Idempotent: a payload whose run already has a version is not registered again (its aliases
     are set again when it is the latest version), so a resumed stage can register every job."""
     uri = tracking_uri()
     client = make_client(uri)
     name = registry_name(arch, task, method)
+    version_tags = {**tags, BEST_BY: f"{val_acc:.6f}" if val_acc is not None else ""}
 
     def create() -> str:
         try:
@@ -62,16 +83,13 @@ def register_payload(run_id: str, arch: str, task: str, method: str, tags: dict[
         else:
             run = client.get_run(run_id)
             mv = client.create_model_version(name, f"{run.info.artifact_uri}/payload", run_id=run_id,
-                                             tags={**experiment_tags(), **tags})
+                                             tags={**experiment_tags(), **version_tags})
+            versions = [*versions, mv]
         client.set_registered_model_alias(name, "current", mv.version)
-        best = None
-        try:
-            best = client.get_model_version_by_alias(name, "best")
-        except Exception:  # noqa: BLE001 - no best yet
-            best = None
-        prev = float(best.tags.get("test_acc", "-1")) if best is not None else -1.0
-        if accuracy is not None and accuracy >= prev:
-            client.set_registered_model_alias(name, "best", mv.version)
+        scored = [(score, int(v.version)) for v in versions if (score := _score(client, v)) is not None]
+        if scored:
+            client.set_registered_model_alias(name, "best", str(max(scored)[1]))
+            client.set_registered_model_tag(name, "best_by", BEST_BY)
         return str(mv.version)
 
     return retry(create, uri=uri, what=f"registration of {name}")

@@ -78,8 +78,8 @@ def test_children_are_reattached_and_registration_is_idempotent(sqlite_uri, requ
     client = MlflowClient(sqlite_uri, registry_uri=sqlite_uri)
     first = Tracker("tune", _exp(request))
     rid = first.child("tune/vit/recast/a/s0", {"seed": 0}, {"test_acc": 0.5}, key="k1")
-    v1 = register_payload(rid, "vit", "a", "recast", {"test_acc": "0.5"}, accuracy=0.5)
-    assert register_payload(rid, "vit", "a", "recast", {"test_acc": "0.5"}, accuracy=0.5) == v1  # not twice
+    v1 = register_payload(rid, "vit", "a", "recast", {"test_acc": "0.5"}, val_acc=0.5)
+    assert register_payload(rid, "vit", "a", "recast", {"test_acc": "0.5"}, val_acc=0.5) == v1  # not twice
     # a child half-logged by a killed driver (created, never finished)
     half = client.create_run(first.experiment_id, run_name="tune/vit/recast/b/s0",
                              tags={"mlflow.parentRunId": first.parent_id, "spec_key": "k2"}).info.run_id
@@ -89,8 +89,8 @@ def test_children_are_reattached_and_registration_is_idempotent(sqlite_uri, requ
     assert resumed.child("tune/vit/recast/a/s0", {"seed": 0}, {"test_acc": 0.5}, key="k1") == rid  # reattached
     rid_b = resumed.child("tune/vit/recast/b/s0", {"seed": 0}, {"test_acc": 0.6}, key="k2")
     assert rid_b != half and client.get_run(half).info.lifecycle_stage == "deleted"
-    assert register_payload(rid, "vit", "a", "recast", {"test_acc": "0.5"}, accuracy=0.5) == v1
-    register_payload(rid_b, "vit", "b", "recast", {"test_acc": "0.6"}, accuracy=0.6)  # caught up
+    assert register_payload(rid, "vit", "a", "recast", {"test_acc": "0.5"}, val_acc=0.5) == v1
+    register_payload(rid_b, "vit", "b", "recast", {"test_acc": "0.6"}, val_acc=0.6)  # caught up
     resumed.finish()
     runs = client.search_runs([first.experiment_id], filter_string="tags.spec_key = 'k1'")
     assert [r.info.run_id for r in runs] == [rid]

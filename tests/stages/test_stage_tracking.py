@@ -15,7 +15,7 @@ def _worker(uri: str, idx: int, n: int) -> None:
     for j in range(n):
         rid = tr.child(f"job{idx}-{j}", {"i": idx, "j": j}, {"acc": 0.5 + 0.01 * j, "host": f"h{idx}", "ray_node": ""})
         register_payload(rid, "vit", f"task{j}", "recast", {"test_acc": f"{0.5 + 0.01 * idx:.3f}"},
-                         accuracy=0.5 + 0.01 * idx)
+                         val_acc=0.5 + 0.01 * idx)
     tr.finish({"done": 1.0})
 
 
@@ -71,7 +71,7 @@ def test_download_payload_reads_the_configured_store(tmp_path, monkeypatch):
     payload.write_text('{"numel": 3}')
     tr = Tracker("tune", "download")
     rid = tr.child("tune/vit/recast/mnist_rot", {"task": "mnist_rot"}, {"test_acc": 0.9}, artifacts=[payload])
-    register_payload(rid, "vit", "mnist_rot", "recast", {"test_acc": "0.9"}, accuracy=0.9)
+    register_payload(rid, "vit", "mnist_rot", "recast", {"test_acc": "0.9"}, val_acc=0.9)
     tr.finish()
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
@@ -97,7 +97,7 @@ def test_registry_cli_lists_and_fetches(tmp_path, monkeypatch, capsys):
         payload = tmp_path / f"{task}-s42.json"
         payload.write_text(f'{{"task": "{task}"}}')
         rid = tr.child(f"tune/vit/recast/{task}", {"task": task}, {"test_acc": acc}, artifacts=[payload])
-        register_payload(rid, "vit", task, "recast", {"test_acc": str(acc)}, accuracy=acc)
+        register_payload(rid, "vit", task, "recast", {"test_acc": str(acc)}, val_acc=acc)
     tr.finish()
     assert main(["list", "--arch", "vit"]) == 0
     table = capsys.readouterr().out.splitlines()
@@ -150,7 +150,7 @@ def test_experiment_in_a_temporary_copy_logs_to_its_workspace(tmp_path, monkeypa
     assert resolve_shared("outputs/.jobcache") == workspace / "outputs" / ".jobcache"
     tr = Tracker("tune", "recast")
     rid = tr.child("vit/recast/t0", {"seed": 42}, {"test_acc": 0.5})
-    version = register_payload(rid, "vit", "t0", "recast", {"test_acc": "0.5"}, accuracy=0.5)
+    version = register_payload(rid, "vit", "t0", "recast", {"test_acc": "0.5"}, val_acc=0.5)
     tr.finish()
     client = MlflowClient(tracking_uri())
     exp = client.get_experiment_by_name("recast")
@@ -163,3 +163,41 @@ def test_experiment_in_a_temporary_copy_logs_to_its_workspace(tmp_path, monkeypa
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "gone"))
     with pytest.raises(TrackingUnavailable, match="not a DVC workspace"):
         Tracker("tune", "recast")
+
+
+def test_best_alias_follows_validation_never_test_accuracy(tmp_path, monkeypatch):
+    """``best`` = the version with the highest validation accuracy: a later payload with a higher
+    TEST but lower validation accuracy does not take it. A registry whose ``best`` an older rule
+    chose by test accuracy (versions without the ``val_acc`` tag) is re-aliased by its runs'
+    ``val_acc`` metrics on its next registration."""
+    from mlflow.tracking import MlflowClient
+
+    from stages.tracking.payloads import register_payload, registry_name
+    from stages.tracking.runs import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    tr = Tracker("tune", "best-alias")
+    rids = {}
+    for i, (val, test) in enumerate(((0.9, 0.5), (0.8, 0.95), (0.7, 0.99), (0.95, 0.6), (0.5, 0.5))):
+        rids[i] = tr.child(f"job{i}", {"i": i}, {"val_acc": val, "test_acc": test})
+    register_payload(rids[0], "vit", "a", "recast", {"test_acc": "0.5"}, val_acc=0.9)
+    register_payload(rids[1], "vit", "a", "recast", {"test_acc": "0.95"}, val_acc=0.8)
+    name = registry_name("vit", "a", "recast")
+    assert str(client.get_model_version_by_alias(name, "best").version) == "1"
+    assert str(client.get_model_version_by_alias(name, "current").version) == "2"
+    assert client.get_registered_model(name).tags["best_by"] == "val_acc"
+
+    # an older registry: versions without a val_acc tag, best chosen by test accuracy
+    old = registry_name("vit", "b", "recast")
+    client.create_registered_model(old)
+    for i in (2, 3):
+        run = client.get_run(rids[i])
+        client.create_model_version(old, f"{run.info.artifact_uri}/payload", run_id=rids[i],
+                                    tags={"test_acc": str(run.data.metrics["test_acc"])})
+    client.set_registered_model_alias(old, "best", "1")  # test 0.99, val 0.7
+    register_payload(rids[4], "vit", "b", "recast", {"test_acc": "0.5"}, val_acc=0.5)
+    assert str(client.get_model_version_by_alias(old, "best").version) == "2"  # val 0.95 (test 0.6)
+    assert client.get_model_version(old, "1").tags["val_acc"] == "0.700000"  # read from its run, once
+    tr.finish()
