@@ -35,8 +35,8 @@ from stages.jobs.specs import task_names
 from stages.report.curves import plot_params_vs_acc
 from stages.report.markdown import markdown, run_info
 from stages.report.tables import (accuracies, continual_metrics, continual_run_metrics, continual_stats,
-                                  headline_metrics, method_stats, read_results, results_frame,
-                                  sequential_forgetting, task_stats, write_parquet)
+                                  headline_metrics, learning_rates, method_stats, paired_comparisons, read_results,
+                                  results_frame, sequential_forgetting, task_stats, write_parquet)
 from stages.tracking.lineage import TaskData, params_file, stage_lineage
 from stages.tracking.runlog import log_datasets
 from stages.tracking.runs import Tracker
@@ -67,8 +67,11 @@ def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: s
     write_parquet(tasks, report_dir / "tasks.parquet")
     write_parquet(methods, report_dir / "methods.parquet")
     write_parquet(results_frame(continual.to_dict("records")), report_dir / "continual.parquet")
+    comparisons = paired_comparisons(acc)
+    write_parquet(comparisons, report_dir / "comparisons.parquet")
     md = markdown(summary, tasks, methods, forgetting, mimic, task_names(p_tune), reload, frame, continual,
-                  run_info(frame, results, summary, task_names(p_tune), config_label()), p.forgetting_method)
+                  run_info(frame, results, summary, task_names(p_tune), config_label()), p.forgetting_method,
+                  comparisons, learning_rates(frame, lambda arch, method: lr_source(p_tune, arch, method)))
     (report_dir / "report.md").write_text(md + "\n")
     metrics = headline_metrics(summary, mimic)
     write_json_atomic(metrics_path("report", p.report_dir, EvaluateParams.model_fields["report_dir"].default), metrics)
@@ -82,6 +85,14 @@ def run(p: EvaluateParams, p_tune: TuneParams, rt: RuntimeParams, combine_dir: s
                         **continual_run_metrics(continual)})
     return {"metrics": metrics, "forgetting": forgetting, "reload": reload, "continual": continual}
 
+
+
+def lr_source(p_tune: TuneParams, arch: str, method: str) -> str:
+    """Where ``method``'s lr on ``arch`` comes from (``TuneParams.lr_for``; ``-`` if it has none)."""
+    try:
+        return p_tune.lr_for(arch, method)[1]
+    except Exception:  # noqa: BLE001 - a method outside the lr table (e.g. run by another config)
+        return "-"
 
 
 def config_label() -> str:

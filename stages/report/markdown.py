@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from recast.machine import machine_record
+from stages.report.tables import ALPHA, PAIRED_TEST
 
 
 def table(frame: pd.DataFrame) -> str:
@@ -77,7 +78,8 @@ def continual_of(continual: pd.DataFrame | None, arch: str, method: str) -> pd.S
 
 
 def accuracy_frame(arch: str, summary: dict[str, dict], tasks: pd.DataFrame, methods: pd.DataFrame,
-                   continual: pd.DataFrame | None = None, task_order: list[str] | None = None) -> pd.DataFrame:
+                   continual: pd.DataFrame | None = None, task_order: list[str] | None = None,
+                   lrs: dict[tuple[str, str], tuple[str, str]] | None = None) -> pd.DataFrame:
     """Task-wise test accuracy of ``arch``, one row per method (fewest trainable parameters
     first): per task mean ± std over seeds, the average, the paper's number when ``methods`` has
     it, forgetting (the continual table's: mean ± std over seeds of the method trained task after
@@ -87,7 +89,8 @@ def accuracy_frame(arch: str, summary: dict[str, dict], tasks: pd.DataFrame, met
     order = [t for t in (task_order or []) if t in present] + sorted(set(present) - set(task_order or []))
     paper = "paper" in methods.columns
     head = ["method", *order, "avg (mean ± std over seeds)", "seeds", *(["paper", "ours - paper"] if paper else []),
-            "forgetting (mean ± std)", "method params/task", "head params/task", "bytes/task", "wall s"]
+            "forgetting (mean ± std)", "method params/task", "head params/task", "bytes/task", "wall s", "lr",
+            "lr source"]
     m_arch = methods[methods["arch"] == arch].set_index("method")
 
     def params_key(kv: tuple[str, dict]) -> Any:
@@ -114,7 +117,8 @@ def accuracy_frame(arch: str, summary: dict[str, dict], tasks: pd.DataFrame, met
         wall = sum(wall) if isinstance(wall, list) else wall
         rows.append([method, *cells, pm(m["mean"], m["std"]), str(int(m["n_seeds"])), *extra,
                      forg, str(count(v.get("task_params", v.get("trainable_params")))),
-                     str(count(v.get("head_params"))), str(by), f"{wall:.1f}"])
+                     str(count(v.get("head_params"))), str(by), f"{wall:.1f}",
+                     *(lrs or {}).get((arch, method), ("-", "-"))])
     return pd.DataFrame(rows, columns=head)
 
 
@@ -154,6 +158,28 @@ def continual_frame(stats: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=CONTINUAL_COLUMNS)
 
 
+def comparison_frame(comp: pd.DataFrame, arch: str) -> pd.DataFrame:
+    """The paper's orderings on ``arch``: the paired difference and what the test says."""
+    rows = []
+    for _, r in comp[comp["arch"] == arch].iterrows():
+        diff = "-" if r["diff_mean"] is None or pd.isna(r["diff_mean"]) else \
+            f"{100 * r['diff_mean']:+.2f} ± " + ("-" if r["diff_std"] is None or pd.isna(r["diff_std"])
+                                                 else f"{100 * r['diff_std']:.2f}")
+        p = r["p_value"]
+        if p is None or pd.isna(p):
+            verdict = "too few pairs to test"
+        elif not r["larger_than_spread"]:
+            verdict = "within its spread"
+        else:
+            verdict = "larger than its spread, " + ("as the paper orders" if r["diff_mean"] > 0
+                                                    else "against the paper's order")
+        rows.append([f"{r['higher']} - {r['lower']}", r["paper"], diff, str(int(r["pairs"])),
+                     f"{int(r['higher_wins'])} / {int(r['lower_wins'])}", "-" if p is None or pd.isna(p) else f"{p:.3g}",
+                     verdict])
+    return pd.DataFrame(rows, columns=["difference", "paper's ordering", "mean ± std (points)", "pairs",
+                                       "pairs won (first / second)", "p", "verdict"])
+
+
 def inflora_note(arch: str, stats: pd.DataFrame, methods: pd.DataFrame) -> str:
     """This run's InfLoRA and head-only averages on ``arch`` (and on the first task), or ''."""
     inf = stats[stats["method"] == "inflora"]
@@ -168,6 +194,10 @@ def inflora_note(arch: str, stats: pd.DataFrame, methods: pd.DataFrame) -> str:
 SEQUENTIAL_TITLE = ("RECAST trained task after task on one model: every task re-evaluated after each new one "
                     "(continual protocol; forgetting above comes from this)")
 RELOAD_TITLE = "loading check: RECAST payloads loaded into one model, earlier tasks re-evaluated after each load"
+COMPARISON_INTRO = ("Each row: the test accuracy of the first method minus the second's, paired on the same task "
+                    "and seed (mean ± std over the pairs, in points), how many pairs each side wins, and the p-value of "
+                    "the {test}. 'Larger than its spread' means p < {alpha}; with few pairs (one seed) the test cannot "
+                    "reach it.").format(test=PAIRED_TEST, alpha=ALPHA)
 LINEAGE_INTRO = ("Every accuracy above is the mean over the jobs of `outputs/{tune,combine}/results.parquet`; each "
                  "row there names its MLflow run (`run_id`), code (`git_commit`), params and data digests.")
 
@@ -218,19 +248,22 @@ def run_header(info: dict[str, Any]) -> list[str]:
 def markdown(summary: dict[str, dict], tasks: pd.DataFrame, methods: pd.DataFrame, forgetting: dict[str, dict],
              mimic: dict, task_order: list[str] | None = None, reload: dict[str, dict] | None = None,
              lineage: pd.DataFrame | None = None, continual: pd.DataFrame | None = None,
-             run_info: dict[str, Any] | None = None, forgetting_method: str = "recast") -> str:
+             run_info: dict[str, Any] | None = None, forgetting_method: str = "recast",
+             comparisons: pd.DataFrame | None = None,
+             lrs: dict[tuple[str, str], tuple[str, str]] | None = None) -> str:
     """The report. ``tasks``/``methods``: ``stages.report.tables.task_stats``/``method_stats``
     frames; ``summary``: the tune and combine stages' metrics; ``forgetting``/``reload``: per arch
     an accuracy matrix; ``lineage``: the jobs' results table (its lineage columns);
     ``continual``: ``stages.report.tables.continual_stats`` (per arch and sequential method:
     average accuracy, forgetting, BWT, FWT and the accuracy matrix); ``run_info``: what ran
-    (``run_header``)."""
+    (``run_header``); ``comparisons``: ``stages.report.tables.paired_comparisons``; ``lrs``: each method's lr and its source
+    (``stages.report.tables.learning_rates``)."""
     lines = ["# RECAST report", "", *run_header(run_info or {}), ""]
     if mimic:
         lines += section("Neural Mimicry", mimicry_frame(mimic))
     for arch in sorted({k.split("/")[0] for k in summary}):
         lines += section(f"{arch}: task-wise test accuracy (%), mean ± std over seeds",
-                         accuracy_frame(arch, summary, tasks, methods, continual, task_order))
+                         accuracy_frame(arch, summary, tasks, methods, continual, task_order, lrs))
     for arch in ([] if continual is None or continual.empty else sorted(continual["arch"].unique())):
         stats = continual[continual["arch"] == arch]
         lines += section(f"{arch}: continual learning, sequential methods (%)", continual_frame(stats), CONTINUAL_INTRO)
@@ -244,6 +277,10 @@ def markdown(summary: dict[str, dict], tasks: pd.DataFrame, methods: pd.DataFram
             lines += section(f"{arch}: {SEQUENTIAL_TITLE}", matrix_frame(f))
     for arch, f in sorted((reload or {}).items()):
         lines += section(f"{arch}: {RELOAD_TITLE}", matrix_frame(f))
+    if comparisons is not None and not comparisons.empty:
+        for arch in sorted(comparisons["arch"].unique()):
+            lines += section(f"{arch}: the paper's orderings, paired over tasks and seeds", comparison_frame(comparisons, arch),
+                             COMPARISON_INTRO)
     if lineage is not None and "git_commit" in lineage.columns:
         lines += section("Lineage", lineage_frame(lineage), LINEAGE_INTRO)
     return "\n".join(lines)

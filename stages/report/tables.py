@@ -186,3 +186,59 @@ def headline_metrics(summary: dict[str, Any], mimic: dict[str, Any]) -> dict[str
     clash = set(acc) & set(out)
     assert not clash, f"an arch named like a headline group: {clash}"
     return {**acc, **out}
+
+
+PAIRED_TEST = "Wilcoxon signed-rank test, two-sided, over the (task, seed) pairs"
+ALPHA = 0.05
+
+
+def paper_pairs(methods: list[str]) -> list[tuple[str, str, str]]:
+    """The orderings the paper states, as (lower, higher, how the paper puts it), for the methods
+    present: head-only < RECAST; each adapter <= the adapter + RECAST (``<adapter>_recast``, eq. 6);
+    InfLoRA against head-only."""
+    have = set(methods)
+    pairs = [("head_only", "recast", "head-only < RECAST")]
+    pairs += [(m[: -len("_recast")], m, f"{m[: -len('_recast')]} <= {m[: -len('_recast')]} + RECAST")
+              for m in sorted(have) if m.endswith("_recast") and m[: -len("_recast")] in have]
+    pairs.append(("head_only", "inflora", "InfLoRA vs head-only"))
+    return [p for p in pairs if p[0] in have and p[1] in have]
+
+
+def paired_comparisons(acc: pd.DataFrame) -> pd.DataFrame:
+    """For each arch and ordering of ``paper_pairs``: the paired differences ``higher - lower`` of
+    the test accuracy over every (task, seed) both methods ran, their mean and (sample) std, how
+    many pairs favour each side, and the ``PAIRED_TEST`` p-value (None below 2 non-zero pairs).
+    ``larger_than_spread``: p < ``ALPHA``."""
+    from scipy.stats import wilcoxon
+
+    rows = []
+    for arch in acc["arch"].unique():
+        a = acc[acc["arch"] == arch]
+        for low, high, order in paper_pairs(list(a["method"].unique())):
+            x = a[a["method"] == low].set_index(["task", "seed"])["test_acc"]
+            y = a[a["method"] == high].set_index(["task", "seed"])["test_acc"]
+            both = x.index.intersection(y.index)
+            d = (y.loc[both] - x.loc[both]).astype(float)
+            nonzero = int((d != 0).sum())
+            p = float(wilcoxon(d.to_numpy()).pvalue) if nonzero >= 2 else None
+            rows.append({"arch": arch, "lower": low, "higher": high, "paper": order, "pairs": len(d),
+                         "diff_mean": float(d.mean()) if len(d) else None,
+                         "diff_std": float(d.std()) if len(d) > 1 else None,
+                         "higher_wins": int((d > 0).sum()), "lower_wins": int((d < 0).sum()), "p_value": p,
+                         "larger_than_spread": p is not None and p < ALPHA})
+    return pd.DataFrame(rows)
+
+
+def learning_rates(results: pd.DataFrame, source_of: Any) -> dict[tuple[str, str], tuple[str, str]]:
+    """Per (arch, method) as the report names it (``accuracies``): the lr its jobs trained at
+    (several values joined) and ``source_of(arch, method)``, where that lr comes from."""
+    if results.empty or "lr" not in results.columns:
+        return {}
+    sequential = results["sequential"].eq(True) if "sequential" in results else pd.Series(False, index=results.index)
+    per_task = set(zip(results.loc[~sequential, "arch"], results.loc[~sequential, "method"]))
+    out: dict[tuple[str, str], tuple[str, str]] = {}
+    for (arch, method, seq), rows in results.groupby(["arch", "method", sequential.rename("seq")], sort=False):
+        name = method + SEQUENTIAL_SUFFIX if seq and (arch, method) in per_task else method
+        lrs = sorted({float(v) for v in rows["lr"].dropna()})
+        out[(arch, name)] = (", ".join(f"{v:.3g}" for v in lrs) or "-", source_of(arch, method))
+    return out

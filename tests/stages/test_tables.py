@@ -125,3 +125,57 @@ def test_stage_summary_of_a_sequential_method_is_the_mean_over_seeds():
     assert abs(s["avg_test_acc"] - 0.65) < 1e-12 and s["test_acc"] == {"a": 0.5, "b": 0.8}
     assert s["acc_matrix"][1] == [0.5, 0.8] and s["acc_matrix"][0][1] is None and s["forgetting"][1] is None
     assert s["train_seconds"] == 6.0 and s["trainable_params"] == 11 and s["sequential"] is True
+
+
+def test_paired_comparisons_state_difference_spread_and_test():
+    """The paper's orderings, paired over (task, seed): the mean and std of the differences, the
+    wins, the Wilcoxon p-value; a consistent gain is 'larger than its spread', a noisy one is not,
+    and a consistent loss is named as against the paper's order."""
+    from stages.report.markdown import comparison_frame
+    from stages.report.tables import paired_comparisons, paper_pairs
+
+    rows = []
+    for task in range(4):
+        for seed in range(3):
+            base = 0.5 + 0.05 * task + 0.01 * seed
+            rows += [
+                {"arch": "vit", "method": "head_only", "task": f"t{task}", "seed": seed, "test_acc": base},
+                {"arch": "vit", "method": "recast", "task": f"t{task}", "seed": seed, "test_acc": base + 0.02 + 0.001 * seed},
+                {"arch": "vit", "method": "clr", "task": f"t{task}", "seed": seed, "test_acc": base},
+                {"arch": "vit", "method": "clr_recast", "task": f"t{task}", "seed": seed,
+                 "test_acc": base + (0.03 if (task + seed) % 2 else -0.03)},
+                {"arch": "vit", "method": "inflora", "task": f"t{task}", "seed": seed, "test_acc": base - 0.1 - 0.01 * task}]
+    acc = pd.DataFrame(rows)
+    assert [p[:2] for p in paper_pairs(list(acc["method"].unique()))] == [
+        ("head_only", "recast"), ("clr", "clr_recast"), ("head_only", "inflora")]
+    comp = paired_comparisons(acc).set_index("higher")
+    assert comp.loc["recast", "pairs"] == 12 and comp.loc["recast", "higher_wins"] == 12
+    assert abs(comp.loc["recast", "diff_mean"] - 0.021) < 1e-9 and comp.loc["recast", "p_value"] < 0.001
+    assert comp.loc["recast", "larger_than_spread"]
+    assert (comp.loc["clr_recast", "higher_wins"], comp.loc["clr_recast", "lower_wins"]) == (6, 6)
+    assert abs(comp.loc["clr_recast", "diff_mean"]) < 1e-9 and not comp.loc["clr_recast", "larger_than_spread"]
+    assert comp.loc["inflora", "larger_than_spread"] and comp.loc["inflora", "diff_mean"] < 0
+    frame = comparison_frame(paired_comparisons(acc), "vit").set_index("difference")
+    assert frame.loc["recast - head_only", "mean ± std (points)"] == "+2.10 ± 0.09"  # sample std of 0.020, 0.021, 0.022 (x4): 0.085
+    assert frame.loc["recast - head_only", "verdict"] == "larger than its spread, as the paper orders"
+    assert frame.loc["clr_recast - clr", "verdict"] == "within its spread"
+    assert frame.loc["inflora - head_only", "verdict"] == "larger than its spread, against the paper's order"
+
+
+def test_report_method_table_shows_each_methods_lr_and_source():
+    from stages.report.markdown import accuracy_frame
+    from stages.report.tables import learning_rates
+
+    rows = [{"arch": "vit", "method": m, "task": t, "seed": 1, "test_acc": 0.5, "lr": lr, "sequential": False}
+            for m, lr in (("head_only", 0.01), ("recast", 0.002)) for t in ("a", "b")]
+    rows.append({"arch": "vit", "method": "recast", "task": None, "seed": 1, "lr": 0.002, "sequential": True,
+                 "task_names": ["a", "b"], "final_acc": [0.4, 0.5]})
+    frame = results_frame(rows)
+    lrs = learning_rates(frame, lambda arch, method: f"hpo:key-{method}")
+    assert lrs == {("vit", "head_only"): ("0.01", "hpo:key-head_only"), ("vit", "recast"): ("0.002", "hpo:key-recast"),
+                   ("vit", "recast_sequential"): ("0.002", "hpo:key-recast")}
+    acc = accuracies(frame)
+    summary = {"vit/head_only": {"trainable_params": 5}, "vit/recast": {"trainable_params": 9}}
+    table = accuracy_frame("vit", summary, task_stats(acc), method_stats(acc), None, ["a", "b"], lrs)
+    assert table[["method", "lr", "lr source"]].values.tolist() == [
+        ["head_only", "0.01", "hpo:key-head_only"], ["recast", "0.002", "hpo:key-recast"]]
