@@ -158,10 +158,10 @@ def continual_frame(stats: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=CONTINUAL_COLUMNS)
 
 
-def comparison_frame(comp: pd.DataFrame, arch: str) -> pd.DataFrame:
-    """The paper's orderings on ``arch``: the paired difference and what the test says."""
+def comparison_frame(comp: pd.DataFrame) -> pd.DataFrame:
+    """The paper's orderings, per arch: the paired difference and what the test says."""
     rows = []
-    for _, r in comp[comp["arch"] == arch].iterrows():
+    for _, r in comp.iterrows():
         diff = "-" if r["diff_mean"] is None or pd.isna(r["diff_mean"]) else \
             f"{100 * r['diff_mean']:+.2f} ± " + ("-" if r["diff_std"] is None or pd.isna(r["diff_std"])
                                                  else f"{100 * r['diff_std']:.2f}")
@@ -173,10 +173,10 @@ def comparison_frame(comp: pd.DataFrame, arch: str) -> pd.DataFrame:
         else:
             verdict = "larger than its spread, " + ("as the paper orders" if r["diff_mean"] > 0
                                                     else "against the paper's order")
-        rows.append([f"{r['higher']} - {r['lower']}", r["paper"], diff, str(int(r["pairs"])),
+        rows.append([r["arch"], f"{r['higher']} - {r['lower']}", r["paper"], diff, str(int(r["pairs"])),
                      f"{int(r['higher_wins'])} / {int(r['lower_wins'])}", "-" if p is None or pd.isna(p) else f"{p:.3g}",
                      verdict])
-    return pd.DataFrame(rows, columns=["difference", "paper's ordering", "mean ± std (points)", "pairs",
+    return pd.DataFrame(rows, columns=["arch", "difference", "paper's ordering", "mean ± std (points)", "pairs",
                                        "pairs won (first / second)", "p", "verdict"])
 
 
@@ -278,9 +278,8 @@ def markdown(summary: dict[str, dict], tasks: pd.DataFrame, methods: pd.DataFram
     for arch, f in sorted((reload or {}).items()):
         lines += section(f"{arch}: {RELOAD_TITLE}", matrix_frame(f))
     if comparisons is not None and not comparisons.empty:
-        for arch in sorted(comparisons["arch"].unique()):
-            lines += section(f"{arch}: the paper's orderings, paired over tasks and seeds", comparison_frame(comparisons, arch),
-                             COMPARISON_INTRO)
+        lines += section("The paper's orderings, paired over tasks and seeds",
+                         comparison_frame(comparisons.sort_values("arch", kind="stable")), COMPARISON_INTRO)
     if lineage is not None and "git_commit" in lineage.columns:
         lines += section("Lineage", lineage_frame(lineage), LINEAGE_INTRO)
     return "\n".join(lines)

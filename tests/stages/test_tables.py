@@ -155,7 +155,8 @@ def test_paired_comparisons_state_difference_spread_and_test():
     assert (comp.loc["clr_recast", "higher_wins"], comp.loc["clr_recast", "lower_wins"]) == (6, 6)
     assert abs(comp.loc["clr_recast", "diff_mean"]) < 1e-9 and not comp.loc["clr_recast", "larger_than_spread"]
     assert comp.loc["inflora", "larger_than_spread"] and comp.loc["inflora", "diff_mean"] < 0
-    frame = comparison_frame(paired_comparisons(acc), "vit").set_index("difference")
+    frame = comparison_frame(paired_comparisons(acc)).set_index("difference")
+    assert set(frame["arch"]) == {"vit"}
     assert frame.loc["recast - head_only", "mean ± std (points)"] == "+2.10 ± 0.09"  # sample std of 0.020, 0.021, 0.022 (x4): 0.085
     assert frame.loc["recast - head_only", "verdict"] == "larger than its spread, as the paper orders"
     assert frame.loc["clr_recast - clr", "verdict"] == "within its spread"
