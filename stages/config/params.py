@@ -302,9 +302,9 @@ class ContinualParams(Section):
 
 class LrByMethod(Section):
     """``tune.lr_by_method``: the learning rate of every method, per arch, chosen by one rule (the
-    ``hpo`` sweep, ``python -m pipelines.sweep --sweep hpo``: the best validation accuracy over one
-    shared lr grid on the first task), one sweep per arch. ``source.<arch>`` names where that
-    arch's values come from (``hpo:<sweep key>``; the ``lr.source`` tag of each job's MLflow run)."""
+    ``hpo`` sweep, ``python -m pipelines.sweep --sweep hpo``: the best mean validation accuracy over
+    every task of the config, one shared lr grid, the pipeline's own jobs), one sweep per arch.
+    ``source.<arch>`` names where that arch's values come from (``hpo:<sweep key>``; the ``lr.source`` tag of each job's MLflow run)."""
 
     source: dict[str, Annotated[str, Field(min_length=1)]]
     archs: dict[str, dict[str, Annotated[float, Field(gt=0)]]] = Field(min_length=1)
