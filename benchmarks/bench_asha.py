@@ -3,11 +3,12 @@
 Runs ``pipelines.sweep`` on the ``hpo`` config twice, each in a fresh process with its own Tune
 storage, output folder and sqlite MLflow store: once with ASHA, once with ``--no-asha`` (FIFO).
 The search seed is the same, so both runs draw the same configurations (checked). Reports each
-run's wall time (imports, Ray start, trials, MLflow, report), the trials' own seconds, the epochs
-trained, the trials ASHA stopped, and the best validation accuracy with its test accuracy per
-method and task. Needs the outputs of the prepare, pretrain and mimic stages (``dvc repro mimic``).
+run's wall time (imports, Ray start, trials, MLflow, report), the trials' own seconds, the tasks
+trained (ASHA's resource: a trial reports after each task of the config), the trials ASHA stopped,
+and the best validation accuracy with its test accuracy per method. Needs the outputs of the
+config's prepare, pretrain and mimic stages (``dvc repro mimic``).
 
-    python -m benchmarks.bench_asha [--config pipelines/configs/hpo.yaml] [--num-samples 8]
+    python -m benchmarks.bench_asha [--config pipelines/configs/hpo.yaml] [--num-samples 8] [--methods a,b]
 """
 
 from __future__ import annotations
@@ -47,26 +48,26 @@ def run_once(config: dict, asha: bool, scratch: Path, num_cpus: int) -> dict:
         raise RuntimeError(f"the {tag} sweep failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     summary = json.loads((scratch / f"out-{tag}" / "hpo" / "summary.json").read_text())
     rows = pq.read_table(scratch / f"out-{tag}" / "hpo" / "results.parquet").to_pylist()
-    epochs = sum(r["training_iteration"] - (1 if r["final"] else 0) for r in rows)  # the final report is no epoch
+    tasks = sum(r["training_iteration"] - (1 if r["final"] else 0) for r in rows)  # the final report is no task
     return {"asha": asha, "wall_s": wall, "tune_s": summary["wall_s"], "trials": summary["trials"],
-            "stopped_early": summary["stopped_early"], "epochs_trained": epochs,
+            "stopped_early": summary["stopped_early"], "tasks_trained": tasks,
             "trial_seconds_total": summary["trial_seconds_total"], "best": summary["best"],
-            "configs": sorted((r["name"], r["task"], r["lr"], r["epochs"], r["weight_decay"]) for r in rows)}
+            "configs": sorted((r["name"], r["lr"]) for r in rows)}
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(REPO / "pipelines" / "configs" / "hpo.yaml"))
     ap.add_argument("--num-samples", type=int, default=None, help="override the config's num_samples")
-    ap.add_argument("--limit-train", type=int, default=None, help="override the config's train.limit_train")
+    ap.add_argument("--methods", default=None, help="comma-separated subset of the pipeline config's methods")
     ap.add_argument("--num-cpus", type=int, default=2, help="local Ray CPUs (one per trial)")
     ap.add_argument("--json-out", default=str(BENCH_DIR / "results" / "bench_asha.json"))
     args = ap.parse_args(argv)
     config = yaml.safe_load(Path(args.config).read_text())
     if args.num_samples is not None:
         config["num_samples"] = args.num_samples
-    if args.limit_train is not None:
-        config["train"] = {**config.get("train", {}), "limit_train": args.limit_train}
+    if args.methods:
+        config["methods"] = args.methods.split(",")
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-asha-") as tmp:
         runs = [run_once(config, asha, Path(tmp), args.num_cpus) for asha in (True, False)]
@@ -75,23 +76,22 @@ def main(argv: list[str] | None = None) -> dict:
     asha, fifo = runs
     out = {"environment": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_avg_1_5_15": load,
                            "load_avg_after": os.getloadavg(), "cpus": os.cpu_count(), "num_cpus": args.num_cpus},
-           "config": {k: config.get(k) for k in ("methods", "tasks", "lr", "weight_decay", "epochs", "num_samples",
-                                                 "grace_period", "reduction_factor", "search_seed", "train")},
+           "config": {k: config.get(k) for k in ("params", "arch", "methods", "lr", "num_samples", "grace_period",
+                                                 "reduction_factor", "search_seed")},
            "runs": [{k: v for k, v in r.items() if k != "configs"} for r in runs],
            "wall_ratio_fifo_over_asha": fifo["wall_s"] / asha["wall_s"],
            "trial_seconds_ratio_fifo_over_asha": fifo["trial_seconds_total"] / max(asha["trial_seconds_total"], 1e-9),
-           "epochs_ratio_fifo_over_asha": fifo["epochs_trained"] / max(asha["epochs_trained"], 1)}
+           "tasks_ratio_fifo_over_asha": fifo["tasks_trained"] / max(asha["tasks_trained"], 1)}
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
     for r in runs:
         print(f"{'ASHA' if r['asha'] else 'FIFO'}: wall {r['wall_s']:.1f} s (tune {r['tune_s']:.1f} s), "
-              f"{r['trials']} trials, {r['stopped_early']} stopped early, {r['epochs_trained']} epochs, "
+              f"{r['trials']} trials, {r['stopped_early']} stopped early, {r['tasks_trained']} tasks trained, "
               f"trial seconds {r['trial_seconds_total']:.1f}")
         for group, b in r["best"].items():
-            print(f"    best {group}: val {b['val_acc']:.4f} test {b['test_acc']:.4f} (lr {b['lr']:.4g}, "
-                  f"epochs {b['epochs']}, wd {b['weight_decay']:.3g})")
+            print(f"    best {group}: val {b['val_acc']:.4f} test {b['test_acc']:.4f} (lr {b['lr']:.4g})")
     print(f"FIFO / ASHA: wall x{out['wall_ratio_fifo_over_asha']:.2f}, "
-          f"epochs x{out['epochs_ratio_fifo_over_asha']:.2f}; load {load[0]:.2f} at start")
+          f"tasks x{out['tasks_ratio_fifo_over_asha']:.2f}; load {load[0]:.2f} at start")
     return out
 
 
