@@ -52,43 +52,15 @@ class AdapterSpec(Section):
 
 class TrialMethod(Section):
     """One row of the parameter-budget sweep: head only (neither part), RECAST (``recast``),
-    an adapter on the plain backbone (``adapter``) or both, i.e. paper eq. 6; or (``hpo``) a
-    sequential continual baseline of ``recast.baselines`` (``continual``, with its ``options``)
-    trained on the sweep's task alone (``stages.jobs.sequential.continual_job`` over one task)."""
+    an adapter on the plain backbone (``adapter``) or both, i.e. paper eq. 6."""
 
     recast: MimicArch | None = None
     adapter: AdapterSpec | None = None
-    continual: str | None = None
-    options: dict[str, Any] = Field(default_factory=dict)
     lr: float | None = Field(None, gt=0)
-
-    @model_validator(mode="after")
-    def _check_continual(self):
-        if self.continual is None:
-            if self.options:
-                raise ValueError("options: only for a continual method")
-            return self
-        from recast.baselines import METHODS
-        from recast.baselines.common import config_from_mapping
-
-        if self.recast is not None or self.adapter is not None:
-            raise ValueError("continual: a baseline of its own; remove recast/adapter")
-        if self.continual not in METHODS or self.continual == "recast":
-            raise ValueError(f"continual: unknown baseline {self.continual!r}; choose from "
-                             f"{sorted(set(METHODS) - {'recast'})} (RECAST: the recast key)")
-        cfg_cls = METHODS[self.continual][1]
-        if cfg_cls is not None:
-            config_from_mapping(cfg_cls, self.options)
-        elif self.options:
-            raise ValueError(f"options: {self.continual!r} takes none")
-        return self
 
     @property
     def family(self) -> str:
-        """``head_only``, ``recast``, the adapter kind (``lora``), ``recast+<kind>`` or the
-        continual baseline's name."""
-        if self.continual is not None:
-            return self.continual
+        """``head_only``, ``recast``, the adapter kind (``lora``) or ``recast+<kind>``."""
         if self.adapter is None:
             return "recast" if self.recast is not None else "head_only"
         kind = self.adapter.config().kind

@@ -33,8 +33,8 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "order": ("name", "order", "seed", "avg_acc", "avg_forgetting", "final_acc", "seconds_per_step", "peak_rss_mb"),
     "seeds": ("name", "family", "task", "seed", "test_acc", "val_acc", "trainable_params", "stored_params",
               "seconds_per_step", "peak_rss_mb"),
-    "hpo": ("name", "task", "seed", "lr", "epochs", "weight_decay", "training_iteration", "final", "val_acc",
-            "test_acc", "task_params", "trial_seconds"),
+    "hpo": ("name", "seed", "lr", "training_iteration", "final", "val_acc", "test_acc", "task_params",
+            "trial_seconds"),
 }
 _POINT_COLUMNS = ("family", "G_times_n", "G", "n", "K", "task_params", "trainable_params", "coefficients", "templates",
                   "acc_mean",
