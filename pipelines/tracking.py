@@ -117,7 +117,8 @@ class TrialLogger(tune.Callback):
         if self.tracker is None or result.get("final", True):
             return
         ts, step = int(time.time() * 1000), int(result.get("training_iteration", 0))
-        self.epochs[result["trial_key"]] += [Metric(f"epoch_{k}", float(result[k]), ts, step)
+        unit = "tasks" if "tasks_done" in result else "epoch"  # hpo reports once per task (mean over tasks so far)
+        self.epochs[result["trial_key"]] += [Metric(f"{unit}_{k}", float(result[k]), ts, step)
                                              for k in ("val_acc", "train_loss") if k in result]
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
