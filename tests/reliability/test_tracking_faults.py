@@ -9,7 +9,7 @@ import pickle
 import time
 
 import pytest
-from faults import free_port
+from helpers import free_port
 from mlflow.tracking import MlflowClient
 
 from stages.tracking import store
