@@ -61,12 +61,14 @@ def _mlflow_store(uri: str) -> Iterator[None]:
     """MLflow's process-wide tracking and registry URIs set to ``uri`` for the block, and put back
     exactly after it (module globals and the environment variables ``set_*_uri`` writes).
 
-    The one place that touches MLflow's private module globals: the fluent API this build needs
-    (``start_run``, ``pyfunc.log_model``, ``register_model``) takes no store argument, and the
-    public getters return a resolved default rather than "unset", so the previous state cannot
-    be restored through them (setting the default would also export MLFLOW_TRACKING_URI, which
-    ``stages.tracking.store.tracking_uri`` reads). Everything else passes the store explicitly
-    (``MlflowClient(uri)``, ``download_artifacts(tracking_uri=..., registry_uri=...)``).
+    The one place that touches MLflow's private module globals. The fluent API this build needs
+    (``start_run``, ``pyfunc.log_model``, ``register_model``) takes no store argument, and
+    ``download_artifacts`` of a ``models:/`` URI resolves the version through the process-wide
+    registry even when given ``registry_uri`` (MLflow 3.17: ``ModelsArtifactRepository``; the
+    serving tests failed that way). The public getters return a resolved default rather than
+    "unset", so the previous state cannot be restored through them (setting the default would
+    also export MLFLOW_TRACKING_URI, which ``stages.tracking.store.tracking_uri`` reads).
+    Everything else passes the store explicitly (``MlflowClient(uri)``).
     tests/stages/test_serving_mlflow_globals.py fails when MLflow changes these globals."""
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
@@ -131,9 +133,8 @@ def payload_uris(arch: str, method: str, tasks: list[str], bank_sha: str, alias:
         except Exception as err:  # noqa: BLE001 - MlflowException: no such model/alias
             raise ServingError(f"no payload {name}@{alias} in {uri}: {err}") from None
         pinned = f"models:/{name}/{mv.version}"
-        with tempfile.TemporaryDirectory() as tmp:  # the sidecar only: the bank check
-            local = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=tmp, tracking_uri=uri,
-                                                        registry_uri=uri)
+        with tempfile.TemporaryDirectory() as tmp, _mlflow_store(uri):  # the sidecar only: the bank check
+            local = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=tmp)
             check_bank(task, payload_files(local), bank_sha, pinned)
         out[task] = pinned
     return out
