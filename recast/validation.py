@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Annotated, Any, Literal
 
-from annotated_types import Ge, Gt, Le  # pydantic's own constraint types
+from annotated_types import Ge, Gt, Le, Lt  # pydantic's own constraint types
 from pydantic import AllowInfNan, ConfigDict, TypeAdapter, ValidationError
 
 
@@ -24,13 +24,14 @@ class FiniteNumber(AllowInfNan):
     def __init__(self) -> None:
         super().__init__(False)
 
-__all__ = ["AtLeast0", "AtLeast1", "Finite", "Fraction", "NonNegative", "Positive", "validate_fields"]
+__all__ = ["AtLeast0", "AtLeast1", "Finite", "Fraction", "NonNegative", "Positive", "UnitInterval", "validate_fields"]
 
 AtLeast0 = Annotated[int, Ge(0)]  # an int (not a bool) >= 0
 AtLeast1 = Annotated[int, Ge(1)]  # an int (not a bool) >= 1
 NonNegative = Annotated[float, Ge(0)]  # a number (not a bool) >= 0
 Positive = Annotated[float, Gt(0)]  # a number (not a bool) > 0
 Fraction = Annotated[float, Ge(0), Le(1)]  # a number in [0, 1]
+UnitInterval = Annotated[float, Ge(0), Lt(1)]  # a number in [0, 1)
 Finite = Annotated[float, FiniteNumber()]  # a number, not NaN or infinite
 
 _STRICT = ConfigDict(strict=True, allow_inf_nan=True)
@@ -54,9 +55,12 @@ def describe(hint: Any) -> str:
         low = next((m.ge for m in meta if isinstance(m, Ge)), None)
         high = next((m.le for m in meta if isinstance(m, Le)), None)
         above = next((m.gt for m in meta if isinstance(m, Gt)), None)
+        below = next((m.lt for m in meta if isinstance(m, Lt)), None)
         words = "a finite number" if any(isinstance(m, FiniteNumber) for m in meta) else describe(base)
         if low is not None and high is not None:
             return f"{words} in [{low}, {high}]"
+        if low is not None and below is not None:
+            return f"{words} in [{low}, {below})"
         return words + (f" >= {low}" if low is not None else "") + (f" > {above}" if above is not None else "")
     if origin is Literal:
         return repr(args[0]) if len(args) == 1 else f"one of {args}"
