@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import timm
 import torch
 
@@ -55,11 +56,7 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 
 
 def rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-    except OSError:
-        return 0
+    return psutil.Process().memory_info().rss
 
 
 def make_model(name: str, image: int | None) -> tuple[torch.nn.Module, int]:

@@ -30,7 +30,6 @@ import gc
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from torch import nn
 import recast
 from benchmarks.environment import environment
 from recast.training import train_mode
+from stages.jobs.memory import current_rss_mb, lifetime_peak_mb, peak_memory, reset_peak_memory
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -175,32 +175,6 @@ def profile_step(step: Callable[[], None], rows: int = 12) -> str:
 
 
 # ----------------------------------------------------------------------------- memory
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _proc_status_kb("VmHWM") is not None
-    except OSError:
-        return False
-
-
-def _maxrss_kb() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss // 1024 if sys.platform == "darwin" else rss  # macOS reports bytes
-
-
 def measure_memory(spec: dict, mode: str, steps: int = 2) -> dict:
     """Peak memory increase of ``steps`` training steps of ``mode`` over the state after setup."""
     if spec["device"] == "cpu":
@@ -215,6 +189,7 @@ def measure_memory(spec: dict, mode: str, steps: int = 2) -> dict:
     x, y = make_batch(spec)
     step, trainable = make_step(model, x, y)
     gc.collect()
+    mib = 1024 * 1024
     if spec["device"].startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -225,16 +200,15 @@ def measure_memory(spec: dict, mode: str, steps: int = 2) -> dict:
         peak = torch.cuda.max_memory_allocated()
         method = "torch.cuda.max_memory_allocated"
     else:
-        if _reset_peak_rss():
-            base = _proc_status_kb("VmRSS") * 1024
+        if reset_peak_memory():
+            base = current_rss_mb() * mib
             method = "VmHWM after clear_refs"
         else:
-            base = _maxrss_kb() * 1024
+            base = lifetime_peak_mb() * mib
             method = "ru_maxrss (peak may include setup)"
         for _ in range(steps):
             step()
-        peak = (_proc_status_kb("VmHWM") if method.startswith("VmHWM") else _maxrss_kb()) * 1024
-    mib = 1024 * 1024
+        peak = peak_memory(start_rss_mb=base / mib)["peak_rss_mb"] * mib
     return {"mode": mode, "trainable": trainable, "base_mib": base / mib, "peak_mib": peak / mib,
             "increase_mib": max(peak - base, 0) / mib, "method": method, "steps": steps}
 

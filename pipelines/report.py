@@ -15,10 +15,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.config.common import write_json_atomic
+from stages.report.markdown import table
 
 _ROW_KEYS = ("id", "sweep", "name", "family", "arch", "task", "seed")
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -143,9 +145,10 @@ def _fmt(v: Any) -> str:
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    """``rows`` as a Markdown pipe table of ``columns`` (cells formatted by ``_fmt``; a pandas
+    DataFrame written by ``stages.report.markdown.table``, as the stage report's tables)."""
+    frame = pd.DataFrame([[_fmt(r.get(c)) for c in columns] for r in rows], columns=columns, dtype=object)
+    return table(frame)
 
 
 SWEEP_NOTES = {

@@ -1,11 +1,14 @@
-"""Configuration objects of the library (frozen dataclasses, validated on construction)."""
+"""Configuration objects of the library (frozen dataclasses, validated on construction by pydantic:
+``recast.validation``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
-TemplatesSpec = int | Literal["group_size"]
+from recast.validation import AtLeast0, AtLeast1, NonNegative, validate_fields
+
+TemplatesSpec = AtLeast1 | Literal["group_size"]
 BatchNormStats = Literal["frozen", "per_task"]
 
 
@@ -53,11 +56,11 @@ class RecastConfig:
 
     targets: tuple[str, ...]
     exclude: tuple[str, ...] = ()
-    groups: int = 6
+    groups: AtLeast1 = 6
     templates: TemplatesSpec = 2
-    coef_sets: int = 2
+    coef_sets: AtLeast1 = 2
     regex: bool = False
-    min_layer: int = 0
+    min_layer: AtLeast0 = 0
     base_task: str = "pretrained"
     fan_out_roles: tuple[str, ...] = ("attn.qkv",)
     bn_stats: BatchNormStats = "frozen"
@@ -74,14 +77,9 @@ class RecastConfig:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if not self.targets:
             raise ValueError("RecastConfig.targets is empty: give at least one module pattern")
-        _check_int("groups", self.groups, minimum=1)
-        if self.templates != "group_size":
-            _check_int("templates", self.templates, minimum=1, hint="or 'group_size'")
-        _check_int("coef_sets", self.coef_sets, minimum=1)
-        _check_int("min_layer", self.min_layer, minimum=0)
-        if not self.base_task or not isinstance(self.base_task, str):
+        validate_fields(self)
+        if not self.base_task:
             raise ValueError(f"RecastConfig.base_task must be a non-empty string, got {self.base_task!r}")
-        _check_choice("bn_stats", self.bn_stats, ("frozen", "per_task"))
 
 
 @dataclass(frozen=True)
@@ -122,39 +120,19 @@ class MimicryConfig:
 
     method: Literal["closed_form", "gradient", "refine", "vae"] = "closed_form"
     loss: Literal["smooth_l1", "mse"] = "smooth_l1"
-    default_weight: float = 2.0
+    default_weight: NonNegative = 2.0
     role_weights: dict[str, float] = field(default_factory=dict)
-    noise_std: float = 1e-4
-    lr: float = 0.1
-    step_size: int = 200
-    gamma: float = 0.1
-    steps: int = 1000
+    noise_std: NonNegative = 1e-4
+    lr: NonNegative = 0.1
+    step_size: AtLeast1 = 200
+    gamma: NonNegative = 0.1
+    steps: AtLeast0 = 1000
     grad_clip: float | None = 1.0
     seed: int = 0
-    eval_every: int = 10
+    eval_every: AtLeast1 = 10
     best_state: Literal["clean", "noisy"] = "clean"
-    vae_hidden: int = 8
+    vae_hidden: AtLeast1 = 8
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _check_choice("method", self.method, ("closed_form", "gradient", "refine", "vae"))
-        _check_int("eval_every", self.eval_every, minimum=1)
-        _check_choice("best_state", self.best_state, ("clean", "noisy"))
-        _check_int("vae_hidden", self.vae_hidden, minimum=1)
-        _check_choice("loss", self.loss, ("smooth_l1", "mse"))
-        _check_int("steps", self.steps, minimum=0)
-        _check_int("step_size", self.step_size, minimum=1)
-        for name in ("lr", "gamma", "noise_std", "default_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"MimicryConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-
-
-def _check_int(name: str, value: object, minimum: int, hint: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        extra = f" {hint}" if hint else ""
-        raise ValueError(f"{name} must be an integer >= {minimum}{extra}, got {value!r}")
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        validate_fields(self)

@@ -20,7 +20,8 @@ KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONE
 
 
 def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()`` or the machine type."""
+    """The CPU's model name (``/proc/cpuinfo``: psutil does not report it), else ``platform.processor()`` or
+    the machine type."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:

@@ -23,7 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recast.checkpoint import Checkpointer, pack_fit_state, unpack_fit_state
-from recast.checks import check_finite_loss, check_int, check_positive
+from recast.checks import check_finite_loss
+from recast.validation import AtLeast0, AtLeast1, NonNegative, Positive, UnitInterval, validate_fields
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -95,35 +96,22 @@ class TuneConfig:
             only). The trained tensors stay fp32 either way.
     """
 
-    epochs: int = 100
-    lr: float = 2e-3
-    weight_decay: float = 1e-6
-    step_size: int | None = 33
-    gamma: float = 0.1
-    grad_clip: float | None = 1.0
+    epochs: AtLeast1 = 100
+    lr: Positive = 2e-3
+    weight_decay: NonNegative = 1e-6
+    step_size: AtLeast1 | None = 33
+    gamma: Positive = 0.1
+    grad_clip: Positive | None = 1.0
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    momentum: float = 0.9
+    momentum: UnitInterval = 0.9  # [0, 1)
     freeze_bn_stats: bool = True
-    seed: int = 0
+    seed: AtLeast0 = 0
     device: str = "cpu"
     progress: bool = True
     precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
-        name = type(self).__name__
-        check_int(f"{name}.epochs", self.epochs, 1)
-        check_positive(f"{name}.lr", self.lr, allow_zero=False)
-        check_positive(f"{name}.weight_decay", self.weight_decay, allow_zero=True)
-        if self.step_size is not None:
-            check_int(f"{name}.step_size", self.step_size, 1)
-        check_positive(f"{name}.gamma", self.gamma, allow_zero=False)
-        if self.grad_clip is not None:
-            check_positive(f"{name}.grad_clip", self.grad_clip, allow_zero=False)
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"{name}.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
-        if not (isinstance(self.momentum, (int, float)) and 0.0 <= self.momentum < 1.0):
-            raise ValueError(f"{name}.momentum must be in [0, 1), got {self.momentum!r}")
-        check_int(f"{name}.seed", self.seed, 0)
+        validate_fields(self, prefix=f"{type(self).__name__}.")  # every field by its annotation (pydantic)
         torch.device(self.device)  # raises RuntimeError naming a malformed device string
         check_precision(self.precision, self.device)
 

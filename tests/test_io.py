@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -62,3 +63,23 @@ def test_corrupt_files_detected(rc, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing metadata sidecar .*digits\.json"):
         recast.load_payload(rc, tmp_path / "digits")
     assert not list(tmp_path.glob("*.tmp"))
+
+
+# The config block of a payload's JSON sidecar as written before the configs were validated by
+# pydantic (recast.validation): the bytes a registered payload carries must not change.
+PAYLOAD_CONFIG_JSON = (
+    '"config": {\n    "base_task": "pretrained",\n    "bn_stats": "frozen",\n    "coef_sets": 2,\n'
+    '    "exclude": [],\n    "fan_out_roles": [\n      "attn.qkv"\n    ],\n    "groups": 3,\n    "min_layer": 0,\n'
+    '    "regex": false,\n    "targets": [\n      "mlp.fc1",\n      "mlp.fc2"\n    ],\n    "templates": 2\n  }')
+
+
+def test_payload_config_json_bytes_are_unchanged(rc, tmp_path):
+    recast.save_payload(rc, "digits", tmp_path / "digits")
+    recast.save_banks(rc, tmp_path / "banks")
+    assert PAYLOAD_CONFIG_JSON in (tmp_path / "digits.json").read_text()
+    assert PAYLOAD_CONFIG_JSON in (tmp_path / "banks.json").read_text()
+    # a validated config is still a plain frozen dataclass: equal, hashable, replaceable
+    cfg = rc.config
+    assert cfg == dataclasses.replace(cfg) and hash(cfg) == hash(dataclasses.replace(cfg))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.groups = 4

@@ -10,11 +10,10 @@ error naming it. ``kind`` is a class attribute: it keys the registry of
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args
 
-from recast.checks import check_int, check_positive
+from recast.validation import AtLeast0, AtLeast1, Finite, Fraction, Positive, validate_fields
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ class AdapterConfig:
     exclude: tuple[str, ...] = ()
     regex: bool = False
     skip_unsupported: bool = False
-    seed: int = 0
+    seed: AtLeast0 = 0
 
     def __post_init__(self) -> None:
         if type(self) is AdapterConfig:
@@ -50,7 +49,7 @@ class AdapterConfig:
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         if not self.targets:
             raise ValueError(f"{type(self).__name__}.targets is empty: give at least one module pattern")
-        check_int(f"{type(self).__name__}.seed", self.seed, 0)
+        validate_fields(self, prefix=f"{type(self).__name__}.")  # every field of the kind's config, by pydantic
 
 
 @dataclass(frozen=True)
@@ -64,14 +63,13 @@ class LowRankConfig(AdapterConfig):
 
     min_rank: ClassVar[int] = 1
 
-    rank: int = 4
-    alpha: float | None = None
+    rank: int = 4  # >= min_rank
+    alpha: Positive | None = None
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        check_int(f"{type(self).__name__}.rank", self.rank, self.min_rank)
-        if self.alpha is not None:
-            check_positive(f"{type(self).__name__}.alpha", self.alpha)
+        super().__post_init__()  # the types, and alpha > 0
+        if self.rank < self.min_rank:
+            raise ValueError(f"{type(self).__name__}.rank must be an integer >= {self.min_rank}, got {self.rank!r}")
 
 
 @dataclass(frozen=True)
@@ -112,21 +110,16 @@ class RoSAConfig(LowRankConfig):
     kind: ClassVar[str] = "rosa"
     min_rank: ClassVar[int] = 0
 
-    num_sparse: int = 0
-    sparsity: float = 0.0
+    num_sparse: AtLeast0 = 0
+    sparsity: Fraction = 0.0
     support: Literal["random", "gradient"] = "random"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int(f"{type(self).__name__}.num_sparse", self.num_sparse, 0)
-        if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity <= 1.0):
-            raise ValueError(f"RoSAConfig.sparsity must be in [0, 1], got {self.sparsity!r}")
         if self.num_sparse and self.sparsity:
             raise ValueError(f"RoSAConfig: give num_sparse ({self.num_sparse}) or sparsity ({self.sparsity}), not both")
         if self.rank == 0 and not (self.num_sparse or self.sparsity):
             raise ValueError("RoSAConfig with rank=0 needs num_sparse > 0 or sparsity > 0")
-        if self.support not in ("random", "gradient"):
-            raise ValueError(f"RoSAConfig.support must be 'random' or 'gradient', got {self.support!r}")
 
 
 @dataclass(frozen=True)
@@ -143,17 +136,9 @@ class AdaptFormerConfig(AdapterConfig):
 
     kind: ClassVar[str] = "adaptformer"
 
-    bottleneck: int = 8
-    scale: float = 0.1
+    bottleneck: AtLeast1 = 8
+    scale: Finite = 0.1
     branch_input: Literal["residual", "mlp"] = "residual"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_int(f"{type(self).__name__}.bottleneck", self.bottleneck, 1)
-        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale)):
-            raise ValueError(f"AdaptFormerConfig.scale must be a finite number, got {self.scale!r}")
-        if self.branch_input not in ("residual", "mlp"):
-            raise ValueError(f"AdaptFormerConfig.branch_input must be 'residual' or 'mlp', got {self.branch_input!r}")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from recast.checks import check_int
 from recast.training import TuneConfig
+from recast.validation import AtLeast1, NonNegative, Positive
 
 Batch = tuple[Tensor, Tensor]
 C = TypeVar("C")
@@ -54,10 +55,10 @@ class TrainConfig(TuneConfig):
     BatchNorm statistics updated while training (``freeze_bn_stats=False``). Batch size comes
     from the task loaders; ``seed`` seeds the run (see ``run_sequential``)."""
 
-    epochs: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    step_size: int | None = None
+    epochs: AtLeast1 = 1
+    lr: Positive = 1e-3
+    weight_decay: NonNegative = 0.0
+    step_size: AtLeast1 | None = None
     freeze_bn_stats: bool = False
 
 

@@ -4,7 +4,6 @@ seeding, repo-relative paths. The section models are in ``stages.config.params``
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import random
@@ -19,6 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import yaml
+from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from recast.machine import machine_tags
@@ -164,27 +164,25 @@ def temp_path(path: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike, waiting: str | None = None) -> Iterator[None]:
-    """Hold an advisory exclusive lock (fcntl) on ``path`` (created if missing); released on exit,
-    and by the OS when the process dies. ``waiting`` is printed to stderr when another process
-    holds it (this one then blocks until it is free)."""
+    """Hold an exclusive lock (filelock: an advisory OS lock) on ``path`` (created if missing),
+    across processes and threads; re-entrant in one thread; released on exit, and by the OS when
+    the process dies. ``waiting`` is printed to stderr when another holds it (this one then
+    blocks until it is free)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting:
-                fh.seek(0)
-                holder = fh.read().strip() or "?"
-                print(f"{waiting} (lock {path} held by {holder}); waiting", file=sys.stderr, flush=True)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            fh.truncate(0)
-            fh.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-            fh.flush()
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    lock = FileLock(path, is_singleton=True)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if waiting:
+            holder = path.read_text(errors="replace").strip() if path.exists() else ""
+            print(f"{waiting} (lock {path} held by {holder or '?'}); waiting", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        path.write_text(f"pid {os.getpid()} on {os.uname().nodename}\n")  # who holds it, for the next waiter
+        yield
+    finally:
+        lock.release()
 
 
 def metrics_path(stage: str, out_dir: str, default_out_dir: str) -> Path:

@@ -58,10 +58,18 @@ def _experiment_id(client, uri: str) -> str:
 
 @contextlib.contextmanager
 def _mlflow_store(uri: str) -> Iterator[None]:
-    """MLflow's process-wide tracking and registry URIs (module globals and the environment
-    variables ``set_*_uri`` writes) set to ``uri`` for the block, and put back exactly after it:
-    ``models:/`` URIs and the fluent API resolve through them, so a value an earlier caller left
-    must not send this build to another store, and this build must leave none behind."""
+    """MLflow's process-wide tracking and registry URIs set to ``uri`` for the block, and put back
+    exactly after it (module globals and the environment variables ``set_*_uri`` writes).
+
+    The one place that touches MLflow's private module globals. The fluent API this build needs
+    (``start_run``, ``pyfunc.log_model``, ``register_model``) takes no store argument, and
+    ``download_artifacts`` of a ``models:/`` URI resolves the version through the process-wide
+    registry even when given ``registry_uri`` (MLflow 3.17: ``ModelsArtifactRepository``; the
+    serving tests failed that way). The public getters return a resolved default rather than
+    "unset", so the previous state cannot be restored through them (setting the default would
+    also export MLFLOW_TRACKING_URI, which ``stages.tracking.store.tracking_uri`` reads).
+    Everything else passes the store explicitly (``MlflowClient(uri)``).
+    tests/stages/test_serving_mlflow_globals.py fails when MLflow changes these globals."""
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 

@@ -1,9 +1,10 @@
 """The MLflow tracking store: its URI, the file lock that serialises writes to the default
 sqlite store across processes and threads, and the bounded retry every write goes through.
 
-Writes are retried with backoff for at most ``RECAST_MLFLOW_RETRY_S`` seconds in total (default
-60; each retry is reported on stderr), and for the default sqlite store serialised across
-processes with a file lock. A tracking server is checked once when a Tracker opens
+Writes are retried (tenacity) with backoff for at most ``RECAST_MLFLOW_RETRY_S`` seconds in total
+(default 60; each retry is reported on stderr) when they fail with a transient error, told by
+its type (``is_transient``), and for the default sqlite store serialised across processes with
+a file lock (filelock). A tracking server is checked once when a Tracker opens
 (``check_server``, 5 s timeout). Importing this module sets MLflow's environment defaults, so
 every module that imports ``mlflow`` for tracking imports this one first.
 """
@@ -11,17 +12,21 @@ every module that imports ``mlflow`` for tracking imports this one first.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import random
+import sqlite3
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
+
+import requests
+import sqlalchemy.exc
+import tenacity
+from filelock import FileLock
 
 from stages.config.common import WorkspaceUnavailable, workspace_root
 
@@ -33,6 +38,9 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.protos.databricks_pb2 import (DEADLINE_EXCEEDED, REQUEST_LIMIT_EXCEEDED, RESOURCE_EXHAUSTED,  # noqa: E402
+                                          TEMPORARILY_UNAVAILABLE, ErrorCode)
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 T = TypeVar("T")
@@ -40,8 +48,16 @@ DEFAULT_DB = "mlflow.db"  # in the workspace (``stages.config.common.workspace_r
 RETRY_ENV = "RECAST_MLFLOW_RETRY_S"
 DEFAULT_RETRY_S = 60.0
 HEALTH_TIMEOUT_S = 5.0
-TRANSIENT = ("locked", "busy", "timed out", "timeout", "503", "502", "504", "connection", "max retries exceeded",
-             "duplicate column")
+# Transient failures, by type: the store did not answer (connection refused or reset, timeout), the
+# database was busy (sqlite "database is locked", a schema migration racing another process: the
+# DB-API's OperationalError, also as SQLAlchemy wraps it), or the server said "try again" (HTTP 503,
+# 504, 429: these MLflow error codes). Anything else (a bad request, a missing run, a bug) is raised
+# at once. A proxy's 502 without an MLflow error body reaches us as INTERNAL_ERROR: not retried.
+TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
+    ConnectionError, TimeoutError, requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+    sqlite3.OperationalError, sqlalchemy.exc.OperationalError)
+TRANSIENT_MLFLOW_CODES = frozenset(ErrorCode.Name(c) for c in (TEMPORARILY_UNAVAILABLE, DEADLINE_EXCEEDED,
+                                                               REQUEST_LIMIT_EXCEEDED, RESOURCE_EXHAUSTED))
 
 
 class TrackingUnavailable(RuntimeError):
@@ -84,8 +100,8 @@ _HELD = threading.local()  # the store locks this thread holds: a nested ``retry
 
 @contextlib.contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
-    """An advisory lock on the sqlite store, across processes and threads; re-entrant per thread
-    (two ``flock`` calls on separate descriptors of one file block each other, even in one thread)."""
+    """An exclusive lock on the sqlite store, across processes and threads; re-entrant per thread
+    (filelock: one lock object per path, thread-local counts)."""
     path = _lock_path(uri)
     held = getattr(_HELD, "paths", None)
     if held is None:
@@ -94,14 +110,12 @@ def _store_lock(uri: str) -> Iterator[None]:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    with FileLock(path, is_singleton=True):
         held.add(path)
         try:
             yield
         finally:
             held.discard(path)
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def retry_budget_s() -> float:
@@ -121,34 +135,63 @@ def short_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:200]}"
 
 
+def is_transient(err: BaseException) -> bool:
+    """Whether ``err``, or an exception it was raised from or while handling, is of a transient
+    type (``TRANSIENT_TYPES``, or an MlflowException with a ``TRANSIENT_MLFLOW_CODES`` code).
+    MLflow's REST client re-raises a connection error as a plain MlflowException whose context
+    is the original."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, TRANSIENT_TYPES):
+            return True
+        if isinstance(e, MlflowException) and e.error_code in TRANSIENT_MLFLOW_CODES:
+            return True
+        stack += [e.__cause__, e.__context__]
+    return False
+
+
+def _backoff(state: tenacity.RetryCallState) -> float:
+    """0.4 s, doubling per attempt up to 5 s, times a jitter factor in [0.5, 1.5)."""
+    return min(5.0, 0.2 * 2**state.attempt_number) * (0.5 + random.random())
+
+
 def retry(fn: Callable[[], T], uri: str | None = None, what: str = "MLflow call") -> T:
-    """Call ``fn`` under the store lock, retrying transient errors (locked db, 5xx, connection)
-    with backoff for at most ``retry_budget_s()`` seconds; each retry is reported on stderr.
+    """Call ``fn`` under the store lock, retrying transient errors (``is_transient``: connection,
+    timeout, locked db, 503/504/429) with backoff for at most ``retry_budget_s()`` seconds; each
+    retry is reported on stderr. Any other error is raised at once.
 
     Raises:
         TrackingUnavailable: still failing when the budget is spent.
     """
     uri = uri or tracking_uri()
     budget = retry_budget_s()
-    deadline = time.monotonic() + budget
-    attempt = 0
-    while True:
-        try:
-            with _store_lock(uri):
-                return fn()
-        except Exception as err:  # noqa: BLE001 - re-raised unless transient
-            if not any(t in str(err).lower() for t in TRANSIENT):
-                raise
-            attempt += 1
-            wait = min(5.0, 0.2 * 2**attempt) * (0.5 + random.random())
-            left = deadline - time.monotonic()
-            if left < wait:
-                raise TrackingUnavailable(
-                    f"MLflow at {_display(uri)}: {what} failed {attempt} time(s) within {budget:.0f} s "
-                    f"({short_error(err)}); set {RETRY_ENV} to retry longer") from None
-            print(f"[mlflow] {what} failed ({short_error(err)}); retry {attempt} in {wait:.1f} s, "
-                  f"{left:.0f} s of {RETRY_ENV}={budget:.0f} left", file=sys.stderr, flush=True)
-            time.sleep(wait)
+
+    def attempt() -> T:
+        with _store_lock(uri):
+            return fn()
+
+    def report(state: tenacity.RetryCallState) -> None:
+        err = state.outcome.exception()
+        left = budget - state.seconds_since_start
+        print(f"[mlflow] {what} failed ({short_error(err)}); retry {state.attempt_number} in "
+              f"{state.upcoming_sleep:.1f} s, {left:.0f} s of {RETRY_ENV}={budget:.0f} left", file=sys.stderr, flush=True)
+
+    def give_up(state: tenacity.RetryCallState) -> T:
+        err = state.outcome.exception()
+        raise TrackingUnavailable(
+            f"MLflow at {_display(uri)}: {what} failed {state.attempt_number} time(s) within {budget:.0f} s "
+            f"({short_error(err)}); set {RETRY_ENV} to retry longer") from None
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(is_transient), wait=_backoff,
+        stop=tenacity.stop_before_delay(budget),  # no retry whose wait would end past the budget
+        before_sleep=report, retry_error_callback=give_up)
+    return retrying(attempt)
 
 
 def _display(uri: str) -> str:

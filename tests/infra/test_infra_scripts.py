@@ -4,13 +4,13 @@ signals a session it did not start, a start refuses to run twice, SIGTERM escala
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 
@@ -21,12 +21,6 @@ def bash(script: str, *args: str, timeout: float = 60) -> subprocess.CompletedPr
         env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "PYTHON": sys.executable},
         capture_output=True, text=True, timeout=timeout, check=False,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

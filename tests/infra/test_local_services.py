@@ -14,47 +14,17 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import free_port, listen_addresses, session_pids
 
 pytestmark = pytest.mark.slow
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(1)
         return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def session_pids(sid: int) -> list[int]:
-    """Live (non-zombie) processes of session ``sid``, read from /proc."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        state, session = fields[0], int(fields[3])
-        if session == sid and state != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def listen_addresses(port: int) -> set[str]:
-    """Local IPv4 addresses (hex, as in /proc/net/tcp) with a socket listening on ``port``."""
-    found = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, _, state = line.split()[1:4]
-        address, local_port = local.split(":")
-        if state == "0A" and int(local_port, 16) == port:  # 0A = LISTEN
-            found.add(address)
-    return found
 
 
 def script_env(**extra: str) -> dict[str, str]:
@@ -85,7 +55,7 @@ def test_mlflow_local_server_round_trip(tmp_path: Path, monkeypatch: pytest.Monk
         assert stdout.strip().splitlines()[-1] == f"export MLFLOW_TRACKING_URI={uri}"
         sid = int((state / "mlflow.pid").read_text())
         assert session_pids(sid)
-        assert listen_addresses(port) == {"0100007F"}, "the server must listen on 127.0.0.1 only"
+        assert listen_addresses(port) == {"127.0.0.1"}, "the server must listen on 127.0.0.1 only"
 
         client = mlflow.MlflowClient(tracking_uri=uri)
         run_id = client.create_run(client.create_experiment("infra-smoke")).info.run_id

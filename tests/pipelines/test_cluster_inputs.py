@@ -32,7 +32,8 @@ from stages.jobs.train import dispatch
 from stages.config.params import CombineParams, TuneParams
 from stages.jobs.sequential import continual_specs
 from stages.jobs.specs import method_specs
-from test_sweep_cluster import exports_of, free_port, run_script
+from helpers import cmdline, free_port, session_pids
+from test_sweep_cluster import exports_of, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -101,31 +102,17 @@ def cluster(stage_root: Path, tmp_path: Path, source_tree):
         (ray_dir / "recast-worker.pid").write_text(f"{worker.pid}\n")  # its session: stop_local.sh stops it
         log = worker.communicate(timeout=150)[0]
         assert worker.returncode == 0, log
-        raylet = next(p for p in Path("/proc").glob("[0-9]*") if _in_session(p, worker.pid) and "raylet" in _cmd(p))
-        seen = subprocess.run(["nsenter", "--target", raylet.name, "--mount", "ls", "-A", *map(str, hidden)],
+        raylet = next(pid for pid in session_pids(worker.pid) if "raylet" in cmdline(pid))
+        seen = subprocess.run(["nsenter", "--target", str(raylet), "--mount", "ls", "-A", *map(str, hidden)],
                               capture_output=True, text=True, check=True).stdout
         assert not [ln for ln in seen.splitlines() if ln and not ln.endswith(":")], seen  # the worker sees nothing
         assert any((stage_root / "outputs").iterdir())  # while the driver sees the stage outputs
         env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        yield {"env": env, "project": project, "raylet_pid": int(raylet.name)}
+        yield {"env": env, "project": project, "raylet_pid": raylet}
     finally:
         if (ray_dir / "recast-head.pid").exists():
             run_script(INFRA / "ray/stop_local.sh", "-t", str(ray_dir), env=env, timeout=120)
         shutil.rmtree(ray_dir, ignore_errors=True)
-
-
-def _in_session(proc: Path, sid: int) -> bool:
-    try:
-        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid
-    except (OSError, IndexError, ValueError):
-        return False
-
-
-def _cmd(proc: Path) -> str:
-    try:
-        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def drive(module: str, args: list[str], cluster: dict) -> None:

@@ -15,7 +15,6 @@ import collections
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages.jobs.fanout import MARKER_ENV
+from helpers import cmdline, free_port, session_pids
 
 pytestmark = pytest.mark.slow
 
@@ -33,32 +33,6 @@ REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 PAIRS = [[1, 2], [2, 1], [1, 6], [2, 3], [3, 2], [6, 1]]
 TRAIN = {"epochs": 2, "lr": 0.01, "step_size": 10, "batch_size": 32, "limit_train": 160, "limit_eval": 64}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def session_pids(sid: int) -> list[int]:
-    """Live (non-zombie) processes of session ``sid``, read from /proc."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def run_script(script: Path, *args: str, env: dict[str, str], timeout: float) -> str:

@@ -21,6 +21,7 @@ import pytest
 
 from pipelines.sweep import main
 from stages.jobs.fanout import FAULT_ENV, FAULT_POINT_ENV, MARKER_ENV
+from helpers import session_pids
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = {"head_only": {}, "recast_att": {"recast": {"preset": "recast_att", "overrides": {"groups": 3}}}}
@@ -115,18 +116,6 @@ def test_trial_killed_after_an_epoch_resumes_from_its_tune_checkpoint(
     assert clean["trials"] == killed["trials"] == 1
 
 
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
-
-
 def _driver(config: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
     """``python -m pipelines.sweep`` in its own session (its local Ray starts inside it)."""
     return subprocess.Popen([sys.executable, "-m", "pipelines.sweep", "--sweep", "budget", "--config", str(config)],
@@ -134,7 +123,7 @@ def _driver(config: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def _kill_session(sid: int) -> None:
-    for pid in _session_pids(sid):
+    for pid in session_pids(sid):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import recast
 from recast.io import save_tensors, tensors_sha256
 from stages.jobs.backbones import save_mimicked, save_pretrained
 from stages.config.params import MimicArch
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 VIT = {"model": "test_vit", "kwargs": {"img_size": 32, "patch_size": 8, "global_pool": "avg"}}
@@ -56,12 +56,6 @@ def write_stage_files(root: Path) -> Path:
     (root / "data/prepared/offline/source").mkdir(parents=True)
     (root / "data/prepared/offline/source/manifest.json").write_text(json.dumps({"task": "source"}))
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

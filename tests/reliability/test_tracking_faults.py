@@ -6,10 +6,15 @@ the errors we raise survive pickling."""
 from __future__ import annotations
 
 import pickle
+import sqlite3
 import time
 
 import pytest
-from faults import free_port
+import requests
+import sqlalchemy.exc
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
+from helpers import free_port
 from mlflow.tracking import MlflowClient
 
 from stages.tracking import store
@@ -65,6 +70,62 @@ def test_retries_are_bounded_and_reported(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv(store.RETRY_ENV, "inf")
     with pytest.raises(ValueError, match="RECAST_MLFLOW_RETRY_S"):
         store.retry_budget_s()
+
+
+def _flaky(error: BaseException, failures: int):
+    """A call that raises ``error`` ``failures`` times, then returns "ok"; its ``calls`` counts them."""
+    def call():
+        call.calls += 1
+        if call.calls <= failures:
+            raise error
+        return "ok"
+
+    call.calls = 0
+    return call
+
+
+def _rest_connection_error() -> MlflowException:
+    """What MLflow's REST client raises when the server refuses the connection: a plain
+    MlflowException raised while handling requests' ConnectionError."""
+    try:
+        try:
+            raise requests.exceptions.ConnectionError("Max retries exceeded: Connection refused")
+        except requests.exceptions.ConnectionError as e:
+            raise MlflowException(f"API request to http://x/api failed with exception {e}")
+    except MlflowException as outer:
+        return outer
+
+
+@pytest.mark.parametrize("error", [
+    ConnectionError("Connection refused"),
+    sqlalchemy.exc.OperationalError("INSERT ...", {}, sqlite3.OperationalError("database is locked")),
+    sqlite3.OperationalError("duplicate column name: storage_location"),  # two processes migrating one store
+    MlflowException("server busy", error_code=TEMPORARILY_UNAVAILABLE),  # HTTP 503
+    _rest_connection_error(),
+], ids=["ConnectionError", "sqlalchemy-locked", "sqlite-migration", "mlflow-503", "mlflow-rest-connection"])
+def test_transient_errors_are_retried_by_type(error, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv(store.RETRY_ENV, "30")
+    monkeypatch.setattr(store.random, "random", lambda: 0.0)  # waits 0.2 s, 0.4 s
+    call = _flaky(error, failures=2)
+    assert retry(call, uri=f"sqlite:///{tmp_path}/x.db", what="log metrics") == "ok"
+    assert call.calls == 3  # two failures retried, then the success
+    err = capsys.readouterr().err
+    assert err.count("[mlflow] log metrics failed") == 2 and "retry 2 in 0.4 s" in err
+
+
+@pytest.mark.parametrize("error", [
+    KeyError("missing"),
+    ValueError("connection timed out: database is locked (503)"),  # transient words, not a transient type
+    MlflowException("Connection reset, locked, 503", error_code=INVALID_PARAMETER_VALUE),
+    MlflowException("run not found", error_code=RESOURCE_DOES_NOT_EXIST),
+], ids=["KeyError", "ValueError-with-transient-words", "mlflow-bad-request", "mlflow-not-found"])
+def test_other_errors_are_raised_at_once(error, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv(store.RETRY_ENV, "30")
+    call = _flaky(error, failures=1)
+    with pytest.raises(type(error)) as raised:
+        retry(call, uri=f"sqlite:///{tmp_path}/x.db")
+    assert raised.value is error and call.calls == 1
+    assert "[mlflow]" not in capsys.readouterr().err
 
 
 def test_mlflow_http_client_does_not_retry_on_its_own():

@@ -34,6 +34,7 @@ from recast.data.storage import TaskWriter, write_task_arrays
 from recast.io import save_payload
 from stages.config.params import MimicArch
 from stages.jobs.backbones import load_backbone, save_mimicked, save_pretrained
+from helpers import free_port
 
 VIT = {"model": "test_vit", "kwargs": {"img_size": 32, "patch_size": 8, "global_pool": "avg"}}
 CLASSES = {"a": 3, "b": 5}
@@ -188,19 +189,11 @@ def check(out_classes, out_probs, want) -> None:
 
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def mlflow_serve(store, workers: int = 1) -> Iterator[str]:
     """``mlflow models serve`` of the current version on 127.0.0.1 (a fresh process, the venv's
     bin first on PATH: mlflow execs ``uvicorn`` by name); yields its base URL, kills it after."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri, "MLFLOW_DISABLE_TELEMETRY": "true",
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/recast-serve.vit.recast@current",

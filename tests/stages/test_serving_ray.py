@@ -27,7 +27,8 @@ import psutil
 import pytest
 import torch
 import yaml
-from serving_store import (REPO, _free_port, as_frame, b64, bad_requests, built, image_file, rows,  # noqa: F401
+from helpers import free_port
+from serving_store import (REPO, as_frame, b64, bad_requests, built, image_file, rows,  # noqa: F401
                            served_model, store)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a local Ray and Serve: ~1 min to start
@@ -40,7 +41,7 @@ def serve_run(store, tmp: Path) -> Iterator[tuple[str, psutil.Process]]:
     """``serve run`` of the shipped config on a free port with REPLICAS replicas; yields (base URL,
     the serve run process). Stopped with SIGINT (Serve and its local Ray shut down), then killed."""
     cfg = yaml.safe_load((REPO / "infra" / "serve" / "recast-serve.yaml").read_text())
-    port = _free_port()
+    port = free_port()
     cfg["http_options"]["port"] = port
     assert cfg["http_options"]["host"] == "127.0.0.1"
     app = cfg["applications"][0]

@@ -142,20 +142,41 @@ def test_a_stopped_stage_cancels_its_outstanding_jobs(tmp_path, monkeypatch):
     marks = tmp_path / "marks"
     marks.mkdir()
     specs = [{"id": f"slow/{i}", "i": i, "sleep": 1.0, "marks": str(marks)} for i in range(5)]
+    submitted: list = []
+    real_wait = ray.wait
+
+    def wait_spy(refs, *args, **kwargs):  # records the stage's job refs, to wait on their end below
+        if not submitted:
+            submitted.extend(refs)
+        return real_wait(refs, *args, **kwargs)
 
     def killed(spec, result, cached):
         raise StageKilled
 
+    monkeypatch.setattr(ray, "wait", wait_spy)
     rt = RuntimeParams(num_cpus=1, cache_dir=str(tmp_path / "cache"), progress=False, inline_jobs=0)
     try:
         with pytest.raises(StageKilled):
             run_jobs("slow", sleepy_job, specs, rt, killed)
-        time.sleep(5.0)  # uncancelled, the worker would run the 4 queued jobs (1 s each) meanwhile
+        monkeypatch.setattr(ray, "wait", real_wait)
+        assert len(submitted) == len(specs)
+        # Every job ends, cancelled or not (uncancelled, the 4 left run 1 s each); once all have
+        # ended no job can start any more, so the marks counted then are final.
+        ended, running = ray.wait(submitted, num_returns=len(submitted), timeout=120)
+        assert not running, f"{len(running)} job(s) still running 120 s after the stage stopped"
+        outcomes = []
+        for ref in ended:
+            try:
+                ray.get(ref)
+                outcomes.append("finished")
+            except (ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError):
+                outcomes.append("cancelled")
         started = sorted(p.name.split(".")[0] for p in marks.iterdir())
     finally:
         ray.shutdown()
     # Ray does not dispatch queued tasks in submission order, so count them: the job whose result
     # stopped the stage, and at most the one the worker had taken up meanwhile. Uncancelled: all 5.
+    assert 1 <= outcomes.count("finished") <= 2 and outcomes.count("cancelled") >= 3, outcomes
     assert 1 <= len(started) <= 2, started
 
 
