@@ -160,7 +160,7 @@ def continual_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
                     checkpoint: Checkpointer | None = None) -> dict[str, Any]:
     """``stages.jobs.sequential.continual_job`` over the spec's order, final accuracies keyed by task
     (``recast.baselines.run_sequential`` has no per-epoch hook: one final report)."""
-    meta, _ = continual_job(spec, inputs)
+    meta = continual_job(spec, inputs).metrics
     meta["final_acc"] = dict(zip(meta["task_names"], meta["final_acc"], strict=True))
     if len(meta["task_names"]) == 1:  # one task (hpo): its accuracies as numbers, as a tune trial's
         meta["val_acc"], meta["test_acc"] = meta["val_acc"][0], meta["acc_matrix"][0][0]
@@ -170,8 +170,7 @@ def continual_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
 def stage_tune_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
                      checkpoint: Checkpointer | None = None) -> dict[str, Any]:
     """The tune stage's per-task job, unchanged; the sweep keeps its metrics, not its payload."""
-    meta, _ = tune_job(spec, inputs, on_epoch=on_epoch, checkpoint=checkpoint)
-    return meta
+    return tune_job(spec, inputs, on_epoch=on_epoch, checkpoint=checkpoint).metrics
 
 
 _KINDS = {"tune": tune_trial, "stage_tune": stage_tune_trial, "recast_sequence": recast_sequence_trial,

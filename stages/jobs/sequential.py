@@ -13,6 +13,7 @@ from recast.data.augment import TaskAugment
 from stages.config.common import record_nondeterminism, resolve, seed_everything
 from stages.jobs.checkpoints import job_checkpoints
 from stages.jobs.inputs import InputStore, JobInputs, backbone_bundle, banks_bundle, task_bundle
+from stages.jobs.result import JobResult
 from stages.config.params import TrainParams, TuneParams
 from stages.jobs.specs import common_fields, task_names
 
@@ -43,7 +44,7 @@ def continual_specs(stage: str, p: TuneParams, device: str, store: InputStore) -
     return specs
 
 
-def continual_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
+def continual_job(spec: dict, inputs: JobInputs) -> JobResult:
     """Ray task: one sequential continual-learning baseline over all tasks of one arch."""
     seed_everything(spec["seed"])
     tr = TrainParams(**spec["train"])
@@ -84,6 +85,6 @@ def continual_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
         log.warning("%s: resumed after task %d from its checkpoint", spec["id"], out["resumed_task"])
     if checkpoints is not None:
         checkpoints.clear()  # finished: its result goes to the job cache
-    return {**out, "arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"], "sequential": True,
-            "lr": cfg.lr, "epochs": cfg.epochs, "precision": cfg.precision,
-            "torch_threads": torch.get_num_threads(), "_nondeterministic": nondeterministic}, {}
+    return JobResult({**out, "arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"],
+                      "sequential": True, "lr": cfg.lr, "epochs": cfg.epochs, "precision": cfg.precision,
+                      "torch_threads": torch.get_num_threads()}, nondeterministic=nondeterministic)

@@ -1,5 +1,5 @@
 """The payload registry (MLflow model registry): one registered model per arch, method and task,
-one version per payload, aliases ``current`` and ``best``. ``stages.tracking.registry`` is its
+one version per payload, aliases ``current`` and ``best``. ``stages.registry`` is its
 command line."""
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from stages.jobs.fanout import MARKER_ENV
+from stages.jobs.faults import MARKER_ENV
 
 pytestmark = pytest.mark.slow
 
