@@ -163,4 +163,5 @@ def write_cached(cache: Path, key: str, result: JobResult) -> None:
             tensors_sha = _file_sha256(tmp)
             os.replace(tmp, st)
         record = result.record()
-        write_json_atomic(js, {"record": record, "record_sha256": _record_sha256(record), "tensors_sha256": tensors_sha})
+        write_json_atomic(js, {"record": record, "record_sha256": _record_sha256(record),
+                               "tensors_sha256": tensors_sha})

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,7 @@ class FannedOutStage:
     order: Callable[[dict], Any]
     dataset_context: str = "train"
     results_json: bool = False
-    finish: Callable[[dict[str, Any]], dict[str, float]] | None = field(default=None)
+    finish: Callable[[dict[str, Any]], dict[str, float]] | None = None
 
 
 @contextlib.contextmanager

@@ -39,7 +39,8 @@ from stages.tracking.runlog import log_datasets, log_history
 
 SUMMARY_KEYS = ("min_weight_cosine", "mean_weight_cosine", "min_feature_cosine", "seconds", "acc_original",
                 "acc_reconstructed", "top1_agreement", "penultimate_cosine", "device")
-ABLATION_SUMMARY_KEYS = ("min_weight_cosine", "mean_weight_cosine", "min_feature_cosine", "seconds", "acc_reconstructed")
+ABLATION_SUMMARY_KEYS = ("min_weight_cosine", "mean_weight_cosine", "min_feature_cosine", "seconds",
+                         "acc_reconstructed")
 
 
 def mimic_job(spec: dict, inputs: JobInputs) -> JobResult:
@@ -60,7 +61,8 @@ def mimic_job(spec: dict, inputs: JobInputs) -> JobResult:
         loader = src.loader("test", 256, p.image_size, train=False, seed=p.seed, limit=p.eval_limit, device=device)
         batch = next(iter(src.loader("val", p.feature_batch, p.image_size, train=False, seed=p.seed)))[0]
     else:
-        batch = torch.randn(p.feature_batch, 3, p.image_size, p.image_size, generator=torch.Generator().manual_seed(p.seed))
+        batch = torch.randn(p.feature_batch, 3, p.image_size, p.image_size,  # (B, 3, H, W)
+                            generator=torch.Generator().manual_seed(p.seed))
     mcfg = MimicryConfig(**{"seed": p.seed, "progress": False, **a.mimicry})
     with record_nondeterminism() as nondeterministic:
         report = recast.mimic(rc, mcfg, batch=batch.to(device))
@@ -177,10 +179,12 @@ def run(p: MimicParams, rt: RuntimeParams) -> dict[str, dict]:
     src = resolve(p.data_dir) / "source"
     source = [TaskData.of("source", src)] if src.exists() else []
     return drive(FannedOutStage(
-        "mimic", mimic_job, build_specs(p, job_device(rt), store), store, p.model_dump(), source,
-        p.out_dir, MimicParams.model_fields["out_dir"].default, functools.partial(publish_mimicked, p, source),
+        stage="mimic", job=mimic_job, specs=build_specs(p, job_device(rt), store), store=store,
+        params=p.model_dump(), datasets=source, dataset_context="eval",
+        out_dir=p.out_dir, default_out_dir=MimicParams.model_fields["out_dir"].default,
+        publish=functools.partial(publish_mimicked, p, source),
         summarise=lambda results, rows: {r.metrics["arch"]: summary_of(r.metrics) for r in results.values()},
-        order=lambda row: row["arch"], dataset_context="eval"), rt)
+        order=lambda row: row["arch"]), rt)
 
 
 def _suite_tasks(data_dir: Path) -> list[str]:

@@ -109,7 +109,9 @@ def run(p: PretrainParams, rt: RuntimeParams) -> dict[str, dict]:
     source = [TaskData.of("source", resolve(p.data_dir) / "source")] if p.source == "train" else []
     store = InputStore(rt.storage)
     return drive(FannedOutStage(
-        "pretrain", pretrain_job, build_specs(p, job_device(rt), store), store, p.model_dump(), source,
-        p.out_dir, PretrainParams.model_fields["out_dir"].default, functools.partial(publish_backbone, p, source),
+        stage="pretrain", job=pretrain_job, specs=build_specs(p, job_device(rt), store), store=store,
+        params=p.model_dump(), datasets=source,
+        out_dir=p.out_dir, default_out_dir=PretrainParams.model_fields["out_dir"].default,
+        publish=functools.partial(publish_backbone, p, source),
         summarise=lambda results, rows: {sid.split("/", 1)[1]: r.metrics for sid, r in results.items()},
         order=lambda row: row["arch"]), rt)

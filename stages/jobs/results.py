@@ -121,7 +121,8 @@ def publish_job(run: StageRun, spec: dict, result: JobResult, cached: bool) -> d
                         "git.dirty": lineage.get("git_dirty", ""), "data.task": spec["task"],
                         "data.sha256": lineage["data_sha256"], "backbone_sha256": lineage["backbone_sha256"],
                         "bank_sha256": str(spec.get("bank_sha")), "payload_sha256": payload_sha,
-                        "params_sha256": lineage.get("params_sha256", ""), "deps_sha256": lineage.get("deps_sha256", "")}
+                        "params_sha256": lineage.get("params_sha256", ""),
+                        "deps_sha256": lineage.get("deps_sha256", "")}
         tracker.guard(lambda: register_payload(rid, spec["arch"], spec["task"], spec["method_name"],
                                                version_tags, accuracy=meta["test_acc"]),
                       f"registration of {spec['id']}")

@@ -36,7 +36,8 @@ def run_tuning(stage: str, p: TuneParams, methods: dict[str, MethodParams], rt: 
               "lr_by_method": p.lr_by_method.model_dump() if p.lr_by_method is not None else None}
     data = resolve(p.data_dir)
     return drive(FannedOutStage(
-        stage, dispatch, specs, store, params, [TaskData.of(t, data / t) for t in task_names(p)], out_dir, default_out,
-        publish_job, summarise=lambda results, rows: summarise(rows), order=row_order(task_names(p)),
+        stage=stage, job=dispatch, specs=specs, store=store, params=params,
+        datasets=[TaskData.of(t, data / t) for t in task_names(p)], out_dir=out_dir, default_out_dir=default_out,
+        publish=publish_job, summarise=lambda results, rows: summarise(rows), order=row_order(task_names(p)),
         results_json=True, finish=lambda summary: {f"{k.replace('/', '.')}.avg_test_acc": v["avg_test_acc"]
                                                    for k, v in summary.items() if "avg_test_acc" in v}), rt)

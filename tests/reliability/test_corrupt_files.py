@@ -83,7 +83,8 @@ def test_run_jobs_recomputes_a_corrupt_entry(tmp_path, monkeypatch):
     specs = [{"id": f"j/{i}", "x": i} for i in range(3)]
     cache = tmp_path / "cache" / "j"
     for s in specs:
-        cache_module.write_cached(cache, spec_key(s), JobResult({"y": s["x"] ** 2}, {"t": torch.full((2,), float(s["x"]))}))
+        result = JobResult({"y": s["x"] ** 2}, {"t": torch.full((2,), float(s["x"]))})
+        cache_module.write_cached(cache, spec_key(s), result)
     flip_byte(cache / f"{spec_key(specs[1])}.safetensors")
     computed = []
 
