@@ -72,8 +72,10 @@ COMPARED = ("acc_matrix", "final_acc", "val_acc", "avg_acc", "forgetting", "trai
 
 
 def _run(spec: dict, store: InputStore) -> tuple[dict, dict]:
+    """The job in this process on one thread: (its metrics, its tensors)."""
     torch.set_num_threads(1)
-    return dispatch(spec, store.local(spec["inputs"]))
+    result = dispatch(spec, store.local(spec["inputs"]))
+    return result.metrics, result.tensors
 
 
 @pytest.fixture(scope="module")
