@@ -36,6 +36,7 @@ from recast.data.storage import TaskWriter, write_task_arrays
 from stages.jobs.backbones import save_pretrained
 from stages.config.common import REPO_ROOT
 from stages.jobs.fanout import run_jobs
+from stages.jobs.result import JobResult
 from stages.jobs.inputs import InputStore, JobInputs, backbone_bundle, task_bundle
 from stages.jobs.memory import current_rss_mb, peak_memory, reset_peak_memory
 from stages.config.params import RuntimeParams
@@ -66,7 +67,7 @@ def timed_job(spec: dict, inputs: JobInputs):
     """A job that only receives (through run_jobs: object store) and decodes its inputs."""
     start = time.perf_counter()
     n = consume(inputs, spec["backbone"])
-    return {"seconds": time.perf_counter() - start, "items": n}, {}
+    return JobResult({"seconds": time.perf_counter() - start, "items": n})
 
 
 def local_job(spec: dict, inputs: JobInputs):
@@ -77,7 +78,7 @@ def local_job(spec: dict, inputs: JobInputs):
     if spec["backbone"]:
         store.add(backbone_bundle(Path(spec["paths"]["pretrain"]), "vit"))
     n = consume(store.local(spec["roles"]), spec["backbone"])
-    return {"seconds": time.perf_counter() - start, "items": n}, {}
+    return JobResult({"seconds": time.perf_counter() - start, "items": n})
 
 
 def per_job(tmp: Path, args, rt: RuntimeParams) -> dict:
@@ -97,7 +98,7 @@ def per_job(tmp: Path, args, rt: RuntimeParams) -> dict:
         store_mode = store if mode == "object_store" else InputStore()
         results = run_jobs(f"bench_{mode}", fn, specs, rt_mode, inputs=store_mode)
         wall = time.perf_counter() - start
-        rows[mode] = {"job_median_s": statistics.median(r[0]["seconds"] for r in results.values()),
+        rows[mode] = {"job_median_s": statistics.median(r.metrics["seconds"] for r in results.values()),
                       "driver_wall_s": wall}
     put_start = time.perf_counter()  # the driver's one-off cost: read the files, put them once
     fresh = InputStore()

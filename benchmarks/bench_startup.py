@@ -59,7 +59,7 @@ def _timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
 def compute_floor(cache: Path, cpus: int) -> dict[str, float]:
     """Jobs, their summed wall time, the longest, and the floor max(longest, sum / cpus) (seconds)
     of one stage's job cache (``<key>.json`` entries; ``<key>.mlflow.json`` are run records)."""
-    walls = [json.loads(p.read_text())["meta"]["job_wall_s"] for p in sorted(cache.glob("*.json"))
+    walls = [json.loads(p.read_text())["record"]["metrics"]["job_wall_s"] for p in sorted(cache.glob("*.json"))
              if not p.name.endswith(".mlflow.json")]
     longest, total = max(walls, default=0.0), sum(walls)
     return {"jobs": len(walls), "job_sum": total, "longest": longest, "floor": max(longest, total / cpus)}
@@ -69,7 +69,8 @@ def one_job_rerun(root: Path, env: dict[str, str]) -> dict[str, float]:
     """Wall time of ``stages.tune`` with one job left to compute, in-process vs through Ray."""
     cache = root / "outputs" / ".jobcache" / "tune"
     entry = next(p for p in sorted(cache.glob("*.json"))  # a per-task job, not a sequential baseline
-                 if not p.name.endswith(".mlflow.json") and not json.loads(p.read_text())["meta"].get("sequential"))
+                 if not p.name.endswith(".mlflow.json")
+                 and not json.loads(p.read_text())["record"]["metrics"].get("sequential"))
     saved = {p: p.read_bytes() for p in (entry, entry.with_suffix(".safetensors")) if p.exists()}
     params = root / "params.yaml"
     original = params.read_text()

@@ -3,7 +3,7 @@
 A spec holds everything its trial needs (the method, the recipe) and its inputs by content
 (``spec["inputs"]``: role -> key of a ``stages.jobs.inputs.InputStore`` bundle: backbone, task,
 banks), so the sweep's key (``pipelines.sweep.sweep_key``, over each spec's
-``stages.jobs.fanout.spec_key``) changes whenever a result would (the key also hashes the code) and
+``stages.jobs.cache.spec_key``) changes whenever a result would (the key also hashes the code) and
 never depends on where the project lies. ``point`` holds the sweep coordinates that land in the table.
 """
 

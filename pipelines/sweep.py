@@ -51,7 +51,9 @@ from pipelines.tune_checkpoints import TuneTrialCheckpoints
 from recast.targets import build_plan
 from stages.jobs.backbones import load_backbone
 from stages.config.common import resolve
-from stages.jobs.fanout import MARKER_ENV, check_code, code_fingerprint, init_ray, maybe_fault, spec_key
+from stages.jobs.cache import code_fingerprint, spec_key
+from stages.jobs.fanout import check_code, init_ray
+from stages.jobs.faults import MARKER_ENV, maybe_fault
 from stages.jobs.inputs import InputStore, JobInputs
 from stages.config.params import RuntimeParams
 from stages.jobs.runtime import job_device

@@ -172,7 +172,7 @@ def continual_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
         if on_epoch is not None:
             on_epoch({"val_acc": sum(val_row) / len(val_row), "tasks_done": i + 1})
 
-    meta, _ = continual_job(spec, inputs, on_task=on_task if spec.get("score_val") else None)
+    meta = continual_job(spec, inputs, on_task=on_task if spec.get("score_val") else None).metrics
     meta["final_acc"] = dict(zip(meta["task_names"], meta["final_acc"], strict=True))
     if spec.get("score_val"):
         meta["val_acc_by_task"] = dict(zip(meta["task_names"], rows[-1], strict=True))
@@ -190,7 +190,7 @@ def stage_tasks_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
     val, test, seconds = {}, {}, 0.0
     first: dict[str, Any] = {}
     for i, job in enumerate(spec["jobs"]):
-        meta, _ = tune_job(job, JobInputs(job["inputs"], inputs.payloads))
+        meta = tune_job(job, JobInputs(job["inputs"], inputs.payloads)).metrics
         val[job["task"]], test[job["task"]] = meta["val_acc"], meta["test_acc"]
         seconds += meta["train_seconds"]
         first = first or meta
@@ -204,8 +204,7 @@ def stage_tasks_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
 def stage_tune_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
                      checkpoint: Checkpointer | None = None) -> dict[str, Any]:
     """The tune stage's per-task job, unchanged; the sweep keeps its metrics, not its payload."""
-    meta, _ = tune_job(spec, inputs, on_epoch=on_epoch, checkpoint=checkpoint)
-    return meta
+    return tune_job(spec, inputs, on_epoch=on_epoch, checkpoint=checkpoint).metrics
 
 
 _KINDS = {"tune": tune_trial, "stage_tune": stage_tune_trial, "recast_sequence": recast_sequence_trial,

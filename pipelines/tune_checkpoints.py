@@ -21,7 +21,7 @@ import torch
 from ray import tune
 from safetensors.torch import load, save
 
-from stages.jobs.fanout import maybe_fault
+from stages.jobs.faults import maybe_fault
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ training and the best epoch's statistics are restored with its parameters. A Rec
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -344,8 +343,3 @@ def fit(
     model.eval()
     return FitResult(best_acc, best_epoch, history, time.perf_counter() - start, steps, step_time / max(steps, 1),
                      resumed_epoch=first)
-
-
-def clone_model(model: nn.Module) -> nn.Module:
-    """Deep copy (used to give each task its own copy of a shared backbone)."""
-    return copy.deepcopy(model)

@@ -3,7 +3,7 @@ driver as ``tune`` (its training recipe, tasks and seeds come from the ``tune`` 
 
 from __future__ import annotations
 
-from stages.config.cli import entry, stage_params
+from stages.config.cli import run_cli, stage_params
 from stages.config.common import validate_section
 from stages.config.params import CombineParams, RuntimeParams, TuneParams
 from stages.jobs.tuning import run_tuning
@@ -19,4 +19,5 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{k:40s} avg test acc {v['avg_test_acc']:.4f}")
 
 
-entry(__name__, __spec__)
+if __name__ == "__main__":
+    run_cli(main)

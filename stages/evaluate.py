@@ -27,7 +27,7 @@ import json
 from typing import Any
 
 from recast.paper_results import PAPER_AVG_ACC
-from stages.config.cli import entry, stage_params
+from stages.config.cli import run_cli, stage_params
 from stages.config.common import metrics_path, read_params, resolve, validate_section, write_json_atomic
 from stages.config.params import CombineParams, EvaluateParams, MimicParams, PrepareParams, RuntimeParams, TuneParams
 from stages.jobs.reload import payload_reload
@@ -113,4 +113,5 @@ def main(argv: list[str] | None = None) -> None:
     print((resolve(p.report_dir) / "report.md").read_text())
 
 
-entry(__name__, __spec__)
+if __name__ == "__main__":
+    run_cli(main)

@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from recast.data import DataError, build_offline_suite, locate, prepare_paper_task, read_manifest
-from stages.config.cli import entry, stage_params
+from stages.config.cli import run_cli, stage_params
 from stages.config.common import ParamsError, resolve, seed_everything, validate_section, write_json_atomic
 from stages.config.params import PrepareParams, suite_tasks
 
@@ -81,4 +81,5 @@ def main(argv: list[str] | None = None) -> None:
     print(f"prepared suite {params.suite!r} in {suite_dir}")
 
 
-entry(__name__, __spec__)
+if __name__ == "__main__":
+    run_cli(main)

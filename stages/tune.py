@@ -7,7 +7,7 @@ Each per-task job writes ``outputs/tune/payloads/<arch>/<method>/<task>-s<seed>`
 
 from __future__ import annotations
 
-from stages.config.cli import entry, stage_params
+from stages.config.cli import run_cli, stage_params
 from stages.config.common import validate_section
 from stages.config.params import RuntimeParams, TuneParams
 from stages.jobs.tuning import run_tuning
@@ -22,4 +22,5 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{k:40s} avg test acc {v.get('avg_test_acc', float('nan')):.4f}")
 
 
-entry(__name__, __spec__)
+if __name__ == "__main__":
+    run_cli(main)

@@ -183,11 +183,6 @@ class HAT(ContinualMethod):
             return output * _along(self._gates[index], site.unit_dim % output.ndim, output.ndim)
         return hook
 
-    def remove_hooks(self) -> None:
-        """Detach the gate hooks from the backbone."""
-        for handle in self._hooks:
-            handle.remove()
-
     def gates(self, task: str, s: float) -> list[Tensor]:
         """``sigmoid(s * e_task)`` per site."""
         if task not in self.embeddings:

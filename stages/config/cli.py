@@ -1,20 +1,19 @@
 """Command-line entry of the stages: ``--params``, validation of every section before any
-compute, and running a stage module from its importable name.
+compute, and a stage's exit status (``run_cli``).
 
-``python -m stages.tune`` executes ``stages/tune.py`` as ``__main__``; Ray pickles functions by
-module name, so a job function defined in ``__main__`` could not be found on a worker. Every
-stage therefore ends with ``entry(__name__, __spec__)``, which re-imports the module under its
-real name and calls that copy's ``main``.
+A stage script runs as ``__main__`` (``python -m stages.tune``) and ends with
+``if __name__ == "__main__": run_cli(main)``. Its job functions live in ``stages.jobs``, never in
+the script: Ray pickles functions by module name, and a worker cannot import ``__main__``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from stages.config.common import PARAMS_ENV, ParamsError, StageKilled, read_params
 
@@ -40,17 +39,16 @@ def stage_params(argv: list[str] | None, description: str | None, own_section_on
     return data
 
 
-def entry(name: str, spec) -> None:
-    """When ``name`` is ``__main__``, run ``main()`` of the module ``spec`` names (see above)."""
-    if name != "__main__":
-        return
-    module = importlib.import_module(spec.name if spec is not None else name)
+def run_cli(main: Callable[[], Any]) -> NoReturn:
+    """Run a stage's ``main()`` and exit: 2 on a ``ParamsError`` (its message names every bad
+    key; a traceback would bury it), 143 on ``StageKilled``, else ``main``'s int result or 0."""
     try:
-        result = module.main()
-    except ParamsError as err:  # names every bad key; a traceback would bury it
+        result = main()
+    except ParamsError as err:
         print(err, file=sys.stderr)
         sys.exit(2)
     except StageKilled as err:  # SIGTERM outside a ray.get (inside one, Ray raises KeyboardInterrupt)
-        print(f"{spec.name if spec is not None else name}: {err}", file=sys.stderr)
+        spec = getattr(sys.modules.get(main.__module__), "__spec__", None)
+        print(f"{spec.name if spec is not None else main.__module__}: {err}", file=sys.stderr)
         sys.exit(128 + 15)
     sys.exit(result if isinstance(result, int) else 0)

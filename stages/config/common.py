@@ -119,11 +119,6 @@ def validate_section(name: str, model: type[M], data: dict[str, Any]) -> M:
     return section
 
 
-def load_section(name: str, model: type[M], path: str | os.PathLike | None = None) -> M:
-    """Read params.yaml and validate one section."""
-    return validate_section(name, model, read_params(path))
-
-
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch; deterministic CPU kernels."""
     random.seed(seed)

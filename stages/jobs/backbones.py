@@ -32,7 +32,7 @@ def pretrained_sidecar(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
 
 def save_pretrained(out_dir: Path, arch: str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """``<out_dir>/<arch>.safetensors`` + ``<arch>.json`` outside a stage (tests, benchmarks); the
-    pretrain stage publishes the same files from its job cache (``stages.jobs.fanout.store_tensors``)."""
+    pretrain stage publishes the same files from its job cache (``stages.jobs.cache.store_tensors``)."""
     return save_tensors(state, pretrained_sidecar(state, meta), out_dir / arch)
 
 

@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load, save
 
-from stages.jobs.fanout import maybe_fault
+from stages.jobs.faults import maybe_fault
 
 log = logging.getLogger(__name__)
 KEEP = 2
@@ -38,7 +38,7 @@ class JobCheckpoints:
     """The ``recast.checkpoint.Checkpointer`` of one job, over ``pyarrow.fs`` (local path or URI).
 
     ``after_save(point)`` (optional; ``"epoch:<n>"`` or ``"task:<n>"``) runs once a checkpoint is
-    complete: the fault injection of the tests (``stages.jobs.fanout.maybe_fault``) kills the
+    complete: the fault injection of the tests (``stages.jobs.faults.maybe_fault``) kills the
     worker there.
     """
 

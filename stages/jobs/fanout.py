@@ -1,15 +1,8 @@
 """Fan-out of a stage's jobs as Ray tasks, with retries and resume.
 
-Each job is a JSON-serialisable spec with a stable id; its result (a JSON dict plus optional
-tensors) comes back to the driver, which writes it to the job cache
-(``<cache_dir>/<stage>/<key>.{json,safetensors}``, keyed by a hash of the spec without its
-paths) through temp-file + rename, under a per-entry file lock. The JSON records the sha256 of
-the metadata and of the tensor file; an entry that does not match them (a flipped byte, a
-truncated file) is discarded with a warning and the job computed again. A re-run of a killed
-stage finds finished jobs there and skips them. Ray retries a task whose worker dies
-(``max_retries``). ``stage_lock`` serialises concurrent runs of one stage.
-``store_tensors`` publishes a job's tensor file as a hard link to its cache file, so a stage
-output and the job cache hold one copy.
+Each job is a JSON-serialisable spec with a stable id; its ``JobResult`` comes back to the
+driver, which writes it to the job cache (``stages.jobs.cache``: a re-run of a killed stage finds
+finished jobs there and skips them). Ray retries a task whose worker dies (``max_retries``).
 
 Jobs read nothing from the driver's disk: their inputs come from a ``stages.jobs.inputs.InputStore``
 (object refs, or a storage URI), and the code they run is the driver's source tree, shipped as
@@ -21,10 +14,7 @@ the job and the original error's type and message.
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import signal
@@ -32,29 +22,23 @@ import sys
 import threading
 import time
 import traceback
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from recast.io import save_tensors, write_tensor_file
 from recast.machine import KERNEL_ENV, machine_record
-from stages.config.common import file_lock, resolve, resolve_shared, temp_path, write_json_atomic
-from stages.jobs.inputs import InputStore, JobInputs
+from stages.config.common import resolve_shared
 from stages.config.params import RuntimeParams
+from stages.jobs.cache import CODE_PACKAGES, checkpoint_location, code_fingerprint, read_cached, spec_key, write_cached
+from stages.jobs.faults import FAULT_ENV, FAULT_POINT_ENV, MARKER_ENV, maybe_fault
+from stages.jobs.inputs import InputStore, JobInputs
+from stages.jobs.result import JobResult
 
-Result = tuple[dict[str, Any], dict[str, torch.Tensor]]
-JobFn = Callable[[dict, JobInputs], Result]
-FAULT_ENV = "RECAST_FAULT_ONCE_DIR"  # tests: a job whose marker is absent kills its worker once
-FAULT_POINT_ENV = "RECAST_FAULT_POINT"  # tests: where (comma list): "start" (default), "epoch:<k>", "task:<k>"
-MARKER_ENV = "RECAST_TRIAL_MARKER_DIR"  # tests: each sweep trial that computes leaves a file here
-
-
-CODE_PACKAGES = ("recast", "stages", "pipelines")
+JobFn = Callable[[dict, JobInputs], JobResult]
 CODE_ROOT = Path(__file__).resolve().parents[2]  # the source tree shipped to every job
 # not shipped (gitignore patterns, anchored at CODE_ROOT; Ray also skips what .gitignore lists)
 CODE_EXCLUDES = ["/.git", "/.venv", "/data", "/outputs", "/mlartifacts", "/mlruns", "/mlflow.db", "/.dvc/cache",
@@ -74,44 +58,6 @@ class JobError(RuntimeError):
 
 class CodeVersionError(RuntimeError):
     """A job imported other code than the driver's (e.g. a node's stale install)."""
-
-
-@functools.cache
-def code_fingerprint() -> str:
-    """sha256 of the Python source of the packages jobs run (``CODE_PACKAGES``).
-
-    Part of every job's cache key: after a code change (which makes DVC re-run the stage) no job
-    reuses a result the old code computed; a stage killed and re-run with the same code resumes.
-    """
-    digest = hashlib.sha256()
-    for package in CODE_PACKAGES:
-        spec = importlib.util.find_spec(package)
-        for root in (spec.submodule_search_locations or []) if spec else []:
-            for path in sorted(Path(root).rglob("*.py")):
-                digest.update(f"{package}/{path.relative_to(root).as_posix()}\0".encode())
-                digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-# Fields holding where an input lives; its content enters the key through a digest field
-# (backbone_sha, bank_sha, task_sha, source_sha), so a copied or moved project keys the same.
-PATH_FIELDS = frozenset({"task_dir", "task_dirs", "data_dir", "pretrain_dir", "mimic_dir", "out_dir", "cache_dir",
-                         "checkpoint_dir"})
-
-
-def _without_paths(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_paths(v) for k, v in value.items() if k not in PATH_FIELDS}
-    if isinstance(value, (list, tuple)):
-        return [_without_paths(v) for v in value]
-    return value
-
-
-def spec_key(spec: dict[str, Any]) -> str:
-    """Stable hash of a job spec (without its path fields, ``PATH_FIELDS``) and of the code that
-    runs it: the job's cache key."""
-    keyed = {"spec": _without_paths(spec), "code": code_fingerprint()}
-    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def check_code(expected: str) -> None:
@@ -154,21 +100,6 @@ def init_ray(rt: RuntimeParams):
     return ray
 
 
-def maybe_fault(job_id: str, point: str = "start") -> None:
-    """Tests: with RECAST_FAULT_ONCE_DIR set, exit this process the first time ``job_id`` reaches
-    ``point``, the one named by RECAST_FAULT_POINT (default ``start``; ``epoch:<k>`` / ``task:<k>``:
-    once its checkpoint after epoch / task k is written)."""
-    fault_dir = os.environ.get(FAULT_ENV)
-    if not fault_dir or point not in os.environ.get(FAULT_POINT_ENV, "start").split(","):
-        return
-    suffix = "" if point == "start" else "." + point.replace(":", "")
-    marker = Path(fault_dir) / f"{job_id.replace('/', '_')}{suffix}.killed"
-    if not marker.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text("killed once\n")
-        os._exit(1)  # simulate a worker lost mid-task
-
-
 def _ray_node() -> str:
     """Id of the Ray node running this job ("" when it runs inline, outside Ray)."""
     import ray
@@ -176,13 +107,13 @@ def _ray_node() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
-def _execute(fn: JobFn, spec: dict, threads: int, code: str, refs: dict[str, Any]) -> tuple[dict, dict]:
+def _execute(fn: JobFn, spec: dict, threads: int, code: str, refs: dict[str, Any]) -> JobResult:
     """The Ray task: ``_measured`` with the inputs fetched through Ray (or from the storage URI)."""
     maybe_fault(spec["id"])
     return _measured(fn, spec, threads, code, lambda: JobInputs.fetch(spec.get("inputs", {}), refs))
 
 
-def _measured(fn: JobFn, spec: dict, threads: int, code: str, inputs: Callable[[], JobInputs]) -> tuple[dict, dict]:
+def _measured(fn: JobFn, spec: dict, threads: int, code: str, inputs: Callable[[], JobInputs]) -> JobResult:
     """Check the code version, get the inputs, run ``fn``, measure it. Any error becomes a
     JobError naming the job (which pickles whatever the original error was)."""
     from stages.jobs.memory import current_rss_mb, peak_memory, reset_peak_memory
@@ -194,14 +125,15 @@ def _measured(fn: JobFn, spec: dict, threads: int, code: str, inputs: Callable[[
         reset_peak_memory(device)  # a reused Ray worker's earlier jobs must not count
         rss_start = current_rss_mb()
         start = time.perf_counter()
-        meta, tensors = fn(spec, inputs())
+        result = fn(spec, inputs())
         machine = machine_record()  # what its float results depend on besides spec and code
     except Exception as err:  # noqa: BLE001 - every job error reaches the driver as a JobError
         raise JobError(spec["id"], type(err).__name__, str(err), traceback.format_exc()) from None
     measured = {"rss_start_mb": rss_start, **peak_memory(device, rss_start)}  # a job's own finer measurement wins
-    meta = {**measured, **meta, "job_wall_s": time.perf_counter() - start, "host": os.uname().nodename,
-            "ray_node": _ray_node(), "_machine": machine}
-    return meta, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metrics = {**measured, **result.metrics, "job_wall_s": time.perf_counter() - start, "host": os.uname().nodename,
+               "ray_node": _ray_node()}
+    return replace(result, metrics=metrics, machine=machine,
+                   tensors={k: v.detach().cpu().contiguous() for k, v in result.tensors.items()})
 
 
 def runs_inline(rt: RuntimeParams, pending: int) -> bool:
@@ -215,7 +147,7 @@ def runs_inline(rt: RuntimeParams, pending: int) -> bool:
     return not (ray is not None and ray.is_initialized())
 
 
-def _run_inline(fn: JobFn, spec: dict, threads: int, store: InputStore) -> Result:
+def _run_inline(fn: JobFn, spec: dict, threads: int, store: InputStore) -> JobResult:
     """One job in this process, measured like a Ray task; its inputs read from the driver's files."""
     previous = torch.get_num_threads()
     try:
@@ -234,118 +166,15 @@ def _job_error(job_id: str, err: Exception) -> JobError:
     return JobError(job_id, type(err).__name__, str(err))
 
 
-def _cache_paths(cache: Path, key: str) -> tuple[Path, Path]:
-    return cache / f"{key}.json", cache / f"{key}.safetensors"
-
-
-def job_file(rt: RuntimeParams, stage: str, spec: dict, suffix: str) -> Path:
-    """``<cache_dir>/<stage>/<key><suffix>``: a file of ``spec``'s job in the job cache
-    (``.safetensors``: its tensors; ``.mlflow.json``: where its artifacts were logged)."""
-    return resolve_shared(rt.cache_dir) / stage / f"{spec_key(spec)}{suffix}"
-
-
-def checkpoint_location(rt: RuntimeParams, stage: str, spec: dict) -> str:
-    """Where ``spec``'s job keeps its checkpoints (``stages.jobs.checkpoints``): under
-    ``runtime.storage`` when set (every node reads it), else in the local job cache."""
-    if rt.storage:
-        return f"{rt.storage.rstrip('/')}/checkpoints/{stage}/{spec_key(spec)}"
-    return str(resolve(rt.cache_dir) / stage / "checkpoints" / spec_key(spec))
-
-
-def store_tensors(rt: RuntimeParams, stage: str, spec: dict, tensors: dict[str, torch.Tensor], meta: dict,
-                  dest: Path) -> Path:
-    """Write a job's tensors as ``<dest>.safetensors`` + ``<dest>.json`` (``recast.io`` layout).
-
-    The tensor file is a hard link to the job's file in the job cache (the same bytes: the cache
-    writes ``recast.io``'s header metadata too), so the two share one copy on disk; a fresh
-    ``save_tensors`` when the cache has no file for the job."""
-    cached = job_file(rt, stage, spec, ".safetensors")
-    if not cached.exists():
-        return save_tensors(tensors, meta, dest)
-    st = dest.with_name(dest.name + ".safetensors")
-    st.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(st)
-    try:
-        os.link(cached, tmp)
-    except OSError:  # another file system (or no hard links): one copy more
-        shutil.copyfile(cached, tmp)
-    os.replace(tmp, st)
-    write_json_atomic(dest.with_name(dest.name + ".json"), meta)
-    return st
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _meta_sha256(meta: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
-
-
-def _entry_lock(cache: Path, key: str):
-    return file_lock(cache / f"{key}.lock")
-
-
-def _read_cached(cache: Path, key: str) -> Result | None:
-    """A cached result whose digests match, else None (a bad entry is removed, with a warning)."""
-    js, st = _cache_paths(cache, key)
-    if not js.exists():
-        return None
-    with _entry_lock(cache, key):
-        try:
-            entry = json.loads(js.read_text())
-            meta, tensors_sha = entry["meta"], entry["tensors_sha256"]
-            if _meta_sha256(meta) != entry["meta_sha256"]:
-                raise ValueError("metadata does not match its sha256")
-            tensors = {}
-            if tensors_sha is not None:
-                if _file_sha256(st) != tensors_sha:
-                    raise ValueError(f"{st.name} does not match its sha256")
-                tensors = load_file(str(st))
-            return meta, tensors
-        except (OSError, ValueError, KeyError, TypeError) as err:  # unreadable, truncated or edited
-            warnings.warn(f"job cache entry {js} is corrupt ({type(err).__name__}: {err}); discarding it, "
-                          "the job runs again", stacklevel=2)
-            js.unlink(missing_ok=True)
-            st.unlink(missing_ok=True)
-            return None
-
-
-def _write_cached(cache: Path, key: str, result: Result) -> None:
-    meta, tensors = result
-    js, st = _cache_paths(cache, key)
-    cache.mkdir(parents=True, exist_ok=True)
-    with _entry_lock(cache, key):
-        tensors_sha = None
-        if tensors:
-            tmp = temp_path(st)
-            write_tensor_file(tensors, tmp)  # the same header as recast.io's files: publishable as a hard link
-            tensors_sha = _file_sha256(tmp)
-            os.replace(tmp, st)
-        write_json_atomic(js, {"meta": meta, "meta_sha256": _meta_sha256(meta), "tensors_sha256": tensors_sha})
-
-
-@contextlib.contextmanager
-def stage_lock(stage: str, rt: RuntimeParams) -> Iterator[None]:
-    """Hold ``<cache_dir>/<stage>.lock`` for a whole stage run: a second run of the same stage
-    waits, then finds the first one's jobs in the cache."""
-    with file_lock(resolve_shared(rt.cache_dir) / f"{stage}.lock", waiting=f"{stage}: another run of this stage is in progress"):
-        yield
-
-
 def run_jobs(
     stage: str,
     fn: JobFn,
     specs: list[dict],
     rt: RuntimeParams,
-    on_result: Callable[[dict, Result, bool], None] | None = None,
+    on_result: Callable[[dict, JobResult, bool], None] | None = None,
     inputs: InputStore | None = None,
-) -> dict[str, Result]:
-    """Run ``fn(spec, job_inputs)`` for every spec as Ray tasks; returns {spec id: (meta, tensors)}.
+) -> dict[str, JobResult]:
+    """Run ``fn(spec, job_inputs)`` for every spec as Ray tasks; returns {spec id: its result}.
 
     Jobs found in the cache are not run; when at most ``rt.inline_jobs`` remain and Ray is local
     (``runs_inline``), they run in this process without starting Ray.
@@ -360,12 +189,12 @@ def run_jobs(
         raise ValueError(f"{stage}: duplicate job ids")
     store = inputs or InputStore(rt.storage)
     cache = resolve_shared(rt.cache_dir) / stage
-    results: dict[str, Result] = {}
+    results: dict[str, JobResult] = {}
     pending = []
     threads = rt.torch_threads
     for spec in specs:
-        cached = _read_cached(cache, spec_key(spec))
-        if cached is not None and cached[0].get("_machine", {}).get("torch_threads", threads) != threads:
+        cached = read_cached(cache, spec_key(spec))
+        if cached is not None and cached.machine.get("torch_threads", threads) != threads:
             cached = None  # computed with another thread count: other float sums
         if cached is not None:
             results[spec["id"]] = cached
@@ -380,8 +209,8 @@ def run_jobs(
     def with_checkpoints(spec: dict) -> dict:  # a path field: the cache key stays the spec's
         return {**spec, "checkpoint_dir": checkpoint_location(rt, stage, spec)}
 
-    def finish(spec: dict, result: Result) -> None:
-        _write_cached(cache, spec_key(spec), result)
+    def finish(spec: dict, result: JobResult) -> None:
+        write_cached(cache, spec_key(spec), result)
         if not rt.storage:  # the job deleted its own; this catches a local one it could not
             shutil.rmtree(checkpoint_location(rt, stage, spec), ignore_errors=True)
         results[spec["id"]] = result

@@ -17,6 +17,7 @@ from stages.config.params import RuntimeParams, TuneParams
 from stages.jobs.backbones import bank_meta, load_verified, read_sidecar
 from stages.jobs.fanout import run_jobs
 from stages.jobs.inputs import InputStore, JobInputs, backbone_bundle, banks_bundle, file_bundle, task_bundle
+from stages.jobs.result import JobResult
 from stages.jobs.runtime import job_device
 from stages.jobs.specs import task_names
 
@@ -50,7 +51,7 @@ def reload_spec(arch: str, tune_dir: Path, results: list[dict], p_tune: TunePara
             "limit_eval": p_tune.train_for(arch).limit_eval, "inputs": roles}
 
 
-def reload_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
+def reload_job(spec: dict, inputs: JobInputs) -> JobResult:
     """Ray task, the payload-loading check: load every task's RECAST payload (sha256 checked by
     ``recast.load_payload``), in task order, into ONE model on the shared banks and re-evaluate
     every earlier task after each addition, in mixed-task batches; the last row must equal the standalone accuracies.
@@ -72,8 +73,8 @@ def reload_job(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
             row: list[float | None] = [acc[prev] for prev in tasks[:i + 1]] + [None] * (len(tasks) - i - 1)
             matrix.append(row)
     final = matrix[-1]
-    return {"tasks": tasks, "acc_matrix": matrix, "device": device,
-            "max_abs_diff_vs_standalone": max(abs(a - b) for a, b in zip(final, spec["standalone"]))}, {}
+    return JobResult({"tasks": tasks, "acc_matrix": matrix, "device": device,
+                      "max_abs_diff_vs_standalone": max(abs(a - b) for a, b in zip(final, spec["standalone"]))})
 
 
 def payload_reload(archs: list[str], tune_dir: Path, results: list[dict], p_tune: TuneParams,
@@ -85,4 +86,4 @@ def payload_reload(archs: list[str], tune_dir: Path, results: list[dict], p_tune
     if rt.precision != "fp32":  # the standalone accuracies were measured in it
         specs = [{**s, "precision": rt.precision} for s in specs]
     done = run_jobs("reload", reload_job, specs, rt, inputs=store)
-    return {s["arch"]: {k: v for k, v in done[s["id"]][0].items() if not k.startswith("_")} for s in specs}
+    return {s["arch"]: done[s["id"]].metrics for s in specs}

@@ -8,30 +8,29 @@ on what an interrupted one did not log."""
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from recast.io import tensors_sha256
+from stages.config.common import resolve
 from stages.jobs.backbones import pretrained_meta
-from stages.config.common import determinism_tags, resolve
-from stages.jobs.fanout import job_file, spec_key, store_tensors
+from stages.jobs.cache import job_file, spec_key, store_tensors
+from stages.jobs.driver import StageRun
 from stages.jobs.inputs import InputStore
-from stages.tracking.lineage import StageLineage, TaskData
-from stages.config.params import RuntimeParams
+from stages.jobs.result import JobResult
+from stages.tracking.lineage import TaskData
 from stages.tracking.runlog import acc_matrix_history, log_datasets, log_history, log_json
 from stages.report.tables import SEQUENTIAL_SUFFIX
 from stages.tracking.payloads import register_payload
-from stages.tracking.runs import Tracker
 
 LR_SOURCE_TAG = "lr.source"  # e.g. hpo:<sweep key>, params:tune.train.lr
-JOB_SPEC_ARTIFACT = "job/spec.json"  # the job spec on its child run: what `stages.tracking.registry reproduce` re-runs
+JOB_SPEC_ARTIFACT = "job/spec.json"  # the job spec on its child run: what `stages.registry reproduce` re-runs
 
 
 def input_sources(spec: dict, store: InputStore) -> dict[str, str]:
     """Role -> the absolute folder on the driver that role's bundle was read from (the task
-    folder; the pretrain dir of a backbone; the mimic dir of banks): ``stages.tracking.registry reproduce``
+    folder; the pretrain dir of a backbone; the mimic dir of banks): ``stages.registry reproduce``
     rebuilds the same bundles from there."""
     out = {}
     for role, key in spec.get("inputs", {}).items():
@@ -71,81 +70,69 @@ def payload_path(out_dir: Path, spec: dict) -> Path:
     return out_dir / "payloads" / spec["arch"] / spec["method_name"] / f"{spec['task']}-s{spec['seed']}"
 
 
-class Publisher:
-    """Collects the rows of a stage and publishes each finished job (``run_jobs``'s ``on_result``).
+def publish_job(run: StageRun, spec: dict, result: JobResult, cached: bool) -> dict[str, Any]:
+    """Publish one finished job of a tune or combine stage (``FannedOutStage.publish``); its row.
 
-    A payload file is a hard link to the job's cache entry (``stages.jobs.fanout.store_tensors``), and
+    A payload file is a hard link to the job's cache entry (``stages.jobs.cache.store_tensors``), and
     it is logged to MLflow once: a cached job's child run points at the first run's artifacts.
 
-    Each child run gets its tasks as dataset inputs, its job spec and input folders as the
-    artifact ``job/spec.json`` (``stages.tracking.registry reproduce`` re-runs it) and its curves; with
-    ``lineage`` also the stage's lineage tags. Each row gets the lineage columns, the run id and
-    the data/backbone/bank digests. ``store``: the ``InputStore`` the specs' inputs were added to.
+    The child run gets the job's tasks as dataset inputs, its job spec and input folders as the
+    artifact ``job/spec.json`` (``stages.registry reproduce`` re-runs it), its curves and the
+    stage's lineage tags. The row gets the lineage columns, the run id and the
+    data/backbone/bank digests.
     """
+    meta, tensors = result.metrics, result.tensors
+    artifacts = []
+    payload_sha = ""
+    if tensors:
+        payload_sha = tensors_sha256(tensors)
+        side = {**payload_sidecar(spec, meta), "payload_sha256": payload_sha}
+        st = store_tensors(run.rt, run.stage, spec, tensors, side, payload_path(run.out_dir, spec))
+        artifacts = [st, st.with_suffix(".json")]
+    params = {k: spec[k] for k in ("arch", "method_name", "seed", "lr") if k in spec}
+    params.update({"task": spec.get("task", "sequential"), "method": spec.get("method", spec.get("options"))})
+    metrics = {k: v for k, v in meta.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    sources = input_sources(spec, run.store)
+    tasks = job_tasks(spec, sources)
+    bb_sha = backbone_sha(sources, spec["arch"])
+    tags = {"cached": str(cached), **result.determinism_tags(), **run.lineage_tags(),
+            "backbone_sha256": bb_sha, "bank_sha256": str(spec.get("bank_sha", ""))}
+    if "lr_source" in spec:  # where the job's learning rate comes from (TuneParams.lr_for)
+        tags[LR_SOURCE_TAG] = spec["lr_source"]
+    tracker = run.tracker
+    rid = tracker.child(spec["id"], params, metrics, artifacts, tags=tags,
+                        key=spec_key(spec), logged_at=job_file(run.rt, run.stage, spec, ".mlflow.json"))
+    if rid is not None:  # None: the store is unreachable (the Tracker is offline)
+        log_datasets(tracker, rid, tasks)
+        log_json(tracker, rid, {"spec": spec, "sources": sources, "machine": result.machine,
+                                "torch_threads": result.machine.get("torch_threads", meta.get("torch_threads"))},
+                 JOB_SPEC_ARTIFACT)
+        if result.history:
+            log_history(tracker, rid, result.history, "epoch", "epoch")
+        if meta.get("sequential") and meta.get("acc_matrix"):
+            log_history(tracker, rid, acc_matrix_history(meta["task_names"], meta["acc_matrix"]),
+                        "task_index", "acc_matrix")
+    lineage = {"run_id": rid or "", **run.lineage_columns(),
+               "backbone_sha256": bb_sha, "bank_sha256": str(spec.get("bank_sha", "")),
+               "data_sha256": ",".join(t.sha256 for t in tasks), "payload_sha256": payload_sha}
+    if tensors and rid is not None:
+        version_tags = {"test_acc": f"{meta['test_acc']:.6f}", "seed": str(spec["seed"]), "bytes": str(meta["bytes"]),
+                        "run_id": rid, "git.commit": lineage.get("git_commit", ""),
+                        "git.dirty": lineage.get("git_dirty", ""), "data.task": spec["task"],
+                        "data.sha256": lineage["data_sha256"], "backbone_sha256": lineage["backbone_sha256"],
+                        "bank_sha256": str(spec.get("bank_sha")), "payload_sha256": payload_sha,
+                        "params_sha256": lineage.get("params_sha256", ""),
+                        "deps_sha256": lineage.get("deps_sha256", "")}
+        tracker.guard(lambda: register_payload(rid, spec["arch"], spec["task"], spec["method_name"],
+                                               version_tags, val_acc=meta["val_acc"]),
+                      f"registration of {spec['id']}")
+    return {**meta, **lineage}
 
-    def __init__(self, tracker: Tracker, out_dir: Path, stage: str, rt: RuntimeParams, store: InputStore,
-                 lineage: StageLineage | None = None):
-        self.tracker, self.out_dir, self.stage, self.rt, self.rows = tracker, out_dir, stage, rt, []
-        self.store, self.lineage = store, lineage
-        self.histories: dict[str, list[dict]] = {}
 
-    def __call__(self, spec: dict, result: tuple[dict, dict[str, torch.Tensor]], cached: bool) -> None:
-        meta, tensors = result
-        history = meta.get("_history", [])
-        meta = {k: v for k, v in meta.items() if not k.startswith("_")}
-        artifacts = []
-        payload_sha = ""
-        if tensors:
-            payload_sha = tensors_sha256(tensors)
-            side = {**payload_sidecar(spec, meta), "payload_sha256": payload_sha}
-            st = store_tensors(self.rt, self.stage, spec, tensors, side, payload_path(self.out_dir, spec))
-            artifacts = [st, st.with_suffix(".json")]
-        params = {k: spec[k] for k in ("arch", "method_name", "seed", "lr") if k in spec}
-        params.update({"task": spec.get("task", "sequential"), "method": spec.get("method", spec.get("options"))})
-        metrics = {k: v for k, v in meta.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        sources = input_sources(spec, self.store)
-        tasks = job_tasks(spec, sources)
-        bb_sha = backbone_sha(sources, spec["arch"])
-        tags = {"cached": str(cached), **determinism_tags(result[0])}
-        if self.lineage is not None:
-            tags.update(self.lineage.tags())
-        tags.update({"backbone_sha256": bb_sha, "bank_sha256": str(spec.get("bank_sha", ""))})
-        if "lr_source" in spec:  # where the job's learning rate comes from (TuneParams.lr_for)
-            tags[LR_SOURCE_TAG] = spec["lr_source"]
-        rid = self.tracker.child(spec["id"], params, metrics, artifacts, tags=tags,
-                                 key=spec_key(spec), logged_at=job_file(self.rt, self.stage, spec, ".mlflow.json"))
-        if rid is not None:  # None: the store is unreachable (the Tracker is offline)
-            log_datasets(self.tracker, rid, tasks)
-            machine = result[0].get("_machine") or {}
-            log_json(self.tracker, rid, {"spec": spec, "sources": sources, "machine": machine,
-                                         "torch_threads": machine.get("torch_threads", meta.get("torch_threads"))},
-                     JOB_SPEC_ARTIFACT)
-            if history:
-                log_history(self.tracker, rid, history, "epoch", "epoch")
-            if meta.get("sequential") and meta.get("acc_matrix"):
-                log_history(self.tracker, rid, acc_matrix_history(meta["task_names"], meta["acc_matrix"]),
-                            "task_index", "acc_matrix")
-        if history:
-            self.histories[spec["id"]] = history
-        lineage = {"run_id": rid or "", **(self.lineage.columns() if self.lineage is not None else {}),
-                   "backbone_sha256": bb_sha, "bank_sha256": str(spec.get("bank_sha", "")),
-                   "data_sha256": ",".join(t.sha256 for t in tasks), "payload_sha256": payload_sha}
-        self.rows.append({**meta, **lineage})
-        if tensors and rid is not None:
-            version_tags = {"test_acc": f"{meta['test_acc']:.6f}", "seed": str(spec["seed"]), "bytes": str(meta["bytes"]),
-                            "run_id": rid, "git.commit": lineage.get("git_commit", ""),
-                            "git.dirty": lineage.get("git_dirty", ""), "data.task": spec["task"],
-                            "data.sha256": lineage["data_sha256"], "backbone_sha256": lineage["backbone_sha256"],
-                            "bank_sha256": str(spec.get("bank_sha")), "payload_sha256": payload_sha,
-                            "params_sha256": lineage.get("params_sha256", ""), "deps_sha256": lineage.get("deps_sha256", "")}
-            self.tracker.guard(lambda: register_payload(rid, spec["arch"], spec["task"], spec["method_name"],
-                                                        version_tags, val_acc=meta["val_acc"]),
-                               f"registration of {spec['id']}")
-
-    def sorted_rows(self, task_order: list[str]) -> list[dict]:
-        """Rows by arch, method, task (in the configured order), seed."""
-        pos = {t: i for i, t in enumerate(task_order)}
-        return sorted(self.rows, key=lambda r: (r["arch"], r["method"], pos.get(r.get("task", ""), -1), r["seed"]))
+def row_order(task_order: list[str]) -> Callable[[dict], tuple]:
+    """The sort key of a tune/combine row: arch, method, task (in the configured order), seed."""
+    pos = {t: i for i, t in enumerate(task_order)}
+    return lambda r: (r["arch"], r["method"], pos.get(r.get("task", ""), -1), r["seed"])
 
 
 def summarise(results: list[dict]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from recast.data.augment import TaskAugment
 from stages.config.common import record_nondeterminism, resolve, seed_everything
 from stages.jobs.checkpoints import job_checkpoints
 from stages.jobs.inputs import InputStore, JobInputs, backbone_bundle, banks_bundle, task_bundle
+from stages.jobs.result import JobResult
 from stages.config.params import TrainParams, TuneParams
 from stages.jobs.specs import common_fields, task_names
 
@@ -45,7 +46,7 @@ def continual_specs(stage: str, p: TuneParams, device: str, store: InputStore) -
 
 
 def continual_job(spec: dict, inputs: JobInputs,
-                  on_task: Callable[[int, list[float]], None] | None = None) -> tuple[dict, dict]:
+                  on_task: Callable[[int, list[float]], None] | None = None) -> JobResult:
     """Ray task: one sequential continual-learning baseline over all tasks of one arch.
     ``on_task``: ``run_sequential``'s (the validation accuracy of every task seen, after each task)."""
     seed_everything(spec["seed"])
@@ -87,6 +88,6 @@ def continual_job(spec: dict, inputs: JobInputs,
         log.warning("%s: resumed after task %d from its checkpoint", spec["id"], out["resumed_task"])
     if checkpoints is not None:
         checkpoints.clear()  # finished: its result goes to the job cache
-    return {**out, "arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"], "sequential": True,
-            "lr": cfg.lr, "epochs": cfg.epochs, "precision": cfg.precision,
-            "torch_threads": torch.get_num_threads(), "_nondeterministic": nondeterministic}, {}
+    return JobResult({**out, "arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"],
+                      "sequential": True, "lr": cfg.lr, "epochs": cfg.epochs, "precision": cfg.precision,
+                      "torch_threads": torch.get_num_threads()}, nondeterministic=nondeterministic)

@@ -15,6 +15,7 @@ from recast.training import evaluate, fit
 from stages.config.common import record_nondeterminism, seed_everything
 from stages.jobs.checkpoints import job_checkpoints
 from stages.jobs.inputs import JobInputs, TaskData
+from stages.jobs.result import JobResult
 from stages.config.params import MethodParams, TrainParams
 from stages.jobs.sequential import continual_job
 
@@ -33,11 +34,11 @@ def task_loaders(data: TaskData, tr: TrainParams, seed: int,
 
 
 def tune_job(spec: dict, inputs: JobInputs, on_epoch: Callable[[dict[str, float]], None] | None = None,
-             checkpoint: Checkpointer | None = None) -> tuple[dict, dict]:
+             checkpoint: Checkpointer | None = None) -> JobResult:
     """Train one method on one task (inputs ``task``, ``backbone``, ``banks`` for RECAST);
-    returns (metrics, payload tensors). ``on_epoch`` receives each epoch's
-    ``recast.training.fit`` history entry (a sweep reports it). The metrics carry the per-epoch
-    ``_history`` and the ``_nondeterministic`` ops torch warned about. ``checkpoint``: where ``fit``
+    its metrics, payload tensors, per-epoch history and the ops torch warned about as
+    nondeterministic. ``on_epoch`` receives each epoch's ``recast.training.fit`` history entry
+    (a sweep reports it). ``checkpoint``: where ``fit``
     checkpoints (a sweep trial: Tune's own); default: the job's ``stages.jobs.checkpoints``."""
     seed_everything(spec["seed"])
     tr = TrainParams(**spec["train"])
@@ -73,11 +74,10 @@ def tune_job(spec: dict, inputs: JobInputs, on_epoch: Callable[[dict[str, float]
         "seconds_per_step": res.seconds_per_step, "train_seconds": res.seconds, "steps": res.steps,
         "num_classes": manifest.num_classes, "recast": m.needs_recast, "torch_threads": torch.get_num_threads(),
         "lr": cfg.lr, "epochs": cfg.epochs, "precision": cfg.precision, "resumed_epoch": res.resumed_epoch,
-        "_history": res.history, "_nondeterministic": nondeterministic,
     }
-    return meta, payload
+    return JobResult(meta, payload, history=res.history, nondeterministic=nondeterministic)
 
 
-def dispatch(spec: dict, inputs: JobInputs) -> tuple[dict, dict]:
+def dispatch(spec: dict, inputs: JobInputs) -> JobResult:
     """Ray entry point: a per-task job or a sequential baseline."""
     return continual_job(spec, inputs) if spec.get("kind") == "continual" else tune_job(spec, inputs)

@@ -1,7 +1,7 @@
 """The payload registry (MLflow model registry): one registered model per arch, method and task,
 one version per payload, aliases ``current`` (the latest payload) and ``best`` (the version with
 the highest VALIDATION accuracy, its tag ``val_acc``; test accuracy never selects a payload).
-``stages.tracking.registry`` is its command line."""
+``stages.registry`` is its command line."""
 
 from __future__ import annotations
 

@@ -158,7 +158,8 @@ def test_tune_combine_and_a_sweep_run_on_a_node_without_the_files(cluster, stage
         assert len(rows) == len(specs[stage]) and {r["ray_node"] for r in rows} == {node}
         by_id = {(r["method"], r.get("task", "sequential")): r for r in rows}
         for spec in specs[stage]:
-            meta, payload = dispatch(spec, store.local(spec["inputs"]))
+            result = dispatch(spec, store.local(spec["inputs"]))
+            meta, payload = result.metrics, result.tensors
             row = by_id[(spec["method_name"], spec.get("task", "sequential"))]
             if spec.get("kind") == "continual":
                 assert (row["final_acc"], row["acc_matrix"]) == (meta["final_acc"], meta["acc_matrix"])

@@ -24,8 +24,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from stages.jobs.fanout import MARKER_ENV
 from helpers import cmdline, free_port, session_pids
+from stages.jobs.faults import MARKER_ENV
 
 pytestmark = pytest.mark.slow
 

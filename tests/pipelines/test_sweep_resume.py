@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.sweep import main
-from stages.jobs.fanout import FAULT_ENV, FAULT_POINT_ENV, MARKER_ENV
 from helpers import session_pids
+from stages.jobs.faults import FAULT_ENV, FAULT_POINT_ENV, MARKER_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = {"head_only": {}, "recast_att": {"recast": {"preset": "recast_att", "overrides": {"groups": 3}}}}

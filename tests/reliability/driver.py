@@ -1,6 +1,6 @@
 """A minimal stage for the fault tests, run as ``python -m tests.reliability.driver ROOT N SLEEP``
 from the repo root: the tune stage's machinery (stage lock, Tracker, ``run_jobs`` and its job
-cache, ``Publisher``: payload files, child runs, registry) around a job that sleeps and returns
+cache, ``publish_job``: payload files, child runs, registry) around a job that sleeps and returns
 a tiny payload. Each computation leaves a mark file in ``ROOT/marks``; the last stdout line is
 JSON ``{"cached": {job id: bool}, "token_auth": bool or None (no Ray started)}``."""
 
@@ -14,15 +14,17 @@ from pathlib import Path
 
 import torch
 
-from stages.config.cli import entry
-from stages.jobs.fanout import run_jobs, stage_lock
-from stages.jobs.inputs import InputStore
+from stages.config.cli import run_cli
 from stages.config.params import RuntimeParams
-from stages.jobs.results import Publisher
+from stages.jobs.driver import StageRun, stage_lock
+from stages.jobs.fanout import run_jobs
+from stages.jobs.inputs import InputStore
+from stages.jobs.result import JobResult
+from stages.jobs.results import publish_job
 from stages.tracking.runs import Tracker
 
 
-def fake_job(spec: dict, inputs) -> tuple[dict, dict]:
+def fake_job(spec: dict, inputs) -> JobResult:
     """Sleep, then return a tune job's metrics and a 3-number payload."""
     Path(spec["marks"], f"{spec['task']}.{os.getpid()}.{time.time_ns()}").touch()
     time.sleep(spec["sleep"])
@@ -30,7 +32,7 @@ def fake_job(spec: dict, inputs) -> tuple[dict, dict]:
     meta = {"arch": "vit", "method": "recast", "task": spec["task"], "seed": 0, "val_acc": 0.5, "test_acc": 0.5 + i / 100,
             "trainable_params": 3, "stored_params": 3, "bytes": 12, "num_classes": 2, "recast": True,
             "seconds_per_step": 0.0, "train_seconds": 0.0}
-    return meta, {"coef": torch.full((3,), float(i))}
+    return JobResult(meta, {"coef": torch.full((3,), float(i))})
 
 
 def main() -> None:
@@ -45,11 +47,11 @@ def main() -> None:
     cached_flags: dict[str, bool] = {}
     with stage_lock("fake", rt), Tracker("fake", rt.experiment, {"n": n}) as tracker:
         store = InputStore()
-        publish = Publisher(tracker, root / "out", "fake", rt, store)
+        run = StageRun("fake", rt, tracker, store, root / "out")
 
-        def on_result(spec: dict, result, cached: bool) -> None:
+        def on_result(spec: dict, result: JobResult, cached: bool) -> None:
             cached_flags[spec["id"]] = cached
-            publish(spec, result, cached)
+            publish_job(run, spec, result, cached)
 
         run_jobs("fake", fake_job, specs, rt, on_result, inputs=store)
         tracker.finish({"jobs": float(n)})
@@ -63,4 +65,5 @@ def main() -> None:
     print(json.dumps({"cached": cached_flags, "token_auth": token_auth}))
 
 
-entry(__name__, __spec__)
+if __name__ == "__main__":
+    run_cli(main)

@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from stages.jobs import cache as cache_module
 from stages.jobs import fanout
+from stages.jobs.cache import spec_key
+from stages.jobs.faults import FAULT_ENV
+from stages.jobs.result import JobResult
 from stages.jobs.backbones import load_backbone
 from stages.config.common import IntegrityError
 from stages.jobs.reload import reload_spec
@@ -21,14 +25,17 @@ from stages.config.params import TuneParams
 
 from faults import TASKS, flip_byte
 
-RESULT = ({"acc": 0.5440, "epochs": 3}, {"head": torch.arange(12, dtype=torch.float32).reshape(3, 4)})
+RESULT = JobResult({"acc": 0.5440, "epochs": 3}, {"head": torch.arange(12, dtype=torch.float32).reshape(3, 4)},
+                   history=[{"epoch": 1, "val_acc": 0.5}], nondeterministic=["an op"], machine={"torch_threads": 1})
 
 
 def _cache(tmp_path: Path) -> Path:
     cache = tmp_path / "cache" / "tune"
-    fanout._write_cached(cache, "k1", RESULT)
-    meta, tensors = fanout._read_cached(cache, "k1")
-    assert meta == RESULT[0] and torch.equal(tensors["head"], RESULT[1]["head"])  # the clean entry is reused
+    cache_module.write_cached(cache, "k1", RESULT)
+    got = cache_module.read_cached(cache, "k1")
+    assert got.metrics == RESULT.metrics and torch.equal(got.tensors["head"], RESULT.tensors["head"])  # reused
+    assert (got.history, got.nondeterministic, got.machine) == ([{"epoch": 1, "val_acc": 0.5}], ["an op"],
+                                                                {"torch_threads": 1})
     return cache
 
 
@@ -56,10 +63,10 @@ def test_bad_cache_entry_is_discarded_with_a_warning(tmp_path, fault):
     else:
         st.unlink()
     with pytest.warns(UserWarning, match="corrupt.*runs again"):
-        assert fanout._read_cached(cache, "k1") is None
+        assert cache_module.read_cached(cache, "k1") is None
     assert not js.exists() and not st.exists()  # discarded: the next write starts clean
-    fanout._write_cached(cache, "k1", RESULT)  # ... and the recomputed result is cached again
-    assert fanout._read_cached(cache, "k1")[0] == RESULT[0]
+    cache_module.write_cached(cache, "k1", RESULT)  # ... and the recomputed result is cached again
+    assert cache_module.read_cached(cache, "k1").metrics == RESULT.metrics
 
 
 def test_run_jobs_recomputes_a_corrupt_entry(tmp_path, monkeypatch):
@@ -71,18 +78,19 @@ def test_run_jobs_recomputes_a_corrupt_entry(tmp_path, monkeypatch):
 
     if ray.is_initialized():
         ray.shutdown()
-    monkeypatch.delenv(fanout.FAULT_ENV, raising=False)
+    monkeypatch.delenv(FAULT_ENV, raising=False)
     rt = RuntimeParams(cache_dir=str(tmp_path / "cache"), progress=False)
     specs = [{"id": f"j/{i}", "x": i} for i in range(3)]
     cache = tmp_path / "cache" / "j"
     for s in specs:
-        fanout._write_cached(cache, fanout.spec_key(s), ({"y": s["x"] ** 2}, {"t": torch.full((2,), float(s["x"]))}))
-    flip_byte(cache / f"{fanout.spec_key(specs[1])}.safetensors")
+        result = JobResult({"y": s["x"] ** 2}, {"t": torch.full((2,), float(s["x"]))})
+        cache_module.write_cached(cache, spec_key(s), result)
+    flip_byte(cache / f"{spec_key(specs[1])}.safetensors")
     computed = []
 
     def job(spec, inputs):
         computed.append(spec["id"])
-        return {"y": spec["x"] ** 2}, {"t": torch.full((2,), float(spec["x"]))}
+        return JobResult({"y": spec["x"] ** 2}, {"t": torch.full((2,), float(spec["x"]))})
 
     def no_ray(rt):
         raise AssertionError("one job left to compute: Ray must not start")
@@ -90,11 +98,11 @@ def test_run_jobs_recomputes_a_corrupt_entry(tmp_path, monkeypatch):
     monkeypatch.setattr(fanout, "init_ray", no_ray)
     seen = []
     with pytest.warns(UserWarning, match="corrupt"):
-        fanout.run_jobs("j", job, specs, rt, lambda s, r, cached: seen.append((s["id"], cached, r[0]["y"])))
+        fanout.run_jobs("j", job, specs, rt, lambda s, r, cached: seen.append((s["id"], cached, r.metrics["y"])))
     assert computed == ["j/1"]
     assert sorted(seen) == [("j/0", True, 0), ("j/1", False, 1), ("j/2", True, 4)]
-    meta, tensors = fanout._read_cached(cache, fanout.spec_key(specs[1]))  # a good entry again
-    assert meta["y"] == 1 and torch.equal(tensors["t"], torch.full((2,), 1.0))
+    again = cache_module.read_cached(cache, spec_key(specs[1]))  # a good entry again
+    assert again.metrics["y"] == 1 and torch.equal(again.tensors["t"], torch.full((2,), 1.0))
 
 
 @pytest.mark.parametrize("name, flip_at", [("pretrain/vit.safetensors", -1), ("pretrain/vit.safetensors", 20),

@@ -20,7 +20,9 @@ from recast.data.manifest import AugmentPolicy
 from recast.data.storage import TaskWriter, write_task_arrays
 from recast.io import tensors_sha256
 from stages.config.params import MethodParams, RuntimeParams, TrainParams
-from stages.jobs.fanout import FAULT_ENV, FAULT_POINT_ENV, checkpoint_location, run_jobs
+from stages.jobs.cache import checkpoint_location
+from stages.jobs.fanout import run_jobs
+from stages.jobs.faults import FAULT_ENV, FAULT_POINT_ENV
 from stages.jobs.inputs import InputStore, backbone_bundle, banks_bundle, task_bundle
 from stages.jobs.train import dispatch
 
@@ -70,8 +72,10 @@ COMPARED = ("acc_matrix", "final_acc", "val_acc", "avg_acc", "forgetting", "trai
 
 
 def _run(spec: dict, store: InputStore) -> tuple[dict, dict]:
+    """The job in this process on one thread: (its metrics, its tensors)."""
     torch.set_num_threads(1)
-    return dispatch(spec, store.local(spec["inputs"]))
+    result = dispatch(spec, store.local(spec["inputs"]))
+    return result.metrics, result.tensors
 
 
 @pytest.fixture(scope="module")
@@ -186,10 +190,10 @@ def test_ray_workers_killed_mid_job_are_retried_and_resume(project, reference, s
         ray.shutdown()
     assert sorted(p.name for p in fault_dir.iterdir()) == [
         "tune_vit_ewc_sequential_s0.task1.killed", "tune_vit_recast_task_r_s0.epoch2.killed"]
-    meta, payload = done[per_task["id"]]
+    meta, payload = done[per_task["id"]].metrics, done[per_task["id"]].tensors
     assert meta["resumed_epoch"] == 2  # the retry started at epoch 2, not 0
     assert tensors_sha256(payload) == reference
-    meta, _ = done[sequential["id"]]
+    meta = done[sequential["id"]].metrics
     assert meta["resumed_task"] == 1  # after task 1, not from the first task
     assert {k: meta[k] for k in COMPARED} == sequential_reference
     assert not any(Path(checkpoint_location(rt, "tune", s)).exists() for s in (per_task, sequential))

@@ -11,10 +11,13 @@ import torch
 from faults import write_stage_files
 
 from recast.io import save_tensors
+from stages.config.common import resolve
 from stages.jobs import fanout
-from stages.mimic import build_specs as mimic_specs
+from stages.jobs.cache import spec_key, write_cached
+from stages.jobs.result import JobResult
+from stages.jobs.mimicry import build_specs as mimic_specs
 from stages.config.params import MimicParams, PretrainParams, RuntimeParams, TuneParams
-from stages.pretrain import build_specs as pretrain_specs
+from stages.jobs.pretraining import build_specs as pretrain_specs
 from stages.jobs.inputs import InputStore
 from stages.jobs.specs import method_specs
 
@@ -48,13 +51,12 @@ def test_moved_project_reuses_every_cached_job(tmp_path, monkeypatch):
     assert len(specs_a) == 4 + 1 + 1 and not any(str(a) in str(s) for s in specs_a)  # inputs named by digest
     rt = RuntimeParams(progress=False)  # cache_dir relative: it moves with the project
     for s in specs_a:
-        fanout._write_cached(fanout.resolve(rt.cache_dir) / s["id"].split("/")[0], fanout.spec_key(s),
-                             ({"id": s["id"]}, {}))
+        write_cached(resolve(rt.cache_dir) / s["id"].split("/")[0], spec_key(s), JobResult({"id": s["id"]}))
     b = tmp_path / "moved" / "b"
     shutil.copytree(a, b)
     shutil.rmtree(a)
     specs_b = _all_specs(monkeypatch, b)
-    assert sorted(map(fanout.spec_key, specs_a)) == sorted(map(fanout.spec_key, specs_b))
+    assert sorted(map(spec_key, specs_a)) == sorted(map(spec_key, specs_b))
 
     def no_ray(rt):
         raise AssertionError("a moved project recomputed a cached job")
@@ -70,9 +72,9 @@ def test_moved_project_reuses_every_cached_job(tmp_path, monkeypatch):
 def test_cache_key_follows_content_not_location(tmp_path, monkeypatch):
     """Changing a task's data (its manifest) changes only that task's keys."""
     root = write_stage_files(tmp_path / "p")
-    before = {s["id"]: fanout.spec_key(s) for s in _all_specs(monkeypatch, root)}
+    before = {s["id"]: spec_key(s) for s in _all_specs(monkeypatch, root)}
     manifest = root / "data/prepared/offline/task_b/manifest.json"
     manifest.write_text(manifest.read_text().replace('"num_classes": 5', '"num_classes": 6'))
-    after = {s["id"]: fanout.spec_key(s) for s in _all_specs(monkeypatch, root)}
+    after = {s["id"]: spec_key(s) for s in _all_specs(monkeypatch, root)}
     changed = sorted(k for k in before if before[k] != after[k])
     assert changed == ["tune/vit/head_only/task_b/s42", "tune/vit/recast/task_b/s42"]

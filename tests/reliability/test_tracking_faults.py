@@ -192,7 +192,9 @@ def test_errors_survive_pickling():
 def test_side_run_metrics_never_overwrite_the_main_ones(stage_files, sqlite_uri, request, monkeypatch):
     """A tune run with another out_dir writes ``<out_dir>/metrics.json``, not ``metrics/tune.json``;
     a failing tune run ends its parent run FAILED."""
+    import stages.jobs.driver as driver
     import stages.jobs.tuning as tuning
+    from stages.jobs.result import JobResult
     from stages.config.params import RuntimeParams, TuneParams
 
     monkeypatch.setattr("stages.config.common.REPO_ROOT", stage_files)
@@ -204,9 +206,9 @@ def test_side_run_metrics_never_overwrite_the_main_ones(stage_files, sqlite_uri,
 
     def fake_run_jobs(stage, fn, specs, rt, on_result, inputs=None):
         for spec in specs:
-            on_result(spec, ({**row, "task": spec["task"]}, {}), False)
+            on_result(spec, JobResult({**row, "task": spec["task"]}), False)
 
-    monkeypatch.setattr(tuning, "run_jobs", fake_run_jobs)
+    monkeypatch.setattr(driver, "run_jobs", fake_run_jobs)
     p = TuneParams(archs=["vit"], tasks=["task_a"], seeds=[0], methods={"head_only": {"kind": "head_only"}},
                    out_dir=str(stage_files / "side"))
     rt = RuntimeParams(experiment=_exp(request), progress=False)
@@ -217,7 +219,7 @@ def test_side_run_metrics_never_overwrite_the_main_ones(stage_files, sqlite_uri,
     def failing(stage, fn, specs, rt, on_result, inputs=None):
         raise RuntimeError("a job failed")
 
-    monkeypatch.setattr(tuning, "run_jobs", failing)
+    monkeypatch.setattr(driver, "run_jobs", failing)
     with pytest.raises(RuntimeError, match="a job failed"):
         tuning.run_tuning("tune", p, p.methods, rt, p.out_dir, continual=False)
     client = MlflowClient(sqlite_uri)

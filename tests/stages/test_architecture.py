@@ -2,8 +2,8 @@
 function-local imports; recast/ never imports stages/ or pipelines/, stages/ never imports
 pipelines/; inside stages/, the top level holds only the DVC stage entry points, which may
 import the sub-packages, and the sub-packages import only downwards (config <- tracking, report
-<- jobs <- serving) and never a stage; and dvc.yaml's deps of each stage cover the import
-closure of its entry module. Each check is a function returning its violations, so that the
+<- jobs <- serving, registry) and never a stage or a command line (``__main__``); and dvc.yaml's
+deps of each stage cover the import closure of its entry module. Each check is a function returning its violations, so that the
 last tests can plant one of each and see it reported."""
 
 from __future__ import annotations
@@ -17,10 +17,7 @@ from imports import REPO, closure, cycles, imports_of, modules
 
 ENTRY_POINTS = ("prepare", "pretrain", "mimic", "tune", "combine", "evaluate")  # what dvc.yaml runs
 # Sub-packages of stages/ by rank: a module imports sub-packages of a lower rank, or its own.
-SUB_RANK = {"config": 0, "tracking": 1, "report": 1, "jobs": 2, "serving": 3}
-# Command lines inside a sub-package (``python -m ...``): they sit above every sub-package, like
-# a stage, and nothing imports them. The registry's ``reproduce`` re-runs a job (stages.jobs).
-CLI_MODULES = {"stages.tracking.registry", "stages.serving.__main__"}
+SUB_RANK = {"config": 0, "tracking": 1, "report": 1, "jobs": 2, "serving": 3, "registry": 3}
 
 
 def upward_imports() -> list[tuple[str, str]]:
@@ -43,11 +40,9 @@ def stages_layer_violations() -> list[tuple[str, str]]:
         if not m.startswith("stages"):
             continue
         for t in imports_of(m):
-            if t in entries:  # nothing imports a stage: not a sub-package, not another stage
+            if t in entries or t.endswith(".__main__"):  # nothing imports a stage or a command line
                 wrong.append((m, t))
-            elif t in CLI_MODULES:
-                wrong.append((m, t))
-            elif m in entries or m in CLI_MODULES or _sub(t) is None or _sub(m) is None:
+            elif m in entries or _sub(t) is None or _sub(m) is None:
                 continue
             elif _sub(t) != _sub(m) and SUB_RANK[_sub(t)] >= SUB_RANK[_sub(m)]:
                 wrong.append((m, t))
@@ -124,12 +119,12 @@ def test_a_planted_cycle_is_seen(monkeypatch):
 def test_planted_upward_imports_are_seen(monkeypatch):
     _plant(monkeypatch, {"recast.model": {"stages.config.common"}, "stages.jobs.fanout": {"pipelines.sweep", "stages.tune"},
                          "stages.config.params": {"stages.tracking.runs"}, "stages.report.tables": {"stages.jobs.results"},
-                         "stages.tracking.lineage": {"stages.report.tables"}, "stages.jobs.specs": {"stages.tracking.registry"},
+                         "stages.tracking.lineage": {"stages.report.tables"}, "stages.jobs.specs": {"stages.registry.__main__"},
                          "stages.tune": {"stages.combine"}})
     assert upward_imports() == [("recast.model", "stages.config.common"), ("stages.jobs.fanout", "pipelines.sweep")]
     assert stages_layer_violations() == [("stages.config.params", "stages.tracking.runs"),
                                          ("stages.jobs.fanout", "stages.tune"),
-                                         ("stages.jobs.specs", "stages.tracking.registry"),
+                                         ("stages.jobs.specs", "stages.registry.__main__"),
                                          ("stages.report.tables", "stages.jobs.results"),
                                          ("stages.tracking.lineage", "stages.report.tables"),
                                          ("stages.tune", "stages.combine")]

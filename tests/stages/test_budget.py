@@ -80,7 +80,9 @@ def test_lr_and_its_source_reach_the_job_run(tmp_path, monkeypatch):
 
     from stages.config.params import RuntimeParams
     from stages.jobs.inputs import InputStore
-    from stages.jobs.results import LR_SOURCE_TAG, Publisher
+    from stages.jobs.driver import StageRun
+    from stages.jobs.result import JobResult
+    from stages.jobs.results import LR_SOURCE_TAG, publish_job
     from stages.tracking.runs import Tracker
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -89,10 +91,11 @@ def test_lr_and_its_source_reach_the_job_run(tmp_path, monkeypatch):
             "lr": 0.0042, "lr_source": "hpo:abc123-asha", "inputs": {}}
     meta = {"arch": "vit", "method": "ewc", "seed": 0, "sequential": True, "avg_acc": 0.5, "bwt": -0.1, "lr": 0.0042}
     with Tracker("tune", rt.experiment, {}) as tracker:
-        Publisher(tracker, tmp_path / "out", "tune", rt, InputStore())(spec, (meta, {}), False)
+        row = publish_job(StageRun("tune", rt, tracker, InputStore(), tmp_path / "out"), spec, JobResult(meta), False)
         parent = tracker.parent_id
     client = mlflow.tracking.MlflowClient()
     (child,) = client.search_runs([client.get_experiment_by_name("lr-source").experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent}'")
     assert child.data.tags[LR_SOURCE_TAG] == "hpo:abc123-asha" and float(child.data.params["lr"]) == 0.0042
     assert child.data.metrics["bwt"] == -0.1 and child.data.metrics["avg_acc"] == 0.5
+    assert row["run_id"] == child.info.run_id and row["bwt"] == -0.1 and row["payload_sha256"] == ""

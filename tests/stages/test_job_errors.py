@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from recast.data import DataError
-from stages.jobs.fanout import CodeVersionError, JobError, check_code, code_fingerprint, run_jobs
+from stages.jobs.cache import code_fingerprint
+from stages.jobs.fanout import CodeVersionError, JobError, check_code, run_jobs
 from stages.config.params import RuntimeParams
 
 PACKAGES = ("recast", "stages", "pipelines")

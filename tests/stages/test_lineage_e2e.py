@@ -8,7 +8,7 @@ repo, then
   sequential baseline its growing accuracy matrix, the parents a curves PNG;
 - every stage wrote results.parquet with the lineage columns; the report is mean ± std over seeds;
 - a registered payload version leads back to run, commit, data, backbone and bank digests, and
-  `stages.tracking.registry reproduce` rebuilds it byte for byte;
+  `stages.registry reproduce` rebuilds it byte for byte;
 - the tune stage, run again from scratch (no job cache, no outputs), gives bit-identical
   payloads and metrics.
 """
@@ -155,7 +155,7 @@ def test_results_tables_and_report(repro):
 @pytest.mark.slow
 def test_registered_payload_leads_back_and_reproduces_bytes(repro, client, tmp_path, capsys):
     root, commit = repro
-    from stages.tracking.registry import main
+    from stages.registry.__main__ import main
 
     name = f"recast.vit.recast.{TASKS[0]}"
     assert main(["show", f"{name}@current"]) == 0
@@ -181,16 +181,16 @@ def test_registered_payload_leads_back_and_reproduces_bytes(repro, client, tmp_p
     assert out["recorded_machine"]["cpu_model"] == out["machine"]["cpu_model"] == cpu_model()
     assert out["payload_sha256"] == out["registered_sha256"] == tags["payload_sha256"]
     # the comparison can fail: a job whose payload differs in one value is reported, exit code 2
-    import stages.tracking.registry as registry
+    import stages.registry.__main__ as registry
 
     real = registry.dispatch
 
     def perturbed(spec, inputs):
-        meta, tensors = real(spec, inputs)
-        key = sorted(tensors)[0]
-        tensors[key] = tensors[key].clone()
-        tensors[key].view(-1)[0] += 1.0
-        return meta, tensors
+        result = real(spec, inputs)
+        key = sorted(result.tensors)[0]
+        result.tensors[key] = result.tensors[key].clone()
+        result.tensors[key].view(-1)[0] += 1.0
+        return result
 
     try:
         registry.dispatch = perturbed

@@ -13,6 +13,7 @@ import torch
 
 from recast.machine import cpu_model
 from stages.jobs.fanout import run_jobs
+from stages.jobs.result import JobResult
 from stages.jobs.inputs import InputStore
 from stages.config.params import RuntimeParams
 
@@ -23,9 +24,9 @@ def counted_job(spec, inputs):
     """Records its thread count; a float sum that depends on it."""
     CALLS.append(torch.get_num_threads())
     x = torch.linspace(0, 1, 10_000) ** 2
-    return {"arch": "vit", "method": "recast", "task": spec["task"], "seed": 0, "val_acc": 0.5, "test_acc": 0.5,
-            "stored_params": 3, "bytes": 12, "num_classes": 2, "recast": True, "sum": float(x.sum()),
-            "threads": torch.get_num_threads()}, {"coef": torch.arange(3.0)}
+    return JobResult({"arch": "vit", "method": "recast", "task": spec["task"], "seed": 0, "val_acc": 0.5,
+                      "test_acc": 0.5, "stored_params": 3, "bytes": 12, "num_classes": 2, "recast": True,
+                      "sum": float(x.sum()), "threads": torch.get_num_threads()}, {"coef": torch.arange(3.0)})
 
 
 def test_a_cached_result_of_another_thread_count_is_recomputed(tmp_path, monkeypatch):
@@ -37,7 +38,7 @@ def test_a_cached_result_of_another_thread_count_is_recomputed(tmp_path, monkeyp
     run_jobs("count", counted_job, [spec], one)  # cached
     assert CALLS == [1]
     two = run_jobs("count", counted_job, [spec], one.model_copy(update={"torch_threads": 2}))
-    assert CALLS == [1, 2] and two["count/1"][0]["threads"] == 2
+    assert CALLS == [1, 2] and two["count/1"].metrics["threads"] == 2
     run_jobs("count", counted_job, [spec], one.model_copy(update={"torch_threads": 2}))  # cached again
     assert CALLS == [1, 2]
 
@@ -47,7 +48,8 @@ def test_every_run_records_the_cpu_and_torch_threads(tmp_path, monkeypatch):
     machine and thread count the job ran with (1 here, while the driver runs 2 threads)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    from stages.jobs.results import Publisher
+    from stages.jobs.driver import StageRun
+    from stages.jobs.results import publish_job
     from stages.tracking.runs import Tracker
 
     capability = torch.backends.cpu.get_cpu_capability()
@@ -58,8 +60,8 @@ def test_every_run_records_the_cpu_and_torch_threads(tmp_path, monkeypatch):
             "bank_sha": "b"}
     try:
         with Tracker("tune", "machine") as tracker:
-            publish = Publisher(tracker, tmp_path / "out", "tune", rt, InputStore())
-            run_jobs("tune", counted_job, [spec], rt, publish)
+            run = StageRun("tune", rt, tracker, InputStore(), tmp_path / "out")
+            run_jobs("tune", counted_job, [spec], rt, lambda s, result, cached: publish_job(run, s, result, cached))
             tracker.finish()
     finally:
         torch.set_num_threads(threads)

@@ -125,12 +125,13 @@ def test_paper_path_task_order_counts_and_bytes(paper_run):
         assert f"## {arch}/recast_sequential: accuracy matrix (%), mean over seeds" in md
         assert f"## {arch}: loading check" in md
     assert "nan" not in md
-    evaluate_rows = [json.loads(p.read_text())["meta"] for p in (root / "outputs/.jobcache/reload").glob("*.json")]
+    evaluate_rows = [json.loads(p.read_text())["record"]["metrics"]
+                     for p in (root / "outputs/.jobcache/reload").glob("*.json")]
     assert sorted(r["tasks"] == PAPER_ORDER for r in evaluate_rows) == [True, True]
     rows = json.loads((root / "outputs/tune/results.json").read_text())
     # runtime.inline_jobs=2: each arch's pretrain job ran in its stage's process; tune fanned out on Ray
-    pretrained = [json.loads(p.read_text())["meta"] for p in (root / "outputs/.jobcache/pretrain").glob("*.json")
-                  if not p.name.endswith(".mlflow.json")]
+    pretrained = [json.loads(p.read_text())["record"]["metrics"]
+                  for p in (root / "outputs/.jobcache/pretrain").glob("*.json") if not p.name.endswith(".mlflow.json")]
     assert len(pretrained) == 2 and not any(m["ray_node"] for m in pretrained)
     assert len(rows) > 2 and all(r["ray_node"] for r in rows)
     seq = [r for r in rows if r.get("sequential")]

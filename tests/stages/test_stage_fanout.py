@@ -9,14 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.jobs.fanout import FAULT_ENV, run_jobs, spec_key
+from stages.jobs.cache import spec_key
+from stages.jobs.fanout import run_jobs
+from stages.jobs.faults import FAULT_ENV
+from stages.jobs.result import JobResult
 from stages.config.params import RuntimeParams
 
 
 def square_job(spec, inputs):
     """A job: returns metrics and a tensor."""
     x = torch.full((3,), float(spec["x"]))
-    return {"y": spec["x"] ** 2, "pid": os.getpid()}, {"x": x}
+    return JobResult({"y": spec["x"] ** 2, "pid": os.getpid()}, {"x": x})
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +46,14 @@ def test_killed_workers_are_retried_and_rerun_resumes(ray_with_faults, tmp_path)
     specs = [{"id": f"sq/{i}", "x": i} for i in range(2)]
     seen = []
     results = run_jobs("sq", square_job, specs, rt, on_result=lambda s, r, cached: seen.append((s["id"], cached)))
-    assert {k: v[0]["y"] for k, v in results.items()} == {f"sq/{i}": i * i for i in range(2)}
-    assert torch.equal(results["sq/1"][1]["x"], torch.full((3,), 1.0))
+    assert {k: v.metrics["y"] for k, v in results.items()} == {f"sq/{i}": i * i for i in range(2)}
+    assert torch.equal(results["sq/1"].tensors["x"], torch.full((3,), 1.0))
     import ray
 
     nodes = {n["NodeID"] for n in ray.nodes()}
-    assert {v[0]["ray_node"] for v in results.values()} <= nodes and all(v[0]["host"] for v in results.values())
+    assert {v.metrics["ray_node"] for v in results.values()} <= nodes and all(v.metrics["host"] for v in results.values())
     # every job's peak memory is measured from its own start (reset per job, whatever the worker ran before)
-    assert all(0 < v[0]["rss_start_mb"] <= v[0]["peak_rss_mb"] for v in results.values())
+    assert all(0 < v.metrics["rss_start_mb"] <= v.metrics["peak_rss_mb"] for v in results.values())
     killed = sorted(p.name for p in ray_with_faults.iterdir())
     assert killed == [f"sq_{i}.killed" for i in range(2)]  # every job lost its worker once
     assert sorted(seen) == [(f"sq/{i}", False) for i in range(2)]  # each reported exactly once
@@ -61,7 +64,7 @@ def test_killed_workers_are_retried_and_rerun_resumes(ray_with_faults, tmp_path)
     again = run_jobs("sq", square_job, specs + [{"id": "sq/new", "x": 7}], rt,
                      on_result=lambda s, r, cached: seen.append((s["id"], cached)))
     assert sorted(seen) == sorted([(f"sq/{i}", True) for i in range(2)] + [("sq/new", False)])
-    assert again["sq/new"][0]["y"] == 49
+    assert again["sq/new"].metrics["y"] == 49
 
 
 def noisy_job(spec, inputs):
@@ -71,7 +74,7 @@ def noisy_job(spec, inputs):
     x = torch.randn(128, 64)
     for _ in range(3):
         x = torch.tanh(x @ w / 8)
-    return {"sum": float(x.sum()), "pid": os.getpid(), "threads": torch.get_num_threads()}, {"x": x}
+    return JobResult({"sum": float(x.sum()), "pid": os.getpid(), "threads": torch.get_num_threads()}, {"x": x})
 
 
 def test_a_single_job_runs_in_the_driver_bit_identical_to_ray(tmp_path, monkeypatch):
@@ -95,11 +98,11 @@ def test_a_single_job_runs_in_the_driver_bit_identical_to_ray(tmp_path, monkeypa
     assert rt.torch_threads == 1
     inline = run_jobs("noisy", noisy_job, [spec], rt)
     assert not ray.is_initialized() and torch.get_num_threads() == 2
-    meta, tensors = inline["noisy/1"]
+    meta, tensors, machine = inline["noisy/1"].metrics, inline["noisy/1"].tensors, inline["noisy/1"].machine
     assert meta["pid"] == os.getpid() and meta["ray_node"] == "" and meta["job_wall_s"] > 0
-    assert meta["threads"] == 1 and meta["_machine"]["torch_threads"] == 1
-    assert meta["_machine"]["cpu_model"] == cpu_model() != ""
-    assert meta["_machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert meta["threads"] == 1 and machine["torch_threads"] == 1
+    assert machine["cpu_model"] == cpu_model() != ""
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert (tmp_path / "a" / "noisy" / f"{spec_key(spec)}.json").exists()  # cached like a Ray job
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -109,9 +112,9 @@ def test_a_single_job_runs_in_the_driver_bit_identical_to_ray(tmp_path, monkeypa
         assert ray.is_initialized()
     finally:
         ray.shutdown()
-    ray_meta, ray_tensors = on_ray["noisy/1"]
+    ray_meta, ray_tensors = on_ray["noisy/1"].metrics, on_ray["noisy/1"].tensors
     assert ray_meta["pid"] != os.getpid() and ray_meta["ray_node"]
-    assert ray_meta["threads"] == 1 and ray_meta["_machine"] == meta["_machine"]
+    assert ray_meta["threads"] == 1 and on_ray["noisy/1"].machine == machine
     assert ray_meta["sum"] == meta["sum"] and torch.equal(ray_tensors["x"], tensors["x"])
     assert (tmp_path / "a" / "noisy" / f"{spec_key(spec)}.safetensors").read_bytes() == \
         (tmp_path / "b" / "noisy" / f"{spec_key(spec)}.safetensors").read_bytes()
@@ -121,7 +124,7 @@ def sleepy_job(spec, inputs):
     """Leave a mark when started, then sleep."""
     Path(spec["marks"], f"{spec['id'].replace('/', '_')}.{os.getpid()}").touch()
     time.sleep(spec["sleep"])
-    return {"i": spec["i"]}, {}
+    return JobResult({"i": spec["i"]})
 
 
 @pytest.mark.slow  # fault injection: SIGTERM while jobs are in flight
@@ -188,15 +191,15 @@ def test_duplicate_ids_rejected(tmp_path):
 
 def test_cache_key_covers_the_code(monkeypatch, tmp_path):
     """A result computed by other code is never reused: the key hashes recast/, stages/, pipelines/."""
-    import stages.jobs.fanout as fanout
+    import stages.jobs.cache as cache
 
     spec = {"id": "sq/1", "x": 1}
     key = spec_key(spec)
-    assert key == spec_key(dict(spec)) and len(fanout.code_fingerprint()) == 16
+    assert key == spec_key(dict(spec)) and len(cache.code_fingerprint()) == 16
     fake = tmp_path / "stages"
     fake.mkdir()
     (fake / "__init__.py").write_text("# another version of the code\n")
-    real_find_spec = fanout.importlib.util.find_spec
+    real_find_spec = cache.importlib.util.find_spec
 
     def find_spec(name):
         found = real_find_spec(name)
@@ -205,27 +208,27 @@ def test_cache_key_covers_the_code(monkeypatch, tmp_path):
             found.submodule_search_locations = [str(fake)]
         return found
 
-    monkeypatch.setattr(fanout.importlib.util, "find_spec", find_spec)
-    fanout.code_fingerprint.cache_clear()
+    monkeypatch.setattr(cache.importlib.util, "find_spec", find_spec)
+    cache.code_fingerprint.cache_clear()
     try:
         assert spec_key(spec) != key
     finally:
         monkeypatch.undo()
-        fanout.code_fingerprint.cache_clear()
+        cache.code_fingerprint.cache_clear()
     assert spec_key(spec) == key
 
 
 def test_stored_tensors_share_the_job_cache_file(tmp_path):
     from safetensors.torch import load_file
 
-    from stages.jobs.fanout import _write_cached, job_file, store_tensors
+    from stages.jobs.cache import job_file, store_tensors, write_cached
 
     rt = RuntimeParams(cache_dir=str(tmp_path / "cache"))
     spec = {"id": "sq/7", "x": 7}
     tensors = {"x": torch.arange(1000, dtype=torch.float32)}
     fresh = store_tensors(rt, "sq", spec, tensors, {"n": 1}, tmp_path / "out" / "fresh")  # nothing cached yet
     assert fresh.stat().st_nlink == 1
-    _write_cached(tmp_path / "cache" / "sq", spec_key(spec), ({"y": 49}, tensors))
+    write_cached(tmp_path / "cache" / "sq", spec_key(spec), JobResult({"y": 49}, tensors))
     st = store_tensors(rt, "sq", spec, tensors, {"n": 1}, tmp_path / "out" / "p")
     assert os.path.samefile(st, job_file(rt, "sq", spec, ".safetensors")) and st.stat().st_nlink == 2
     assert torch.equal(load_file(str(st))["x"], tensors["x"]) and st.read_bytes() == fresh.read_bytes()

@@ -87,7 +87,7 @@ def test_download_payload_reads_the_configured_store(tmp_path, monkeypatch):
 
 
 def test_registry_cli_lists_and_fetches(tmp_path, monkeypatch, capsys):
-    from stages.tracking.registry import main
+    from stages.registry.__main__ import main
     from stages.tracking.payloads import register_payload
     from stages.tracking.runs import Tracker
 

@@ -1,10 +1,10 @@
 """The coefficient registry from the command line: list the registered task payloads, or fetch
 one (safetensors + JSON sidecar) into a folder, e.g. to ship it to a device.
 
-    python -m stages.tracking.registry list [--arch vit] [--method recast]
-    python -m stages.tracking.registry fetch vit mnist_rot [--method recast] [--alias best] [--out payloads/]
-    python -m stages.tracking.registry show recast.vit.recast.mnist_rot[@best|@current|@<version>]
-    python -m stages.tracking.registry reproduce recast.vit.recast.mnist_rot[@...] [--out reproduced/]
+    python -m stages.registry list [--arch vit] [--method recast]
+    python -m stages.registry fetch vit mnist_rot [--method recast] [--alias best] [--out payloads/]
+    python -m stages.registry show recast.vit.recast.mnist_rot[@best|@current|@<version>]
+    python -m stages.registry reproduce recast.vit.recast.mnist_rot[@...] [--out reproduced/]
 
 ``show`` prints a payload version's lineage: its run, git commit, the stage's dvc deps and
 params hashes, the task data digest, backbone and bank sha256. ``reproduce`` re-runs the job
@@ -129,8 +129,8 @@ def reproduce(ref: str, out: Path) -> dict[str, Any]:
     store = rebuild_inputs(spec, job.get("sources", {}))
     if job.get("torch_threads"):
         torch.set_num_threads(int(job["torch_threads"]))  # the job's thread count (float reductions)
-    meta, tensors = dispatch(spec, store.local(spec["inputs"]))
-    meta = {k: v for k, v in meta.items() if not k.startswith("_")}
+    result = dispatch(spec, store.local(spec["inputs"]))
+    meta, tensors = result.metrics, result.tensors
     sha = tensors_sha256(tensors)
     stem = f"{spec['task']}-s{spec['seed']}"
     made = save_tensors(tensors, {**payload_sidecar(spec, meta), "payload_sha256": sha}, out / stem)
