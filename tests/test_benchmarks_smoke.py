@@ -114,9 +114,12 @@ def test_bench_rejects_unknown_device(script):
 def test_bench_startup_compute_floor_reads_job_entries_only(tmp_path):
     """The floor is max(longest job, sum / cpus) over ``<key>.json`` entries; run records
     (``<key>.mlflow.json``) are not jobs."""
+    from stages.jobs.cache import write_cached
+    from stages.jobs.result import JobResult
+
     floor = _load("bench_startup").compute_floor
-    for key, wall in (("a", 10.0), ("b", 4.0), ("c", 2.0)):
-        (tmp_path / f"{key}.json").write_text(json.dumps({"meta": {"job_wall_s": wall}}))
+    for key, wall in (("a", 10.0), ("b", 4.0), ("c", 2.0)):  # entries as the job cache writes them
+        write_cached(tmp_path, key, JobResult({"job_wall_s": wall}))
     (tmp_path / "a.mlflow.json").write_text(json.dumps({"run_id": "r"}))
     assert floor(tmp_path, 2) == {"jobs": 3, "job_sum": 16.0, "longest": 10.0, "floor": 10.0}
     assert floor(tmp_path, 1)["floor"] == 16.0
