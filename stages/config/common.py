@@ -21,7 +21,6 @@ import yaml
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from recast.machine import machine_tags
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 PARAMS_ENV = "RECAST_PARAMS"  # the params file of this process (``--params`` sets it)
@@ -139,16 +138,6 @@ def record_nondeterminism() -> Iterator[list[str]]:
         finally:
             found.extend(sorted({str(w.message).split("\n")[0] for w in caught
                                  if "deterministic" in str(w.message).lower()}))
-
-
-def determinism_tags(meta: dict[str, Any]) -> dict[str, str]:
-    """Run tags saying how deterministic a job was: torch's mode (``seed_everything``), the ops it
-    warned about (a job's ``_nondeterministic`` list) and what its float results depend on: the
-    CPU model, torch's CPU capability and thread count where it ran (its ``_machine`` record,
-    ``recast.machine``; a job without one: none of these tags)."""
-    machine = machine_tags(meta["_machine"]) if meta.get("_machine") else {}
-    return {"torch.deterministic": "warn_only", "nondeterministic_ops": "; ".join(meta.get("_nondeterministic") or []) or "none",
-            **machine}
 
 
 def temp_path(path: str | os.PathLike) -> Path:
