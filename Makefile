@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # two pytest-xdist workers, a test file per unit of work (see tests/conftest.py)
 XDIST := -n 2 --dist loadfile
 
-.PHONY: setup pipeline test test-fast bench clean-outputs
+.PHONY: setup pipeline lint test test-fast bench clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ setup: $(STAMP)
 
 pipeline: setup
 	. $(BIN)/activate && dvc repro
+
+lint: setup
+	$(BIN)/ruff check .
 
 test: setup
 	. $(BIN)/activate && python -m pytest -q -rs $(XDIST)

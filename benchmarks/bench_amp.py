@@ -77,7 +77,7 @@ def measure(args: argparse.Namespace, precision: str) -> dict:
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
     dtypes = sorted({str(p.dtype) for p in model.parameters()})
-    del model, opt
+    model = opt = None  # freed before the next precision's run
     return {"images_per_s": args.batch * args.steps / seconds, "seconds": seconds, "steps": args.steps,
             "peak_mib": peak, "final_loss": loss, "param_dtypes": dtypes}
 

@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# isort: split
 import recast  # noqa: E402
 from benchmarks.concurrent import released_together  # noqa: E402
 from benchmarks.environment import environment  # noqa: E402

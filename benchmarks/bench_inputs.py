@@ -33,13 +33,13 @@ import timm
 
 from recast.data import AugmentPolicy
 from recast.data.storage import TaskWriter, write_task_arrays
-from stages.jobs.backbones import save_pretrained
 from stages.config.common import REPO_ROOT
+from stages.config.params import RuntimeParams
+from stages.jobs.backbones import save_pretrained
 from stages.jobs.fanout import run_jobs
-from stages.jobs.result import JobResult
 from stages.jobs.inputs import InputStore, JobInputs, backbone_bundle, task_bundle
 from stages.jobs.memory import current_rss_mb, peak_memory, reset_peak_memory
-from stages.config.params import RuntimeParams
+from stages.jobs.result import JobResult
 
 
 def write_task(out: Path, name: str, n_train: int, seed: int) -> Path:

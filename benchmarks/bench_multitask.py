@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# isort: split
 import recast  # noqa: E402
 from benchmarks.environment import environment  # noqa: E402
 from recast import preset  # noqa: E402
@@ -167,7 +168,7 @@ def bench_model(name: str, image: int | None, task_counts: list[int], batch: int
         rows_out.append(row)
         print(json.dumps({k: row[k] for k in ("model", "T", "mixed_vs_single", "mixed_vs_task_by_task",
                                                "mixed_vs_peft", "pick_ok", "picks")}), flush=True)
-        del rc, peft_model
+        rc = peft_model = None  # freed before the next model
     return rows_out
 
 

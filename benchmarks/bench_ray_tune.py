@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 from stages.config.common import REPO_ROOT, read_params, validate_section
-from stages.jobs.inputs import InputStore
-from stages.jobs.train import dispatch
 from stages.config.params import RuntimeParams, TuneParams
+from stages.jobs.inputs import InputStore
 from stages.jobs.runtime import job_device
 from stages.jobs.specs import method_specs
+from stages.jobs.train import dispatch
 
 
 def measure(workers: int, specs: list[dict], rt: RuntimeParams, store: InputStore) -> float:

@@ -40,6 +40,8 @@ import yaml
 from PIL import Image
 
 import recast
+
+# isort: split
 from benchmarks.concurrent import released_together  # noqa: E402
 from benchmarks.environment import environment
 from recast.data import AugmentPolicy

@@ -35,11 +35,10 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
+from benchmarks.concurrent import released_together
 from recast.io import load_payload
 from stages.jobs.backbones import load_backbone
 from stages.serving.pyfunc import payload_files
-
-from benchmarks.concurrent import released_together
 
 MODEL_ID_HEADER = "serve_multiplexed_model_id"
 
@@ -80,8 +79,9 @@ class RecastMultiplexed:
         return list(torch.split(logits, [len(t) for t, _ in items]))
 
     async def __call__(self, request: Request) -> Response:
-        from mlflow.pyfunc.scoring_server import infer_and_parse_data, predictions_to_json
         import io
+
+        from mlflow.pyfunc.scoring_server import infer_and_parse_data, predictions_to_json
 
         frame = infer_and_parse_data(json.loads(await request.body()), self.schema)
         tasks, x = self.served.prepare(frame)

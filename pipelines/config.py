@@ -17,10 +17,8 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from stages.config.common import ParamsError, Section, read_params, resolve, validate_section
-from stages.config.params import MimicArch
+from stages.config.params import MethodParams, MimicArch, RuntimeParams, TrainParams
 from stages.jobs.backbones import pretrained_meta
-from stages.config.params import RuntimeParams
-from stages.config.params import MethodParams, TrainParams
 
 SweepName = Literal["gn", "k", "targets", "budget", "order", "seeds", "hpo"]
 SWEEP_NAMES: tuple[str, ...] = ("gn", "k", "targets", "budget", "order", "seeds", "hpo")

@@ -35,8 +35,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from stages.config.common import Section, read_params, resolve, validate_section, write_json_atomic
-from stages.config.params import MimicArch
-from stages.config.params import RuntimeParams
+from stages.config.params import MimicArch, RuntimeParams
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "resources.yaml"
 

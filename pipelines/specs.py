@@ -13,7 +13,6 @@ import json
 from typing import Any
 
 from pipelines.config import (
-    check_backbone,
     BudgetSweep,
     GnSweep,
     HpoSweep,
@@ -23,13 +22,14 @@ from pipelines.config import (
     SweepBase,
     TargetsSweep,
     TrialMethod,
+    check_backbone,
 )
-from stages.jobs.backbones import pretrained_meta
 from stages.config.common import ParamsError, resolve
+from stages.config.params import MimicArch
+from stages.jobs.backbones import pretrained_meta
 from stages.jobs.inputs import InputStore, backbone_bundle, banks_bundle, task_bundle
 from stages.jobs.sequential import continual_specs
 from stages.jobs.specs import method_specs, task_names
-from stages.config.params import MimicArch
 
 
 def _task_key(store: InputStore, cfg: SweepBase, task: str) -> str:

@@ -49,15 +49,14 @@ from pipelines.tracking import TrialLogger
 from pipelines.trials import CHECKPOINTED_KINDS, run_trial
 from pipelines.tune_checkpoints import TuneTrialCheckpoints
 from recast.targets import build_plan
-from stages.jobs.backbones import load_backbone
 from stages.config.common import resolve
+from stages.config.params import RuntimeParams
+from stages.jobs.backbones import load_backbone
 from stages.jobs.cache import code_fingerprint, spec_key
 from stages.jobs.fanout import check_code, init_ray
 from stages.jobs.faults import MARKER_ENV, maybe_fault
 from stages.jobs.inputs import InputStore, JobInputs
-from stages.config.params import RuntimeParams
 from stages.jobs.runtime import job_device
-
 
 
 def sweep_key(sweep: str, specs: list[dict]) -> str:

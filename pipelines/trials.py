@@ -36,11 +36,11 @@ from recast.model import RecastModel
 from recast.recipes import MethodSpec, build_method
 from recast.training import evaluate, fit
 from stages.config.common import seed_everything
-from stages.jobs.inputs import JobInputs
-from stages.jobs.train import task_loaders, tune_job
-from stages.jobs.memory import current_rss_mb, peak_memory, reset_peak_memory
 from stages.config.params import MimicArch, TrainParams
+from stages.jobs.inputs import JobInputs
+from stages.jobs.memory import current_rss_mb, peak_memory, reset_peak_memory
 from stages.jobs.sequential import continual_job
+from stages.jobs.train import task_loaders, tune_job
 
 EpochHook = Callable[[dict[str, Any]], None] | None
 CHECKPOINTED_KINDS = ("tune", "stage_tune")  # one fit per trial: resumable from an epoch checkpoint

@@ -331,7 +331,7 @@ class RecastConv2d(_RecastLayer):
 
     def _batched(self, x: torch.Tensor, weights: torch.Tensor, r: Routing) -> torch.Tensor:
         """Rows placed per task in (m, U * C_in, H, W), one convolution with groups = U * groups."""
-        u, (b, c, h, w) = len(r.tasks), x.shape
+        u, (_, c, h, w) = len(r.tasks), x.shape
         grouped = x.new_zeros(r.widest, u, c, h, w).index_put((r.slot, r.index), x).view(r.widest, u * c, h, w)
         y = F.conv2d(grouped, weights.reshape(u * self.out_channels, *weights.shape[2:]), None,
                      self.stride, self.padding, self.dilation, u * self.groups)

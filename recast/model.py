@@ -22,14 +22,28 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
-from recast.config import RecastConfig
 from recast.adapters.base import AdapterWrapper
+from recast.config import RecastConfig
 from recast.layers import (
-    RECAST_LAYERS, TemplateBank, check_templatable, freeze_batch_norm_stats, make_recast_layer,
-    random_unit_coefficients, route_norms, unfreeze_batch_norm_stats, unroute_norms,
+    RECAST_LAYERS,
+    TemplateBank,
+    check_templatable,
+    freeze_batch_norm_stats,
+    make_recast_layer,
+    random_unit_coefficients,
+    route_norms,
+    unfreeze_batch_norm_stats,
+    unroute_norms,
 )
 from recast.mixed import (
-    STRATEGIES, MixedBatchAdapterError, MixedBatchError, Routing, UnknownTaskError, route_of, routed, sort_order,
+    STRATEGIES,
+    MixedBatchAdapterError,
+    MixedBatchError,
+    Routing,
+    UnknownTaskError,
+    route_of,
+    routed,
+    sort_order,
 )
 from recast.targets import LayerKeyFn, Plan, build_plan, template_fan_mode
 from recast.task_state import KINDS, PREFIX, Kind, Live, TaskState

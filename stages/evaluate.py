@@ -34,9 +34,21 @@ from stages.jobs.reload import payload_reload
 from stages.jobs.specs import task_names
 from stages.report.curves import plot_params_vs_acc
 from stages.report.markdown import markdown, run_info
-from stages.report.tables import (accuracies, continual_metrics, continual_run_metrics, continual_stats,
-                                  headline_metrics, learning_rates, method_stats, paired_comparisons, read_results,
-                                  results_frame, sequential_forgetting, task_stats, write_parquet)
+from stages.report.tables import (
+    accuracies,
+    continual_metrics,
+    continual_run_metrics,
+    continual_stats,
+    headline_metrics,
+    learning_rates,
+    method_stats,
+    paired_comparisons,
+    read_results,
+    results_frame,
+    sequential_forgetting,
+    task_stats,
+    write_parquet,
+)
 from stages.tracking.lineage import TaskData, params_file, stage_lineage
 from stages.tracking.runlog import log_datasets
 from stages.tracking.runs import Tracker

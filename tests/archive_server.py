@@ -14,7 +14,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from paper_layouts import (
-    cifar_records, write_aircraft, write_cifar10_py, write_cifar100_py, write_cub, write_flowers, write_indoor,
+    cifar_records,
+    write_aircraft,
+    write_cifar10_py,
+    write_cifar100_py,
+    write_cub,
+    write_flowers,
+    write_indoor,
 )
 
 

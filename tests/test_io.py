@@ -31,7 +31,8 @@ def test_payload_roundtrip(rc, tiny_vit, tmp_path):
     recast.load_banks(fresh, tmp_path / "banks")
     recast.load_payload(fresh, tmp_path / "digits")
     x = torch.randn(2, 3, 32, 32)
-    rc.set_task("digits"); fresh.set_task("digits")
+    rc.set_task("digits")
+    fresh.set_task("digits")
     with torch.no_grad():
         assert torch.equal(rc.eval()(x), fresh.eval()(x))
 

@@ -53,8 +53,10 @@ def test_tasks_are_independent(tiny_vit):
     rc.add_task("a", num_classes=5)
     rc.add_task("b", num_classes=5)
     rc.eval()
-    rc.set_task("a"); ya = rc(x).detach()
-    rc.set_task("b"); yb0 = rc(x).detach()
+    rc.set_task("a")
+    ya = rc(x).detach()
+    rc.set_task("b")
+    yb0 = rc(x).detach()
     trainable = [p for p in rc.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=0.05)
     for _ in range(3):

@@ -66,6 +66,7 @@ def test_custom_layer_key_on_plain_torch_model():
     net = Net()
     with pytest.raises(ValueError, match="layer_key"):
         build_plan(net, RecastConfig(targets=(r"(first|second)\.0",), regex=True, groups=1))
-    key = lambda name: ("net", {"first": 0, "second": 1}[name.split(".")[0]], "linear")
+    def key(name):
+        return ("net", {"first": 0, "second": 1}[name.split(".")[0]], "linear")
     plan = build_plan(net, RecastConfig(targets=(r"(first|second)\.0",), regex=True, groups=1), layer_key=key)
     assert len(plan.banks) == 1 and plan.banks[0].modules == ("first.0", "second.0")

@@ -26,12 +26,31 @@ class (see ``recast.adapters.registry``).
 from recast.adapters.base import AdapterWrapper
 from recast.adapters.branches import AdaptFormerMLP, CLRConv2d
 from recast.adapters.config import (
-    ADAPTER_PRESET_NAMES, AdapterConfig, AdapterPresetName, AdaptFormerConfig, CLRConfig, DoRAConfig, LoRAConfig,
-    LowRankConfig, MeLoConfig, PiggybackConfig, RoSAConfig, adapter_preset,
+    ADAPTER_PRESET_NAMES,
+    AdapterConfig,
+    AdapterPresetName,
+    AdaptFormerConfig,
+    CLRConfig,
+    DoRAConfig,
+    LoRAConfig,
+    LowRankConfig,
+    MeLoConfig,
+    PiggybackConfig,
+    RoSAConfig,
+    adapter_preset,
 )
 from recast.adapters.inject import (
-    adapter_counts, adapter_modules, adapter_parameters, adapter_payload_bytes, adapter_state, add_adapters,
-    count_adapter_parameters, load_adapter_state, logical_modules, merge_adapters, select_rosa_support,
+    adapter_counts,
+    adapter_modules,
+    adapter_parameters,
+    adapter_payload_bytes,
+    adapter_state,
+    add_adapters,
+    count_adapter_parameters,
+    load_adapter_state,
+    logical_modules,
+    merge_adapters,
+    select_rosa_support,
 )
 from recast.adapters.kinds import ADAPTER_KINDS
 from recast.adapters.lowrank import DoRALinear, LoRALinear, RoSALinear

@@ -11,7 +11,13 @@ from torch import nn
 from recast.adapters.base import AdapterWrapper, is_conv_like, is_linear_like
 from recast.adapters.branches import AdaptFormerMLP, CLRConv2d
 from recast.adapters.config import (
-    AdaptFormerConfig, CLRConfig, DoRAConfig, LoRAConfig, MeLoConfig, PiggybackConfig, RoSAConfig,
+    AdaptFormerConfig,
+    CLRConfig,
+    DoRAConfig,
+    LoRAConfig,
+    MeLoConfig,
+    PiggybackConfig,
+    RoSAConfig,
 )
 from recast.adapters.lowrank import DoRALinear, LoRALinear, RoSALinear
 from recast.adapters.masks import PiggybackConv2d, PiggybackLinear

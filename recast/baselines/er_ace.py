@@ -11,13 +11,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recast.baselines.buffer import (
-    ReservoirBuffer, TensorMemory, load_replay_checkpoint_state, replay_checkpoint_state, replay_cross_entropy,
+    ReservoirBuffer,
+    TensorMemory,
+    load_replay_checkpoint_state,
+    replay_checkpoint_state,
+    replay_cross_entropy,
 )
 from recast.baselines.common import TaskSpec
 from recast.baselines.method import ContinualMethod, train_epochs, unique_parameters
 from recast.checks import check_int
 from recast.training import TuneConfig
-
 
 ReplayAugment = Callable[[Tensor, Tensor], Tensor]  # (raw images, task ids) -> augmented images
 

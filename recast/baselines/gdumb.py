@@ -12,7 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recast.baselines.buffer import (
-    ClassBalancedBuffer, grouped_logits, load_replay_checkpoint_state, replay_checkpoint_state,
+    ClassBalancedBuffer,
+    grouped_logits,
+    load_replay_checkpoint_state,
+    replay_checkpoint_state,
 )
 from recast.baselines.common import TaskSpec
 from recast.baselines.method import ContinualMethod, train_epochs, unique_parameters

@@ -13,7 +13,14 @@ from tqdm.auto import tqdm
 from recast.baselines.common import MultiHeadNet, TaskSpec, prefixed
 from recast.checks import check_finite_loss
 from recast.training import (
-    TuneConfig, autocast, evaluate, make_grad_scaler, make_optimizer, make_scheduler, module_device, train_mode,
+    TuneConfig,
+    autocast,
+    evaluate,
+    make_grad_scaler,
+    make_optimizer,
+    make_scheduler,
+    module_device,
+    train_mode,
 )
 
 

@@ -75,7 +75,8 @@ def validate_all(data: dict[str, Any]) -> dict[str, Any]:
     plan: dict[str, Any] = {"suite": prep.suite, "tasks": tasks, "device": rt.device}
     plan["mimic"] = plan_mimic
     n = len(tasks) * len(tune.seeds)
-    count = lambda methods: {f"{a}/{k}": n for a in tune.archs for k, m in methods.items() if m.archs is None or a in m.archs}
+    def count(methods):
+        return {f"{a}/{k}": n for a in tune.archs for k, m in methods.items() if m.archs is None or a in m.archs}
     plan["tune"] = count(tune.methods)
     plan["tune"].update({f"{a}/{m} (sequential)": len(tune.seeds) for a, ms in tune.continual.methods.items()
                          for m in ms})

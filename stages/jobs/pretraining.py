@@ -48,8 +48,9 @@ def pretrain_job(spec: dict, inputs: JobInputs) -> JobResult:
     src = inputs.task("source")
     manifest = src.manifest
     model = timm.create_model(arch.model, pretrained=False, num_classes=manifest.num_classes, **arch.kwargs)
-    loader = lambda split, train: src.loader(split, spec["batch_size"], spec["image_size"], train=train,
-                                             seed=spec["seed"], limit=spec["limit"])
+    def loader(split, train):
+        return src.loader(split, spec["batch_size"], spec["image_size"], train=train,
+                                                 seed=spec["seed"], limit=spec["limit"])
     epochs, lr = arch.epochs or spec["epochs"], arch.lr or spec["lr"]
     cfg = TuneConfig(epochs=epochs, lr=lr, weight_decay=spec["weight_decay"],
                      step_size=max(1, (2 * epochs) // 3), freeze_bn_stats=False, progress=False,

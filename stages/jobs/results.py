@@ -19,10 +19,10 @@ from stages.jobs.cache import job_file, spec_key, store_tensors
 from stages.jobs.driver import StageRun
 from stages.jobs.inputs import InputStore
 from stages.jobs.result import JobResult
-from stages.tracking.lineage import TaskData
-from stages.tracking.runlog import acc_matrix_history, log_datasets, log_history, log_json
 from stages.report.tables import SEQUENTIAL_SUFFIX
+from stages.tracking.lineage import TaskData
 from stages.tracking.payloads import register_payload
+from stages.tracking.runlog import acc_matrix_history, log_datasets, log_history, log_json
 
 LR_SOURCE_TAG = "lr.source"  # e.g. hpo:<sweep key>, params:tune.train.lr
 JOB_SPEC_ARTIFACT = "job/spec.json"  # the job spec on its child run: what `stages.registry reproduce` re-runs

@@ -12,10 +12,10 @@ import torch
 from recast.baselines import TaskSpec, make_method, run_sequential
 from recast.data.augment import TaskAugment
 from stages.config.common import record_nondeterminism, resolve, seed_everything
+from stages.config.params import TrainParams, TuneParams
 from stages.jobs.checkpoints import job_checkpoints
 from stages.jobs.inputs import InputStore, JobInputs, backbone_bundle, banks_bundle, task_bundle
 from stages.jobs.result import JobResult
-from stages.config.params import TrainParams, TuneParams
 from stages.jobs.specs import common_fields, task_names
 
 log = logging.getLogger(__name__)

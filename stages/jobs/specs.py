@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 
-from stages.jobs.backbones import bank_meta
 from stages.config.common import ParamsError, resolve
-from stages.jobs.inputs import InputStore, backbone_bundle, banks_bundle, task_bundle
 from stages.config.params import MethodParams, TuneParams
+from stages.jobs.backbones import bank_meta
+from stages.jobs.inputs import InputStore, backbone_bundle, banks_bundle, task_bundle
 
 
 def task_names(p: TuneParams) -> list[str]:

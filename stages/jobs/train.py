@@ -8,15 +8,15 @@ from dataclasses import replace
 
 import torch
 
-from recast.data import BatchLoader
 from recast.checkpoint import Checkpointer
+from recast.data import BatchLoader
 from recast.recipes import MethodSpec, build_method
 from recast.training import evaluate, fit
 from stages.config.common import record_nondeterminism, seed_everything
+from stages.config.params import MethodParams, TrainParams
 from stages.jobs.checkpoints import job_checkpoints
 from stages.jobs.inputs import JobInputs, TaskData
 from stages.jobs.result import JobResult
-from stages.config.params import MethodParams, TrainParams
 from stages.jobs.sequential import continual_job
 
 log = logging.getLogger(__name__)

@@ -34,10 +34,10 @@ from recast.io import save_tensors, tensors_sha256
 from recast.machine import machine_record
 from stages.config.common import resolve
 from stages.jobs.inputs import InputStore, backbone_bundle, banks_bundle, task_bundle
-from stages.jobs.train import dispatch
 from stages.jobs.results import JOB_SPEC_ARTIFACT, payload_sidecar
-from stages.tracking.runlog import load_json_artifact
+from stages.jobs.train import dispatch
 from stages.tracking.payloads import download_payload, list_registered
+from stages.tracking.runlog import load_json_artifact
 from stages.tracking.store import make_client, tracking_uri
 
 

@@ -33,6 +33,7 @@ from stages.serving.pyfunc import BASE_ARTIFACT, DEFAULT_MAX_ROWS, check_bank, d
 from stages.tracking.payloads import list_registered, registry_name
 from stages.tracking.store import artifact_location, make_client, retry, tracking_uri
 
+# isort: split
 import mlflow  # noqa: E402 - after stages.tracking.store, which sets MLflow's environment defaults
 
 EXPERIMENT = "recast-serving"

@@ -33,10 +33,17 @@ import torch
 
 from recast.io import load_payload, read_meta
 from stages.jobs.backbones import load_backbone
-from stages.serving.errors import (BankMismatchError, EmptyBatchError, RequestError, RowLimitError, ServingError,
-                                   UnknownServedTaskError)
+from stages.serving.errors import (
+    BankMismatchError,
+    EmptyBatchError,
+    RequestError,
+    RowLimitError,
+    ServingError,
+    UnknownServedTaskError,
+)
 from stages.serving.inputs import TaskTransform, images_tensor
 
+# isort: split
 import mlflow  # noqa: E402
 
 BASE_ARTIFACT = "base"  # artifact path of the base run: pretrain/<arch>.{json,safetensors}, mimic/<arch>/...

@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse, Response
 
 from stages.tracking.store import tracking_uri
 
+# isort: split
 import mlflow  # noqa: E402 - after stages.tracking.store, which sets MLflow's environment defaults
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.pyfunc.scoring_server import infer_and_parse_data, predictions_to_json  # noqa: E402

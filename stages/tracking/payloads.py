@@ -13,8 +13,8 @@ from typing import Any
 from stages.config.common import experiment_tags
 from stages.tracking.store import make_client, retry, tracking_uri
 
+# isort: split
 import mlflow  # noqa: E402 - after stages.tracking.store, which sets MLflow's environment defaults
-
 
 PAGE_SIZE = 1000  # results per registry search call; every page is read (MLflow's limit for models is 1,000)
 

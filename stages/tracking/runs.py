@@ -29,9 +29,17 @@ from urllib.request import url2pathname
 
 from recast.machine import machine_tags
 from stages.config.common import StageKilled, experiment_tags, write_json_atomic
-from stages.tracking.store import (artifact_location, TrackingUnavailable, short_error, check_server,
-                                   make_client, retry, tracking_uri)
+from stages.tracking.store import (
+    TrackingUnavailable,
+    artifact_location,
+    check_server,
+    make_client,
+    retry,
+    short_error,
+    tracking_uri,
+)
 
+# isort: split
 import mlflow  # noqa: E402 - after stages.tracking.store, which sets MLflow's environment defaults
 
 T = TypeVar("T")

@@ -38,9 +38,15 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
+# isort: split
 from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.protos.databricks_pb2 import (DEADLINE_EXCEEDED, REQUEST_LIMIT_EXCEEDED, RESOURCE_EXHAUSTED,  # noqa: E402
-                                          TEMPORARILY_UNAVAILABLE, ErrorCode)
+from mlflow.protos.databricks_pb2 import (  # noqa: E402
+    DEADLINE_EXCEEDED,
+    REQUEST_LIMIT_EXCEEDED,
+    RESOURCE_EXHAUSTED,
+    TEMPORARILY_UNAVAILABLE,
+    ErrorCode,
+)
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 T = TypeVar("T")

@@ -6,10 +6,31 @@ import torch
 from torch import nn
 
 from recast.adapters import (
-    ADAPTER_KINDS, ADAPTER_PRESET_NAMES, ADAPTERS, AdapterConfig, AdapterKind, AdapterWrapper, AdaptFormerConfig,
-    AdaptFormerMLP, CLRConfig, CLRConv2d, DoRAConfig, DoRALinear, LoRAConfig, LoRALinear, MeLoConfig,
-    PiggybackConfig, PiggybackConv2d, RoSAConfig, RoSALinear, adapter_config, adapter_kind, adapter_preset,
-    add_adapters, count_adapter_parameters, register_adapter,
+    ADAPTER_KINDS,
+    ADAPTER_PRESET_NAMES,
+    ADAPTERS,
+    AdapterConfig,
+    AdapterKind,
+    AdapterWrapper,
+    AdaptFormerConfig,
+    AdaptFormerMLP,
+    CLRConfig,
+    CLRConv2d,
+    DoRAConfig,
+    DoRALinear,
+    LoRAConfig,
+    LoRALinear,
+    MeLoConfig,
+    PiggybackConfig,
+    PiggybackConv2d,
+    RoSAConfig,
+    RoSALinear,
+    adapter_config,
+    adapter_kind,
+    adapter_preset,
+    add_adapters,
+    count_adapter_parameters,
+    register_adapter,
 )
 from recast.adapters.base import is_linear_like
 

@@ -1,14 +1,20 @@
 import pytest
 import torch
+from adapter_helpers import perturb
 from torch import nn
 
 from recast import RecastLinear
 from recast.adapters import (
-    AdapterWrapper, AdaptFormerMLP, CLRConv2d, LoRAConfig, adapter_parameters, adapter_preset, add_adapters,
-    count_adapter_parameters, merge_adapters,
+    AdapterWrapper,
+    AdaptFormerMLP,
+    CLRConv2d,
+    LoRAConfig,
+    adapter_parameters,
+    adapter_preset,
+    add_adapters,
+    count_adapter_parameters,
+    merge_adapters,
 )
-
-from adapter_helpers import perturb
 
 VIT_MERGEABLE = ["lora", "melo", "dora", "rosa", "rosa_spa_mlp"]
 

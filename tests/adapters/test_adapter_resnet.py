@@ -7,8 +7,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from recast.adapters import (
-    CLRConv2d, PiggybackConfig, PiggybackConv2d, PiggybackLinear, adapter_parameters, adapter_payload_bytes,
-    adapter_preset, add_adapters, count_adapter_parameters,
+    CLRConv2d,
+    PiggybackConfig,
+    PiggybackConv2d,
+    PiggybackLinear,
+    adapter_parameters,
+    adapter_payload_bytes,
+    adapter_preset,
+    add_adapters,
+    count_adapter_parameters,
 )
 
 

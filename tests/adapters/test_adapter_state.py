@@ -2,13 +2,17 @@ import copy
 
 import pytest
 import torch
+from adapter_helpers import perturb
 from safetensors.torch import load_file, save_file
 
 from recast.adapters import (
-    adapter_parameters, adapter_payload_bytes, adapter_preset, adapter_state, add_adapters, load_adapter_state,
+    adapter_parameters,
+    adapter_payload_bytes,
+    adapter_preset,
+    adapter_state,
+    add_adapters,
+    load_adapter_state,
 )
-
-from adapter_helpers import perturb
 
 
 @pytest.mark.parametrize("name", ["melo", "dora", "rosa", "adaptformer"])

@@ -6,8 +6,17 @@ import torch
 import torch.nn.functional as F
 
 from recast.adapters import (
-    AdaptFormerConfig, DoRALinear, LoRAConfig, LoRALinear, RoSALinear, adapter_counts, adapter_parameters,
-    adapter_preset, add_adapters, count_adapter_parameters, select_rosa_support,
+    AdaptFormerConfig,
+    DoRALinear,
+    LoRAConfig,
+    LoRALinear,
+    RoSALinear,
+    adapter_counts,
+    adapter_parameters,
+    adapter_preset,
+    add_adapters,
+    count_adapter_parameters,
+    select_rosa_support,
 )
 
 VIT_PRESETS = ["lora", "lora_tiny", "melo", "dora", "adaptformer", "rosa", "rosa_spa_mlp"]
@@ -70,7 +79,8 @@ def test_melo_leaves_k_rows_untouched(vit, x):
     add_adapters(vit, adapter_preset("melo"))
     qkv = vit.blocks[2].attn.qkv
     assert isinstance(qkv, LoRALinear) and qkv.row_slices == ((0, 64), (128, 192))
-    torch.nn.init.normal_(qkv.lora_B[0]); torch.nn.init.normal_(qkv.lora_B[1])
+    torch.nn.init.normal_(qkv.lora_B[0])
+    torch.nn.init.normal_(qkv.lora_B[1])
     delta = qkv.weight - qkv.base.weight
     assert delta[64:128].abs().max() == 0  # k
     assert delta[:64].abs().min() > 0 and delta[128:].abs().min() > 0  # q and v (rank 1: dense)

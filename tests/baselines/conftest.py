@@ -7,7 +7,6 @@ import torch
 from recast.baselines import TaskSpec, TensorBatches
 
 
-
 @pytest.fixture(autouse=True)
 def single_thread():
     """One intra-op thread: tiny models gain nothing from more, and a shared machine loses a lot."""

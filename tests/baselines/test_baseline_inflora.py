@@ -61,7 +61,8 @@ def test_memory_takes_the_directions_below_the_threshold_on_squared_singular_val
     m.after_task(tasks[0], tasks[0].train)
     cov = m.input_covariances(tasks[0].train)["blocks.1.attn.qkv"]
     memory = m.memory["blocks.1.attn.qkv"]
-    held = lambda basis: float(torch.linalg.matrix_norm(basis.T @ cov) ** 2 / torch.linalg.matrix_norm(cov) ** 2)
+    def held(basis):
+        return float(torch.linalg.matrix_norm(basis.T @ cov) ** 2 / torch.linalg.matrix_norm(cov) ** 2)
     assert memory.shape[1] >= 1
     assert held(memory) < 0.8 <= held(m._top_directions(torch.eye(64, dtype=torch.float64), cov)[:, :memory.shape[1] + 1])
 

@@ -2,8 +2,13 @@
 
 import pytest
 
-from recast.baselines.results import (average_accuracy, average_forgetting, backward_transfer,
-                                      forgetting_per_task, forward_transfer)
+from recast.baselines.results import (
+    average_accuracy,
+    average_forgetting,
+    backward_transfer,
+    forgetting_per_task,
+    forward_transfer,
+)
 
 # R[i][j]: accuracy on task j after training task i. Task 0 improves after task 1 (0.80 ->
 # 0.85), so forgetting (from the best earlier value) and BWT (from the just-trained value)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recast.baselines import TaskSpec, TensorBatches, make_method
+from recast.baselines import TaskSpec, make_method
 from recast.baselines.buffer import ClassBalancedBuffer, ReservoirBuffer
 from recast.baselines.method import ContinualMethod
 
@@ -190,7 +190,8 @@ def test_derpp_alpha_and_beta_terms_match_mammoth(vit, tasks, fit_one_batch):
     m.before_task(tasks[0])
     m.train()
     batches = list(tasks[0].train)
-    augment = lambda x: x.flip(-1)  # the training view; the memory keeps the raw one
+    def augment(x):
+        return x.flip(-1)  # the training view; the memory keeps the raw one
     with torch.no_grad():
         m.training_loss(augment(batches[0][0]), batches[0][1], tasks[0], raw=batches[0][0])
     # Mammoth stores not_aug_inputs with the logits of the augmented inputs (outputs.data)
@@ -234,7 +235,8 @@ def test_reservoir_memory_matches_mammoth(vit, tasks, through):
     labels = [i % 2 for i in range(60)]
     if through == "buffer":
         ours = ReservoirBuffer(10, torch.Generator().manual_seed(7))
-        offer = lambda images, y: ours.add(images, y, 0)
+        def offer(images, y):
+            return ours.add(images, y, 0)
     else:  # the method's own memory, filled by its training loss on task a (no replay draws)
         m = make_method("er_ace", vit, {"memory_size": 10})
         m.before_task(tasks[0])

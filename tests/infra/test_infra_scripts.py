@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from helpers import free_port
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"

@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from helpers import free_port, listen_addresses, session_pids
 
 pytestmark = pytest.mark.slow

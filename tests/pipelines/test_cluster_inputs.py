@@ -23,17 +23,17 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_sweep_cluster import exports_of, run_script
 
+from helpers import cmdline, free_port, session_pids
 from pipelines.config import load_config
 from pipelines.specs import build_specs
 from pipelines.trials import run_trial
-from stages.jobs.inputs import InputStore
-from stages.jobs.train import dispatch
 from stages.config.params import CombineParams, TuneParams
+from stages.jobs.inputs import InputStore
 from stages.jobs.sequential import continual_specs
 from stages.jobs.specs import method_specs
-from helpers import cmdline, free_port, session_pids
-from test_sweep_cluster import exports_of, run_script
+from stages.jobs.train import dispatch
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import markdown_rows
-
 from pipelines.report import make_row, summarise, write_report
 
 

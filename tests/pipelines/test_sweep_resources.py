@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from helpers import markdown_rows
-
 from pipelines.resources import ResourcesConfig, _build, load_config, measure_arch, write_tables
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.sweep import main
 from helpers import session_pids
+from pipelines.sweep import main
 from stages.jobs.faults import FAULT_ENV, FAULT_POINT_ENV, MARKER_ENV
 
 REPO = Path(__file__).resolve().parents[2]

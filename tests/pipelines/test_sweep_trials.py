@@ -103,9 +103,9 @@ def test_hpo_trials_run_the_pipelines_jobs_on_every_task(stage_outputs, pipeline
     trial's lr, scored by the mean validation accuracy over the tasks (one report per task); a
     sequential baseline runs the config's task stream at that lr and is scored on every task's
     validation split at the END of the stream (after the last task, so forgetting counts)."""
+    import stages.jobs.sequential as seq
     from pipelines.config import HpoSweep
     from pipelines.sweep import trial_spec
-    import stages.jobs.sequential as seq
 
     params = pipeline_params(methods={"head_only": {"kind": "head_only"}}, continual={"methods": {"vit": ["ewc"]}})
     specs = _specs("hpo", HpoSweep(params=str(params), arch="vit"))

@@ -36,8 +36,8 @@ ORDER_ITERATIONS = {"recast": 3, "lwf": 1}
 @pytest.fixture(scope="module")
 def module_ray():
     ray = pytest.importorskip("ray")
-    from stages.jobs.fanout import init_ray
     from stages.config.params import RuntimeParams
+    from stages.jobs.fanout import init_ray
 
     old = os.environ.pop("RAY_ADDRESS", None)
     if ray.is_initialized():

@@ -16,10 +16,10 @@ import timm
 import torch
 
 import recast
-from recast.io import save_tensors, tensors_sha256
-from stages.jobs.backbones import save_mimicked, save_pretrained
-from stages.config.params import MimicArch
 from helpers import free_port
+from recast.io import save_tensors, tensors_sha256
+from stages.config.params import MimicArch
+from stages.jobs.backbones import save_mimicked, save_pretrained
 
 REPO = Path(__file__).resolve().parents[2]
 VIT = {"model": "test_vit", "kwargs": {"img_size": 32, "patch_size": 8, "global_pool": "avg"}}

@@ -11,19 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import TASKS, flip_byte
 
+from stages.config.common import IntegrityError
+from stages.config.params import TuneParams
 from stages.jobs import cache as cache_module
 from stages.jobs import fanout
+from stages.jobs.backbones import load_backbone
 from stages.jobs.cache import spec_key
 from stages.jobs.faults import FAULT_ENV
-from stages.jobs.result import JobResult
-from stages.jobs.backbones import load_backbone
-from stages.config.common import IntegrityError
-from stages.jobs.reload import reload_spec
 from stages.jobs.inputs import InputStore
-from stages.config.params import TuneParams
-
-from faults import TASKS, flip_byte
+from stages.jobs.reload import reload_spec
+from stages.jobs.result import JobResult
 
 RESULT = JobResult({"acc": 0.5440, "epochs": 3}, {"head": torch.arange(12, dtype=torch.float32).reshape(3, 4)},
                    history=[{"epoch": 1, "val_acc": 0.5}], nondeterministic=["an op"], machine={"torch_threads": 1})

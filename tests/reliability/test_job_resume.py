@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faults import write_stage_files
 
 import stages.jobs.checkpoints as checkpoints
-from faults import write_stage_files
 from recast.data.manifest import AugmentPolicy
 from recast.data.storage import TaskWriter, write_task_arrays
 from recast.io import tensors_sha256
@@ -138,7 +138,7 @@ def test_torn_checkpoint_falls_back_with_a_warning(project, reference, tmp_path,
     fallback = "the epoch-1 one" if resumed else "the start"
     meta, payload = _run(spec, store)
     torn_lines = [r.getMessage() for r in caplog.records if "is torn" in r.getMessage()]
-    assert len(torn_lines) == len(torn) and re.search(rf"epoch-2 is torn .*sha256", torn_lines[0])
+    assert len(torn_lines) == len(torn) and re.search(r"epoch-2 is torn .*sha256", torn_lines[0])
     assert torn_lines[-1].endswith(f"falling back to {fallback}")
     assert meta["resumed_epoch"] == resumed
     assert tensors_sha256(payload) == reference

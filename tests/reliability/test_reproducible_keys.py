@@ -12,13 +12,13 @@ from faults import write_stage_files
 
 from recast.io import save_tensors
 from stages.config.common import resolve
+from stages.config.params import MimicParams, PretrainParams, RuntimeParams, TuneParams
 from stages.jobs import fanout
 from stages.jobs.cache import spec_key, write_cached
-from stages.jobs.result import JobResult
-from stages.jobs.mimicry import build_specs as mimic_specs
-from stages.config.params import MimicParams, PretrainParams, RuntimeParams, TuneParams
-from stages.jobs.pretraining import build_specs as pretrain_specs
 from stages.jobs.inputs import InputStore
+from stages.jobs.mimicry import build_specs as mimic_specs
+from stages.jobs.pretraining import build_specs as pretrain_specs
+from stages.jobs.result import JobResult
 from stages.jobs.specs import method_specs
 
 

@@ -14,11 +14,11 @@ import requests
 import sqlalchemy.exc
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
-from helpers import free_port
 from mlflow.tracking import MlflowClient
 
-from stages.tracking import store
+from helpers import free_port
 from stages.config.common import IntegrityError, StageKilled, metrics_path
+from stages.tracking import store
 from stages.tracking.payloads import register_payload
 from stages.tracking.runs import Tracker
 from stages.tracking.store import TrackingUnavailable, retry
@@ -194,8 +194,8 @@ def test_side_run_metrics_never_overwrite_the_main_ones(stage_files, sqlite_uri,
     a failing tune run ends its parent run FAILED."""
     import stages.jobs.driver as driver
     import stages.jobs.tuning as tuning
-    from stages.jobs.result import JobResult
     from stages.config.params import RuntimeParams, TuneParams
+    from stages.jobs.result import JobResult
 
     monkeypatch.setattr("stages.config.common.REPO_ROOT", stage_files)
     assert metrics_path("tune", "outputs/tune", "outputs/tune") == stage_files / "metrics/tune.json"

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from e2e_sizes import EPOCHS, EXPERIMENT, SEEDS, TASKS
 
 REPO = Path(__file__).resolve().parents[2]

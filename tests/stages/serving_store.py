@@ -29,12 +29,12 @@ import torch
 from PIL import Image
 
 import recast
+from helpers import free_port
 from recast.data.manifest import AugmentPolicy
 from recast.data.storage import TaskWriter, write_task_arrays
 from recast.io import save_payload
 from stages.config.params import MimicArch
 from stages.jobs.backbones import load_backbone, save_mimicked, save_pretrained
-from helpers import free_port
 
 VIT = {"model": "test_vit", "kwargs": {"img_size": 32, "patch_size": 8, "global_pool": "avg"}}
 CLASSES = {"a": 3, "b": 5}

@@ -12,7 +12,6 @@ import ast
 import re
 
 import yaml
-
 from imports import REPO, closure, cycles, imports_of, modules
 
 ENTRY_POINTS = ("prepare", "pretrain", "mimic", "tune", "combine", "evaluate")  # what dvc.yaml runs

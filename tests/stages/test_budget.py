@@ -79,8 +79,8 @@ def test_lr_and_its_source_reach_the_job_run(tmp_path, monkeypatch):
     import mlflow
 
     from stages.config.params import RuntimeParams
-    from stages.jobs.inputs import InputStore
     from stages.jobs.driver import StageRun
+    from stages.jobs.inputs import InputStore
     from stages.jobs.result import JobResult
     from stages.jobs.results import LR_SOURCE_TAG, publish_job
     from stages.tracking.runs import Tracker

@@ -13,10 +13,10 @@ import torch
 
 from recast.data import AugmentPolicy, BatchLoader, DataError
 from recast.data.storage import TaskWriter, write_task_arrays
-from stages.jobs.backbones import load_backbone, save_pretrained
 from stages.config.common import ParamsError, validate_section
-from stages.jobs.inputs import InputStore, JobInputs, backbone_bundle, task_bundle
 from stages.config.params import RuntimeParams
+from stages.jobs.backbones import load_backbone, save_pretrained
+from stages.jobs.inputs import InputStore, JobInputs, backbone_bundle, task_bundle
 from stages.jobs.runtime import job_device
 
 

@@ -13,9 +13,9 @@ import sys
 import pytest
 
 from recast.data import DataError
+from stages.config.params import RuntimeParams
 from stages.jobs.cache import code_fingerprint
 from stages.jobs.fanout import CodeVersionError, JobError, check_code, run_jobs
-from stages.config.params import RuntimeParams
 
 PACKAGES = ("recast", "stages", "pipelines")
 SAMPLE = {"str": "value-{name}", "int": 7, "float": 0.25}

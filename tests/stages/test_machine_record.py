@@ -12,10 +12,10 @@ import os
 import torch
 
 from recast.machine import cpu_model
-from stages.jobs.fanout import run_jobs
-from stages.jobs.result import JobResult
-from stages.jobs.inputs import InputStore
 from stages.config.params import RuntimeParams
+from stages.jobs.fanout import run_jobs
+from stages.jobs.inputs import InputStore
+from stages.jobs.result import JobResult
 
 CALLS: list[int] = []
 

@@ -24,9 +24,8 @@ import pytest
 import timm
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
-
 from paper_layouts import write_paper_layouts
+from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER_ORDER = ["flowers102", "aircraft", "indoor67", "cifar100", "cifar10", "cub200"]  # configs/paper.yaml

@@ -5,7 +5,6 @@ MLflow store; then a no-op `dvc repro` that skips every stage."""
 import json
 
 import pytest
-
 from e2e_sizes import SEEDS, TASKS
 
 STAGES = ["prepare", "pretrain", "mimic", "tune", "combine", "evaluate"]

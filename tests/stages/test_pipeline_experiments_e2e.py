@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from e2e_sizes import EXPERIMENT
 
 DVC = str(Path(sys.executable).parent / "dvc")

@@ -17,9 +17,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from serving_store import (as_frame, b64, bad_requests, built, check, frame, image_file, per_task, rows,  # noqa: F401
-                           served_model, store)
-
+from serving_store import (  # noqa: F401
+    as_frame,
+    b64,
+    bad_requests,
+    built,
+    check,
+    frame,
+    image_file,
+    per_task,
+    rows,
+    served_model,
+    store,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +39,7 @@ def served(store, built):
 
 def test_versions_reference_the_banks_never_copy_them(store, built):
     import mlflow
+
     from stages.serving.build import EXPERIMENT
 
     v1, v2 = built
@@ -173,6 +184,7 @@ def test_encoded_images_give_the_loaders_tensors(store, tmp_path):
 
 def test_a_payload_of_other_banks_is_refused_at_build_and_at_load(store, built):
     import mlflow
+
     from stages.serving.build import build
     from stages.serving.errors import BankMismatchError
     from stages.serving.pyfunc import RecastServed

@@ -11,15 +11,29 @@ import shlex
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
-from serving_store import (MAX_ROWS, REPO, TEST_ROWS, as_frame, b64, bad_requests, built, check,  # noqa: F401
-                           frame, mlflow_serve, per_task, post, rows, served_model, store)
+from serving_store import (  # noqa: F401
+    MAX_ROWS,
+    REPO,
+    TEST_ROWS,
+    as_frame,
+    b64,
+    bad_requests,
+    built,
+    check,
+    frame,
+    mlflow_serve,
+    per_task,
+    post,
+    rows,
+    served_model,
+    store,
+)
 
 CLIENTS, REQUESTS_PER_CLIENT = 8, 5
 

@@ -27,9 +27,9 @@ import psutil
 import pytest
 import torch
 import yaml
+from serving_store import REPO, as_frame, b64, bad_requests, built, image_file, rows, served_model, store  # noqa: F401
+
 from helpers import free_port
-from serving_store import (REPO, as_frame, b64, bad_requests, built, image_file, rows,  # noqa: F401
-                           served_model, store)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a local Ray and Serve: ~1 min to start
 REPLICAS, MAX_REQUEST_BYTES = 2, 1_500_000  # 12 flattened-float rows are ~0.8 MB of JSON

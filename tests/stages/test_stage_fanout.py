@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from stages.config.params import RuntimeParams
 from stages.jobs.cache import spec_key
 from stages.jobs.fanout import run_jobs
 from stages.jobs.faults import FAULT_ENV
 from stages.jobs.result import JobResult
-from stages.config.params import RuntimeParams
 
 
 def square_job(spec, inputs):
