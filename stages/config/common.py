@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import re
@@ -50,6 +51,37 @@ class IntegrityError(ValueError):
 class StageKilled(KeyboardInterrupt):
     """Raised in a stage's driver by SIGTERM, as KeyboardInterrupt is by SIGINT (Ray cancels a
     ``ray.get`` on either), so that its ``finally`` blocks run: MLflow runs end KILLED."""
+
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record is emitted (as logging's own
+    last-resort handler does), so redirected or captured stderr receives it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):  # noqa: D401 - logging.StreamHandler's attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the property wins
+        pass
+
+
+def stage_logger(name: str) -> logging.Logger:
+    """The logger of a ``stages`` module (``stages.<...>``) for diagnostics (job-cache hits, lock
+    waits, tracking retries): under the ``stages`` logger, which writes each message as is to the
+    current stderr at INFO and above, not through the root logger (set its level or handlers to
+    change that: ``logging.getLogger("stages")``)."""
+    root = logging.getLogger("stages")
+    if not any(isinstance(h, _CurrentStderr) for h in root.handlers):
+        root.addHandler(_CurrentStderr())
+        root.setLevel(logging.INFO)
+        root.propagate = False
+    return logging.getLogger(name)
 
 
 def check_digest(path: str | os.PathLike, actual: str, expected: str | None, what: str = "sha256") -> None:
@@ -160,7 +192,7 @@ def file_lock(path: str | os.PathLike, waiting: str | None = None) -> Iterator[N
     except Timeout:
         if waiting:
             holder = path.read_text(errors="replace").strip() if path.exists() else ""
-            print(f"{waiting} (lock {path} held by {holder or '?'}); waiting", file=sys.stderr, flush=True)
+            stage_logger(__name__).warning("%s (lock %s held by %s); waiting", waiting, path, holder or "?")
         lock.acquire()
     try:
         path.write_text(f"pid {os.getpid()} on {os.uname().nodename}\n")  # who holds it, for the next waiter

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from recast.machine import KERNEL_ENV, machine_record
-from stages.config.common import resolve_shared
+from stages.config.common import resolve_shared, stage_logger
 from stages.config.params import RuntimeParams
 from stages.jobs.cache import CODE_PACKAGES, checkpoint_location, code_fingerprint, read_cached, spec_key, write_cached
 from stages.jobs.faults import FAULT_ENV, FAULT_POINT_ENV, MARKER_ENV, maybe_fault
@@ -202,7 +202,7 @@ def run_jobs(
                 on_result(spec, cached, True)
         else:
             pending.append(spec)
-    print(f"{stage}: {len(results)} of {len(specs)} jobs from the job cache {cache}", file=sys.stderr, flush=True)
+    stage_logger(__name__).info(f"{stage}: {len(results)} of {len(specs)} jobs from the job cache {cache}")
     if not pending:
         return results
 

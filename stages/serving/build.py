@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Iterator
 from importlib.metadata import version
@@ -27,6 +26,7 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import AnyType, Array, ColSpec, Schema
 
 from recast.data import read_manifest
+from stages.config.common import stage_logger
 from stages.jobs.backbones import bank_meta, pretrained_meta
 from stages.serving.errors import ServingError
 from stages.serving.pyfunc import BASE_ARTIFACT, DEFAULT_MAX_ROWS, check_bank, describe, payload_files
@@ -195,7 +195,7 @@ def build(arch: str, method: str, pretrain_dir: Path, mimic_dir: Path, image_siz
     client = make_client(uri)
     same = _current_if_same(client, name, cfg)
     if same is not None:  # the same banks and payload versions are served already: no new version
-        print(f"{name} version {same.version} (alias current) already serves this: {describe(cfg)}", file=sys.stderr)
+        stage_logger(__name__).info(f"{name} version {same.version} (alias current) already serves this: {describe(cfg)}")
         return {"name": name, "version": str(same.version), "run_id": same.run_id, "config": cfg,
                 "model_uri": same.source, "unchanged": True}
     exp = retry(lambda: _experiment_id(client, uri), uri=uri, what="the serving experiment")
@@ -209,6 +209,6 @@ def build(arch: str, method: str, pretrain_dir: Path, mimic_dir: Path, image_siz
         mv = mlflow.register_model(info.model_uri, name)
     client.set_registered_model_alias(name, "current", mv.version)
     client.set_model_version_tag(name, mv.version, "tasks", ",".join(tasks))
-    print(f"registered {name} version {mv.version} (alias current): {describe(cfg)}", file=sys.stderr)
+    stage_logger(__name__).info(f"registered {name} version {mv.version} (alias current): {describe(cfg)}")
     return {"name": name, "version": str(mv.version), "run_id": run.info.run_id, "config": cfg,
             "model_uri": info.model_uri, "unchanged": False}

@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from recast.machine import machine_tags
-from stages.config.common import StageKilled, experiment_tags, write_json_atomic
+from stages.config.common import StageKilled, experiment_tags, stage_logger, write_json_atomic
 from stages.tracking.store import (
     TrackingUnavailable,
     artifact_location,
@@ -107,7 +106,7 @@ class Tracker:
         try:
             self.finish(status=status)
         except Exception as err:  # noqa: BLE001 - the stage's own error is the one to raise
-            print(f"[mlflow] could not end run {self.parent_id} as {status}: {short_error(err)}", file=sys.stderr)
+            stage_logger(__name__).warning(f"[mlflow] could not end run {self.parent_id} as {status}: {short_error(err)}")
 
     def _end_stale_runs(self) -> None:
         """End as KILLED this stage's parent runs (and their unfinished children) left RUNNING by a
@@ -125,8 +124,8 @@ class Tracker:
                 [self.experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
                                                     f"tags.`mlflow.parentRunId` = '{run.info.run_id}'", max_results=1000)
             for r in [*children, run]:
-                print(f"[mlflow] run {r.info.run_id} ({r.info.run_name}) of a dead driver (pid {pid}): ended KILLED",
-                      file=sys.stderr)
+                stage_logger(__name__).warning(f"[mlflow] run {r.info.run_id} ({r.info.run_name}) of a dead driver "
+                                               f"(pid {pid}): ended KILLED")
                 self.client.set_terminated(r.info.run_id, "KILLED")
 
     def guard(self, fn: Callable[[], T], what: str) -> T | None:
@@ -137,8 +136,8 @@ class Tracker:
                 return fn()
             except TrackingUnavailable as err:
                 self.offline = str(err)
-                print(f"[mlflow] {err}\n[mlflow] the stage keeps computing and caching; what is not logged now is "
-                      "logged by its next run", file=sys.stderr, flush=True)
+                stage_logger(__name__).warning(f"[mlflow] {err}\n[mlflow] the stage keeps computing and caching; what "
+                                               "is not logged now is logged by its next run")
         self.missing.append(what)
         return None
 

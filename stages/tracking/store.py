@@ -15,7 +15,6 @@ import contextlib
 import os
 import random
 import sqlite3
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -28,7 +27,7 @@ import sqlalchemy.exc
 import tenacity
 from filelock import FileLock
 
-from stages.config.common import WorkspaceUnavailable, workspace_root
+from stages.config.common import WorkspaceUnavailable, stage_logger, workspace_root
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -184,8 +183,8 @@ def retry(fn: Callable[[], T], uri: str | None = None, what: str = "MLflow call"
     def report(state: tenacity.RetryCallState) -> None:
         err = state.outcome.exception()
         left = budget - state.seconds_since_start
-        print(f"[mlflow] {what} failed ({short_error(err)}); retry {state.attempt_number} in "
-              f"{state.upcoming_sleep:.1f} s, {left:.0f} s of {RETRY_ENV}={budget:.0f} left", file=sys.stderr, flush=True)
+        stage_logger(__name__).warning(f"[mlflow] {what} failed ({short_error(err)}); retry {state.attempt_number} in "
+                                       f"{state.upcoming_sleep:.1f} s, {left:.0f} s of {RETRY_ENV}={budget:.0f} left")
 
     def give_up(state: tenacity.RetryCallState) -> T:
         err = state.outcome.exception()
