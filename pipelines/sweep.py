@@ -48,6 +48,7 @@ from pipelines.specs import build_specs, recast_variants
 from pipelines.tracking import TrialLogger
 from pipelines.trials import CHECKPOINTED_KINDS, run_trial
 from pipelines.tune_checkpoints import TuneTrialCheckpoints
+from recast.atomic import write_atomic_fs
 from recast.targets import build_plan
 from stages.config.common import resolve
 from stages.config.params import RuntimeParams
@@ -117,10 +118,7 @@ def write_done(done_dir: str, trial_key: str, result: dict) -> None:
     """Write a trial's final result (temp name, then move) under the experiment."""
     fs, path = pafs.FileSystem.from_uri(_done_path(done_dir, trial_key))
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    with fs.open_output_stream(tmp) as fh:
-        fh.write(json.dumps(result, sort_keys=True).encode())
-    fs.move(tmp, path)
+    write_atomic_fs(fs, path, json.dumps(result, sort_keys=True).encode())
 
 
 def sweep_trial(config: dict[str, Any], specs: dict[str, dict], inputs: dict[str, Any], done_dir: str,

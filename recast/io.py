@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from recast.atomic import temp_path, write_atomic
 from recast.model import RecastModel
 
 FORMAT_VERSION = 1
@@ -54,12 +54,13 @@ def save_tensors(tensors: dict[str, torch.Tensor], meta: dict, path: str | os.Pa
     """Write ``<path>.safetensors`` + ``<path>.json`` atomically (temp names, then rename)."""
     st, js = _paths(path)
     st.parent.mkdir(parents=True, exist_ok=True)
-    unique = f".{os.getpid()}-{secrets.token_hex(4)}.tmp"  # one temp name per writer
-    tmp_st, tmp_js = st.with_name(st.name + unique), js.with_name(js.name + unique)
-    write_tensor_file(tensors, tmp_st)
-    tmp_js.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_st, st)
-    os.replace(tmp_js, js)
+    tmp_st = temp_path(st)
+    try:
+        write_tensor_file(tensors, tmp_st)
+        os.replace(tmp_st, st)
+    finally:
+        tmp_st.unlink(missing_ok=True)
+    write_atomic(js, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return st
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from recast.atomic import write_atomic
 from recast.data.errors import DataError
 
 FORMAT_VERSION = 2
@@ -182,7 +183,5 @@ def read_manifest(task_dir: str | os.PathLike, verify: bool = True) -> TaskManif
 def write_manifest(task_dir: str | os.PathLike, manifest: TaskManifest) -> Path:
     """Write ``manifest.json`` atomically (temp file + ``os.replace``)."""
     path = Path(task_dir) / MANIFEST_NAME
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
     return path

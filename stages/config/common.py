@@ -9,7 +9,6 @@ import logging
 import os
 import random
 import re
-import secrets
 import sys
 import warnings
 from collections.abc import Iterator
@@ -21,6 +20,8 @@ import torch
 import yaml
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from recast.atomic import temp_path, write_atomic  # noqa: F401 - temp_path: stages' writers import it from here
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
@@ -172,12 +173,6 @@ def record_nondeterminism() -> Iterator[list[str]]:
                                  if "deterministic" in str(w.message).lower()}))
 
 
-def temp_path(path: str | os.PathLike) -> Path:
-    """A temp name beside ``path``, unique per writer (pid + random), for write + rename."""
-    path = Path(path)
-    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-
-
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike, waiting: str | None = None) -> Iterator[None]:
     """Hold an exclusive lock (filelock: an advisory OS lock) on ``path`` (created if missing),
@@ -212,13 +207,7 @@ def metrics_path(stage: str, out_dir: str, default_out_dir: str) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to ``path`` through a temp file + rename so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 class WorkspaceUnavailable(RuntimeError):

@@ -20,13 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import uuid
 from typing import Any
 
 import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load, save
 
+from recast.atomic import write_atomic_fs
 from stages.jobs.faults import maybe_fault
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,7 @@ class JobCheckpoints:
         return sorted(found, reverse=True)
 
     def _write(self, name: str, data: bytes) -> None:
-        tmp = f"{self.root}/{name}.{uuid.uuid4().hex}.tmp"
-        with self.fs.open_output_stream(tmp) as out:
-            out.write(data)
-        self.fs.move(tmp, f"{self.root}/{name}")
+        write_atomic_fs(self.fs, f"{self.root}/{name}", data)
 
     def _read(self, name: str) -> bytes:
         with self.fs.open_input_stream(f"{self.root}/{name}") as fh:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load as load_safetensors
 
+from recast.atomic import write_atomic_fs
 from recast.data import BatchLoader, DataError, TaskManifest
 from recast.data.manifest import MANIFEST_NAME, SPLITS
 from recast.data.storage import read_split_bytes
@@ -173,10 +173,7 @@ class InputStore:
             info = fs.get_file_info(dest)
             if info.type == pafs.FileType.File and info.size == path.stat().st_size:
                 continue  # content-addressed: same key, same bytes
-            tmp = f"{dest}.{uuid.uuid4().hex}.tmp"
-            with fs.open_output_stream(tmp) as out:
-                out.write(path.read_bytes())
-            fs.move(tmp, dest)
+            write_atomic_fs(fs, dest, path.read_bytes())
         return f"{self.storage.rstrip('/')}/{key}"
 
     def local(self, roles: dict[str, str]) -> JobInputs:
