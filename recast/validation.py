@@ -24,7 +24,8 @@ class FiniteNumber(AllowInfNan):
     def __init__(self) -> None:
         super().__init__(False)
 
-__all__ = ["AtLeast0", "AtLeast1", "Finite", "Fraction", "NonNegative", "Positive", "UnitInterval", "validate_fields"]
+__all__ = ["AtLeast0", "AtLeast1", "AtLeastOne", "Finite", "Fraction", "NonNegative", "OpenFraction", "Positive",
+           "UnitInterval", "validate_fields"]
 
 AtLeast0 = Annotated[int, Ge(0)]  # an int (not a bool) >= 0
 AtLeast1 = Annotated[int, Ge(1)]  # an int (not a bool) >= 1
@@ -32,6 +33,8 @@ NonNegative = Annotated[float, Ge(0)]  # a number (not a bool) >= 0
 Positive = Annotated[float, Gt(0)]  # a number (not a bool) > 0
 Fraction = Annotated[float, Ge(0), Le(1)]  # a number in [0, 1]
 UnitInterval = Annotated[float, Ge(0), Lt(1)]  # a number in [0, 1)
+OpenFraction = Annotated[float, Gt(0), Le(1)]  # a number in (0, 1]
+AtLeastOne = Annotated[float, Ge(1)]  # a number (not a bool) >= 1
 Finite = Annotated[float, FiniteNumber()]  # a number, not NaN or infinite
 
 _STRICT = ConfigDict(strict=True, allow_inf_nan=True)
@@ -61,6 +64,8 @@ def describe(hint: Any) -> str:
             return f"{words} in [{low}, {high}]"
         if low is not None and below is not None:
             return f"{words} in [{low}, {below})"
+        if above is not None and high is not None:
+            return f"{words} in ({above}, {high}]"
         return words + (f" >= {low}" if low is not None else "") + (f" > {above}" if above is not None else "")
     if origin is Literal:
         return repr(args[0]) if len(args) == 1 else f"one of {args}"

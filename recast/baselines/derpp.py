@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from recast.baselines.buffer import grouped_logits, replay_cross_entropy
 from recast.baselines.common import TaskSpec
 from recast.baselines.er_ace import ReplayMethod
-from recast.checks import check_int, check_positive
+from recast.validation import AtLeast1, NonNegative, validate_fields
 
 
 @dataclass(frozen=True)
@@ -25,16 +25,13 @@ class DERPPConfig:
         beta: weight of the buffer-label cross-entropy term.
     """
 
-    memory_size: int = 500
-    replay_batch_size: int = 32
-    alpha: float = 0.3
-    beta: float = 0.5
+    memory_size: AtLeast1 = 500
+    replay_batch_size: AtLeast1 = 32
+    alpha: NonNegative = 0.3
+    beta: NonNegative = 0.5
 
     def __post_init__(self) -> None:
-        check_int("memory_size", self.memory_size, minimum=1)
-        check_int("replay_batch_size", self.replay_batch_size, minimum=1)
-        check_positive("DERPPConfig.alpha", self.alpha, allow_zero=True)
-        check_positive("DERPPConfig.beta", self.beta, allow_zero=True)
+        validate_fields(self, "DERPPConfig.")
 
 
 class DERPP(ReplayMethod):

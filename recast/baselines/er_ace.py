@@ -19,8 +19,8 @@ from recast.baselines.buffer import (
 )
 from recast.baselines.common import TaskSpec
 from recast.baselines.method import ContinualMethod, train_epochs, unique_parameters
-from recast.checks import check_int
 from recast.training import TuneConfig
+from recast.validation import AtLeast1, validate_fields
 
 ReplayAugment = Callable[[Tensor, Tensor], Tensor]  # (raw images, task ids) -> augmented images
 
@@ -34,12 +34,11 @@ class ReplayConfig:
         replay_batch_size: buffer samples drawn per training step.
     """
 
-    memory_size: int = 500
-    replay_batch_size: int = 32
+    memory_size: AtLeast1 = 500
+    replay_batch_size: AtLeast1 = 32
 
     def __post_init__(self) -> None:
-        check_int("memory_size", self.memory_size, minimum=1)
-        check_int("replay_batch_size", self.replay_batch_size, minimum=1)
+        validate_fields(self, "ReplayConfig.")
 
 
 class ReplayMethod(ContinualMethod):

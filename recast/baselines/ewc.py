@@ -13,7 +13,7 @@ from torch.func import functional_call, grad, vmap
 
 from recast.baselines.common import TaskSpec
 from recast.baselines.method import ContinualMethod, move
-from recast.checks import check_int, check_positive
+from recast.validation import AtLeast1, Fraction, NonNegative, validate_fields
 
 FISHER_CHUNK = 16  # samples per vmap chunk of the per-sample Fisher gradients
 
@@ -34,16 +34,12 @@ class EWCConfig:
         fisher_max_batches: batches used to estimate the Fisher (None: the whole train split).
     """
 
-    lam: float = 10.0
-    gamma: float = 1.0
-    fisher_max_batches: int | None = None
+    lam: NonNegative = 10.0
+    gamma: Fraction = 1.0
+    fisher_max_batches: AtLeast1 | None = None
 
     def __post_init__(self) -> None:
-        check_positive("EWCConfig.lam", self.lam, allow_zero=True)
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ValueError(f"EWCConfig.gamma must be in [0, 1], got {self.gamma!r}")
-        if self.fisher_max_batches is not None:
-            check_int("EWCConfig.fisher_max_batches", self.fisher_max_batches, minimum=1)
+        validate_fields(self, "EWCConfig.")
 
 
 class EWC(ContinualMethod):

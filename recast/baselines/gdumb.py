@@ -19,8 +19,8 @@ from recast.baselines.buffer import (
 )
 from recast.baselines.common import TaskSpec
 from recast.baselines.method import ContinualMethod, train_epochs, unique_parameters
-from recast.checks import check_int
 from recast.training import TuneConfig
+from recast.validation import AtLeast1, Fraction, Positive, validate_fields
 
 
 @dataclass(frozen=True)
@@ -34,18 +34,13 @@ class GDumbConfig:
         cutmix_alpha: Beta(alpha, alpha) of the pasted area fraction (GDumb: 1.0).
     """
 
-    memory_size: int = 500
-    batch_size: int = 32
-    cutmix_prob: float = 0.5
-    cutmix_alpha: float = 1.0
+    memory_size: AtLeast1 = 500
+    batch_size: AtLeast1 = 32
+    cutmix_prob: Fraction = 0.5
+    cutmix_alpha: Positive = 1.0
 
     def __post_init__(self) -> None:
-        check_int("GDumbConfig.memory_size", self.memory_size, minimum=1)
-        check_int("GDumbConfig.batch_size", self.batch_size, minimum=1)
-        if not 0.0 <= self.cutmix_prob <= 1.0:
-            raise ValueError(f"GDumbConfig.cutmix_prob must be in [0, 1], got {self.cutmix_prob!r}")
-        if not self.cutmix_alpha > 0:
-            raise ValueError(f"GDumbConfig.cutmix_alpha must be > 0, got {self.cutmix_alpha!r}")
+        validate_fields(self, "GDumbConfig.")
 
 
 def cutmix_within_tasks(images: Tensor, task_ids: Tensor, alpha: float,

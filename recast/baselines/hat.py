@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from recast.baselines.common import TaskSpec
 from recast.baselines.method import ContinualMethod, unique_parameters
-from recast.checks import check_positive
 from recast.training import TuneConfig
+from recast.validation import AtLeastOne, NonNegative, Positive, validate_fields
 
 
 @dataclass(frozen=True)
@@ -46,25 +46,15 @@ class HATConfig:
             gradient with them. None: no clipping.
     """
 
-    s_max: float = 400.0
-    reg_lambda: float = 0.75
-    clamp_cosh: float = 50.0
-    clamp_embedding: float = 6.0
+    s_max: AtLeastOne = 400.0
+    reg_lambda: NonNegative = 0.75
+    clamp_cosh: Positive = 50.0
+    clamp_embedding: Positive = 6.0
     ungated: Literal["freeze_after_first", "train"] = "freeze_after_first"
-    grad_clip: float | None = 10000.0
+    grad_clip: Positive | None = 10000.0
 
     def __post_init__(self) -> None:
-        check_positive("HATConfig.s_max", self.s_max)
-        if self.s_max < 1:
-            raise ValueError(f"HATConfig.s_max must be >= 1, got {self.s_max!r}")
-        check_positive("HATConfig.reg_lambda", self.reg_lambda, allow_zero=True)
-        check_positive("HATConfig.clamp_cosh", self.clamp_cosh)
-        check_positive("HATConfig.clamp_embedding", self.clamp_embedding)
-        if self.ungated not in ("freeze_after_first", "train"):
-            raise ValueError(f"HATConfig.ungated must be 'freeze_after_first' or 'train', "
-                             f"got {self.ungated!r}")
-        if self.grad_clip is not None:
-            check_positive("HATConfig.grad_clip", self.grad_clip)
+        validate_fields(self, "HATConfig.")
 
 
 @dataclass

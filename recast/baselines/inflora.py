@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from recast.baselines.common import TaskSpec
 from recast.baselines.method import ContinualMethod, move
-from recast.checks import check_int
 from recast.targets import match_modules
+from recast.validation import AtLeast1, Fraction, OpenFraction, validate_fields
 
 
 @dataclass(frozen=True)
@@ -60,27 +60,19 @@ class InfLoRAConfig:
 
     targets: tuple[str, ...] = ("attn.qkv",)
     rows: Literal["kv", "all"] = "kv"
-    rank: int = 10
-    threshold: float = 0.95
-    threshold_end: float = 1.0
-    feature_batches: int | None = None
+    rank: AtLeast1 = 10
+    threshold: OpenFraction = 0.95
+    threshold_end: Fraction = 1.0
+    feature_batches: AtLeast1 | None = None
     energy: Literal["squared", "linear"] = "squared"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", (self.targets,) if isinstance(self.targets, str) else tuple(self.targets))
         if not self.targets:
             raise ValueError("InfLoRAConfig.targets is empty: give at least one Linear module pattern")
-        if self.rows not in ("kv", "all"):
-            raise ValueError(f"InfLoRAConfig.rows must be 'kv' or 'all', got {self.rows!r}")
-        check_int("InfLoRAConfig.rank", self.rank, minimum=1)
-        if not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold <= 1.0):
-            raise ValueError(f"InfLoRAConfig.threshold must be in (0, 1], got {self.threshold!r}")
-        if not (isinstance(self.threshold_end, (int, float)) and self.threshold <= self.threshold_end <= 1.0):
+        validate_fields(self, "InfLoRAConfig.")
+        if not self.threshold <= self.threshold_end:
             raise ValueError(f"InfLoRAConfig.threshold_end must be in [threshold, 1], got {self.threshold_end!r}")
-        if self.energy not in ("squared", "linear"):
-            raise ValueError(f"InfLoRAConfig.energy must be 'squared' or 'linear', got {self.energy!r}")
-        if self.feature_batches is not None:
-            check_int("InfLoRAConfig.feature_batches", self.feature_batches, minimum=1)
 
 
 DOWN_NORM = 1 / math.sqrt(3)  # norm of A's rows in the authors' code (``U[:, :r].T / math.sqrt(3)``)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from recast.baselines.common import TaskSpec
 from recast.baselines.method import ContinualMethod
-from recast.checks import check_int, check_positive
+from recast.validation import AtLeast1, NonNegative, Positive, validate_fields
 
 
 @dataclass(frozen=True)
@@ -40,22 +40,18 @@ class L2PConfig:
             batch's images, in training and at test time.
     """
 
-    pool_size: int = 10
-    prompt_length: int = 5
-    top_k: int = 5
-    key_loss_weight: float = 0.1
-    init_range: float = 1.0
+    pool_size: AtLeast1 = 10
+    prompt_length: AtLeast1 = 5
+    top_k: AtLeast1 = 5
+    key_loss_weight: NonNegative = 0.1
+    init_range: Positive = 1.0
     diversify: bool = False
     batchwise: bool = False
 
     def __post_init__(self) -> None:
-        check_int("L2PConfig.pool_size", self.pool_size, minimum=1)
-        check_int("L2PConfig.prompt_length", self.prompt_length, minimum=1)
-        check_int("L2PConfig.top_k", self.top_k, minimum=1)
+        validate_fields(self, "L2PConfig.")
         if self.top_k > self.pool_size:
             raise ValueError(f"L2PConfig.top_k={self.top_k} exceeds pool_size={self.pool_size}")
-        check_positive("L2PConfig.key_loss_weight", self.key_loss_weight, allow_zero=True)
-        check_positive("L2PConfig.init_range", self.init_range)
 
 
 class L2P(ContinualMethod):

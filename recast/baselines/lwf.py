@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from recast.baselines.common import MultiHeadNet, TaskSpec, prefixed
 from recast.baselines.method import ContinualMethod, train_epochs, unique_parameters
-from recast.checks import check_int, check_positive
 from recast.training import TuneConfig
+from recast.validation import AtLeast0, NonNegative, Positive, validate_fields
 
 
 @dataclass(frozen=True)
@@ -29,15 +29,12 @@ class LwFConfig:
             0: no warm-up.
     """
 
-    lam: float = 1.0
-    temperature: float = 2.0
-    warmup_epochs: int | None = None
+    lam: NonNegative = 1.0
+    temperature: Positive = 2.0
+    warmup_epochs: AtLeast0 | None = None
 
     def __post_init__(self) -> None:
-        check_positive("LwFConfig.lam", self.lam, allow_zero=True)
-        check_positive("LwFConfig.temperature", self.temperature)
-        if self.warmup_epochs is not None:
-            check_int("LwFConfig.warmup_epochs", self.warmup_epochs, minimum=0)
+        validate_fields(self, "LwFConfig.")
 
 
 def distillation(new_logits: Tensor, old_logits: Tensor, temperature: float) -> Tensor:
