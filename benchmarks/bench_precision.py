@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
 
-from benchmarks.bench_startup import REPO, _copy_tree, _timed
+from benchmarks.bench_startup import REPO, _timed, scratch_tree
 
 
 def _payload_dtypes(out_dir: Path) -> set[str]:
@@ -40,11 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tolerance", type=float, default=1.5, help="largest |bf16 - fp32| in accuracy points")
     ap.add_argument("--json-out", type=Path, default=REPO / "benchmarks" / "results" / "bench_precision.json")
     args = ap.parse_args(argv)
-    root = args.keep or Path(tempfile.mkdtemp(prefix="bench-precision-"))
-    root.mkdir(parents=True, exist_ok=True)
-    _copy_tree(root)
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RECAST_PARAMS")}
-    env.update(TQDM_DISABLE="1", RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true", PYTHONPATH=str(root))
+    root, env = scratch_tree(args.keep, "bench-precision-")
     py = sys.executable
     seconds = {stage: _timed([py, "-m", f"stages.{stage}"], root, env) for stage in ("prepare", "pretrain", "mimic")}
     params = root / "params.yaml"

@@ -48,6 +48,17 @@ def _copy_tree(dst: Path) -> None:
             shutil.copy2(src, dst / rel)
 
 
+def scratch_tree(keep: Path | None, prefix: str) -> tuple[Path, dict[str, str]]:
+    """A copy of the source tree to run the pipeline in (``keep``, or a new temp folder), and the
+    environment to run it with: its own embedded MLflow store and local Ray, no progress bars."""
+    root = keep or Path(tempfile.mkdtemp(prefix=prefix))
+    root.mkdir(parents=True, exist_ok=True)
+    _copy_tree(root)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RECAST_PARAMS")}
+    env.update(TQDM_DISABLE="1", RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true", PYTHONPATH=str(root))
+    return root, env
+
+
 def _timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
@@ -93,11 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--keep", type=Path, default=None, help="run in this folder and keep it")
     ap.add_argument("--json-out", type=Path, default=REPO / "benchmarks" / "results" / "startup.json")
     args = ap.parse_args(argv)
-    root = args.keep or Path(tempfile.mkdtemp(prefix="bench-startup-"))
-    root.mkdir(parents=True, exist_ok=True)
-    _copy_tree(root)
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RECAST_PARAMS")}
-    env.update(TQDM_DISABLE="1", RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true", PYTHONPATH=str(root))
+    root, env = scratch_tree(args.keep, "bench-startup-")
     py = sys.executable
     rows: dict[str, dict[str, float]] = {}
     ray_init = _timed([py, "-c", "import ray; ray.init(num_cpus=2, include_dashboard=False); ray.shutdown()"], root, env)

@@ -17,7 +17,15 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from stages.config.common import ParamsError, Section, read_params, resolve, validate_section
-from stages.config.params import MethodParams, MimicArch, RuntimeParams, TrainParams
+from stages.config.params import (
+    CombineParams,
+    MethodParams,
+    MimicArch,
+    PretrainParams,
+    RuntimeParams,
+    TrainParams,
+    TuneParams,
+)
 from stages.jobs.backbones import pretrained_meta
 
 SweepName = Literal["gn", "k", "targets", "budget", "order", "seeds", "hpo"]
@@ -252,8 +260,6 @@ class HpoSweep(SweepBase):
     def pipeline(self) -> tuple[Any, dict[str, Any]]:
         """(``TuneParams`` of ``params`` for this arch and the sweep's seeds, every per-task
         method of its tune and combine sections on the arch by name)."""
-        from stages.config.params import CombineParams, TuneParams
-
         data = read_params(resolve(self.params))
         tp = validate_section("tune", TuneParams, data)
         if self.arch not in tp.archs:
@@ -277,8 +283,6 @@ class HpoSweep(SweepBase):
 def check_backbone(cfg: HpoSweep) -> None:
     """The workspace must hold the backbone of ``cfg.params``, not another config's: the
     pretrained epochs recorded in ``<pretrain_dir>/<arch>.json`` must be the config's."""
-    from stages.config.params import PretrainParams, TuneParams
-
     data = read_params(resolve(cfg.params))
     if "pretrain" not in data:
         return
