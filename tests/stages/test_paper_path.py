@@ -161,7 +161,7 @@ def test_paper_path_task_order_counts_and_bytes(paper_run):
     # params.yaml has only the gradient one); RECAST trains fewer parameters than the tiny LoRA
     assert {"vit (closed_form)", "vit (vae_mse)", "vit (vae_smooth_l1)", "resnet (closed_form)"} <= cells
     report = json.loads((root / "metrics/report.json").read_text())
-    assert report["params"]["vit"]["recast"] < report["params"]["vit"]["lora_tiny"]
+    assert report["params"]["vit"]["rc"] < report["params"]["vit"]["lora_tiny"]
 
     # payload bytes are the bytes each method really stores
     width = {"vit": 48, "resnet": 64}
