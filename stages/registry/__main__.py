@@ -5,13 +5,15 @@ one (safetensors + JSON sidecar) into a folder, e.g. to ship it to a device.
     python -m stages.registry fetch vit mnist_rot [--method recast] [--alias best] [--out payloads/]
     python -m stages.registry show recast.vit.recast.mnist_rot[@best|@current|@<version>]
     python -m stages.registry reproduce recast.vit.recast.mnist_rot[@...] [--out reproduced/]
+    python -m stages.registry link [--experiment recast]
 
 ``show`` prints a payload version's lineage: its run, git commit, the stage's dvc deps and
 params hashes, the task data digest, backbone and bank sha256. ``reproduce`` re-runs the job
 spec stored on that run (``job/spec.json``) in this process on inputs rebuilt from the folders
 the run recorded (an ``InputStore(None)``; their content digests must be the spec's, i.e. the task
 data, backbone and banks on disk are the ones the version was trained on), writes the payload and
-compares its bytes with the registered ones.
+compares its bytes with the registered ones. ``link`` prints the MLflow UI's address of the
+pipeline's experiment, opened on its training runs (``make ui`` serves the embedded store there).
 
 The store is MLFLOW_TRACKING_URI, else the embedded ``mlflow.db`` beside the repo.
 """
@@ -32,13 +34,13 @@ from mlflow.entities.model_registry import ModelVersion
 
 from recast.io import save_tensors, tensors_sha256
 from recast.machine import machine_record
-from stages.config.common import resolve
+from stages.config.common import REPO_ROOT, read_params, resolve
 from stages.jobs.inputs import InputStore, backbone_bundle, banks_bundle, task_bundle
 from stages.jobs.results import JOB_SPEC_ARTIFACT, payload_sidecar
 from stages.jobs.train import dispatch
 from stages.tracking.payloads import download_payload, list_registered
 from stages.tracking.runlog import load_json_artifact
-from stages.tracking.store import make_client, tracking_uri
+from stages.tracking.store import make_client, tracking_uri, ui_link
 
 
 def list_table(arch: str | None = None, method: str | None = None) -> list[dict]:
@@ -83,7 +85,7 @@ def lineage(ref: str) -> dict[str, Any]:
     return {
         "name": mv.name, "version": str(mv.version), "aliases": list(getattr(mv, "aliases", []) or []),
         "run_id": mv.run_id, "run_name": run.info.run_name, "experiment_id": run.info.experiment_id,
-        "run_link": f"#/experiments/{run.info.experiment_id}/runs/{mv.run_id}",
+        "run_link": ui_link(run.info.experiment_id, mv.run_id),
         "version_tags": dict(sorted(mv.tags.items())),
         "run_tags": {k: v for k, v in sorted(run.data.tags.items()) if k.startswith(keep)},
         "datasets": [{"name": d.dataset.name, "digest": d.dataset.digest, "source": json.loads(d.dataset.source),
@@ -145,6 +147,19 @@ def reproduce(ref: str, out: Path) -> dict[str, Any]:
             "recorded_machine": job.get("machine", {}), "machine": machine_record()}
 
 
+def experiment_link(name: str | None = None) -> str:
+    """``ui_link`` of the experiment ``name`` (default: ``runtime.experiment`` of params.yaml).
+
+    Raises:
+        LookupError: the store holds no such experiment.
+    """
+    name = name or read_params(REPO_ROOT / "params.yaml")["runtime"]["experiment"]
+    exp = make_client().get_experiment_by_name(name)
+    if exp is None:
+        raise LookupError(f"no MLflow experiment named {name!r} in {tracking_uri()}: run the pipeline first")
+    return ui_link(exp.experiment_id)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -162,7 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("reproduce", help="re-run a payload version's job and compare the bytes")
     rep.add_argument("ref", help="NAME[@alias|@version]")
     rep.add_argument("--out", type=Path, default=Path("reproduced"))
+    link = sub.add_parser("link", help="the MLflow UI's address of the pipeline's training runs")
+    link.add_argument("--experiment", default=None, help="default: runtime.experiment of params.yaml")
     args = ap.parse_args(argv)
+    if args.command == "link":
+        try:
+            print(experiment_link(args.experiment))
+        except LookupError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        return 0
     if args.command in ("show", "reproduce"):
         try:
             result = lineage(args.ref) if args.command == "show" else reproduce(args.ref, args.out)

@@ -36,6 +36,7 @@ from stages.tracking.store import (
     retry,
     short_error,
     tracking_uri,
+    ui_link,
 )
 
 # isort: split
@@ -95,6 +96,8 @@ class Tracker:
             self._previous_handler = None
         if exc_type is None:
             self.finish()
+            if not self.offline:
+                stage_logger(__name__).info(f"[mlflow] {self.stage}: {ui_link(self.experiment_id, self.parent_id, self.uri)}")
             if self.offline:
                 raise TrackingUnavailable(
                     f"{self.stage}: every job finished and is cached, but MLflow became unreachable ({self.offline}); "

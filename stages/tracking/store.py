@@ -207,6 +207,22 @@ def _display(uri: str) -> str:
     return uri
 
 
+# MLflow 3.17's UI shows an experiment as its sidebar switch says (GenAI or model training, kept in
+# the browser's local storage, GenAI at first), not by the experiment's ``mlflow.experimentKind``
+# tag; this URL parameter opens it on its training runs in any browser (README "Browsing the runs table")
+UI_WORKFLOW = "workflowType=machine_learning"
+UI_DEFAULT = "http://127.0.0.1:5000"  # `make ui`, `mlflow ui`
+
+
+def ui_link(experiment_id: str, run_id: str | None = None, uri: str | None = None) -> str:
+    """The MLflow UI's address of an experiment's training runs (or of one run), on the tracking
+    server of ``uri`` (default ``tracking_uri()``) or, for a local store, on ``make ui``'s."""
+    uri = uri or tracking_uri()
+    base = _display(uri).rstrip("/") if uri.startswith(("http://", "https://")) else UI_DEFAULT
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/{page}?{UI_WORKFLOW}"
+
+
 def check_server(uri: str | None = None, timeout: float = HEALTH_TIMEOUT_S) -> None:
     """For an http(s) tracking URI, GET ``<uri>/health`` once; TrackingUnavailable if it does not answer."""
     uri = uri or tracking_uri()

@@ -201,3 +201,27 @@ def test_best_alias_follows_validation_never_test_accuracy(tmp_path, monkeypatch
     assert str(client.get_model_version_by_alias(old, "best").version) == "2"  # val 0.95 (test 0.6)
     assert client.get_model_version(old, "1").tags["val_acc"] == "0.700000"  # read from its run, once
     tr.finish()
+
+
+def test_ui_links_open_training_runs(tmp_path, monkeypatch, capsys):
+    """MLflow 3.17's UI picks its view by the ``workflowType`` URL parameter (else a browser-local
+    switch that starts on GenAI), not by the experiment's tag: every link we print carries it. A
+    stage prints its run's link when it ends; ``python -m stages.registry link`` the experiment's."""
+    from stages.registry.__main__ import main as registry_main
+    from stages.tracking.runs import Tracker
+    from stages.tracking.store import ui_link
+
+    assert ui_link("3", uri="sqlite:////x/mlflow.db") == \
+        "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning"
+    assert ui_link("3", "abc", uri="https://user:secret@mlflow.example.org/") == \
+        "https://mlflow.example.org/#/experiments/3/runs/abc?workflowType=machine_learning"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with Tracker("tune", "linked") as tr:
+        pass
+    err = capsys.readouterr().err
+    assert f"[mlflow] tune: http://127.0.0.1:5000/#/experiments/{tr.experiment_id}/runs/{tr.parent_id}" \
+           f"?workflowType=machine_learning" in err, err
+    assert registry_main(["link", "--experiment", "linked"]) == 0
+    assert capsys.readouterr().out.strip() == ui_link(tr.experiment_id)
+    assert registry_main(["link", "--experiment", "absent"]) == 1
+    assert "no MLflow experiment named 'absent'" in capsys.readouterr().err
