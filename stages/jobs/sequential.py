@@ -84,8 +84,10 @@ def continual_job(spec: dict, inputs: JobInputs,
     checkpoints = job_checkpoints(spec)
     with record_nondeterminism() as nondeterministic:
         out = run_sequential(method, tasks, cfg, progress=False, checkpoint=checkpoints, on_task=on_task).to_json()
-    if out["resumed_task"]:
-        log.warning("%s: resumed after task %d from its checkpoint", spec["id"], out["resumed_task"])
+    if out["resumed_task"] or out["resumed_epoch"]:
+        log.warning("%s: resumed at task %d (%s) epoch %d from its checkpoint", spec["id"], out["resumed_task"],
+                    spec["task_order"][out["resumed_task"]] if out["resumed_task"] < len(spec["task_order"]) else "end",
+                    out["resumed_epoch"])
     if checkpoints is not None:
         checkpoints.clear()  # finished: its result goes to the job cache
     return JobResult({**out, "arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"],
