@@ -207,9 +207,10 @@ def continual_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
     each task, ``on_epoch`` gets ``val_acc`` = the mean validation accuracy of every task seen,
     measured then; the final ``val_acc`` is that mean at the end of the stream (forgetting counts).
 
-    ``checkpoint`` (a ``pipelines.tune_checkpoints.TuneSequenceCheckpoints``): each task's metrics
-    are reported with its checkpoint instead of through ``on_epoch`` (every task reports, scored or
-    not); a retried trial resumes after its last finished task (``resumed_task``)."""
+    ``checkpoint`` (a ``pipelines.tune_checkpoints.TuneSequenceCheckpoints``): each task is reported
+    with its checkpoint instead of through ``on_epoch`` (scored or not: ``tasks_done``); a retried
+    trial resumes after its last finished task (``resumed_task``), its validation rows so far
+    restored from the checkpoint."""
     state: dict[str, Any] = checkpoint.state if checkpoint is not None else {}  # load() replaces it
 
     def on_task(i: int, val_row: list[float]) -> None:
@@ -217,12 +218,12 @@ def continual_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
         held.setdefault("rows", []).append(val_row)
         entry = {"val_acc": sum(val_row) / len(val_row), "tasks_done": i + 1}
         if checkpoint is not None:
-            checkpoint.pending = entry if spec.get("score_val") else {"tasks_done": i + 1}
+            checkpoint.pending = entry  # reported with the task's checkpoint
         elif on_epoch is not None:
             on_epoch(entry)
 
-    scored = spec.get("score_val") or checkpoint is not None  # a checkpointed trial reports every task
-    meta = continual_job(spec, inputs, on_task=on_task if scored else None, checkpoint=checkpoint).metrics
+    meta = continual_job(spec, inputs, on_task=on_task if spec.get("score_val") else None,
+                         checkpoint=checkpoint).metrics
     rows = (checkpoint.state if checkpoint is not None else state).get("rows", [])
     meta["final_acc"] = dict(zip(meta["task_names"], meta["final_acc"], strict=True))
     if spec.get("score_val"):

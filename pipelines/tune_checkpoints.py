@@ -74,8 +74,8 @@ class TuneSequenceCheckpoints:
     """``recast.checkpoint.Checkpointer`` of a ``continual`` trial (``recast.baselines.run_sequential``).
 
     The checkpoint after each task is reported through ``tune.report`` with that task's metrics
-    (``pending``, set by the trial once the task's validation accuracies are measured, plus
-    ``extra``). The checkpoints ``run_sequential`` takes inside a task are not kept: a Tune report
+    (``pending``, set by a scored trial once the task's validation accuracies are measured; else
+    ``tasks_done``; plus ``extra``). The checkpoints ``run_sequential`` takes inside a task are not kept: a Tune report
     per epoch would change what ASHA counts (its rungs are tasks) and carry no validation
     accuracy, so a retried trial resumes at its last finished task. ``state``: the trial's own
     JSON state (the validation rows measured so far), saved with every checkpoint and restored
@@ -96,6 +96,7 @@ class TuneSequenceCheckpoints:
     def save(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         if meta.get("phase") is not None:
             return  # inside a task: not reported (see the class docstring)
-        _report("sequence", tensors, {**meta, "trial": self.state}, {**self.pending, **self.extra})
+        metrics = self.pending or {"tasks_done": meta["task"]}
+        _report("sequence", tensors, {**meta, "trial": self.state}, {**metrics, **self.extra})
         self.pending = {}
         maybe_fault(self.trial_key, meta["point"])  # tests: lose the worker after this task

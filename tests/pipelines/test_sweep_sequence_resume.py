@@ -54,6 +54,9 @@ def fake_tune(monkeypatch) -> FakeTune:
 
 
 def _spec(kind: str, tiny_train: dict):
+    if kind == "continual_scored":  # as hpo's: scored on every task's validation split, reported per task
+        spec, inputs = _spec("continual", tiny_train)
+        return {**spec, "score_val": True}, inputs
     cfg = OrderSweep(tasks=TASKS, orders=[TASKS], continual=["ewc"] if kind == "continual" else [],
                      continual_epochs=2, train={**tiny_train, "epochs": 2},
                      **({"recast": None} if kind == "continual" else {}))
@@ -62,21 +65,23 @@ def _spec(kind: str, tiny_train: dict):
     return spec, store.local(spec["inputs"])
 
 
-def _trial(kind: str, spec, inputs, checkpoint=None) -> dict:
-    extra = {"trial_key": spec["id"], "final": False}
-    store = None if checkpoint is False else (TuneTrialCheckpoints if kind == "recast_sequence"
-                                              else TuneSequenceCheckpoints)(spec["id"], extra)
-    return run_trial(spec, inputs, checkpoint=store)
+def _trial(kind: str, spec, inputs) -> dict:
+    """The trial with the checkpointer ``pipelines.sweep.sweep_trial`` gives its kind."""
+    store = TuneTrialCheckpoints if kind == "recast_sequence" else TuneSequenceCheckpoints
+    return run_trial(spec, inputs, checkpoint=store(spec["id"], _extra(spec)))
 
 
 SAME = {"recast_sequence": ("acc_matrix", "final_acc", "val_acc_per_task", "avg_acc", "steps"),
-        "continual": ("acc_matrix", "final_acc", "val_acc", "avg_acc", "state_sha256")}
+        "continual": ("acc_matrix", "final_acc", "val_acc", "avg_acc", "state_sha256"),
+        "continual_scored": ("acc_matrix", "final_acc", "val_acc", "val_acc_by_task", "avg_acc", "state_sha256")}
 
 
 @pytest.mark.parametrize("kind, stop, resumed, points", [
     ("recast_sequence", "task:1:epoch:1", (1, 1), ["task:0:epoch:1", "task:0:epoch:2", "task:1:epoch:1"]),
     ("continual", "task:1", (1, 0), ["task:1"]),
-])
+    ("continual_scored", "task:1", (1, 0), ["task:1"]),
+    ("continual_scored", "task:2", (2, 0), ["task:1", "task:2"]),  # lost after its last report: the score
+])                                                                  # comes from the checkpoint's rows
 def test_sequence_trial_resumes_from_its_tune_checkpoint(stage_outputs, tiny_train, fake_tune, kind, stop, resumed,
                                                          points) -> None:
     spec, inputs = _spec(kind, tiny_train)
@@ -93,8 +98,11 @@ def test_sequence_trial_resumes_from_its_tune_checkpoint(stage_outputs, tiny_tra
     if kind == "recast_sequence":
         assert [r["task_index"] for r in fake_tune.reports] == [0, 0, 1, 1]  # the retry reported epoch 2 only
         assert [r["epoch"] for r in fake_tune.reports] == [0, 1, 0, 1]
-    else:  # the retry reported task 2; each task's report carries no val_acc unless the trial is scored
+    elif kind == "continual":  # the retry reported task 2; no val_acc: the trial is not scored
         assert fake_tune.reports == [{"tasks_done": 1, **_extra(spec)}, {"tasks_done": 2, **_extra(spec)}]
+    else:  # each task with the mean validation accuracy of the tasks seen; the last one is the score
+        assert [r["tasks_done"] for r in fake_tune.reports] == [1, 2]
+        assert fake_tune.reports[-1]["val_acc"] == clean["val_acc"] and 0.0 <= clean["val_acc"] <= 1.0
 
 
 def _extra(spec) -> dict:
