@@ -159,7 +159,7 @@ def recast_sequence_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = N
     first = saved[1]["sequence"]["task"] if saved is not None else 0
     if saved is not None:
         acc = {k: v for k, v in saved[1]["sequence"].items() if k != "task"}
-    tests = {}
+    tests, resumed_epoch = {}, 0
     for i, task in enumerate(order):
         data = inputs.task(f"task/{task}")
         seed_everything(spec["seed"])

@@ -142,7 +142,7 @@ def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TuneConf
                 continue
             _sync(device)
             start = time.perf_counter() - (in_task[1]["task_seconds"] if in_task is not None else 0.0)
-            if in_task is None:  # resumed inside this task: its structure and state are restored
+            if in_task is None:  # (resumed inside this task: its structure and state are restored already)
                 method.before_task(task)
                 method.to(device)
             trainable.append(unique_numel(method.trainable_parameters()))
@@ -159,11 +159,15 @@ def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TuneConf
                     "task_names": names, "acc_matrix": acc, "val_acc": val_acc, "trainable_params": trainable[:i],
                     "training_state_bytes": train_bytes, "wall_time_s": wall})
 
-            method.task_cursor = TaskCursor(save_epoch, in_task) if checkpoint is not None else None
+            cursor = TaskCursor(save_epoch, in_task) if checkpoint is not None else None
+            method.task_cursor = cursor
             try:
                 method.fit_task(task, cfg, progress)
             finally:
                 method.task_cursor = None
+            if cursor is not None and cursor.resuming:  # its training never reached the checkpoint's phase
+                raise CheckpointMismatchError(f"checkpoint in phase {in_task[1]['phase']} of task {task.name!r}; "
+                                              f"this run's training of it has {cursor.phase + 1} phase(s)")
             in_task = None
             method.after_task(task, task.train)
             _sync(device)

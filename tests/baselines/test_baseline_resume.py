@@ -6,6 +6,7 @@ branches) equal an uninterrupted run's, bit for bit, for every baseline."""
 from __future__ import annotations
 
 import json
+import pickle
 import random
 
 import numpy as np
@@ -16,6 +17,7 @@ from safetensors.torch import load, save
 
 import recast
 from recast.baselines import METHODS, TrainConfig, make_method, run_sequential
+from recast.checkpoint import CheckpointMismatchError
 from recast.io import tensors_sha256
 
 CFG = TrainConfig(epochs=2, lr=5e-3, step_size=1, gamma=0.5, seed=0, progress=False)  # multi-epoch, a schedule
@@ -119,3 +121,16 @@ def test_stopped_run_resumes_bit_identical(name, stop, make_backbone, make_task)
     assert sorted(got) == sorted(want)
     for key, value in want.items():
         assert torch.equal(got[key], value), key
+
+
+def test_a_checkpoint_from_a_later_phase_than_the_run_has_is_refused(make_backbone, make_task):
+    """LwF stopped in task 1's training after its warm-up (phase 1); a run without warm-up has one
+    phase per task, so it would never reach that state: a named error, not a silently wrong run."""
+    store = BytesCheckpointer(stop_at="task:1:epoch:3")
+    with pytest.raises(Stopped):
+        run_sequential(_method("lwf", make_backbone), _tasks(make_task), CFG, checkpoint=store)
+    no_warmup = make_method("lwf", make_backbone["vit"](), {"warmup_epochs": 0})
+    with pytest.raises(CheckpointMismatchError) as caught:
+        run_sequential(no_warmup, _tasks(make_task), CFG, checkpoint=store)
+    assert caught.value.problem == "checkpoint in phase 1 of task 'b'; this run's training of it has 1 phase(s)"
+    assert pickle.loads(pickle.dumps(caught.value)).problem == caught.value.problem  # crosses Ray intact
