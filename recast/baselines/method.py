@@ -86,11 +86,8 @@ class TaskCursor:
         if self.pending is None:
             return 0
         tensors, meta = self.pending
-        if meta["phase"] > self.phase:
+        if meta["phase"] > self.phase:  # (a phase the run never reaches: run_sequential refuses it after the task)
             return None
-        if meta["phase"] < self.phase:
-            raise CheckpointMismatchError(f"checkpoint in phase {meta['phase']} of its task; this run's task "
-                                          f"passed it without resuming (phase {self.phase})")
         unpack_optimizer(optimizer, tensors, meta["optimizer"])
         if (scheduler is None) != (meta["scheduler"] is None):
             raise CheckpointMismatchError("checkpoint and run differ in having a learning-rate schedule")
