@@ -9,9 +9,10 @@ pipeline config and seed, random search over the lr, each trial scored on every 
 config (``pipelines.config.HpoSweep``), ASHA on the validation accuracy. Trials run
 ``pipelines.trials.run_trial`` with the resources of params.yaml's ``runtime`` section (overridden
 by the sweep config's ``runtime``), report each epoch through ``tune.report`` and are retried
-``runtime.max_retries`` times (``FailureConfig``); a retried ``tune``/``stage_tune`` trial resumes
-from its last epoch (``pipelines.tune_checkpoints``: each epoch reported with its checkpoint
-through Tune's own API). Inputs reach them through a
+``runtime.max_retries`` times (``FailureConfig``); a retried ``tune``/``stage_tune``/``recast_sequence``
+trial resumes from its last epoch (of its task), a ``continual`` one from its last task
+(``pipelines.tune_checkpoints``: each epoch, or task, reported with its checkpoint through Tune's
+own API). Inputs reach them through a
 ``stages.jobs.inputs.InputStore`` (Ray's object store, or ``runtime.storage``): the driver passes the
 refs with ``tune.with_parameters``, each trial resolves its own with ``JobInputs.fetch``.
 
@@ -46,8 +47,8 @@ from pipelines.config import SWEEP_NAMES, HpoSweep, SweepBase, load_config, runt
 from pipelines.report import make_row, write_report
 from pipelines.specs import build_specs, recast_variants
 from pipelines.tracking import TrialLogger
-from pipelines.trials import CHECKPOINTED_KINDS, run_trial
-from pipelines.tune_checkpoints import TuneTrialCheckpoints
+from pipelines.trials import CHECKPOINTED_KINDS, SEQUENCE_CHECKPOINTED_KINDS, run_trial
+from pipelines.tune_checkpoints import TuneSequenceCheckpoints, TuneTrialCheckpoints
 from recast.atomic import write_atomic_fs
 from recast.targets import build_plan
 from stages.config.common import resolve
@@ -142,8 +143,10 @@ def sweep_trial(config: dict[str, Any], specs: dict[str, dict], inputs: dict[str
     def on_epoch(entry: dict[str, Any]) -> None:
         tune.report({**entry, "trial_key": spec["id"], "final": False})
 
-    if spec.get("kind") in CHECKPOINTED_KINDS:  # each epoch reported once, with its checkpoint
-        checkpoints = TuneTrialCheckpoints(spec["id"], {"trial_key": spec["id"], "final": False})
+    kind = spec.get("kind")
+    if kind in CHECKPOINTED_KINDS + SEQUENCE_CHECKPOINTED_KINDS:  # each epoch (task) reported once, with its checkpoint
+        store = TuneTrialCheckpoints if kind in CHECKPOINTED_KINDS else TuneSequenceCheckpoints
+        checkpoints = store(spec["id"], {"trial_key": spec["id"], "final": False})
         meta = run_trial(spec, JobInputs.fetch(spec["inputs"], inputs), None, checkpoints)
     else:
         meta = run_trial(spec, JobInputs.fetch(spec["inputs"], inputs), on_epoch)

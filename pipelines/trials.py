@@ -43,7 +43,8 @@ from stages.jobs.sequential import continual_job
 from stages.jobs.train import task_loaders, tune_job
 
 EpochHook = Callable[[dict[str, Any]], None] | None
-CHECKPOINTED_KINDS = ("tune", "stage_tune")  # one fit per trial: resumable from an epoch checkpoint
+CHECKPOINTED_KINDS = ("tune", "stage_tune", "recast_sequence")  # fits: resumable from an epoch checkpoint
+SEQUENCE_CHECKPOINTED_KINDS = ("continual",)  # run_sequential: resumable from a task checkpoint
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -116,12 +117,36 @@ def tune_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
     return meta
 
 
+class _SequenceFit:
+    """``fit``'s Checkpointer for task ``index`` of a ``recast_sequence`` trial: every epoch's
+    checkpoint (reported to Tune by ``outer``, a ``TuneTrialCheckpoints``) also holds the model's
+    whole state (``rc.*``: the earlier tasks) and the trial's accumulators (``meta["sequence"]``);
+    ``load`` gives the checkpoint the trial resumed from to the task it was taken in only."""
+
+    def __init__(self, outer, rc: RecastModel, index: int, acc: dict[str, Any],
+                 resume: tuple[dict, dict] | None) -> None:
+        self.outer, self.rc, self.index, self.acc, self.resume = outer, rc, index, acc, resume
+
+    def load(self):
+        return self.resume
+
+    def save(self, tensors, meta) -> None:
+        model = {f"rc.{k}": v.detach().cpu().clone() for k, v in self.rc.state_dict().items()}
+        self.outer.extra["task_index"] = self.index
+        self.outer.save({**tensors, **model}, {**meta, "point": f"task:{self.index}:epoch:{meta['epoch']}",
+                                               "sequence": {**self.acc, "task": self.index}})
+
+
 def recast_sequence_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
                           checkpoint: Checkpointer | None = None) -> dict[str, Any]:
     """RECAST-FT over the spec's task order in one model; accuracy matrix after every task.
 
     Each task is seeded the same way whatever its position (``seed_everything`` before its head
     is created), so equal final accuracies across orders show order invariance exactly.
+    ``checkpoint`` (a ``pipelines.tune_checkpoints.TuneTrialCheckpoints``): every epoch of every
+    task is reported with a checkpoint of the whole trial; a retried trial rebuilds the tasks
+    done, loads the model and resumes the task it was in at its epoch (``resumed_task``,
+    ``resumed_epoch``), with the same results as a trial never stopped.
     """
     tr = TrainParams(**spec["train"])
     order = list(spec["order"])
@@ -129,33 +154,49 @@ def recast_sequence_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = N
     rc, report = _mimicked(backbone, MimicArch(**spec["recast"]), spec["apply_seed"], spec["seed"])
     rc.drop_reference()
     cfg = tr.recipe(spec["device"])
-    tests, acc_matrix, val_acc, seconds, steps = {}, [], {}, 0.0, 0
-    step_time = 0.0
+    acc: dict[str, Any] = {"acc_matrix": [], "val_acc": {}, "seconds": 0.0, "steps": 0, "step_time": 0.0}
+    saved = checkpoint.load() if checkpoint is not None else None
+    first = saved[1]["sequence"]["task"] if saved is not None else 0
+    if saved is not None:
+        acc = {k: v for k, v in saved[1]["sequence"].items() if k != "task"}
+    tests, resumed_epoch = {}, 0
     for i, task in enumerate(order):
         data = inputs.task(f"task/{task}")
         seed_everything(spec["seed"])
         rc.add_task(task, num_classes=data.num_classes)
         rc.set_task(task)
         train, val, tests[task] = task_loaders(data, tr, spec["seed"])
+        if i < first:
+            continue
+        if i == first and saved is not None:  # the tasks done are built: load their state
+            rc.load_state_dict({k[3:]: v for k, v in saved[0].items() if k.startswith("rc.")})
+            rc.set_task(task)
         hook = None if on_epoch is None else (lambda h, i=i: on_epoch({**h, "task_index": i}))
+        store = None if checkpoint is None else _SequenceFit(checkpoint, rc, i, acc, saved if i == first else None)
         res = fit(rc, [p for p in rc.parameters() if p.requires_grad], train, val, cfg, desc=f"{spec['id']}:{task}",
-                  on_epoch=hook)
-        val_acc[task], seconds, steps = res.best_val_acc, seconds + res.seconds, steps + res.steps
-        step_time += res.seconds_per_step * res.steps
+                  on_epoch=hook, checkpoint=store)
+        acc["val_acc"][task] = res.best_val_acc
+        acc["seconds"], acc["steps"] = acc["seconds"] + res.seconds, acc["steps"] + res.steps
+        acc["step_time"] += res.seconds_per_step * res.steps
         row = []
         for earlier in order[: i + 1]:
             rc.set_task(earlier, freeze=False)
             row.append(evaluate(rc, tests[earlier], cfg.device))
-        acc_matrix.append(row + [None] * (len(order) - i - 1))
+        acc["acc_matrix"].append(row + [None] * (len(order) - i - 1))
+        if i == first:
+            resumed_epoch = res.resumed_epoch
+    acc_matrix = acc["acc_matrix"]
     final = {t: acc_matrix[-1][j] for j, t in enumerate(order)}
     forgetting = [f for f in forgetting_per_task(acc_matrix) if f is not None]
     counts = count_parameters(rc, order[0])
     return {
         **_mimic_metrics(report), "task_names": order, "acc_matrix": acc_matrix, "final_acc": final,
-        "val_acc_per_task": val_acc, "avg_acc": sum(final.values()) / len(final),
+        "val_acc_per_task": acc["val_acc"], "avg_acc": sum(final.values()) / len(final),
         "avg_forgetting": sum(forgetting) / len(forgetting) if forgetting else 0.0,
         "coefficients": counts.coefficients, "templates": counts.templates,
-        "train_seconds": seconds, "steps": steps, "seconds_per_step": step_time / max(steps, 1),
+        "train_seconds": acc["seconds"], "steps": acc["steps"],
+        "seconds_per_step": acc["step_time"] / max(acc["steps"], 1),
+        "resumed_task": first, "resumed_epoch": resumed_epoch,
     }
 
 
@@ -164,15 +205,26 @@ def continual_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
     """``stages.jobs.sequential.continual_job`` over the spec's order, final accuracies keyed by task
     (``recast.baselines.run_sequential`` has no per-epoch hook). With ``score_val`` (``hpo``): after
     each task, ``on_epoch`` gets ``val_acc`` = the mean validation accuracy of every task seen,
-    measured then; the final ``val_acc`` is that mean at the end of the stream (forgetting counts)."""
-    rows: list[list[float]] = []
+    measured then; the final ``val_acc`` is that mean at the end of the stream (forgetting counts).
+
+    ``checkpoint`` (a ``pipelines.tune_checkpoints.TuneSequenceCheckpoints``): each task is reported
+    with its checkpoint instead of through ``on_epoch`` (scored or not: ``tasks_done``); a retried
+    trial resumes after its last finished task (``resumed_task``), its validation rows so far
+    restored from the checkpoint."""
+    state: dict[str, Any] = checkpoint.state if checkpoint is not None else {}  # load() replaces it
 
     def on_task(i: int, val_row: list[float]) -> None:
-        rows.append(val_row)
-        if on_epoch is not None:
-            on_epoch({"val_acc": sum(val_row) / len(val_row), "tasks_done": i + 1})
+        held = checkpoint.state if checkpoint is not None else state
+        held.setdefault("rows", []).append(val_row)
+        entry = {"val_acc": sum(val_row) / len(val_row), "tasks_done": i + 1}
+        if checkpoint is not None:
+            checkpoint.pending = entry  # reported with the task's checkpoint
+        elif on_epoch is not None:
+            on_epoch(entry)
 
-    meta = continual_job(spec, inputs, on_task=on_task if spec.get("score_val") else None).metrics
+    meta = continual_job(spec, inputs, on_task=on_task if spec.get("score_val") else None,
+                         checkpoint=checkpoint).metrics
+    rows = (checkpoint.state if checkpoint is not None else state).get("rows", [])
     meta["final_acc"] = dict(zip(meta["task_names"], meta["final_acc"], strict=True))
     if spec.get("score_val"):
         meta["val_acc_by_task"] = dict(zip(meta["task_names"], rows[-1], strict=True))
@@ -214,13 +266,15 @@ _KINDS = {"tune": tune_trial, "stage_tune": stage_tune_trial, "recast_sequence":
 def run_trial(spec: dict, inputs: JobInputs, on_epoch: EpochHook = None,
               checkpoint: Checkpointer | None = None) -> dict[str, Any]:
     """Run the spec's kind with its inputs; add the trial's peak memory and wall time.
-    ``checkpoint``: the epoch checkpoints of a kind in ``CHECKPOINTED_KINDS`` (ignored by the others)."""
+    ``checkpoint``: the epoch checkpoints of a kind in ``CHECKPOINTED_KINDS`` or the task checkpoints of
+    one in ``SEQUENCE_CHECKPOINTED_KINDS`` (ignored by the others)."""
     kind = spec.get("kind")
     if kind not in _KINDS:
         raise ValueError(f"unknown trial kind {kind!r}; choose one of {sorted(_KINDS)}")
     reset_peak_memory(spec["device"])
     rss_start = current_rss_mb()
     start = time.perf_counter()
-    meta = _KINDS[kind](spec, inputs, on_epoch, checkpoint if kind in CHECKPOINTED_KINDS else None)
+    kept = checkpoint if kind in CHECKPOINTED_KINDS + SEQUENCE_CHECKPOINTED_KINDS else None
+    meta = _KINDS[kind](spec, inputs, on_epoch, kept)
     return {**meta, "trial_seconds": time.perf_counter() - start, "rss_start_mb": rss_start,
             **peak_memory(spec["device"], rss_start)}

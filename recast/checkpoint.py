@@ -13,9 +13,11 @@ I/O of its own.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 FORMAT = "recast-fit-checkpoint/1"
@@ -66,6 +68,31 @@ def unpack_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor
         state.setdefault(int(index), {})[name] = value
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
     opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def pack_rng_states(device: str | torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every global RNG a training step may draw from: torch's (CPU, and CUDA on a CUDA device) as
+    tensors, numpy's legacy global state (its key as a tensor, the rest JSON) and Python's
+    ``random`` (JSON)."""
+    tensors = {"rng.cpu": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    kind, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    tensors["rng.numpy"] = torch.from_numpy(key.astype(np.int64))
+    version, state, next_gauss = random.getstate()
+    return tensors, {"numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+                     "python": [version, list(state), next_gauss]}
+
+
+def unpack_rng_states(tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: str | torch.device) -> None:
+    """Set the global RNGs to what ``pack_rng_states`` saved."""
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], torch.device(device))
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, state, next_gauss = meta["python"]
+    random.setstate((version, tuple(state), next_gauss))
 
 
 def pack_fit_state(

@@ -131,6 +131,14 @@ class ERACE(ReplayMethod):
         super().before_task(task)
         self.seen_max = -1
 
+    def extra_checkpoint_state(self) -> tuple[dict[str, Tensor], dict]:
+        tensors, meta = super().extra_checkpoint_state()
+        return tensors, {**meta, "seen_max": self.seen_max}  # mid-task: the ACE mask so far
+
+    def load_extra_checkpoint_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        super().load_extra_checkpoint_state(tensors, meta)
+        self.seen_max = int(meta["seen_max"])
+
     def training_loss(self, x: Tensor, y: Tensor, task: TaskSpec, raw: Tensor | None = None) -> Tensor:
         assert self.buffer is not None
         logits = self(x, task.name)

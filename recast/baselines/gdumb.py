@@ -145,8 +145,9 @@ class GDumb(ContinualMethod):
             head.reset_parameters()
 
     def fit_task(self, task: TaskSpec, cfg: TuneConfig, progress: bool = False) -> None:
-        self.fill_memory(task.train)
-        self.reset()
+        if not self.resuming_task:  # resumed inside the training: memory and reset are in the checkpoint
+            self.fill_memory(task.train)
+            self.reset()
         assert self.buffer is not None
         train_epochs(self, _MemoryBatches(self.buffer, self.cfg.batch_size),
                      self.memory_loss, self.trainable_parameters(), cfg,

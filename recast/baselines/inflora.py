@@ -91,7 +91,8 @@ class InfLoRALinear(nn.Module):
         super().__init__()
         self.base = base
         w = base.weight
-        self.register_buffer("down", down.to(device=w.device, dtype=w.dtype))  # (r, in)
+        # contiguous: a transposed A (as designed) and one loaded from a checkpoint run the same kernels
+        self.register_buffer("down", down.to(device=w.device, dtype=w.dtype).contiguous())  # (r, in)
         self.register_buffer("rows", rows.to(w.device))  # (R,)
         self.up = nn.Parameter(torch.zeros(rows.numel(), down.shape[0], device=w.device, dtype=w.dtype))  # (R, r)
 
@@ -190,10 +191,22 @@ class InfLoRA(ContinualMethod):
         state_dict): no branch design from its data."""
         ContinualMethod.before_task(self, task)
 
+    def rebuild_current_task(self, task: TaskSpec, module: dict[str, Tensor], extra: dict[str, Any]) -> None:
+        """The task in progress at a mid-task checkpoint: its head and its branches, each A
+        (``down``) and its rows taken from the checkpoint (no branch design from the data again);
+        B (``up``) is loaded with the rest of the state_dict."""
+        ContinualMethod.before_task(self, task)
+        for name in extra["branches"]:
+            base = self.net.backbone.get_submodule(name)
+            prefix = f"net.backbone.{name}."
+            wrapper = InfLoRALinear(base, module[prefix + "down"], module[prefix + "rows"])
+            self.branches[name] = wrapper
+            _set_submodule(self.net.backbone, name, wrapper)
+
     def extra_checkpoint_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        if self.branches:
-            raise ValueError("InfLoRA: checkpoint between tasks only (unmerged branches)")
-        return {f"memory.{k}": v for k, v in self.memory.items()}, {"ranks": dict(self.ranks)}
+        # mid-task: the unmerged branches (their A, rows and B are in the state_dict)
+        return ({f"memory.{k}": v for k, v in self.memory.items()},
+                {"ranks": dict(self.ranks), "branches": list(self.branches)})
 
     def load_extra_checkpoint_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         device = self.device

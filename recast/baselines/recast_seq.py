@@ -37,6 +37,8 @@ class RecastSequential(ContinualMethod):
         self.rc = rc
         self.tasks: list[str] = []
         self.batch_index, self.num_batches = 0, None
+        self.num_tasks: int | None = None
+        self.task_cursor = None  # set by run_sequential (epoch checkpoints inside a task)
 
     def _activate(self, task: str) -> None:
         if self.rc.active_task != task:

@@ -124,6 +124,11 @@ class SequentialResult:
             measured after each task.
         wall_time_s: seconds spent training each task (fit + after-task work, no evaluation).
         resumed_task: tasks taken from a checkpoint (0: the run started at the first task).
+        resumed_epoch: epochs of task ``resumed_task`` (0-based) taken from a checkpoint taken
+            inside it (0: the run resumed, or started, at that task's start).
+        state_sha256: ``recast.io.tensors_sha256`` of the method's state at the end of the run
+            (``checkpoint_state``: every weight, head, buffer, memory and generator): equal for
+            two runs that ended in the same state, bit for bit.
     """
 
     method: str
@@ -136,6 +141,8 @@ class SequentialResult:
     training_state_bytes: list[int]
     wall_time_s: list[float]
     resumed_task: int = 0
+    resumed_epoch: int = 0
+    state_sha256: str = ""
 
     def __post_init__(self) -> None:
         check_acc_matrix(self.acc_matrix)
@@ -187,4 +194,5 @@ class SequentialResult:
             "task_bytes": list(self.task_bytes), "bytes_per_task": self.bytes_per_task,
             "training_state_bytes": list(self.training_state_bytes),
             "wall_time_s": list(self.wall_time_s), "resumed_task": self.resumed_task,
+            "resumed_epoch": self.resumed_epoch, "state_sha256": self.state_sha256,
         }

@@ -20,10 +20,11 @@ from recast.baselines.hat import HAT, HATConfig
 from recast.baselines.inflora import InfLoRA, InfLoRAConfig
 from recast.baselines.l2p import L2P, L2PConfig
 from recast.baselines.lwf import LwF, LwFConfig
-from recast.baselines.method import ContinualMethod, unique_numel
+from recast.baselines.method import ContinualMethod, TaskCursor, unique_numel
 from recast.baselines.recast_seq import RecastSequential
 from recast.baselines.results import SequentialResult
-from recast.checkpoint import Checkpointer, CheckpointMismatchError
+from recast.checkpoint import Checkpointer, CheckpointMismatchError, pack_optimizer, pack_rng_states, unpack_rng_states
+from recast.io import tensors_sha256
 from recast.training import TuneConfig, autocast, evaluate
 
 METHODS: dict[str, tuple[type[ContinualMethod], type | None]] = {
@@ -72,7 +73,7 @@ def _check_tasks(tasks: list[TaskSpec]) -> None:
         raise ValueError(f"task names must be unique, got {names}")
 
 
-SEQUENTIAL_FORMAT = "recast-sequential-checkpoint/1"
+SEQUENTIAL_FORMAT = "recast-sequential-checkpoint/2"
 
 
 def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TuneConfig,
@@ -90,10 +91,15 @@ def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TuneConf
         tasks: the sequence; names must be unique.
         cfg: optimisation settings and seed.
         progress: tqdm bars per task; None: ``cfg.progress``.
-        checkpoint: where a checkpoint is saved after every task (the method's state, its RNG,
-            the rows measured so far; ``meta["task"]``: tasks done) and loaded from at the start:
-            a run stopped between tasks resumes there, bit-identical to a run never stopped
-            (``SequentialResult.resumed_task``).
+        checkpoint: where a checkpoint is saved after every task (the method's state, the global
+            RNGs, the rows measured so far; ``meta["task"]``: tasks done, ``meta["phase"]``
+            None) and after every epoch inside a task (the same, plus the optimizer, scheduler
+            and grad-scaler state, ``meta["phase"]``/``"phase_epoch"``/``"task_epoch"``: where in
+            the task; see ``recast.baselines.method.TaskCursor``), and loaded from at the start: a
+            run stopped anywhere resumes at its last checkpoint, bit-identical to a run never
+            stopped (``SequentialResult.resumed_task``/``resumed_epoch``). ``meta["step"]`` numbers
+            the checkpoints of a run (1, 2, ...) and ``meta["point"]`` names each: ``task:<j>``
+            (j tasks done) or ``task:<j>:epoch:<k>`` (k epochs of task j, 0-based, done).
         on_task: called after each task ``i`` with the validation accuracy of every task seen so
             far, measured then (``tasks[:i + 1]``, each ``val`` required): a sweep's score at the
             end of the stream counts forgetting. Not called for tasks restored from a checkpoint.
@@ -102,13 +108,14 @@ def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TuneConf
     _check_tasks(tasks)
     device = torch.device(cfg.device)
     size = len(tasks)
+    names = [t.name for t in tasks]
     acc: list[list[float | None]] = []
     val_acc: list[float | None] = []
     trainable: list[int] = []
     train_bytes: list[int] = []
     wall: list[float] = []
     cuda = [device] if device.type == "cuda" else []
-    first = 0
+    first, first_epoch, step, in_task = 0, 0, 0, None
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(cfg.seed)
         method.to(device)
@@ -116,28 +123,52 @@ def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TuneConf
         saved = checkpoint.load() if checkpoint is not None else None
         if saved is not None:
             tensors, meta = saved
-            names = [t.name for t in tasks]
             if meta.get("format") != SEQUENTIAL_FORMAT or meta["task_names"] != names or meta["method"] != method.name:
-                raise CheckpointMismatchError(f"checkpoint of {meta.get('method')!r} over {meta.get('task_names')}; "
-                                              f"this run: {method.name!r} over {names}")
-            first = int(meta["task"])
+                raise CheckpointMismatchError(f"checkpoint {meta.get('format')!r} of {meta.get('method')!r} over "
+                                              f"{meta.get('task_names')}; this run: {SEQUENTIAL_FORMAT!r} of "
+                                              f"{method.name!r} over {names}")
+            first, step = int(meta["task"]), int(meta["step"])
+            mid = meta["phase"] is not None
             method.restore_checkpoint({k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")},
-                                      meta["method_state"], tasks[:first])
+                                      meta["method_state"], tasks[:first], tasks[first] if mid else None)
             method.to(device)
             acc, val_acc, trainable = meta["acc_matrix"], meta["val_acc"], meta["trainable_params"]
             train_bytes, wall = meta["training_state_bytes"], meta["wall_time_s"]
-            torch.set_rng_state(tensors["rng.cpu"])
-            if cuda and "rng.cuda" in tensors:
-                torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+            unpack_rng_states(tensors, meta["rng"], device)
+            if mid:
+                first_epoch, in_task = int(meta["task_epoch"]), (tensors, meta)
         for i, task in enumerate(tasks):
             if i < first:
                 continue
             _sync(device)
-            start = time.perf_counter()
-            method.before_task(task)
-            method.to(device)
+            start = time.perf_counter() - (in_task[1]["task_seconds"] if in_task is not None else 0.0)
+            if in_task is None:  # (resumed inside this task: its structure and state are restored already)
+                method.before_task(task)
+                method.to(device)
             trainable.append(unique_numel(method.trainable_parameters()))
-            method.fit_task(task, cfg, progress)
+
+            def save_epoch(cursor: TaskCursor, phase: int, opt: torch.optim.Optimizer, sched: Any,
+                           scaler: torch.amp.GradScaler, i: int = i, start: float = start) -> None:
+                nonlocal step
+                step += 1
+                opt_tensors, opt_meta = pack_optimizer(opt)
+                _save(checkpoint, method, device, step, f"task:{i}:epoch:{cursor.task_epoch}", opt_tensors, {
+                    "task": i, "phase": phase, "phase_epoch": cursor.phase_epoch, "task_epoch": cursor.task_epoch,
+                    "optimizer": opt_meta, "scheduler": sched.state_dict() if sched is not None else None,
+                    "scaler": scaler.state_dict(), "task_seconds": time.perf_counter() - start,
+                    "task_names": names, "acc_matrix": acc, "val_acc": val_acc, "trainable_params": trainable[:i],
+                    "training_state_bytes": train_bytes, "wall_time_s": wall})
+
+            cursor = TaskCursor(save_epoch, in_task) if checkpoint is not None else None
+            method.task_cursor = cursor
+            try:
+                method.fit_task(task, cfg, progress)
+            finally:
+                method.task_cursor = None
+            if cursor is not None and cursor.resuming:  # its training never reached the checkpoint's phase
+                raise CheckpointMismatchError(f"checkpoint in phase {in_task[1]['phase']} of task {task.name!r}; "
+                                              f"this run's training of it has {cursor.phase + 1} phase(s)")
+            in_task = None
             method.after_task(task, task.train)
             _sync(device)
             wall.append(time.perf_counter() - start)
@@ -151,20 +182,27 @@ def run_sequential(method: ContinualMethod, tasks: list[TaskSpec], cfg: TuneConf
                     seen = [replace(t, test=t.val) for t in tasks[:i + 1]]
                     on_task(i, list(method.evaluate_tasks(seen, device)))
             if checkpoint is not None:
-                state, method_meta = method.checkpoint_state()
-                tensors = {f"method.{k}": v for k, v in state.items()}
-                tensors["rng.cpu"] = torch.get_rng_state()
-                if cuda:
-                    tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-                checkpoint.save(tensors, {
-                    "format": SEQUENTIAL_FORMAT, "task": i + 1, "task_names": [t.name for t in tasks],
-                    "method": method.name, "method_state": method_meta, "acc_matrix": acc, "val_acc": val_acc,
+                step += 1
+                _save(checkpoint, method, device, step, f"task:{i + 1}", {}, {
+                    "task": i + 1, "phase": None, "task_names": names, "acc_matrix": acc, "val_acc": val_acc,
                     "trainable_params": trainable, "training_state_bytes": train_bytes, "wall_time_s": wall})
     return SequentialResult(
-        method=method.name, task_names=[t.name for t in tasks], acc_matrix=acc, val_acc=val_acc,
+        method=method.name, task_names=names, acc_matrix=acc, val_acc=val_acc,
         trainable_params=trainable, shared_bytes=state_bytes(method.shared_state()),
         task_bytes=[state_bytes(method.task_state(t.name)) for t in tasks],
-        training_state_bytes=train_bytes, wall_time_s=wall, resumed_task=first)
+        training_state_bytes=train_bytes, wall_time_s=wall, resumed_task=first, resumed_epoch=first_epoch,
+        state_sha256=tensors_sha256(method.checkpoint_state()[0]))
+
+
+def _save(checkpoint: Checkpointer, method: ContinualMethod, device: torch.device, step: int, point: str,
+          tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """One checkpoint of ``run_sequential``: the method's state, the global RNGs, ``tensors``
+    (the optimizer's, inside a task) and ``meta``."""
+    state, method_meta = method.checkpoint_state()
+    rng_tensors, rng_meta = pack_rng_states(device)
+    checkpoint.save({**{f"method.{k}": v for k, v in state.items()}, **rng_tensors, **tensors}, {
+        "format": SEQUENTIAL_FORMAT, "step": step, "point": point, "method": method.name,
+        "method_state": method_meta, "rng": rng_meta, **meta})
 
 
 def _sync(device: torch.device) -> None:

@@ -65,7 +65,8 @@ class Remote:
 
 # Digests: CIFAR and Flowers from torchvision's dataset classes; CUB-200-2011's md5 is the one
 # published with the CaltechDATA record; Indoor-67's sha1 and Aircraft's sha256 are those pinned by
-# other projects (the authors publish none). TrainImages.txt / TestImages.txt have no digest.
+# other projects (the authors publish none), NOT verified here (no internet where this was written: only
+# the download tests' local archives). TrainImages.txt / TestImages.txt have no digest.
 REMOTES: dict[str, tuple[Remote, ...]] = {
     "cifar10": (Remote("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
                        "md5:c58f30108f718f92721af3b95e74349a"),),

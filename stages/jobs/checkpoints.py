@@ -9,8 +9,9 @@ over at epoch 0.
 A checkpoint is ``<unit>-<n>.safetensors`` (tensors) + ``<unit>-<n>.json`` (the rest, and the
 sha256 of the tensor file), each written to a temporary name and moved into place, the JSON
 last; the two newest are kept. The unit is ``epoch`` for a per-task job (``recast.training.fit``
-after epoch n) and ``task`` for a sequential baseline (``recast.baselines.run_sequential`` after
-task n). ``load`` takes the newest whose tensor file matches its digest;
+after epoch n) and ``step`` for a sequential baseline (``recast.baselines.run_sequential``: its
+n-th checkpoint, after an epoch inside a task or after a task; ``meta["point"]`` says which,
+``task:<j>:epoch:<k>`` or ``task:<j>``). ``load`` takes the newest whose tensor file matches its digest;
 a torn one (truncated, missing, edited) is skipped with a warning, falling back to the previous
 one or to the start. A finished job deletes the directory (``clear``).
 """
@@ -31,15 +32,15 @@ from stages.jobs.faults import maybe_fault
 
 log = logging.getLogger(__name__)
 KEEP = 2
-UNITS = ("epoch", "task")
+UNITS = ("epoch", "step")
 
 
 class JobCheckpoints:
     """The ``recast.checkpoint.Checkpointer`` of one job, over ``pyarrow.fs`` (local path or URI).
 
-    ``after_save(point)`` (optional; ``"epoch:<n>"`` or ``"task:<n>"``) runs once a checkpoint is
-    complete: the fault injection of the tests (``stages.jobs.faults.maybe_fault``) kills the
-    worker there.
+    ``after_save(point)`` (optional; ``"epoch:<n>"``, or a sequential checkpoint's ``meta["point"]``:
+    ``"task:<j>"``, ``"task:<j>:epoch:<k>"``) runs once a checkpoint is complete: the fault injection
+    of the tests (``stages.jobs.faults.maybe_fault``) kills the worker there.
     """
 
     def __init__(self, location: str, after_save=None) -> None:
@@ -68,7 +69,7 @@ class JobCheckpoints:
             return fh.read()
 
     def save(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        unit = "epoch" if "epoch" in meta else "task"
+        unit = "step" if "step" in meta else "epoch"
         n = int(meta[unit])
         self.fs.create_dir(self.root, recursive=True)
         blob = save({k: v.contiguous() for k, v in tensors.items()})
@@ -82,7 +83,7 @@ class JobCheckpoints:
                 except (OSError, FileNotFoundError):
                     pass  # already gone
         if self.after_save is not None:
-            self.after_save(f"{unit}:{n}")
+            self.after_save(meta.get("point") or f"{unit}:{n}")
 
     def load(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         saved = self._saved()

@@ -10,6 +10,7 @@ from dataclasses import replace
 import torch
 
 from recast.baselines import TaskSpec, make_method, run_sequential
+from recast.checkpoint import Checkpointer
 from recast.data.augment import TaskAugment
 from stages.config.common import record_nondeterminism, resolve, seed_everything
 from stages.config.params import TrainParams, TuneParams
@@ -45,10 +46,12 @@ def continual_specs(stage: str, p: TuneParams, device: str, store: InputStore) -
     return specs
 
 
-def continual_job(spec: dict, inputs: JobInputs,
-                  on_task: Callable[[int, list[float]], None] | None = None) -> JobResult:
+def continual_job(spec: dict, inputs: JobInputs, on_task: Callable[[int, list[float]], None] | None = None,
+                  checkpoint: Checkpointer | None = None) -> JobResult:
     """Ray task: one sequential continual-learning baseline over all tasks of one arch.
-    ``on_task``: ``run_sequential``'s (the validation accuracy of every task seen, after each task)."""
+    ``on_task``: ``run_sequential``'s (the validation accuracy of every task seen, after each task).
+    ``checkpoint``: where its checkpoints go (a sweep trial's, through Tune); default the job's own
+    (``stages.jobs.checkpoints.job_checkpoints``: deleted when the job finishes)."""
     seed_everything(spec["seed"])
     tr = TrainParams(**spec["train"])
     if spec["method_name"] == "recast":
@@ -81,13 +84,15 @@ def continual_job(spec: dict, inputs: JobInputs,
     cfg = replace(tr.recipe(spec["device"], spec.get("lr")), seed=spec["seed"], precision=spec.get("precision", "fp32"))
     if spec["method_name"] != "recast":
         cfg = replace(cfg, freeze_bn_stats=False)
-    checkpoints = job_checkpoints(spec)
+    own = job_checkpoints(spec) if checkpoint is None else None
     with record_nondeterminism() as nondeterministic:
-        out = run_sequential(method, tasks, cfg, progress=False, checkpoint=checkpoints, on_task=on_task).to_json()
-    if out["resumed_task"]:
-        log.warning("%s: resumed after task %d from its checkpoint", spec["id"], out["resumed_task"])
-    if checkpoints is not None:
-        checkpoints.clear()  # finished: its result goes to the job cache
+        out = run_sequential(method, tasks, cfg, progress=False, checkpoint=checkpoint or own, on_task=on_task).to_json()
+    if out["resumed_task"] or out["resumed_epoch"]:
+        log.warning("%s: resumed at task %d (%s) epoch %d from its checkpoint", spec["id"], out["resumed_task"],
+                    spec["task_order"][out["resumed_task"]] if out["resumed_task"] < len(spec["task_order"]) else "end",
+                    out["resumed_epoch"])
+    if own is not None:
+        own.clear()  # finished: its result goes to the job cache
     return JobResult({**out, "arch": spec["arch"], "method": spec["method_name"], "seed": spec["seed"],
                       "sequential": True, "lr": cfg.lr, "epochs": cfg.epochs, "precision": cfg.precision,
                       "torch_threads": torch.get_num_threads()}, nondeterministic=nondeterministic)

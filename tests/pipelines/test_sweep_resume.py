@@ -116,6 +116,43 @@ def test_trial_killed_after_an_epoch_resumes_from_its_tune_checkpoint(
     assert clean["trials"] == killed["trials"] == 1
 
 
+@pytest.mark.slow  # fault injection: two sequence trials' workers killed mid-stream (~1 min)
+def test_sequence_trials_killed_mid_stream_resume_from_their_tune_checkpoints(
+        stage_outputs, write_config, local_ray, monkeypatch, tmp_path: Path) -> None:
+    """``order``: the ``recast_sequence`` trial loses its worker after epoch 1 of its second task,
+    the ``continual`` (EWC) one after its first task; Tune's retries resume there
+    (``resumed_task``/``resumed_epoch``) and end with the results of a sweep never interrupted."""
+    faults, markers = tmp_path / "faults", tmp_path / "markers"
+    tasks = ["mnist_lo5", "mnist_hi5_inv"]
+    fields = {"tasks": tasks, "orders": [tasks], "continual": ["ewc"], "continual_epochs": 2,
+              "train": {"epochs": 2, "lr": 0.01, "step_size": 10, "batch_size": 32, "limit_train": 32,
+                        "limit_eval": 32}}
+    clean = main(["--sweep", "order", "--config", str(write_config("order", **fields)), "--num-cpus", "2"])
+    local_ray.shutdown()
+    monkeypatch.setenv(FAULT_ENV, str(faults))
+    monkeypatch.setenv(FAULT_POINT_ENV, "task:1:epoch:1,task:1")
+    monkeypatch.setenv(MARKER_ENV, str(markers))
+    config = write_config("order", **fields, out_dir=str(tmp_path / "sweeps-killed"),
+                          runtime={"cache_dir": str(tmp_path / "cache-killed"), "experiment": "sweep-killed",
+                                   "progress": False})
+    killed = main(["--sweep", "order", "--config", str(config), "--num-cpus", "2"])
+    label = "mnist_lo5>mnist_hi5_inv"  # the trial id, its "/" as "_"
+    trial = {"recast": f"order_vit_recast_{label}_s42", "ewc": f"order_vit_ewc_{label}_s42"}
+    assert sorted(p.name for p in faults.iterdir()) == sorted(
+        [f"{trial['recast']}.task1.epoch1.killed", f"{trial['ewc']}.task1.killed"])
+    assert computed(markers) == {trial["recast"]: 2, trial["ewc"]: 2}  # each started twice, resumed once
+    rows = {r["name"]: r for r in pq.read_table(tmp_path / "sweeps-killed/order/results.parquet").to_pylist()}
+    before = {r["name"]: r for r in pq.read_table(tmp_path / "sweeps/order/results.parquet").to_pylist()}
+    assert {n: (r["resumed_task"], r["resumed_epoch"]) for n, r in rows.items()} == {"recast": (1, 1), "ewc": (1, 0)}
+    assert {n: (r["resumed_task"], r["resumed_epoch"]) for n, r in before.items()} == {"recast": (0, 0),
+                                                                                        "ewc": (0, 0)}
+    for name in rows:  # same thread count, same machine: the resumed trials computed the same numbers
+        assert (rows[name]["acc_matrix"], rows[name]["avg_acc"]) == (before[name]["acc_matrix"],
+                                                                    before[name]["avg_acc"])
+    assert rows["ewc"]["state_sha256"] == before["ewc"]["state_sha256"]
+    assert clean["trials"] == killed["trials"] == 2
+
+
 def _driver(config: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
     """``python -m pipelines.sweep`` in its own session (its local Ray starts inside it)."""
     return subprocess.Popen([sys.executable, "-m", "pipelines.sweep", "--sweep", "budget", "--config", str(config)],

@@ -24,13 +24,13 @@ TINY = {
     "k": ({"recast": {"preset": "recast_att", "overrides": {"groups": 3, "templates": 2}}, "coef_sets": [1]}, 1, 2),
     "targets": ({"presets": ["recast_att"], "overrides": {"groups": 3}}, 1, 2),
     "budget": ({"methods": {"lora": {"adapter": {"preset": "lora_tiny"}}}}, 1, 2),
-    # recast: one epoch per task (2) + final; lwf: one final report
+    # recast: one epoch per task (2) + final; lwf: one report per task (its Tune checkpoint) + final
     "order": ({"tasks": TWO_TASKS, "orders": [TWO_TASKS], "continual": ["lwf"], "continual_epochs": 1}, 2, None),
     "seeds": ({"methods": {"recast": {"kind": "recast"}}, "seeds": [42]}, 1, 2),
     # the pipeline config's recast and ewc, each trial on both tasks: 2 lrs x 2 methods
     "hpo": ({"num_samples": 2, "lr": [0.005, 0.05], "grace_period": 1}, 4, None),
 }
-ORDER_ITERATIONS = {"recast": 3, "lwf": 1}
+ORDER_ITERATIONS = {"recast": 3, "lwf": 3}
 
 
 @pytest.fixture(scope="module")

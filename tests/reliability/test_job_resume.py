@@ -68,7 +68,9 @@ def _sequential_spec(project: Path, store: InputStore, **extra) -> dict:
             **extra}
 
 
-COMPARED = ("acc_matrix", "final_acc", "val_acc", "avg_acc", "forgetting", "trainable_params", "training_state_bytes")
+# state_sha256: the digest of the method's whole final state (every weight, head, Fisher, generator)
+COMPARED = ("acc_matrix", "final_acc", "val_acc", "avg_acc", "forgetting", "trainable_params", "training_state_bytes",
+            "state_sha256")
 
 
 def _run(spec: dict, store: InputStore) -> tuple[dict, dict]:
@@ -82,7 +84,8 @@ def _run(spec: dict, store: InputStore) -> tuple[dict, dict]:
 def sequential_reference(project) -> dict:
     store = InputStore()
     meta, tensors = _run(_sequential_spec(project, store), store)
-    assert meta["resumed_task"] == 0 and tensors == {}
+    assert (meta["resumed_task"], meta["resumed_epoch"]) == (0, 0) and tensors == {}
+    assert len(meta["state_sha256"]) == 64
     return {k: meta[k] for k in COMPARED}
 
 
@@ -144,19 +147,53 @@ def test_torn_checkpoint_falls_back_with_a_warning(project, reference, tmp_path,
     assert tensors_sha256(payload) == reference
 
 
-def test_sequential_job_stopped_after_task_1_resumes_with_the_same_results(project, sequential_reference, tmp_path,
-                                                                           monkeypatch):
+# the sequential job's checkpoints (EWC, 2 tasks of 2 epochs): step-1 task:0:epoch:1, step-2
+# task:0:epoch:2, step-3 task:1, step-4 task:1:epoch:1, step-5 task:1:epoch:2, step-6 task:2
+def _files(*steps: int) -> list[str]:
+    return sorted(f"step-{n}.{ext}" for n in steps for ext in ("json", "safetensors"))
+
+
+@pytest.mark.parametrize("stop, files, resumed", [("task:1", (2, 3), (1, 0)), ("task:1:epoch:1", (3, 4), (1, 1))])
+def test_sequential_job_stopped_resumes_with_the_same_results(project, sequential_reference, tmp_path, monkeypatch,
+                                                               caplog, stop, files, resumed):
+    """Stopped after task 1, or after epoch 1 of task 1 (of 2): the retry resumes there, logs it,
+    and ends in the same state, bit for bit (state_sha256)."""
     store = InputStore()
     spec = _sequential_spec(project, store, checkpoint_dir=str(tmp_path / "ckpt"))
-    monkeypatch.setattr(checkpoints, "maybe_fault", _raise_at("task:1"))
+    monkeypatch.setattr(checkpoints, "maybe_fault", _raise_at(stop))
     with pytest.raises(Killed):
         _run(spec, store)
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["task-1.json", "task-1.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == _files(*files)
     monkeypatch.setattr(checkpoints, "maybe_fault", lambda job_id, point: None)
-    meta, _ = _run(spec, store)
-    assert meta["resumed_task"] == 1
+    with caplog.at_level("WARNING", logger="stages.jobs.sequential"):
+        meta, _ = _run(spec, store)
+    assert (meta["resumed_task"], meta["resumed_epoch"]) == resumed
+    assert [r.getMessage() for r in caplog.records if "resumed" in r.getMessage()] == [
+        f"{spec['id']}: resumed at task 1 (task_s) epoch {resumed[1]} from its checkpoint"]
     assert {k: meta[k] for k in COMPARED} == sequential_reference
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("torn, resumed", [(["step-4"], (1, 0)), (["step-3", "step-4"], (0, 0))])
+def test_torn_mid_task_checkpoint_falls_back_with_a_warning(project, sequential_reference, tmp_path, monkeypatch,
+                                                            caplog, torn, resumed):
+    """The newest checkpoint (inside task 1) truncated: the job falls back to the one after task 1,
+    or, both truncated, to the start; a warning each, the same final state."""
+    store = InputStore()
+    spec = _sequential_spec(project, store, checkpoint_dir=str(tmp_path / "ckpt"))
+    monkeypatch.setattr(checkpoints, "maybe_fault", _raise_at("task:1:epoch:1"))
+    with pytest.raises(Killed):
+        _run(spec, store)
+    monkeypatch.setattr(checkpoints, "maybe_fault", lambda job_id, point: None)
+    for name in torn:
+        path = tmp_path / "ckpt" / f"{name}.safetensors"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    meta, _ = _run(spec, store)
+    torn_lines = [r.getMessage() for r in caplog.records if "is torn" in r.getMessage()]
+    assert len(torn_lines) == len(torn) and re.search(r"step-4 is torn .*sha256", torn_lines[0])
+    assert torn_lines[-1].endswith("falling back to " + ("the step-3 one" if resumed[0] else "the start"))
+    assert (meta["resumed_task"], meta["resumed_epoch"]) == resumed
+    assert {k: meta[k] for k in COMPARED} == sequential_reference
 
 
 def test_bf16_job_trains_under_autocast_and_gives_an_fp32_payload(project, reference):
@@ -172,12 +209,12 @@ def test_bf16_job_trains_under_autocast_and_gives_an_fp32_payload(project, refer
 @pytest.mark.timeout(600)
 def test_ray_workers_killed_mid_job_are_retried_and_resume(project, reference, sequential_reference, tmp_path,
                                                            monkeypatch):
-    """The per-task job loses its worker after epoch 2, the sequential one after task 1."""
+    """The per-task job loses its worker after epoch 2, the sequential one after epoch 1 of task 1."""
     import ray
 
     fault_dir = tmp_path / "faults"
     monkeypatch.setenv(FAULT_ENV, str(fault_dir))
-    monkeypatch.setenv(FAULT_POINT_ENV, "epoch:2,task:1")
+    monkeypatch.setenv(FAULT_POINT_ENV, "epoch:2,task:1:epoch:1")
     if ray.is_initialized():
         ray.shutdown()
     rt = RuntimeParams(num_cpus=2, cpus_per_task=1, max_retries=1, cache_dir=str(tmp_path / "cache"),
@@ -186,18 +223,23 @@ def test_ray_workers_killed_mid_job_are_retried_and_resume(project, reference, s
     per_task, sequential = _spec(project, store), _sequential_spec(project, store)
     try:
         done = run_jobs("tune", dispatch, [per_task, sequential], rt, inputs=store)
+        logs = Path(ray._private.worker._global_node.get_logs_dir_path())
     finally:
         ray.shutdown()
     assert sorted(p.name for p in fault_dir.iterdir()) == [
-        "tune_vit_ewc_sequential_s0.task1.killed", "tune_vit_recast_task_r_s0.epoch2.killed"]
+        "tune_vit_ewc_sequential_s0.task1.epoch1.killed", "tune_vit_recast_task_r_s0.epoch2.killed"]
+    said = [line for f in logs.glob("worker-*.err") for line in f.read_text(errors="replace").splitlines()
+            if "resumed at" in line]  # the retries' own log lines (a worker's stderr)
+    assert sorted(said) == [f"{sequential['id']}: resumed at task 1 (task_s) epoch 1 from its checkpoint",
+                            f"{per_task['id']}: resumed at epoch 2 from its checkpoint"]
     meta, payload = done[per_task["id"]].metrics, done[per_task["id"]].tensors
     assert meta["resumed_epoch"] == 2  # the retry started at epoch 2, not 0
     assert tensors_sha256(payload) == reference
     meta = done[sequential["id"]].metrics
-    assert meta["resumed_task"] == 1  # after task 1, not from the first task
-    assert {k: meta[k] for k in COMPARED} == sequential_reference
+    assert (meta["resumed_task"], meta["resumed_epoch"]) == (1, 1)  # inside task 1, not from its start
+    assert {k: meta[k] for k in COMPARED} == sequential_reference  # state_sha256 included
     assert not any(Path(checkpoint_location(rt, "tune", s)).exists() for s in (per_task, sequential))
-    assert os.environ[FAULT_POINT_ENV] == "epoch:2,task:1"
+    assert os.environ[FAULT_POINT_ENV] == "epoch:2,task:1:epoch:1"
 
 
 def test_checkpoints_under_a_storage_uri_keep_the_two_newest_and_clear(tmp_path):
