@@ -144,9 +144,10 @@ def save_payload(rc: RecastModel, task: str, path: str | os.PathLike,
     for k, v in (extra_tensors or {}).items():
         tensors[f"extra.{k}"] = v
     head = rc.task_heads.heads[task] if rc.task_heads is not None and task in rc.task_heads.heads else None
+    packed_head = rc.packed is not None and task in rc.packed and "head.weight" in tensors
     meta = {
         "kind": "recast-payload", "version": FORMAT_VERSION, "task": task,
-        "num_classes": head.out_features if head is not None else None,
+        "num_classes": head.out_features if head is not None else rc.num_classes(task) if packed_head else None,
         "config": _config_dict(rc), "bank_sha256": bank_sha256(rc),
         "payload_sha256": tensors_sha256(tensors),
         "numel": int(sum(t.numel() for t in tensors.values())),
