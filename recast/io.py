@@ -64,10 +64,13 @@ def save_tensors(tensors: dict[str, torch.Tensor], meta: dict, path: str | os.Pa
     return st
 
 
-def write_tensor_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """``path`` as safetensors with the project's header metadata, byte-reproducible: the same
-    tensors always give the same bytes (no temp file: callers write to a temp name and rename)."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=TENSOR_FILE_METADATA)
+def write_tensor_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                      metadata: dict[str, str] | None = None) -> None:
+    """``path`` as safetensors with the project's header metadata (and ``metadata``),
+    byte-reproducible: the same tensors always give the same bytes (no temp file: callers write
+    to a temp name and rename)."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
+              metadata={**(metadata or {}), **TENSOR_FILE_METADATA})
     _sort_metadata(Path(path))
 
 

@@ -4,10 +4,14 @@ pyfunc model (``RecastServed``), answering mixed-task batches in one ``rc(x, tas
 What a logged version holds is its ``model_config`` (JSON), never tensors: the URI of the base
 (backbone + banks + base coefficients, logged ONCE per bank sha256 by ``stages.serving.build``),
 the bank sha256, the input shape, and per task the pinned registry URI of its payload
-(``models:/recast.<arch>.<method>.<task>/<version>``). ``load_context`` downloads them, checks
-every payload's bank sha256 against the served banks before loading any, and builds ONE
-RecastModel. A new version for one more task therefore adds a line to the config, and the
-banks are neither re-saved nor copied.
+(``models:/recast.<arch>.<method>.<task>/<version>``), and the packs holding those payloads
+(``stages.serving.packs``: URI, sha256, tasks). ``load_context`` fetches the packs through the
+local payload cache (a few files, verified by sha256; a version logged before packs existed is
+read payload by payload), checks every payload's bank sha256 against the served banks before
+loading any, and builds ONE RecastModel whose tasks are packed (``recast.packed``: every task's
+coefficients in one tensor, heads in another, no module per task). A new version for one more
+task therefore adds a line to the config and a pack of that task, and the banks are neither
+re-saved nor copied.
 
 The config also holds each task's evaluation transform (mean and std of its prepared data) and
 ``max_rows``, the most rows one request may hold (``DEFAULT_MAX_ROWS`` unless the build sets it).
@@ -25,16 +29,16 @@ server's worker threads) share only the loaded, read-only ``RecastModel``.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
-from recast.io import load_payload, read_meta
+from recast.io import bank_sha256, read_meta
 from stages.jobs.backbones import load_backbone
 from stages.serving.errors import (
-    BankMismatchError,
     EmptyBatchError,
     RequestError,
     RowLimitError,
@@ -42,10 +46,12 @@ from stages.serving.errors import (
     UnknownServedTaskError,
 )
 from stages.serving.inputs import TaskTransform, images_tensor
+from stages.serving.packs import PayloadCache, check_entry, pack_entry, read_pack
 
 # isort: split
 import mlflow  # noqa: E402
 
+log = logging.getLogger(__name__)
 BASE_ARTIFACT = "base"  # artifact path of the base run: pretrain/<arch>.{json,safetensors}, mimic/<arch>/...
 DEFAULT_MAX_ROWS = 256  # rows per request unless the build sets ``max_rows``
 
@@ -58,12 +64,21 @@ def payload_files(directory: str | Path) -> Path:
     return found[0].with_suffix("")
 
 
-def check_bank(task: str, stem: Path, served_sha: str, where: str = "") -> dict[str, Any]:
-    """The payload's sidecar; ``BankMismatchError`` unless it was made against ``served_sha``."""
-    meta = read_meta(stem)
-    if meta.get("bank_sha256") != served_sha:
-        raise BankMismatchError(task, str(meta.get("bank_sha256")), served_sha, where)
-    return meta
+def read_payload_files(stem: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, sidecar) of the payload ``<stem>.safetensors`` + ``<stem>.json``."""
+    from safetensors.torch import load_file
+
+    return load_file(f"{stem}.safetensors"), read_meta(stem)
+
+
+PACKABLE_HEAD = ({"head.weight", "head.bias"}, set())  # head keys a packed task holds (recast.packed)
+
+
+def _packable(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether a payload's tensors fit packed tasks: coefficients and a Linear head with a bias
+    (or none); anything else (biases, norms, BatchNorm statistics) is loaded task by task."""
+    head = {k for k in tensors if not k.startswith("coefs.")}
+    return head in PACKABLE_HEAD
 
 
 class RecastServed(mlflow.pyfunc.PythonModel):
@@ -76,18 +91,56 @@ class RecastServed(mlflow.pyfunc.PythonModel):
         self.bank_sha, self.shape = cfg["bank_sha256"], tuple(cfg["image_shape"])
         base = Path(mlflow.artifacts.download_artifacts(artifact_uri=cfg["base_uri"]))
         rc = load_backbone(self.arch, base / "pretrain", base / "mimic").recast()
-        stems = {}
-        for task, uri in cfg["payloads"].items():  # every sidecar checked before any payload is loaded
-            stems[task] = payload_files(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-            check_bank(task, stems[task], self.bank_sha, uri)
-        for task, stem in stems.items():
-            load_payload(rc, stem, task=task)
+        if bank_sha256(rc) != self.bank_sha:
+            raise ServingError(f"the base {cfg['base_uri']} holds banks {bank_sha256(rc)[:12]}, the model config "
+                               f"names {self.bank_sha[:12]}")
+        self.payload_cache = PayloadCache()  # $RECAST_PAYLOAD_CACHE; its counts say what this load fetched
+        entries = self._entries(cfg, self.payload_cache)
+        packed, single = {}, {}
+        for task, (tensors, meta) in entries.items():  # every payload was checked before any is loaded
+            core = {k: v for k, v in tensors.items() if not k.startswith("extra.")}  # extras: adapters, not served
+            (packed if _packable(core) else single)[task] = (core, meta)
+        del entries
+        if packed:
+            rc.add_packed_tasks({t: core for t, (core, _) in packed.items()})
+        for task, (core, meta) in single.items():
+            rc.load_task_tensors(task, core, num_classes=meta.get("num_classes"))
+        del packed, single
         self.rc = rc.eval()
         self.tasks = list(cfg["payloads"])
         self.widths = {t: rc.num_classes(t) for t in self.tasks}
-        self.transforms = {t: TaskTransform(tuple(v["mean"]), tuple(v["std"]), v.get("jpeg_side"))
-                           for t, v in cfg.get("transforms", {}).items()}
+        shared: dict[tuple, TaskTransform] = {}  # tasks of the same prepared statistics share one transform
+        self.transforms = {}
+        for t, v in cfg.get("transforms", {}).items():
+            key = (tuple(v["mean"]), tuple(v["std"]), v.get("jpeg_side"))
+            self.transforms[t] = shared.setdefault(key, TaskTransform(*key))
         self.max_rows = int(cfg.get("max_rows", DEFAULT_MAX_ROWS))
+
+    def _entries(self, cfg: dict[str, Any], cache: PayloadCache) -> dict[str, tuple[dict, dict]]:
+        """task -> (payload tensors, pack meta) of every served task, each checked (its pinned
+        payload, made on the served banks, its sha256) before any is loaded: from the config's
+        packs through ``cache``, or, for a version logged before packs, payload by payload."""
+        payloads = cfg["payloads"]
+        entries: dict[str, tuple[dict, dict]] = {}
+        for pack in cfg.get("packs", []):
+            data = cache.read(pack["sha256"], lambda d, u=pack["uri"]: mlflow.artifacts.download_artifacts(
+                artifact_uri=u, dst_path=str(d)), pack["uri"])
+            for task, entry in read_pack(data, pack["uri"]).items():
+                if task not in payloads or task not in pack["tasks"]:
+                    continue  # a pack may hold tasks this version does not serve
+                if task in entries:
+                    raise ServingError(f"task {task!r} is in two packs of the model config")
+                check_entry(task, entry, payloads[task], self.bank_sha, pack["uri"])
+                entries[task] = entry
+            del data
+        single = [t for t in payloads if t not in entries]
+        if single and "packs" in cfg:
+            log.warning("%d served tasks are in no pack of the model config: fetched one by one", len(single))
+        for task in single:  # a version logged before packs (or a config naming a payload outside them)
+            uri = payloads[task]
+            stem = payload_files(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+            entries[task] = pack_entry(task, *read_payload_files(stem), uri, self.bank_sha)
+        return entries
 
     def prepare(self, model_input: pd.DataFrame) -> tuple[list[str], torch.Tensor]:
         """A request's rows -> (task per row, input tensor (rows, C, S, S)); a ``RequestError`` for
