@@ -577,7 +577,7 @@ class RecastModel(nn.Module):
                 statistics: load those with ``load_task_tensors``), or a head where the model has
                 no classifier (``PackedTaskError``, a ValueError).
         """
-        layers = {name: (layer.coef_sets, layer.bank.num_templates) for name, layer in self.recast_layers()}
+        layers = self.packed_layers()
         for task, own in tasks.items():
             if not isinstance(task, str) or not _TASK_NAME.match(task):
                 raise ValueError(f"task name must match [A-Za-z0-9_-]+, got {task!r}")
@@ -596,15 +596,41 @@ class RecastModel(nn.Module):
                 raise PackedTaskError(f"task '{task}' has head tensors {sorted(k for k in own if k.startswith('head.'))} "
                                       "that packing cannot hold (no classifier, or a bias without a weight)")
         old = self.packed
-        names = [*(old.names if old is not None else []), *tasks]
-        tensors = [*(old.task_tensors(t) for t in (old.names if old is not None else [])), *tasks.values()]
-        packed = PackedTasks(names, layers, tensors, self.num_features, self._like())
+        if old is not None:  # pack the earlier packed tasks again with the new ones
+            tasks = {**{t: old.task_tensors(t) for t in old.names}, **tasks}
+        self.attach_packed(PackedTasks.of(tasks, self.packed_layers(), self.num_features, self._like()))
+
+    def packed_layers(self) -> dict[str, tuple[int, int]]:
+        """(K, n) per templated layer, in order: the ``layers`` of a ``PackedTasks`` for this model."""
+        return {name: (layer.coef_sets, layer.bank.num_templates) for name, layer in self.recast_layers()}
+
+    def attach_packed(self, packed: PackedTasks) -> None:
+        """Serve the tasks of ``packed`` (built for this model: ``packed_layers``, ``num_features``,
+        every task written by ``put``), replacing the packed tasks held so far.
+
+        Raises:
+            ValueError: a task it does not fill, a name that is another (unpacked) task of this
+                model, or layers that are not this model's.
+        """
+        if packed.blocks.keys() != self.packed_layers().keys() or any(
+                packed.blocks[n][1:] != kn for n, kn in self.packed_layers().items()):
+            raise PackedTaskError("packed tasks made for other templated layers than this model's")
+        if not bool(packed.filled.all()):
+            missing = [t for t, f in zip(packed.names, packed.filled.tolist()) if not f]
+            raise PackedTaskError(f"packed tasks {missing[:5]} were never written (put)")
+        if packed.head_weight.shape[0] and (self.task_heads is None or packed.head_weight.shape[1] != self.num_features):
+            raise PackedTaskError(f"packed heads of {packed.head_weight.shape[1]} features, this model's classifier "
+                                  f"takes {self.num_features}")
+        previous = set(self.packed.names) if self.packed is not None else set()
+        clash = [t for t in packed.names if t in self.tasks and t not in previous]
+        if clash:
+            raise ValueError(f"tasks {clash[:5]} exist already")
         self.packed = packed
         for _, layer in self.recast_layers():
             layer._packed[0] = packed
         if self.task_heads is not None:
             self.task_heads._packed[0] = packed
-        self.tasks.extend(tasks)
+        self.tasks = [t for t in self.tasks if t not in previous] + packed.names
 
     def _refuse_packed(self, task: str, why: str) -> None:
         if self.packed is not None and task in self.packed:

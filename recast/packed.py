@@ -34,58 +34,77 @@ class PackedTasks(nn.Module):
     """The packed tasks of one RecastModel (see the module docstring). Buffers: ``coefs``,
     ``head_weight``, ``head_bias`` (empty when the heads have none), ``head_spans``."""
 
-    def __init__(self, names: Sequence[str], layers: Mapping[str, tuple[int, int]],
-                 tensors: Sequence[Mapping[str, torch.Tensor]], features: int | None, like: torch.Tensor):
-        """``layers``: (K, n) per templated layer name, in the model's order; ``tensors``: per task
-        its ``task_tensors``-style dict (``coefs.<layer>`` and optionally ``head.weight``,
-        ``head.bias``), already checked by the caller to hold nothing else."""
+    def __init__(self, names: Sequence[str], layers: Mapping[str, tuple[int, int]], widths: Sequence[int],
+                 features: int | None, head_bias: bool, like: torch.Tensor):
+        """Room for the tasks ``names`` (filled by ``put``): ``layers``, (K, n) per templated layer
+        name in the model's order; ``widths``, per task its head's classes (0: no head of its own);
+        ``head_bias``: whether the heads have biases; ``like``: the dtype and device."""
         super().__init__()
         self.names = list(names)
         self.index = {t: i for i, t in enumerate(self.names)}
-        if len(self.index) != len(self.names):
-            raise PackedTaskError("packed task names must be distinct")
+        if len(self.index) != len(self.names) or len(widths) != len(self.names):
+            raise PackedTaskError("packed task names must be distinct, with one head width each")
         count = len(self.names)
         self.blocks: dict[str, tuple[int, int, int]] = {}  # layer -> (offset in coefs, K, n)
         offset = 0
         for name, (k, n) in layers.items():
             self.blocks[name] = (offset, k, n)
             offset += count * k * n
-        coefs = torch.empty(offset, dtype=like.dtype, device=like.device)
         spans = torch.zeros(count, 2, dtype=torch.long)
-        widths = [int(t["head.weight"].shape[0]) if "head.weight" in t else 0 for t in tensors]
-        with_bias = {("head.bias" in t) for t in tensors if "head.weight" in t}
+        spans[:, 1] = torch.tensor([int(w) for w in widths], dtype=torch.long)
+        spans[1:, 0] = torch.cumsum(spans[:-1, 1], 0)
+        rows = int(spans[:, 1].sum())
+        self.register_buffer("coefs", torch.empty(offset, dtype=like.dtype, device=like.device))
+        self.register_buffer("head_weight", torch.empty(rows, features or 0, dtype=like.dtype, device=like.device))
+        self.register_buffer("head_bias", torch.empty(rows if head_bias else 0, dtype=like.dtype, device=like.device))
+        self.register_buffer("head_spans", spans)
+        self.filled = torch.zeros(count, dtype=torch.bool)  # not a buffer: which tasks ``put`` wrote
+
+    @classmethod
+    def of(cls, tasks: Mapping[str, Mapping[str, torch.Tensor]], layers: Mapping[str, tuple[int, int]],
+           features: int | None, like: torch.Tensor) -> PackedTasks:
+        """The packed ``tasks`` (task -> its ``task_tensors``-style dict: ``coefs.<layer>`` and
+        optionally ``head.weight``, ``head.bias``; tensors or numpy arrays)."""
+        widths = [int(own["head.weight"].shape[0]) if "head.weight" in own else 0 for own in tasks.values()]
+        with_bias = {("head.bias" in own) for own in tasks.values() if "head.weight" in own}
         if len(with_bias) > 1:
             raise PackedTaskError("packed heads must all have a bias or all have none")
-        rows = sum(widths)
-        weight = torch.empty(rows, features or 0, dtype=like.dtype, device=like.device)
-        bias = torch.empty(rows if with_bias == {True} else 0, dtype=like.dtype, device=like.device)
-        start = 0
+        packed = cls(list(tasks), layers, widths, features, with_bias == {True}, like)
+        for task, own in tasks.items():
+            packed.put(task, own)
+        return packed
+
+    def put(self, task: str, own: Mapping[str, torch.Tensor]) -> None:
+        """Write ``task``'s tensors (``coefs.<layer>`` for every layer; ``head.weight`` and
+        ``head.bias`` as its width and the heads' bias say; tensors or numpy arrays, each turned
+        into a tensor sharing its memory for the copy) into its rows."""
+        i = self.index[task]
+        start, width = (int(v) for v in self.head_spans[i])
+        expected = {f"coefs.{name}" for name in self.blocks}
+        if width:
+            expected |= {"head.weight"} | ({"head.bias"} if self.head_bias.numel() else set())
+        if set(own) != expected:
+            raise PackedTaskError(f"task '{task}' tensors {sorted(own)[:6]} are not those of its packed rows: missing "
+                                  f"{sorted(expected - set(own))[:5]}, unexpected {sorted(set(own) - expected)[:5]}")
         with torch.no_grad():
-            for i, (task, own) in enumerate(zip(self.names, tensors)):
-                for name, (off, k, n) in self.blocks.items():
-                    value = own[f"coefs.{name}"]
-                    if tuple(value.shape) != (k, n):
-                        raise PackedTaskError(f"task '{task}' coefficients of '{name}' have shape "
-                                              f"{tuple(value.shape)}, expected {(k, n)}")
-                    coefs[off + i * k * n: off + (i + 1) * k * n].copy_(value.reshape(-1))
-                width = widths[i]
-                if width:
-                    w = own["head.weight"]
-                    if w.dim() != 2 or w.shape[1] != weight.shape[1]:
-                        raise PackedTaskError(f"task '{task}' head weight has shape {tuple(w.shape)}, expected "
-                                              f"(classes, {weight.shape[1]})")
-                    weight[start:start + width].copy_(w)
-                    if bias.numel():
-                        if tuple(own["head.bias"].shape) != (width,):
-                            raise PackedTaskError(f"task '{task}' head bias has shape {tuple(own['head.bias'].shape)}, "
-                                                  f"expected ({width},)")
-                        bias[start:start + width].copy_(own["head.bias"])
-                spans[i, 0], spans[i, 1] = start, width
-                start += width
-        self.register_buffer("coefs", coefs)
-        self.register_buffer("head_weight", weight)
-        self.register_buffer("head_bias", bias)
-        self.register_buffer("head_spans", spans)
+            for name, (off, k, n) in self.blocks.items():
+                value = torch.as_tensor(own[f"coefs.{name}"])
+                if tuple(value.shape) != (k, n):
+                    raise PackedTaskError(f"task '{task}' coefficients of '{name}' have shape "
+                                          f"{tuple(value.shape)}, expected {(k, n)}")
+                self.coefs[off + i * k * n: off + (i + 1) * k * n].copy_(value.reshape(-1))
+            if width:
+                w = torch.as_tensor(own["head.weight"])
+                if tuple(w.shape) != (width, self.head_weight.shape[1]):
+                    raise PackedTaskError(f"task '{task}' head weight has shape {tuple(w.shape)}, expected "
+                                          f"{(width, self.head_weight.shape[1])}")
+                self.head_weight[start:start + width].copy_(w)
+                if self.head_bias.numel():
+                    b = torch.as_tensor(own["head.bias"])
+                    if tuple(b.shape) != (width,):
+                        raise PackedTaskError(f"task '{task}' head bias has shape {tuple(b.shape)}, expected ({width},)")
+                    self.head_bias[start:start + width].copy_(b)
+        self.filled[i] = True
 
     def __contains__(self, task: object) -> bool:
         return task in self.index

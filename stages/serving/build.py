@@ -11,14 +11,17 @@
   version's run, named in the config with their sha256, which a load fetches through the local
   payload cache. A build reuses the previous version's packs whose tasks are unchanged and fetches
   only the payloads of new or changed tasks (one artifact download each).
-- The pyfunc model is logged from code (``served.py``: no pickle) with that config, the code of
-  ``recast`` and ``stages`` and a signature, and registered as ``recast-serve.<arch>.<method>``,
-  alias ``current``.
+- The pyfunc model is logged from code (``served.py``: no pickle) with that config (its per-task
+  tables, payloads, transforms and packs, as the model's artifact ``tasks.json``, its sha256 in
+  the ``model_config``), the code of ``recast`` and ``stages`` and a signature, and registered as
+  ``recast-serve.<arch>.<method>``, alias ``current``. The run also logs the whole config as
+  ``serving_config.json``, which the next build compares with.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -34,8 +37,17 @@ from recast.data import read_manifest
 from stages.config.common import stage_logger
 from stages.jobs.backbones import bank_meta, pretrained_meta
 from stages.serving.errors import ServingError
-from stages.serving.packs import PACK_TASKS, PayloadCache, pack_entry, plan_packs, read_pack, write_pack
-from stages.serving.pyfunc import BASE_ARTIFACT, DEFAULT_MAX_ROWS, describe, payload_files, read_payload_files
+from stages.serving.inputs import TransformTable
+from stages.serving.packs import PACK_TASKS, PayloadCache, as_tensors, pack_entry, plan_packs, read_pack, write_pack
+from stages.serving.pyfunc import (
+    BASE_ARTIFACT,
+    DEFAULT_MAX_ROWS,
+    TABLES,
+    TASKS_ARTIFACT,
+    describe,
+    payload_files,
+    read_payload_files,
+)
 from stages.tracking.payloads import PAGE_SIZE, list_registered, registry_name, search_all
 from stages.tracking.store import artifact_location, make_client, retry, tracking_uri
 
@@ -193,7 +205,7 @@ def gather_payloads(resolved: dict[str, tuple[str, str]], bank_sha: str, previou
         data = cache.read(pack["sha256"], lambda d, u=pack["uri"]: _download(u, uri, d), pack["uri"])
         for task, entry in read_pack(data, pack["uri"]).items():
             if task in pinned and task not in covered and entry[1].get("source") == pinned[task]:
-                entries[task] = entry
+                entries[task] = (as_tensors(entry[0]), entry[1])
     for task in fetch:
         source = resolved[task][1]
         with tempfile.TemporaryDirectory() as tmp:
@@ -276,15 +288,25 @@ def build(arch: str, method: str, pretrain_dir: Path, mimic_dir: Path, image_siz
             for i in range(0, len(new), PACK_TASKS):
                 chunk = new[i:i + PACK_TASKS]
                 path = Path(tmp) / f"pack{i // PACK_TASKS}.safetensors"
-                sha = write_pack({t: entries[t] for t in chunk}, path)
+                sha, stacked, widths = write_pack({t: entries[t] for t in chunk}, path)
                 named = path.rename(path.with_name(f"{sha}.safetensors"))
                 mlflow.log_artifact(str(named), "packs")
+                # widths and the tasks stored alone: the loader lays out the packed tasks from these
                 packs.append({"uri": f"{run.info.artifact_uri}/packs/{named.name}", "sha256": sha,
-                              "bytes": named.stat().st_size, "tasks": chunk})
+                              "bytes": named.stat().st_size, "tasks": chunk, "widths": [widths.get(t, 0) for t in chunk],
+                              "single": [t for t in chunk if t not in widths]})
             cfg["packs"] = packs
             mlflow.log_dict(cfg, "serving_config.json")
+            # the per-task tables go in a JSON artifact of the model, not in its MLmodel's model_config,
+            # which MLflow keeps in memory for as long as the model is loaded (a kilobyte per task)
+            columns = {"transform_table": TransformTable.columns(cfg["transforms"], tasks)} if "transforms" in cfg else {}
+            tables = json.dumps({**{k: cfg[k] for k in TABLES if k in cfg and k != "transforms"}, **columns}).encode()
+            (Path(tmp) / TASKS_ARTIFACT).write_bytes(tables)
+            small = {**{k: v for k, v in cfg.items() if k not in TABLES}, "tasks": len(tasks),
+                     "tasks_sha256": hashlib.sha256(tables).hexdigest()}
             info = mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("served.py")),
-                                           model_config=cfg, code_paths=[str(REPO / "recast"), str(REPO / "stages")],
+                                           model_config=small, artifacts={"tasks": str(Path(tmp) / TASKS_ARTIFACT)},
+                                           code_paths=[str(REPO / "recast"), str(REPO / "stages")],
                                            signature=SIGNATURE, pip_requirements=REQUIREMENTS)
         mv = mlflow.register_model(info.model_uri, name)
     client.set_registered_model_alias(name, "current", mv.version)

@@ -24,14 +24,13 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from filelock import FileLock
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 
 from recast.atomic import write_atomic
 from recast.io import tensors_sha256, write_tensor_file
@@ -106,29 +105,126 @@ class PayloadCache:
             return data
 
 
-def write_pack(entries: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]], path: Path) -> str:
-    """Write ``entries`` (task -> (payload tensors, pack meta)) as one pack file; its sha256."""
-    tensors = {f"{task}/{key}": value for task, (own, _) in sorted(entries.items()) for key, value in own.items()}
-    meta = json.dumps({task: m for task, (_, m) in sorted(entries.items())}, sort_keys=True, separators=(",", ":"))
+PACKABLE_HEAD = ({"head.weight", "head.bias"}, set())  # head keys a packed task holds (recast.packed)
+
+
+def packable(keys) -> bool:
+    """Whether a payload's tensor names fit packed tasks: coefficients and a Linear head with a
+    bias (or none), nothing else (per-task biases, norms, BatchNorm statistics and ``extra.``
+    tensors are stored and loaded task by task)."""
+    return {k for k in keys if not k.startswith("coefs.")} in PACKABLE_HEAD
+
+
+def write_pack(entries: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]],
+               path: Path) -> tuple[str, list[str], dict[str, int]]:
+    """Write ``entries`` (task -> (payload tensors, pack meta)) as one pack file: (its sha256, the
+    stacked tasks, their head widths).
+
+    The packable tasks (``packable``, all with the same coefficient shapes) are stored stacked, in
+    sorted order: per layer ``coefs.<layer>`` (tasks, K, n), the heads' rows one after another in
+    ``head.weight`` / ``head.bias``: a load reads a few tensors, not thousands. Every other task's
+    tensors are stored as ``<task>/<key>``. The header's ``recast_pack`` metadata: per task its
+    pack meta, the stacked tasks in order and their head widths."""
+    tasks = sorted(entries)
+    shapes = None
+    stacked, single = [], []
+    for t in tasks:
+        own = entries[t][0]
+        mine = {k: tuple(v.shape) for k, v in own.items()}
+        if packable(own) and (shapes is None or {k: v for k, v in mine.items() if k.startswith("coefs.")} == shapes) \
+                and ("head.weight" not in own or len(mine["head.weight"]) == 2):
+            shapes = shapes or {k: v for k, v in mine.items() if k.startswith("coefs.")}
+            stacked.append(t)
+        else:
+            single.append(t)
+    tensors: dict[str, torch.Tensor] = {}
+    for key in sorted(shapes or {}):
+        tensors[key] = torch.stack([torch.as_tensor(entries[t][0][key]) for t in stacked])
+    heads = [t for t in stacked if "head.weight" in entries[t][0]]
+    if heads:
+        tensors["head.weight"] = torch.cat([torch.as_tensor(entries[t][0]["head.weight"]) for t in heads])
+        tensors["head.bias"] = torch.cat([torch.as_tensor(entries[t][0]["head.bias"]) for t in heads])
+    for t in single:
+        tensors.update({f"{t}/{k}": torch.as_tensor(v) for k, v in entries[t][0].items()})
+    widths = [int(entries[t][0]["head.weight"].shape[0]) if "head.weight" in entries[t][0] else 0 for t in stacked]
+    meta = json.dumps({"tasks": {t: entries[t][1] for t in tasks}, "stacked": stacked, "widths": widths},
+                      sort_keys=True, separators=(",", ":"))
     write_tensor_file(tensors, path, {PACK_META: meta})
-    return sha256_hex(Path(path).read_bytes())
+    return sha256_hex(Path(path).read_bytes()), stacked, dict(zip(stacked, widths))
 
 
-def read_pack(data: bytes, what: str) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
-    """A pack's bytes -> task -> (payload tensors, pack meta); a ServingError names an unreadable pack."""
+# safetensors dtype -> numpy dtype (payload numbers); others (BF16) are read as torch tensors
+_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+          "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_TORCH = {"BF16": torch.bfloat16}
+
+
+def _array(buffer: bytearray, begin: int, name: str, spec: dict, what: str) -> Any:
+    """The tensor ``name`` of a pack as a view of ``buffer`` (numpy; BF16 a torch view)."""
+    kind, shape = spec["dtype"], tuple(spec["shape"])
+    start, end = (begin + o for o in spec["data_offsets"])
+    if kind not in _NUMPY and kind not in _TORCH:
+        raise ServingError(f"{what}: tensor {name!r} of dtype {kind}, which payloads do not use")
+    itemsize = np.dtype(_NUMPY[kind]).itemsize if kind in _NUMPY else torch.empty(0, dtype=_TORCH[kind]).element_size()
+    count = int(np.prod(shape, dtype=np.int64))
+    if end - start != itemsize * count or not 0 <= start <= end <= len(buffer):
+        raise ServingError(f"{what}: tensor {name!r} has {end - start} bytes at {start}, not {list(shape)} {kind}")
+    if kind in _NUMPY:
+        return np.frombuffer(buffer, dtype=_NUMPY[kind], count=count, offset=start).reshape(shape)
+    if not count:
+        return torch.empty(shape, dtype=_TORCH[kind])
+    return torch.frombuffer(buffer, dtype=_TORCH[kind], count=count, offset=start).view(shape)
+
+
+def iter_pack(data: bytes, what: str) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(task, payload arrays, pack meta) of every task of a pack, one task at a time: the arrays
+    are numpy views (of one writable copy of ``data``), the stacked tasks' rows of the stacked
+    tensors. Nothing is made for all tasks at once: a load that made all of thousands of tasks'
+    small tensors left megabytes of heap behind. An unreadable pack is a ServingError."""
     try:
         size = int.from_bytes(data[:8], "little")
-        meta = json.loads(json.loads(data[8:8 + size])["__metadata__"][PACK_META])
-        flat = load_safetensors(data)
-    except (SafetensorError, ValueError, KeyError, TypeError) as err:
-        raise ServingError(f"{what}: not a readable payload pack ({err})") from None
-    out: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {t: ({}, m) for t, m in meta.items()}
-    for name, value in flat.items():
-        task, _, key = name.partition("/")
-        if task not in out:
-            raise ServingError(f"{what}: tensor {name!r} of a task the pack's metadata does not list")
-        out[task][0][key] = value
-    return out
+        header = json.loads(data[8:8 + size])
+        meta = json.loads(header.pop("__metadata__")[PACK_META])
+        tasks, stacked, widths = meta["tasks"], meta["stacked"], meta["widths"]
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ServingError(f"{what}: not a readable payload pack ({type(err).__name__}: {err})") from None
+    buffer = bytearray(data)
+    blocks = {name: _array(buffer, 8 + size, name, spec, what) for name, spec in header.items() if "/" not in name}
+    own: dict[str, dict[str, dict]] = {}
+    for name, spec in header.items():
+        if "/" in name:
+            task, _, key = name.partition("/")
+            if task not in tasks or task in stacked:
+                raise ServingError(f"{what}: tensor {name!r} of a task the pack's metadata does not list alone")
+            own.setdefault(task, {})[key] = spec
+    rows = sum(widths)
+    coefs = [k for k in blocks if k.startswith("coefs.")]
+    if (len(widths) != len(stacked) or any(len(blocks[k]) != len(stacked) for k in coefs)
+            or ("head.weight" in blocks) != bool(rows) or (rows and (len(blocks["head.weight"]) != rows
+                                                                   or len(blocks.get("head.bias", ())) != rows))
+            or set(stacked) | set(own) != set(tasks) or set(blocks) - {*coefs, "head.weight", "head.bias"}):
+        raise ServingError(f"{what}: the pack's stacked tensors do not match its metadata")
+    start = 0
+    for j, task in enumerate(stacked):
+        arrays = {k: blocks[k][j] for k in coefs}
+        if widths[j]:
+            arrays["head.weight"] = blocks["head.weight"][start:start + widths[j]]
+            arrays["head.bias"] = blocks["head.bias"][start:start + widths[j]]
+            start += widths[j]
+        yield task, arrays, tasks[task]
+    for task, specs in own.items():
+        yield task, {k: _array(buffer, 8 + size, f"{task}/{k}", spec, what) for k, spec in specs.items()}, tasks[task]
+
+
+def read_pack(data: bytes, what: str) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """A pack's bytes -> task -> (payload arrays, pack meta), every task at once (a build's
+    re-packing; a load reads task by task, ``iter_pack``)."""
+    return {t: (arrays, meta) for t, arrays, meta in iter_pack(data, what)}
+
+
+def as_tensors(arrays: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A payload's arrays as tensors sharing their memory."""
+    return {k: torch.as_tensor(v) for k, v in arrays.items()}
 
 
 def pack_entry(task: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], source: str,
@@ -149,13 +245,13 @@ def check_entry(task: str, entry: tuple[dict[str, torch.Tensor], dict[str, Any]]
                 where: str) -> None:
     """A pack's entry of ``task`` before it is served: the pinned payload the config names, made
     on the served banks, its tensors those of the payload's sha256."""
-    tensors, meta = entry
+    arrays, meta = entry
     if meta.get("source") != source:
         raise ServingError(f"{where}: task {task!r} holds the payload {meta.get('source')!r}, the model config "
                            f"pins {source!r}")
     if meta.get("bank_sha256") != served_sha:
         raise BankMismatchError(task, str(meta.get("bank_sha256")), served_sha, source)
-    if tensors_sha256(tensors) != meta.get("payload_sha256"):
+    if tensors_sha256(as_tensors(arrays)) != meta.get("payload_sha256"):  # one task's tensors at a time
         raise ServingError(f"{where}: task {task!r} does not match its payload's sha256")
 
 

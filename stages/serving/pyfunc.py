@@ -28,6 +28,7 @@ server's worker threads) share only the loaded, read-only ``RecastModel``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -37,6 +38,7 @@ import pandas as pd
 import torch
 
 from recast.io import bank_sha256, read_meta
+from recast.packed import PackedTasks
 from stages.jobs.backbones import load_backbone
 from stages.serving.errors import (
     EmptyBatchError,
@@ -45,13 +47,15 @@ from stages.serving.errors import (
     ServingError,
     UnknownServedTaskError,
 )
-from stages.serving.inputs import TaskTransform, images_tensor
-from stages.serving.packs import PayloadCache, check_entry, pack_entry, read_pack
+from stages.serving.inputs import TransformTable, images_tensor
+from stages.serving.packs import PayloadCache, as_tensors, check_entry, iter_pack, pack_entry, packable
 
 # isort: split
 import mlflow  # noqa: E402
 
 log = logging.getLogger(__name__)
+TABLES = ("payloads", "transforms", "transform_table", "packs")  # the per-task parts of a config
+TASKS_ARTIFACT = "tasks.json"  # the model artifact holding them (its sha256: the model_config's tasks_sha256)
 BASE_ARTIFACT = "base"  # artifact path of the base run: pretrain/<arch>.{json,safetensors}, mimic/<arch>/...
 DEFAULT_MAX_ROWS = 256  # rows per request unless the build sets ``max_rows``
 
@@ -71,22 +75,20 @@ def read_payload_files(stem: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return load_file(f"{stem}.safetensors"), read_meta(stem)
 
 
-PACKABLE_HEAD = ({"head.weight", "head.bias"}, set())  # head keys a packed task holds (recast.packed)
-
-
-def _packable(tensors: dict[str, torch.Tensor]) -> bool:
-    """Whether a payload's tensors fit packed tasks: coefficients and a Linear head with a bias
-    (or none); anything else (biases, norms, BatchNorm statistics) is loaded task by task."""
-    head = {k for k in tensors if not k.startswith("coefs.")}
-    return head in PACKABLE_HEAD
-
-
 class RecastServed(mlflow.pyfunc.PythonModel):
     """The served tasks of one arch and method on one set of banks (see the module docstring)."""
 
     def load_context(self, context) -> None:
         cfg = dict(context.model_config)
-        self.config = cfg  # read-only: what this version serves (the base, each task's pinned payload)
+        if "payloads" not in cfg:  # the per-task tables: the version's tasks.json, checked by its sha256
+            data = Path(context.artifacts["tasks"]).read_bytes()
+            if hashlib.sha256(data).hexdigest() != cfg.get("tasks_sha256"):
+                raise ServingError(f"{context.artifacts['tasks']}: not the tasks file this version was built with "
+                                   "(its sha256 differs from the model_config's tasks_sha256)")
+            cfg.update(json.loads(data))
+        # read-only: what this version serves (the base, banks, shape, row limit); the per-task tables
+        # are dropped once loaded (the packed tasks, widths and transform table hold what is served)
+        self.config = {k: v for k, v in cfg.items() if k not in TABLES}
         self.arch, self.method = cfg["arch"], cfg["method"]
         self.bank_sha, self.shape = cfg["bank_sha256"], tuple(cfg["image_shape"])
         base = Path(mlflow.artifacts.download_artifacts(artifact_uri=cfg["base_uri"]))
@@ -95,52 +97,75 @@ class RecastServed(mlflow.pyfunc.PythonModel):
             raise ServingError(f"the base {cfg['base_uri']} holds banks {bank_sha256(rc)[:12]}, the model config "
                                f"names {self.bank_sha[:12]}")
         self.payload_cache = PayloadCache()  # $RECAST_PAYLOAD_CACHE; its counts say what this load fetched
-        entries = self._entries(cfg, self.payload_cache)
-        packed, single = {}, {}
-        for task, (tensors, meta) in entries.items():  # every payload was checked before any is loaded
-            core = {k: v for k, v in tensors.items() if not k.startswith("extra.")}  # extras: adapters, not served
-            (packed if _packable(core) else single)[task] = (core, meta)
-        del entries
-        if packed:
-            rc.add_packed_tasks({t: core for t, (core, _) in packed.items()})
+        packed, single = self._payloads(rc, cfg, self.payload_cache)  # every payload checked, nothing loaded yet
+        if packed is not None:
+            rc.attach_packed(packed)
         for task, (core, meta) in single.items():
-            rc.load_task_tensors(task, core, num_classes=meta.get("num_classes"))
+            rc.load_task_tensors(task, as_tensors(core), num_classes=meta.get("num_classes"))
         del packed, single
         self.rc = rc.eval()
-        self.tasks = list(cfg["payloads"])
+        names = {t: t for t in rc.tasks}  # one copy of each name: the model's
+        self.tasks = [names[t] for t in cfg["payloads"]]
         self.widths = {t: rc.num_classes(t) for t in self.tasks}
-        shared: dict[tuple, TaskTransform] = {}  # tasks of the same prepared statistics share one transform
-        self.transforms = {}
-        for t, v in cfg.get("transforms", {}).items():
-            key = (tuple(v["mean"]), tuple(v["std"]), v.get("jpeg_side"))
-            self.transforms[t] = shared.setdefault(key, TaskTransform(*key))
+        if "transform_table" in cfg:  # tasks.json: in columns, in the order of the payloads
+            self.transforms = TransformTable.from_columns(self.tasks, cfg["transform_table"])
+        else:
+            self.transforms = TransformTable(cfg.get("transforms", {}), self.tasks)
         self.max_rows = int(cfg.get("max_rows", DEFAULT_MAX_ROWS))
 
-    def _entries(self, cfg: dict[str, Any], cache: PayloadCache) -> dict[str, tuple[dict, dict]]:
-        """task -> (payload tensors, pack meta) of every served task, each checked (its pinned
-        payload, made on the served banks, its sha256) before any is loaded: from the config's
-        packs through ``cache``, or, for a version logged before packs, payload by payload."""
+    def _payloads(self, rc, cfg: dict[str, Any], cache: PayloadCache) -> tuple[PackedTasks | None, dict]:
+        """(the packed tasks, task -> (payload arrays, meta) of the tasks loaded one by one) of
+        every served task, each checked (its pinned payload, made on the served banks, its sha256)
+        and nothing of ``rc`` changed. The config's packs are fetched through ``cache`` and read
+        task by task into the packed tensors (``recast.packed``); a task in no pack (a version
+        logged before packs) is fetched alone; a payload that packing cannot hold (per-task
+        biases, norms, statistics) is returned for ``load_task_tensors``."""
         payloads = cfg["payloads"]
-        entries: dict[str, tuple[dict, dict]] = {}
-        for pack in cfg.get("packs", []):
+        datas, where = [], {}  # pack bytes; task -> (index in datas, head width, packable)
+        for pack in cfg.get("packs", []):  # the layout from the config: no pack parsed before the rows exist
             data = cache.read(pack["sha256"], lambda d, u=pack["uri"]: mlflow.artifacts.download_artifacts(
                 artifact_uri=u, dst_path=str(d)), pack["uri"])
-            for task, entry in read_pack(data, pack["uri"]).items():
-                if task not in payloads or task not in pack["tasks"]:
+            alone = set(pack.get("single", []))
+            for task, width in zip(pack["tasks"], pack["widths"], strict=True):
+                if task not in payloads:
                     continue  # a pack may hold tasks this version does not serve
-                if task in entries:
+                if task in where:
                     raise ServingError(f"task {task!r} is in two packs of the model config")
-                check_entry(task, entry, payloads[task], self.bank_sha, pack["uri"])
-                entries[task] = entry
-            del data
-        single = [t for t in payloads if t not in entries]
-        if single and "packs" in cfg:
-            log.warning("%d served tasks are in no pack of the model config: fetched one by one", len(single))
-        for task in single:  # a version logged before packs (or a config naming a payload outside them)
+                where[task] = (len(datas), int(width), task not in alone)
+            datas.append((data, pack["uri"]))
+        single = {}
+        missing = [t for t in payloads if t not in where]
+        if missing and "packs" in cfg:
+            log.warning("%d served tasks are in no pack of the model config: fetched one by one", len(missing))
+        for task in missing:  # a version logged before packs (or a config naming a payload outside them)
             uri = payloads[task]
             stem = payload_files(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-            entries[task] = pack_entry(task, *read_payload_files(stem), uri, self.bank_sha)
-        return entries
+            tensors, meta = pack_entry(task, *read_payload_files(stem), uri, self.bank_sha)
+            single[task] = ({k: v for k, v in tensors.items() if not k.startswith("extra.")}, meta)
+        order = [t for t in payloads if t in where and where[t][2]]
+        packed = None
+        if order:
+            widths = [where[t][1] for t in order]
+            packed = PackedTasks(order, rc.packed_layers(), widths, rc.num_features, any(widths), rc._like())
+        seen = set()
+        for i, (data, uri) in enumerate(datas):  # one pack, one task at a time
+            for task, arrays, meta in iter_pack(data, uri):
+                if where.get(task, (None,))[0] != i:
+                    continue
+                if where[task][2] and not packable(arrays):
+                    raise ServingError(f"{uri}: task {task!r} holds {sorted(arrays)[:6]}, which the model config "
+                                       "says are packed tasks' tensors")
+                seen.add(task)
+                check_entry(task, (arrays, meta), payloads[task], self.bank_sha, uri)
+                if where[task][2]:
+                    packed.put(task, arrays)
+                else:
+                    core = {k: t.clone() for k, t in as_tensors(arrays).items() if not k.startswith("extra.")}
+                    single[task] = (core, meta)
+        lost = [t for t in where if t not in seen]
+        if lost:
+            raise ServingError(f"the packs of the model config hold no payload of the tasks {lost}")
+        return packed, single
 
     def prepare(self, model_input: pd.DataFrame) -> tuple[list[str], torch.Tensor]:
         """A request's rows -> (task per row, input tensor (rows, C, S, S)); a ``RequestError`` for
