@@ -13,13 +13,15 @@ artifact calls and files), payload packs fetched and found in the cache, and the
   first loads the T = ``min(--tasks)`` version and KEEPS it: the imports, code paths and store
   connection of a load (~15 MB, the same for every T) are then in place, and nothing of that
   warm-up is freed for the measured load to reuse unseen (a dropped warm-up model hid ~1 MB);
-- ``bound_bytes``: 1.10 x (``base_bytes`` + T x ``payload_bytes``), where ``base_bytes`` is the
-  pretrain stage's backbone file plus the mimic stage's banks and base files (the bytes the base
-  run holds) and ``payload_bytes`` one task's numbers (its sidecar's ``bytes``: coefficients and
-  head, not the file's header);
-- ``ratio`` = model_bytes / (base_bytes + T x payload_bytes); the bench fails (exit 1, after
-  writing its JSON) when a ratio exceeds 1.10, a 1,000-task load takes a minute or more, or the
-  version with one more task fetches anything but one pack of that task.
+- ``bound_bytes``: 1.10 x ``budget_bytes``, the budget ``base_bytes`` + T x ``payload_bytes`` in
+  files, as registered and stored: the pretrain stage's backbone file plus the mimic stage's
+  banks and base files (what the base run holds), and one task's payload file (its
+  ``.safetensors``: coefficients, head and the file's header);
+- ``ratio`` = model_bytes / budget_bytes, asserted <= 1.10; ``ratio_numbers`` the same against
+  ``base_bytes`` + T x ``payload_numbers_bytes`` (a payload's tensors alone, its sidecar's
+  ``bytes``), reported, not asserted. The bench fails (exit 1, after writing its JSON) when a ratio
+  exceeds 1.10, a 1,000-task load takes a minute or more, or the version with one more task
+  fetches anything but one pack of that task.
 
     python -m benchmarks.bench_serving_tasks [--tasks 10,100,1000]
 
@@ -127,12 +129,13 @@ def main(argv: list[str] | None = None) -> dict:
             build_s = time.perf_counter() - start
             warm = warm or out["version"]
             loaded = _load(uri, out["version"], warm, root / cache)
-            budget = base + n * payload
+            budget = base + n * payload_file
             packs = out["config"]["packs"]
             row = {"tasks": n, "build_s": round(build_s, 2), **loaded, "packs": len(packs),
-                   "payload_bytes": payload, "payload_file_bytes": payload_file, "base_bytes": base,
+                   "payload_bytes": payload_file, "payload_numbers_bytes": payload, "base_bytes": base,
                    "budget_bytes": budget, "bound_bytes": int(BOUND * budget),
                    "ratio": round(loaded["model_bytes"] / budget, 3),
+                   "ratio_numbers": round(loaded["model_bytes"] / (base + n * payload), 3),
                    "tensor_ratio": round(loaded["tensor_bytes"] / budget, 3), "uptime": _uptime()}
             row["within_bound"] = row["ratio"] <= BOUND
             if not row["within_bound"]:

@@ -80,12 +80,6 @@ class RecastServed(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         cfg = dict(context.model_config)
-        if "payloads" not in cfg:  # the per-task tables: the version's tasks.json, checked by its sha256
-            data = Path(context.artifacts["tasks"]).read_bytes()
-            if hashlib.sha256(data).hexdigest() != cfg.get("tasks_sha256"):
-                raise ServingError(f"{context.artifacts['tasks']}: not the tasks file this version was built with "
-                                   "(its sha256 differs from the model_config's tasks_sha256)")
-            cfg.update(json.loads(data))
         # read-only: what this version serves (the base, banks, shape, row limit); the per-task tables
         # are dropped once loaded (the packed tasks, widths and transform table hold what is served)
         self.config = {k: v for k, v in cfg.items() if k not in TABLES}
@@ -96,6 +90,15 @@ class RecastServed(mlflow.pyfunc.PythonModel):
         if bank_sha256(rc) != self.bank_sha:
             raise ServingError(f"the base {cfg['base_uri']} holds banks {bank_sha256(rc)[:12]}, the model config "
                                f"names {self.bank_sha[:12]}")
+        if "payloads" not in cfg:  # the per-task tables: the version's tasks.json, checked by its sha256
+            # read after the backbone is built: its long-lived objects then do not sit among the
+            # tables' short-lived ones, which would keep their memory resident
+            data = Path(context.artifacts["tasks"]).read_bytes()
+            if hashlib.sha256(data).hexdigest() != cfg.get("tasks_sha256"):
+                raise ServingError(f"{context.artifacts['tasks']}: not the tasks file this version was built with "
+                                   "(its sha256 differs from the model_config's tasks_sha256)")
+            cfg.update(json.loads(data))
+            del data
         self.payload_cache = PayloadCache()  # $RECAST_PAYLOAD_CACHE; its counts say what this load fetched
         packed, single = self._payloads(rc, cfg, self.payload_cache)  # every payload checked, nothing loaded yet
         if packed is not None:
