@@ -207,7 +207,14 @@ class RecastServed(mlflow.pyfunc.PythonModel):
         tasks, x = self.prepare(model_input)
         return self.answer(self.forward(x, tasks), tasks)
 
+DESCRIBE_TASKS = 8  # payloads a log line names; the count says how many there are
+
+
 def describe(cfg: dict[str, Any]) -> str:
-    """One line for a log: which tasks at which payload versions on which banks."""
+    """One line for a log: which tasks at which payload versions on which banks (the first
+    ``DESCRIBE_TASKS`` payloads and the count of all: the config logged with the run has every one)."""
+    payloads = cfg["payloads"]
+    shown = dict(list(payloads.items())[:DESCRIBE_TASKS])
     return json.dumps({"arch": cfg["arch"], "method": cfg["method"], "bank_sha256": cfg["bank_sha256"][:12],
-                       "payloads": cfg["payloads"]})
+                       "tasks": len(payloads), "payloads": shown,
+                       **({"payloads_shown": f"{len(shown)} of {len(payloads)}"} if len(shown) < len(payloads) else {})})

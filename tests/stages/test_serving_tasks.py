@@ -149,3 +149,25 @@ def test_corrupt_cache_entry_is_fetched_again_and_a_changed_store_file_is_refuse
         assert not PayloadCache(tmp_path / "empty").path(pack["sha256"]).exists()  # nor cached
     finally:
         stored.write_bytes(good)
+
+
+def test_plan_packs_keeps_unchanged_packs_and_bounds_their_number():
+    from stages.serving.packs import plan_packs
+
+    def pack(name, tasks):
+        return {"uri": name, "sha256": name, "tasks": tasks}
+
+    pinned = {f"t{i}": f"models:/t{i}/1" for i in range(10)}
+    previous = {"payloads": dict(pinned), "packs": [pack("A", ["t0", "t1", "t2", "t3"]), pack("B", ["t4", "t5"])]}
+    more = {**pinned, "t10": "models:/t10/1"}
+    keep, opened, fetch = plan_packs(more, previous, pack_tasks=4, extra=1)
+    assert ([p["uri"] for p in keep], opened, fetch) == (["A", "B"], [], ["t6", "t7", "t8", "t9", "t10"])
+    changed = {**pinned, "t5": "models:/t5/2"}  # B is opened: t4 read from it, t5 fetched
+    keep, opened, fetch = plan_packs(changed, previous, pack_tasks=4, extra=1)
+    assert ([p["uri"] for p in keep], [p["uri"] for p in opened], fetch) == (["A"], ["B"], ["t5", "t6", "t7", "t8", "t9"])
+    # ceil(12 / 4) + 1 = 4 packs at most: the smallest kept ones are opened and re-packed
+    small = {"payloads": dict(pinned), "packs": [pack(c, [f"t{i}"]) for c, i in zip("CDEFGH", range(6))]}
+    twelve = {**pinned, "t10": "x", "t11": "y"}
+    keep, opened, fetch = plan_packs(twelve, small, pack_tasks=4, extra=1)
+    assert ([p["uri"] for p in keep], [p["uri"] for p in opened]) == (["C"], ["H", "G", "F", "E", "D"])
+    assert fetch == ["t6", "t7", "t8", "t9", "t10", "t11"]  # 1 kept + 3 new packs of t1..t11
