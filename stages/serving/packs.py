@@ -1,11 +1,12 @@
 """Payload packs and the local payload cache of the served model (issue 31, item 3).
 
-- A **pack** is one safetensors file holding the payloads of up to ``PACK_TASKS`` tasks (tensor
-  ``<task>/<key>``; the header's ``recast_pack`` metadata: per task its pinned registry URI,
-  classes, bank sha256 and payload sha256, as in its payload's sidecar). ``stages.serving.build``
-  writes packs as artifacts of the version's run and names them in the model config (URI, sha256,
-  bytes, tasks), so loading T tasks fetches ``ceil(T / PACK_TASKS)`` files (plus at most
-  ``EXTRA_PACKS``), not T payloads. A build reuses the previous version's packs whose tasks are
+- A **pack** is one safetensors file holding the payloads of up to ``PACK_TASKS`` tasks, stacked
+  (``write_pack``: per layer ``coefs.<layer>`` (tasks, K, n), the heads' rows concatenated; a
+  payload that packed tasks cannot hold as ``<task>/<key>``); the header's ``recast_pack``
+  metadata: per task its pinned registry URI, classes, bank sha256 and payload sha256, as in its
+  payload's sidecar. ``stages.serving.build`` writes packs as artifacts of the version's run and
+  names them in the model config (URI, sha256, bytes, tasks, head widths), so loading T tasks
+  fetches ``ceil(T / PACK_TASKS)`` files (plus at most ``EXTRA_PACKS``), not T payloads. A build reuses the previous version's packs whose tasks are
   all served at the same pinned versions: a new task is fetched once, at its build, into a new
   pack; packs below ``PACK_TASKS`` tasks are merged when there are more than ``EXTRA_PACKS`` extra.
 - The **cache** (``PayloadCache``; ``$RECAST_PAYLOAD_CACHE``, default

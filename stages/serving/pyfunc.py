@@ -1,11 +1,14 @@
 """The served model: one backbone's banks plus the registered payloads of its tasks, as an MLflow
 pyfunc model (``RecastServed``), answering mixed-task batches in one ``rc(x, tasks=...)`` forward.
 
-What a logged version holds is its ``model_config`` (JSON), never tensors: the URI of the base
-(backbone + banks + base coefficients, logged ONCE per bank sha256 by ``stages.serving.build``),
-the bank sha256, the input shape, and per task the pinned registry URI of its payload
-(``models:/recast.<arch>.<method>.<task>/<version>``), and the packs holding those payloads
-(``stages.serving.packs``: URI, sha256, tasks). ``load_context`` fetches the packs through the
+What a logged version holds is its config (JSON), never tensors: in the ``model_config``, the
+URI of the base (backbone + banks + base coefficients, logged ONCE per bank sha256 by
+``stages.serving.build``), the bank sha256, the input shape and the sha256 of its per-task tables;
+those tables in the model artifact ``tasks.json`` (not in the ``model_config``, which MLflow keeps
+in memory with the loaded model): per task the pinned registry URI of its payload
+(``models:/recast.<arch>.<method>.<task>/<version>``), its transform, and the packs holding the
+payloads (``stages.serving.packs``: URI, sha256, tasks, head widths). A config passed whole as the
+``model_config`` (tables included) loads too. ``load_context`` fetches the packs through the
 local payload cache (a few files, verified by sha256; a version logged before packs existed is
 read payload by payload), checks every payload's bank sha256 against the served banks before
 loading any, and builds ONE RecastModel whose tasks are packed (``recast.packed``: every task's
