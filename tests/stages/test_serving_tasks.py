@@ -171,3 +171,35 @@ def test_plan_packs_keeps_unchanged_packs_and_bounds_their_number():
     keep, opened, fetch = plan_packs(twelve, small, pack_tasks=4, extra=1)
     assert ([p["uri"] for p in keep], [p["uri"] for p in opened]) == (["C"], ["H", "G", "F", "E", "D"])
     assert fetch == ["t6", "t7", "t8", "t9", "t10", "t11"]  # 1 kept + 3 new packs of t1..t11
+
+
+def _fetch_slowly(root: str, sha: str, data: bytes, log: str) -> int:
+    """One replica reading ``sha`` through the cache at ``root``: its fetch (counted in ``log``)
+    takes 0.5 s, so the two replicas' reads overlap."""
+    import time
+
+    from stages.serving.packs import PayloadCache
+
+    def fetch(directory):
+        with open(log, "a") as out:
+            out.write("fetch\n")
+        time.sleep(0.5)
+        (directory / "pack.safetensors").write_bytes(data)
+        return directory / "pack.safetensors"
+
+    return len(PayloadCache(root).read(sha, fetch, "a pack"))
+
+
+def test_concurrent_replicas_fetch_a_pack_once(tmp_path):
+    import hashlib
+    import multiprocessing
+
+    data = b"pack bytes " * 1000
+    sha = hashlib.sha256(data).hexdigest()
+    log = tmp_path / "fetches.log"
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(2) as pool:
+        sizes = pool.starmap(_fetch_slowly, [(str(tmp_path / "cache"), sha, data, str(log))] * 2)
+    assert sizes == [len(data)] * 2
+    assert log.read_text().splitlines() == ["fetch"]  # the second replica waited on the lock, then read the cache
+    assert [p.name for p in (tmp_path / "cache" / sha[:2]).glob("*.safetensors")] == [f"{sha}.safetensors"]
