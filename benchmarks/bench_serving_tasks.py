@@ -5,7 +5,8 @@ first T tasks (``stages.serving.build``) and load it in a fresh process
 (``mlflow.pyfunc.load_model``), with an empty payload cache; last, the version with one more task,
 loaded on the cache of the largest T (what a replica that served it does).
 
-Per load: seconds, store round trips (``benchmarks.store_calls``: registry and tracking queries,
+Per build: seconds and store round trips (the build fetches each payload that no pack of the
+previous version holds: one artifact download each). Per load: seconds, store round trips (``benchmarks.store_calls``: registry and tracking queries,
 artifact calls and files), payload packs fetched and found in the cache, and the memory check:
 
 - ``model_bytes``: the loading process's resident memory after the load minus before it, both
@@ -43,6 +44,7 @@ import torch
 
 from benchmarks.bench_serving import _uptime, build_store
 from benchmarks.environment import environment
+from benchmarks.store_calls import count_store_calls
 from stages.config.common import REPO_ROOT
 
 BOUND = 1.10  # resident memory over backbone + banks + T x payload bytes
@@ -124,14 +126,17 @@ def main(argv: list[str] | None = None) -> dict:
         warm = None
         steps = [(n, f"cache{n}") for n in counts] + [(max(counts) + 1, f"cache{max(counts)}")]
         for n, cache in steps:
-            start = time.perf_counter()
-            out = build("vit", "recast", root / "pretrain", root / "mimic", 32, tasks=names[:n], data_dir=root / "prepared")
-            build_s = time.perf_counter() - start
+            with count_store_calls() as build_calls:
+                start = time.perf_counter()
+                out = build("vit", "recast", root / "pretrain", root / "mimic", 32, tasks=names[:n],
+                            data_dir=root / "prepared")
+                build_s = time.perf_counter() - start
             warm = warm or out["version"]
             loaded = _load(uri, out["version"], warm, root / cache)
             budget = base + n * payload_file
             packs = out["config"]["packs"]
-            row = {"tasks": n, "build_s": round(build_s, 2), **loaded, "packs": len(packs),
+            row = {"tasks": n, "build_s": round(build_s, 2), "build_store_calls": dict(build_calls), **loaded,
+                   "packs": len(packs),
                    "payload_bytes": payload_file, "payload_numbers_bytes": payload, "base_bytes": base,
                    "budget_bytes": budget, "bound_bytes": int(BOUND * budget),
                    "ratio": round(loaded["model_bytes"] / budget, 3),

@@ -6,7 +6,7 @@
   build finds that run by the tag and references it.
 - The payloads are the registry's (``stages.tracking.payloads``): per task the version an alias
   (default ``current``) points at, pinned by version in the model config. The versions are
-  resolved in pages (two registry searches per 1,000 tasks, ``resolve_versions``), and the
+  resolved in pages (a search per 1,000 registered models, one per 100 tasks: ``resolve_versions``), and the
   payloads are packed (``stages.serving.packs``): a few safetensors files, artifacts of the
   version's run, named in the config with their sha256, which a load fetches through the local
   payload cache. A build reuses the previous version's packs whose tasks are unchanged and fetches
