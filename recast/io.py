@@ -31,7 +31,7 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # its buffer: no copy
     return h.hexdigest()
 
 
@@ -64,10 +64,13 @@ def save_tensors(tensors: dict[str, torch.Tensor], meta: dict, path: str | os.Pa
     return st
 
 
-def write_tensor_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """``path`` as safetensors with the project's header metadata, byte-reproducible: the same
-    tensors always give the same bytes (no temp file: callers write to a temp name and rename)."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=TENSOR_FILE_METADATA)
+def write_tensor_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                      metadata: dict[str, str] | None = None) -> None:
+    """``path`` as safetensors with the project's header metadata (and ``metadata``),
+    byte-reproducible: the same tensors always give the same bytes (no temp file: callers write
+    to a temp name and rename)."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
+              metadata={**(metadata or {}), **TENSOR_FILE_METADATA})
     _sort_metadata(Path(path))
 
 
@@ -144,9 +147,10 @@ def save_payload(rc: RecastModel, task: str, path: str | os.PathLike,
     for k, v in (extra_tensors or {}).items():
         tensors[f"extra.{k}"] = v
     head = rc.task_heads.heads[task] if rc.task_heads is not None and task in rc.task_heads.heads else None
+    packed_head = rc.packed is not None and task in rc.packed and "head.weight" in tensors
     meta = {
         "kind": "recast-payload", "version": FORMAT_VERSION, "task": task,
-        "num_classes": head.out_features if head is not None else None,
+        "num_classes": head.out_features if head is not None else rc.num_classes(task) if packed_head else None,
         "config": _config_dict(rc), "bank_sha256": bank_sha256(rc),
         "payload_sha256": tensors_sha256(tensors),
         "numel": int(sum(t.numel() for t in tensors.values())),

@@ -107,7 +107,7 @@ def module_view(module: nn.Module, tensors: dict[str, torch.Tensor | None]) -> n
 
 
 _CONTAINERS = (dict, set, list)
-_RECAST_ATTRS = ("_bank", "coef_sets", "task", "recast_name", "base_class", "_param_order")
+_RECAST_ATTRS = ("_bank", "_packed", "coef_sets", "task", "recast_name", "base_class", "_param_order")
 
 
 class _RecastLayer(nn.Module):
@@ -141,6 +141,7 @@ class _RecastLayer(nn.Module):
         if bias is not None:  # the layer's own copy (a task that trains biases copies it again)
             self._parameters["bias"] = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         self._bank = [bank]  # a list: a reference that nn.Module does not register
+        self._packed: list = [None]  # the model's PackedTasks (recast.packed), an unregistered reference
         self.coef_sets = coef_sets
         self.coefs = nn.ParameterDict()
         self.task: str | None = None
@@ -165,11 +166,20 @@ class _RecastLayer(nn.Module):
             raise ValueError(f"coefficients for task '{task}' must have shape {expected}, got {tuple(coefs.shape)}")
         self.coefs[task] = nn.Parameter(coefs.detach().clone().to(self.bank.templates))
 
+    def task_coefs(self, task: str) -> torch.Tensor:
+        """The (K, n) coefficients of ``task``: its parameter, or a view into the model's packed
+        tasks (``recast.packed``)."""
+        if task in self.coefs:
+            return self.coefs[task]
+        packed = self._packed[0]
+        if packed is not None and task in packed:
+            return packed.layer_coefs(self.recast_name, task)
+        raise KeyError(f"unknown task '{task}'; known: {list(self.coefs)}"
+                       f"{f' and {len(packed)} packed tasks' if packed is not None else ''}")
+
     def task_weight(self, task: str) -> torch.Tensor:
         """The generated weight of ``task``."""
-        if task not in self.coefs:
-            raise KeyError(f"unknown task '{task}'; known: {list(self.coefs)}")
-        return self.bank.combine(self.coefs[task])
+        return self.bank.combine(self.task_coefs(task))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -229,7 +239,7 @@ class _RecastLayer(nn.Module):
             outs = [self._run(self.task_weight(t), biases[u]["bias"] if biases else bias, r.select(x, u))
                     for u, t in enumerate(r.tasks)]
             return r.regroup(outs)
-        means = torch.stack([self.coefs[t].mean(dim=0) for t in r.tasks])  # (U, n), eq. 2
+        means = torch.stack([self.task_coefs(t).mean(dim=0) for t in r.tasks])  # (U, n), eq. 2
         if strategy == "batched":
             weights = torch.tensordot(means, self.bank.templates, dims=1)  # (U, *weight shape)
             y = self._batched(x, weights, r)

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from recast.adapters.base import AdapterWrapper
@@ -45,6 +46,7 @@ from recast.mixed import (
     routed,
     sort_order,
 )
+from recast.packed import PackedTaskError, PackedTasks
 from recast.targets import LayerKeyFn, Plan, build_plan, template_fan_mode
 from recast.task_state import KINDS, PREFIX, Kind, Live, TaskState
 
@@ -83,15 +85,50 @@ class TaskHeads(nn.Module):
         self.heads = nn.ModuleDict()
         self.task: str | None = None
         self.base_task = base_task
+        self._packed: list[PackedTasks | None] = [None]  # the model's packed tasks, an unregistered reference
 
     def head_of(self, task: str) -> nn.Module:
+        """``task``'s head module (the base task's for a task without one; a new nn.Linear
+        holding a copy of a packed task's head)."""
+        packed = self._packed[0]
+        if task not in self.heads and packed is not None and task in packed:
+            own = packed.head(task)
+            if own is not None:
+                weight, bias = own
+                head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None).to(weight)
+                with torch.no_grad():
+                    head.weight.copy_(weight)
+                    if bias is not None:
+                        head.bias.copy_(bias)
+                return head
         return self.heads[task] if task in self.heads else self.heads[self.base_task]
+
+    def width(self, task: str) -> int | None:
+        """Output width of ``task``'s head (the base head's for a task without one)."""
+        packed = self._packed[0]
+        if task not in self.heads and packed is not None and task in packed:
+            own = packed.head(task)
+            if own is not None:
+                return int(own[0].shape[0])
+        return getattr(self.heads[task] if task in self.heads else self.heads[self.base_task], "out_features", None)
+
+    def run_head(self, task: str, x: torch.Tensor) -> torch.Tensor:
+        """``task``'s head on ``x``: its module, or for a packed task ``F.linear`` on its rows of
+        the packed heads (what ``nn.Linear`` computes with the same values)."""
+        if task in self.heads:
+            return self.heads[task](x)
+        packed = self._packed[0]
+        if packed is not None and task in packed:
+            own = packed.head(task)
+            if own is not None:
+                return F.linear(x, own[0], own[1])
+        return self.heads[self.base_task](x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = route_of(self)
         if r is not None:
             r.check_rows(x, "head")
-            outs = [self.head_of(t)(r.select(x, u)) for u, t in enumerate(r.tasks)]
+            outs = [self.run_head(t, r.select(x, u)) for u, t in enumerate(r.tasks)]
             width = max(o.shape[-1] for o in outs)
             outs = [o if o.shape[-1] == width else
                     torch.cat([o, o.new_full((*o.shape[:-1], width - o.shape[-1]), float("-inf"))], dim=-1)
@@ -99,7 +136,7 @@ class TaskHeads(nn.Module):
             return r.regroup(outs)
         if self.task is None:
             raise RuntimeError("no active task: call RecastModel.set_task(name) first")
-        return self.heads[self.task](x)
+        return self.run_head(self.task, x)
 
 
 def _get_parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -190,6 +227,7 @@ class RecastModel(nn.Module):
             parent, child = _get_parent(model, self.head_name)
             setattr(parent, child, heads)
         self.model = model
+        self.packed: PackedTasks | None = None  # read-only tasks stored compactly (add_packed_tasks)
         self.task_state = TaskState()
         self.tasks: list[str] = [base]
         self.active_task: str | None = None
@@ -270,14 +308,14 @@ class RecastModel(nn.Module):
         if task not in self.tasks:
             raise UnknownTaskError(task, self.tasks)
         heads = self.task_heads
-        head = heads.head_of(task) if heads is not None else None
-        return getattr(head, "out_features", None)
+        return heads.width(task) if heads is not None else None
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         """``task``'s coefficients and head parameters (e.g. to train several tasks in one
         mixed batch: ``p.requires_grad_()`` on those of each task)."""
         if task not in self.tasks:
             raise UnknownTaskError(task, self.tasks)
+        self._refuse_packed(task, "has no parameters to train")
         params = [layer.coefs[task] for _, layer in self.recast_layers()]
         heads = self.task_heads
         if heads is not None and task in heads.heads:
@@ -400,7 +438,7 @@ class RecastModel(nn.Module):
         trainable = self._new_tensor_trainable(task)
         for _, layer in self.recast_layers():
             if init == "copy":
-                layer.add_task(task, layer.coefs[src].detach())
+                layer.add_task(task, layer.task_coefs(src).detach())
             else:
                 layer.add_task(task, random_unit_coefficients(layer.coef_sets, layer.bank.num_templates, generator))
             layer.coefs[task].requires_grad_(trainable)
@@ -427,6 +465,7 @@ class RecastModel(nn.Module):
         """
         if task not in self.tasks:
             raise UnknownTaskError(task, self.tasks)
+        self._refuse_packed(task, "cannot be activated: run it in a mixed forward, rc(x, tasks=[...])")
         if self.active_task is not None and task != self.active_task:
             self.task_state.switch(self.active_task, task, {k: self._live(k) for k in self.task_state.kinds_in_use()})
         for _, layer in self.recast_layers():
@@ -467,6 +506,8 @@ class RecastModel(nn.Module):
         what the task owns: ``bias.<module>``, ``norm.<module>.<param>``, ``bn.<module>.<buffer>``."""
         if task not in self.tasks:
             raise ValueError(f"unknown task '{task}'; known: {self.tasks}")
+        if self.packed is not None and task in self.packed:
+            return self.packed.task_tensors(task)
         out = {f"coefs.{name}": layer.coefs[task].detach() for name, layer in self.recast_layers()}
         heads = self.task_heads
         if heads is not None and task in heads.heads:
@@ -483,8 +524,9 @@ class RecastModel(nn.Module):
 
         Raises:
             ValueError: a key or shape does not fit this model, or the BatchNorm statistics
-                do not match ``RecastConfig.bn_stats``.
+                do not match ``RecastConfig.bn_stats``; ``task`` is a packed task (read-only).
         """
+        self._refuse_packed(task, "is read-only")
         layers = dict(self.recast_layers())
         known = ("coefs.", "head.", *PREFIX.values())
         unknown = sorted(k for k in tensors if not k.startswith(known))
@@ -522,6 +564,77 @@ class RecastModel(nn.Module):
         for kind, values in by_kind.items():
             if values:
                 self.task_state.set_values(task, kind, values, self._live(kind), self.active_task)
+
+    def add_packed_tasks(self, tasks: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Add read-only tasks from ``task_tensors``-style tensors, stored compactly
+        (``recast.packed``): every task's coefficients in one tensor, heads in another, no
+        per-task module or parameter. Their mixed-forward outputs equal those of the same tasks
+        added with ``load_task_tensors``. Tasks packed earlier are packed again with them.
+
+        Raises:
+            ValueError: a name exists already or is not a task name; a key or shape does not fit
+                this model; tensors that packing does not hold (biases, norms, BatchNorm
+                statistics: load those with ``load_task_tensors``), or a head where the model has
+                no classifier (``PackedTaskError``, a ValueError).
+        """
+        layers = self.packed_layers()
+        for task, own in tasks.items():
+            if not isinstance(task, str) or not _TASK_NAME.match(task):
+                raise ValueError(f"task name must match [A-Za-z0-9_-]+, got {task!r}")
+            if task in self.tasks:
+                raise ValueError(f"task '{task}' exists already")
+            coef_keys = {k[len("coefs."):] for k in own if k.startswith("coefs.")}
+            other = sorted(k for k in own if not k.startswith("coefs.") and k not in ("head.weight", "head.bias"))
+            if other:
+                raise PackedTaskError(f"task '{task}' tensors {other[:5]} cannot be packed (packed tasks hold "
+                                      "coefficients and a Linear head): load it with load_task_tensors")
+            if coef_keys != set(layers):
+                missing, extra = sorted(set(layers) - coef_keys), sorted(coef_keys - set(layers))
+                raise ValueError(f"task '{task}' tensors do not fit this model: missing {missing[:5]}, "
+                                 f"unexpected {extra[:5]}")
+            if ("head.weight" in own or "head.bias" in own) and (self.task_heads is None or "head.weight" not in own):
+                raise PackedTaskError(f"task '{task}' has head tensors {sorted(k for k in own if k.startswith('head.'))} "
+                                      "that packing cannot hold (no classifier, or a bias without a weight)")
+        old = self.packed
+        if old is not None:  # pack the earlier packed tasks again with the new ones
+            tasks = {**{t: old.task_tensors(t) for t in old.names}, **tasks}
+        self.attach_packed(PackedTasks.of(tasks, self.packed_layers(), self.num_features, self._like()))
+
+    def packed_layers(self) -> dict[str, tuple[int, int]]:
+        """(K, n) per templated layer, in order: the ``layers`` of a ``PackedTasks`` for this model."""
+        return {name: (layer.coef_sets, layer.bank.num_templates) for name, layer in self.recast_layers()}
+
+    def attach_packed(self, packed: PackedTasks) -> None:
+        """Serve the tasks of ``packed`` (built for this model: ``packed_layers``, ``num_features``,
+        every task written by ``put``), replacing the packed tasks held so far.
+
+        Raises:
+            ValueError: a task it does not fill, a name that is another (unpacked) task of this
+                model, or layers that are not this model's.
+        """
+        if packed.blocks.keys() != self.packed_layers().keys() or any(
+                packed.blocks[n][1:] != kn for n, kn in self.packed_layers().items()):
+            raise PackedTaskError("packed tasks made for other templated layers than this model's")
+        if not bool(packed.filled.all()):
+            missing = [t for t, f in zip(packed.names, packed.filled.tolist()) if not f]
+            raise PackedTaskError(f"packed tasks {missing[:5]} were never written (put)")
+        if packed.head_weight.shape[0] and (self.task_heads is None or packed.head_weight.shape[1] != self.num_features):
+            raise PackedTaskError(f"packed heads of {packed.head_weight.shape[1]} features, this model's classifier "
+                                  f"takes {self.num_features}")
+        previous = set(self.packed.names) if self.packed is not None else set()
+        clash = [t for t in packed.names if t in self.tasks and t not in previous]
+        if clash:
+            raise ValueError(f"tasks {clash[:5]} exist already")
+        self.packed = packed
+        for _, layer in self.recast_layers():
+            layer._packed[0] = packed
+        if self.task_heads is not None:
+            self.task_heads._packed[0] = packed
+        self.tasks = [t for t in self.tasks if t not in previous] + packed.names
+
+    def _refuse_packed(self, task: str, why: str) -> None:
+        if self.packed is not None and task in self.packed:
+            raise PackedTaskError(f"task '{task}' is a packed (read-only) task and {why}")
 
     def _head_fitting(self, task: str, head_sd: dict[str, torch.Tensor]) -> nn.Module | None:
         """``task``'s current head if ``head_sd`` has exactly its keys and shapes."""
@@ -577,9 +690,11 @@ class RecastModel(nn.Module):
         self.reference_weights = {}
 
     def _plain_copy(self, make_plain, task: str) -> nn.Module:
-        memo = {id(b): b for b in self.banks.values()}  # do not deep-copy the banks
+        memo = {id(b): b for b in self.banks.values()}  # do not deep-copy the banks (nor packed tasks)
         for b in self.banks.values():
             memo[id(b.templates)] = b.templates
+        if self.packed is not None:
+            memo[id(self.packed)] = self.packed
         model = copy.deepcopy(self.model, memo)
         unfreeze_batch_norm_stats(model)  # a plain model of the original classes
         unroute_norms(model)
@@ -599,7 +714,7 @@ class RecastModel(nn.Module):
                     getattr(model.get_submodule(path), attr).copy_(value)
         if self.head_name is not None:
             heads = self.task_heads
-            head = heads.heads[task] if task in heads.heads else heads.heads[self.config.base_task]
+            head = heads.head_of(task)
             parent, child = _get_parent(model, self.head_name)
             setattr(parent, child, copy.deepcopy(head))
         for p in model.parameters():

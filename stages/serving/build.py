@@ -5,15 +5,23 @@
   the artifacts of its own run (experiment ``recast-serving``, tag ``bank_sha256``); a later
   build finds that run by the tag and references it.
 - The payloads are the registry's (``stages.tracking.payloads``): per task the version an alias
-  (default ``current``) points at, pinned by version in the model config.
-- The pyfunc model is logged from code (``served.py``: no pickle) with that config, the code of
-  ``recast`` and ``stages`` and a signature, and registered as ``recast-serve.<arch>.<method>``,
-  alias ``current``.
+  (default ``current``) points at, pinned by version in the model config. The versions are
+  resolved in pages (a search per 1,000 registered models, one per 100 tasks: ``resolve_versions``), and the
+  payloads are packed (``stages.serving.packs``): a few safetensors files, artifacts of the
+  version's run, named in the config with their sha256, which a load fetches through the local
+  payload cache. A build reuses the previous version's packs whose tasks are unchanged and fetches
+  only the payloads of new or changed tasks (one artifact download each).
+- The pyfunc model is logged from code (``served.py``: no pickle) with that config (its per-task
+  tables, payloads, transforms and packs, as the model's artifact ``tasks.json``, its sha256 in
+  the ``model_config``), the code of ``recast`` and ``stages`` and a signature, and registered as
+  ``recast-serve.<arch>.<method>``, alias ``current``. The run also logs the whole config as
+  ``serving_config.json``, which the next build compares with.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -29,8 +37,18 @@ from recast.data import read_manifest
 from stages.config.common import stage_logger
 from stages.jobs.backbones import bank_meta, pretrained_meta
 from stages.serving.errors import ServingError
-from stages.serving.pyfunc import BASE_ARTIFACT, DEFAULT_MAX_ROWS, check_bank, describe, payload_files
-from stages.tracking.payloads import list_registered, registry_name
+from stages.serving.inputs import TransformTable
+from stages.serving.packs import PACK_TASKS, PayloadCache, as_tensors, pack_entry, plan_packs, read_pack, write_pack
+from stages.serving.pyfunc import (
+    BASE_ARTIFACT,
+    DEFAULT_MAX_ROWS,
+    TABLES,
+    TASKS_ARTIFACT,
+    describe,
+    payload_files,
+    read_payload_files,
+)
+from stages.tracking.payloads import PAGE_SIZE, list_registered, registry_name, search_all
 from stages.tracking.store import artifact_location, make_client, retry, tracking_uri
 
 # isort: split
@@ -121,39 +139,97 @@ def registered_tasks(arch: str, method: str) -> list[str]:
     return sorted(r["name"][len(prefix):] for r in list_registered(prefix))
 
 
-def payload_uris(arch: str, method: str, tasks: list[str], bank_sha: str, alias: str = "current") -> dict[str, str]:
-    """Per task the pinned URI ``models:/<name>/<version>`` of its ``alias`` version, each
-    checked against ``bank_sha`` (``BankMismatchError``) before anything is logged."""
+NAMES_PER_SEARCH = 100  # registered-model names in one ``name IN (...)`` version search
+
+
+def resolve_versions(arch: str, method: str, tasks: list[str], alias: str = "current",
+                     page_size: int = PAGE_SIZE) -> dict[str, tuple[str, str]]:
+    """Per task (pinned URI ``models:/<name>/<version>`` of its ``alias`` version, that version's
+    source) in a few registry calls, not one per task: the payloads' registered models (their
+    aliases) in pages, then their versions, ``NAMES_PER_SEARCH`` names per search, in pages.
+    A task without the alias is a ServingError naming it."""
     uri = tracking_uri()
     client = make_client(uri)
-    out = {}
-    for task in tasks:
-        name = registry_name(arch, task, method)
-        try:
-            mv = client.get_model_version_by_alias(name, alias)
-        except Exception as err:  # noqa: BLE001 - MlflowException: no such model/alias
-            raise ServingError(f"no payload {name}@{alias} in {uri}: {err}") from None
-        pinned = f"models:/{name}/{mv.version}"
-        with tempfile.TemporaryDirectory() as tmp, _mlflow_store(uri):  # the sidecar only: the bank check
-            local = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=tmp)
-            check_bank(task, payload_files(local), bank_sha, pinned)
-        out[task] = pinned
-    return out
+    prefix = registry_name(arch, "", method)
+
+    def models():
+        return search_all(client.search_registered_models, page_size, filter_string=f"name LIKE '{prefix}%'")
+
+    names = {registry_name(arch, t, method): t for t in tasks}
+    aliases = {rm.name: dict(getattr(rm, "aliases", {}) or {}) for rm in retry(models, uri=uri, what="the payload registry")
+               if rm.name in names}
+    missing = [names[n] for n in names if alias not in aliases.get(n, {})]
+    if missing:
+        raise ServingError(f"no payload {prefix}<task>@{alias} in {uri} for the tasks {missing}: register them "
+                           "(the tune stage) or build without them")
+    want = {n: str(aliases[n][alias]) for n in names}
+    found: dict[str, tuple[str, str]] = {}
+    chunks = [list(names)[i:i + NAMES_PER_SEARCH] for i in range(0, len(names), NAMES_PER_SEARCH)]
+    for chunk in chunks:
+        quoted = ", ".join("'" + n.replace("'", "''") + "'" for n in chunk)
+        versions = retry(lambda q=quoted: search_all(client.search_model_versions, page_size,
+                                                     filter_string=f"name IN ({q})"), uri=uri, what="payload versions")
+        for mv in versions:
+            if mv.name in want and str(mv.version) == want[mv.name]:
+                found[names[mv.name]] = (f"models:/{mv.name}/{mv.version}", str(mv.source))
+    lost = [t for t in tasks if t not in found]
+    if lost:
+        raise ServingError(f"the {alias} versions of the tasks {lost} were not found in {uri}")
+    return {t: found[t] for t in tasks}
 
 
-def _current_if_same(client, name: str, cfg: dict[str, Any]):
-    """The ``current`` version of ``name`` when its logged ``serving_config.json`` equals ``cfg``
-    (same arch, method, base and pinned payload versions), else None."""
+def payload_uris(arch: str, method: str, tasks: list[str], alias: str = "current") -> dict[str, str]:
+    """Per task the pinned URI ``models:/<name>/<version>`` of its ``alias`` version."""
+    return {t: pinned for t, (pinned, _) in resolve_versions(arch, method, tasks, alias).items()}
+
+
+def _download(artifact_uri: str, uri: str, dst: Path) -> Path:
+    """One artifact (file or directory) of the store ``uri`` into ``dst``."""
+    with _mlflow_store(uri):
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst)))
+
+
+def gather_payloads(resolved: dict[str, tuple[str, str]], bank_sha: str, previous: dict[str, Any] | None,
+                    cache: PayloadCache | None = None) -> tuple[list[dict[str, Any]], dict[str, tuple]]:
+    """(the previous version's packs to reference again, task -> pack entry of every other
+    served task): read from the previous version's opened packs (through the payload cache) or
+    downloaded from its version's source (one download each), every payload checked against
+    ``bank_sha`` (``BankMismatchError``) before anything is logged."""
+    uri = tracking_uri()
+    pinned = {t: p for t, (p, _) in resolved.items()}
+    keep, opened, fetch = plan_packs(pinned, previous)
+    covered = {t for p in keep for t in p["tasks"]}
+    cache = cache or PayloadCache()
+    entries: dict[str, tuple] = {}
+    for pack in opened:
+        data = cache.read(pack["sha256"], lambda d, u=pack["uri"]: _download(u, uri, d), pack["uri"])
+        for task, entry in read_pack(data, pack["uri"]).items():
+            if task in pinned and task not in covered and entry[1].get("source") == pinned[task]:
+                entries[task] = (as_tensors(entry[0]), entry[1])
+    for task in fetch:
+        source = resolved[task][1]
+        with tempfile.TemporaryDirectory() as tmp:
+            tensors, meta = read_payload_files(payload_files(_download(source, uri, Path(tmp))))
+        entries[task] = pack_entry(task, tensors, meta, pinned[task], bank_sha)
+    lost = [t for t in pinned if t not in covered and t not in entries]
+    if lost:
+        raise ServingError(f"payloads of the tasks {lost} were neither in a pack nor fetched")
+    return keep, entries
+
+
+def _current(client, name: str) -> tuple[Any, dict[str, Any] | None]:
+    """(the ``current`` version of ``name``, its logged ``serving_config.json``), (None, None)
+    when there is none, or (version, None) for a version logged otherwise."""
     try:
         mv = client.get_model_version_by_alias(name, "current")
     except Exception:  # noqa: BLE001 - MlflowException: no such model or alias yet
-        return None
+        return None, None
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(mv.run_id, "serving_config.json", tmp)
         except Exception:  # noqa: BLE001 - a version logged otherwise: build a new one
-            return None
-        return mv if json.loads(Path(path).read_text()) == cfg else None
+            return mv, None
+        return mv, json.loads(Path(path).read_text())
 
 
 def task_transforms(data_dir: Path, tasks: list[str], image_size: int) -> dict[str, dict[str, Any]]:
@@ -185,30 +261,57 @@ def build(arch: str, method: str, pretrain_dir: Path, mimic_dir: Path, image_siz
     tasks = tasks or registered_tasks(arch, method)
     if not tasks:
         raise ServingError(f"no registered payloads recast.{arch}.{method}.* in {tracking_uri()}: run the tune stage")
+    resolved = resolve_versions(arch, method, tasks, alias)
     cfg = {"arch": arch, "method": method, "base_uri": base, "bank_sha256": bank_sha,
            "image_shape": [channels, image_size, image_size], "max_rows": int(max_rows),
-           "payloads": payload_uris(arch, method, tasks, bank_sha, alias)}
+           "payloads": {t: pinned for t, (pinned, _) in resolved.items()}}
     if data_dir is not None:
         cfg["transforms"] = task_transforms(Path(data_dir), tasks, image_size)
     name = served_name(arch, method)
     uri = tracking_uri()
     client = make_client(uri)
-    same = _current_if_same(client, name, cfg)
-    if same is not None:  # the same banks and payload versions are served already: no new version
-        stage_logger(__name__).info(f"{name} version {same.version} (alias current) already serves this: {describe(cfg)}")
-        return {"name": name, "version": str(same.version), "run_id": same.run_id, "config": cfg,
-                "model_uri": same.source, "unchanged": True}
+    current, current_cfg = _current(client, name)
+    if current_cfg is not None and {k: v for k, v in current_cfg.items() if k != "packs"} == cfg:
+        # the same banks and payload versions are served already: no new version
+        stage_logger(__name__).info(f"{name} version {current.version} (alias current) already serves this: "
+                                    f"{describe(cfg)}")
+        return {"name": name, "version": str(current.version), "run_id": current.run_id, "config": current_cfg,
+                "model_uri": current.source, "unchanged": True}
+    previous = current_cfg if current_cfg and current_cfg.get("bank_sha256") == bank_sha else None
+    keep, entries = gather_payloads(resolved, bank_sha, previous)
     exp = retry(lambda: _experiment_id(client, uri), uri=uri, what="the serving experiment")
-    with _mlflow_store(uri):
+    with _mlflow_store(uri), tempfile.TemporaryDirectory() as tmp:
         with mlflow.start_run(experiment_id=exp, run_name=f"serve.{arch}.{method}",
                               tags={"bank_sha256": bank_sha, "arch": arch, "method": method}) as run:
+            new = [t for t in tasks if t in entries]
+            packs = list(keep)
+            for i in range(0, len(new), PACK_TASKS):
+                chunk = new[i:i + PACK_TASKS]
+                path = Path(tmp) / f"pack{i // PACK_TASKS}.safetensors"
+                sha, stacked, widths = write_pack({t: entries[t] for t in chunk}, path)
+                named = path.rename(path.with_name(f"{sha}.safetensors"))
+                mlflow.log_artifact(str(named), "packs")
+                # widths and the tasks stored alone: the loader lays out the packed tasks from these
+                packs.append({"uri": f"{run.info.artifact_uri}/packs/{named.name}", "sha256": sha,
+                              "bytes": named.stat().st_size, "tasks": chunk, "widths": [widths.get(t, 0) for t in chunk],
+                              "single": [t for t in chunk if t not in widths]})
+            cfg["packs"] = packs
             mlflow.log_dict(cfg, "serving_config.json")
+            # the per-task tables go in a JSON artifact of the model, not in its MLmodel's model_config,
+            # which MLflow keeps in memory for as long as the model is loaded (a kilobyte per task)
+            columns = {"transform_table": TransformTable.columns(cfg["transforms"], tasks)} if "transforms" in cfg else {}
+            tables = json.dumps({**{k: cfg[k] for k in TABLES if k in cfg and k != "transforms"}, **columns}).encode()
+            (Path(tmp) / TASKS_ARTIFACT).write_bytes(tables)
+            small = {**{k: v for k, v in cfg.items() if k not in TABLES}, "tasks": len(tasks),
+                     "tasks_sha256": hashlib.sha256(tables).hexdigest()}
             info = mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("served.py")),
-                                           model_config=cfg, code_paths=[str(REPO / "recast"), str(REPO / "stages")],
+                                           model_config=small, artifacts={"tasks": str(Path(tmp) / TASKS_ARTIFACT)},
+                                           code_paths=[str(REPO / "recast"), str(REPO / "stages")],
                                            signature=SIGNATURE, pip_requirements=REQUIREMENTS)
         mv = mlflow.register_model(info.model_uri, name)
     client.set_registered_model_alias(name, "current", mv.version)
     client.set_model_version_tag(name, mv.version, "tasks", ",".join(tasks))
-    stage_logger(__name__).info(f"registered {name} version {mv.version} (alias current): {describe(cfg)}")
+    stage_logger(__name__).info(f"registered {name} version {mv.version} (alias current): {describe(cfg)}; "
+                                f"{len(entries)} payloads packed anew, {len(keep)} packs of the previous version kept")
     return {"name": name, "version": str(mv.version), "run_id": run.info.run_id, "config": cfg,
             "model_uri": info.model_uri, "unchanged": False}

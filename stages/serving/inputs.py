@@ -25,6 +25,7 @@ import binascii
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -142,3 +143,57 @@ def images_tensor(images: Sequence[object], tasks: Sequence[str], shape: Sequenc
                   transforms: Mapping[str, TaskTransform]) -> torch.Tensor:
     """The ``image`` column as one (rows, *shape) float32 tensor; named errors for bad rows."""
     return torch.stack([row_tensor(v, i, shape, transforms.get(t)) for i, (v, t) in enumerate(zip(images, tasks))])
+
+
+class TransformTable(Mapping):
+    """Per task its ``TaskTransform``, held as arrays with one row per task (means, stds, JPEG
+    sides) instead of an object per task: what a served model of thousands of tasks keeps. A
+    lookup builds the task's ``TaskTransform`` from its row; float64 rows give back the very floats
+    of the config. Built from the config's form, task -> ``{"mean", "std", "jpeg_side"?}``."""
+
+    def __init__(self, transforms: Mapping[str, Mapping], tasks: Sequence[str] | None = None):
+        names = list(tasks) if tasks is not None else list(transforms)
+        names = [t for t in names if t in transforms]
+        lengths = {len(transforms[t]["mean"]) for t in names} | {len(transforms[t]["std"]) for t in names}
+        if len(lengths) > 1:
+            raise ValueError(f"task transforms of different channel counts {sorted(lengths)}")
+        self._set(names, [transforms[t]["mean"] for t in names], [transforms[t]["std"] for t in names],
+                  [transforms[t].get("jpeg_side") for t in names], lengths.pop() if lengths else 0)
+
+    @classmethod
+    def from_columns(cls, tasks: Sequence[str], table: Mapping[str, Sequence]) -> TransformTable:
+        """From ``columns``' form (a model's ``tasks.json``): ``mean`` and ``std`` flat, ``channels``
+        values per task in ``tasks`` order, ``jpeg_side`` one per task (None: raw)."""
+        self = cls.__new__(cls)
+        self._set(list(tasks), table["mean"], table["std"], table["jpeg_side"], int(table["channels"]))
+        return self
+
+    def _set(self, names: list[str], means, stds, sides, width: int) -> None:
+        self._row = {t: i for i, t in enumerate(names)}
+        self._mean = np.asarray(means, dtype=np.float64).reshape(len(names), width)
+        self._std = np.asarray(stds, dtype=np.float64).reshape(len(names), width)
+        if len(sides) != len(names):
+            raise ValueError(f"{len(sides)} JPEG sides for {len(names)} tasks")
+        self._side = np.asarray([-1 if s is None else int(s) for s in sides], dtype=np.int64)
+
+    @staticmethod
+    def columns(transforms: Mapping[str, Mapping], tasks: Sequence[str]) -> dict[str, Any]:
+        """``transforms`` (task -> {"mean", "std", "jpeg_side"?}) of ``tasks`` in columns: a float
+        per JSON number instead of a dict and two lists per task (``from_columns`` reads it)."""
+        lengths = {len(transforms[t]["mean"]) for t in tasks} | {len(transforms[t]["std"]) for t in tasks}
+        if len(lengths) > 1:
+            raise ValueError(f"task transforms of different channel counts {sorted(lengths)}")
+        return {"channels": lengths.pop() if lengths else 0, "mean": [v for t in tasks for v in transforms[t]["mean"]],
+                "std": [v for t in tasks for v in transforms[t]["std"]],
+                "jpeg_side": [transforms[t].get("jpeg_side") for t in tasks]}
+
+    def __getitem__(self, task: str) -> TaskTransform:
+        i = self._row[task]
+        side = int(self._side[i])
+        return TaskTransform(tuple(self._mean[i].tolist()), tuple(self._std[i].tolist()), None if side < 0 else side)
+
+    def __iter__(self):
+        return iter(self._row)
+
+    def __len__(self) -> int:
+        return len(self._row)

@@ -99,7 +99,9 @@ def store(tmp_path_factory):
     'other' made on other banks, prepared tasks a and b; the reference model holds a and b."""
     root = tmp_path_factory.mktemp("serving")
     old = os.environ.get("MLFLOW_TRACKING_URI")
+    old_cache = os.environ.get("RECAST_PAYLOAD_CACHE")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["RECAST_PAYLOAD_CACHE"] = str(root / "payload-cache")  # not the user's ~/.cache
     banks(root, seed=0)
     rc = load_backbone("vit", root / "pretrain", root / "mimic").recast()
     for i, (task, n) in enumerate(CLASSES.items()):
@@ -110,10 +112,11 @@ def store(tmp_path_factory):
     for task in CLASSES:
         prepare(root / "prepared", task)
     yield SimpleNamespace(root=root, rc=rc.eval(), uri=os.environ["MLFLOW_TRACKING_URI"], data=root / "prepared")
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
+    for key, value in (("MLFLOW_TRACKING_URI", old), ("RECAST_PAYLOAD_CACHE", old_cache)):
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
