@@ -410,22 +410,25 @@ class RecastModel(nn.Module):
         one per task), where the batch's tasks have heads of one width (the loop's outputs then
         need no padding, whatever follows the head), and on CPU (where its constants were
         measured: on a GPU a module call costs orders of magnitude more multiply-adds)."""
-        if args[0].device.type != "cpu" or self.training or \
-                any(m.training for m in self.model.modules() if isinstance(m, _BATCH_NORM)):
+        if args[0].device.type != "cpu" or self.training:
             return False
         heads = self.task_heads
-        if heads is not None and len({getattr(heads.head_of(t), "out_features", None) for t in routing.tasks}) > 1:
-            return False
+        if heads is not None:
+            own, base = heads.heads._modules, heads.heads._modules.get(heads.base_task)
+            if len({getattr(own.get(t, base), "out_features", None) for t in routing.tasks}) > 1:
+                return False
         profile = self._profile(args, kwargs, routing)
         if profile is None:
             return False
-        shapes, calls = profile
+        shapes, calls, batch_norms = profile
+        if any(m.training for m in batch_norms):
+            return False
         return pick_model_strategy(shapes, routing.batch, len(routing.tasks), routing.widest, calls) == "loop"
 
-    def _profile(self, args: tuple, kwargs: dict, routing: Routing) -> tuple[list[LayerShape], int] | None:
-        """The templated layers' shapes (per call, in call order) and the module calls of one
+    def _profile(self, args: tuple, kwargs: dict, routing: Routing) -> tuple[list[LayerShape], int, list] | None:
+        """The templated layers' shapes (per call, in call order), the module calls of one
         forward (the leaf modules outside the task heads, plus one head) on rows shaped like
-        ``args[0]``'s; None when the model cannot run one row or its outputs do not have one row
+        ``args[0]``'s, and the model's BatchNorm layers (whose mode ``_loop_pays`` checks); None when the model cannot run one row or its outputs do not have one row
         per input row (then the loop cannot run or put them back). Found by one forward of the
         first row (no gradient), once per row shape, dtype and device, cached on the model (a
         concurrent first call may compute it twice, to the same result)."""
@@ -442,7 +445,8 @@ class RecastModel(nn.Module):
             leaves = torch.utils._pytree.tree_leaves(out) if out is not None else []
             ok = bool(leaves) and all(isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1 for t in leaves)
             calls = 1 + sum(1 for _, m in self._ordinary_modules() if next(iter(m.children()), None) is None)
-            profiles[key] = (shapes, calls) if ok else None
+            batch_norms = [m for m in self.model.modules() if isinstance(m, _BATCH_NORM)]
+            profiles[key] = (shapes, calls, batch_norms) if ok else None
         return profiles[key]
 
     def _ordinary_modules(self) -> Iterator[tuple[str, nn.Module]]:
