@@ -57,7 +57,7 @@ BATCHED_MAX_BYTES = 256 * 2**20  # largest (U, out, in) stack of generated weigh
 GROUP_OVERHEAD_MACS = 1.0e9
 # The model-level choice of "loop" (``loop_costs``), calibrated on the same CPU (2 torch threads,
 # load 3-6) on 2026-12-07 with ViT-S and test_vit, batch 64, U = 8 and 64 (benchmarks/README.md,
-# "Mixed-task batches"): at U = 64 one row per task, ViT-S ran the loop in 1.9x and the batched
+# "The loop strategy", Calibration): at U = 64, one row per task, ViT-S ran the loop in 1.9x and the batched
 # strategy in 2.0x the single-task forward's time. The loop's extra, 4.2 s over 64 forwards of 237
 # module calls, is ~0.28 ms per call and task, ~1.7e7 multiply-adds at the ~60 GMAC/s of ViT-S's
 # templated layers (dispatch, and small operations far below the full batch's rate); the batched
