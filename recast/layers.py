@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recast.mixed import MixedBatchError, Routing, pick_strategy, route_of
+from recast.mixed import LayerShape, MixedBatchError, Routing, pick_strategy, route_of
 
 FanMode = Literal["fan_in", "fan_out"]
 
@@ -230,6 +230,8 @@ class _RecastLayer(nn.Module):
         biases = r.values.get(name)  # per-task biases, where the batch's tasks differ in them
         bias = self._parameters.get("bias")
         strategy = r.strategy
+        if r.shapes is not None:
+            r.shapes.append(self.shape_of(x))
         if not self.shares_products:
             strategy = "grouped"  # the output may not be linear in the weight: task by task
         elif strategy == "auto":
@@ -254,6 +256,14 @@ class _RecastLayer(nn.Module):
     def shares_products(self) -> bool:
         """Whether a mixed batch may mix template products (output linear in the weight)."""
         return self.plain
+
+    def shape_of(self, x: torch.Tensor) -> LayerShape:
+        raise NotImplementedError
+
+    def _pick(self, x: torch.Tensor, r: Routing) -> str:
+        shape = self.shape_of(x)
+        return pick_strategy(x.shape[0], shape.positions, shape.macs, shape.num_templates, len(r.tasks),
+                             shape.out_values, r.widest, weight_bytes=len(r.tasks) * shape.macs * x.element_size())
 
     def to_plain(self, task: str) -> nn.Module:
         """A module of the original class (the templates' dtype) holding ``task``'s generated weight
@@ -285,11 +295,11 @@ class RecastLinear(_RecastLayer):
     def _plain_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight, bias)
 
-    def _pick(self, x: torch.Tensor, r: Routing) -> str:
+    def shape_of(self, x: torch.Tensor) -> LayerShape:
+        """This layer's ``LayerShape`` on input ``x`` (B, ..., in)."""
         positions = x.numel() // max(1, x.shape[0] * self.in_features)
-        macs = self.in_features * self.out_features
-        return pick_strategy(x.shape[0], positions, macs, self.bank.num_templates, len(r.tasks), self.out_features,
-                             r.widest, weight_bytes=len(r.tasks) * macs * x.element_size())
+        return LayerShape(positions, self.in_features * self.out_features, self.bank.num_templates, self.out_features,
+                          self.shares_products, x.element_size())
 
     def _batched(self, x: torch.Tensor, weights: torch.Tensor, r: Routing) -> torch.Tensor:
         """Rows placed per task in a (U, m, ...) tensor, one batched matmul with the U weights."""
@@ -331,13 +341,14 @@ class RecastConv2d(_RecastLayer):
     def shares_products(self) -> bool:
         return self.plain and self.padding_mode == "zeros"
 
-    def _pick(self, x: torch.Tensor, r: Routing) -> str:
+    def shape_of(self, x: torch.Tensor) -> LayerShape:
+        """This layer's ``LayerShape`` on input ``x`` (B, C, H, W)."""
         positions = 1
         for size, k, s, p, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.padding, self.dilation):
             positions *= (size + 2 * p - d * (k - 1) - 1) // s + 1
         macs = self.out_channels * (self.in_channels // self.groups) * math.prod(self.kernel_size)
-        return pick_strategy(x.shape[0], positions, macs, self.bank.num_templates, len(r.tasks), self.out_channels,
-                             r.widest, weight_bytes=len(r.tasks) * macs * x.element_size())
+        return LayerShape(positions, macs, self.bank.num_templates, self.out_channels, self.shares_products,
+                          x.element_size())
 
     def _batched(self, x: torch.Tensor, weights: torch.Tensor, r: Routing) -> torch.Tensor:
         """Rows placed per task in (m, U * C_in, H, W), one convolution with groups = U * groups."""

@@ -16,6 +16,14 @@ batch can be run three ways, picked per layer and batch by ``pick_strategy``:
   product of U * m rows plus the U weight generations; needs the U weights in memory at once
   (``BATCHED_MAX_BYTES``).
 
+Besides these per-layer strategies, the whole forward can run as ``"loop"``: one ordinary
+forward per distinct task on its rows (``RecastModel`` runs each under a single-task routing,
+``Routing.single``), the outputs put back in row order; each row is then bit for bit what
+``set_task`` + forward gives it on its task's rows. ``"auto"`` picks it per batch, before the
+forward, where ``loop_costs`` puts it below the per-layer strategies (many distinct tasks with
+few rows each on a model with large layers: the U generated weights of the batched strategy do
+not stay in cache, while the loop's per-task forwards reuse one weight at a time).
+
 Everything else that differs between the tasks of a batch (heads, per-task biases, norm
 parameters, BatchNorm statistics) is run per group of rows, or gathered per row.
 
@@ -35,8 +43,8 @@ from typing import Literal
 
 import torch
 
-Strategy = Literal["auto", "shared", "grouped", "batched"]
-STRATEGIES: tuple[str, ...] = ("auto", "shared", "grouped", "batched")
+Strategy = Literal["auto", "shared", "grouped", "batched", "loop"]
+STRATEGIES: tuple[str, ...] = ("auto", "shared", "grouped", "batched", "loop")
 BATCHED_MAX_BYTES = 256 * 2**20  # largest (U, out, in) stack of generated weights "batched" builds
 
 # Cost of one task group in a templated layer beyond its multiply-adds (row gather, weight
@@ -47,6 +55,19 @@ BATCHED_MAX_BYTES = 256 * 2**20  # largest (U, out, in) stack of generated weigh
 # products win at 8 and 64 tasks per batch on ViT-S and test_vit layers (as measured) and
 # leaves the grouped strategy to batches of very few tasks.
 GROUP_OVERHEAD_MACS = 1.0e9
+# The model-level choice of "loop" (``loop_costs``), calibrated on the same CPU (2 torch threads,
+# load 3-6) on 2026-12-07 with ViT-S and test_vit, batch 64, U = 8 and 64 (benchmarks/README.md,
+# "The loop strategy", Calibration): at U = 64, one row per task, ViT-S ran the loop in 1.9x and the batched
+# strategy in 2.0x the single-task forward's time. The loop's extra, 4.2 s over 64 forwards of 237
+# module calls, is ~0.28 ms per call and task, ~1.7e7 multiply-adds at the ~60 GMAC/s of ViT-S's
+# templated layers (dispatch, and small operations far below the full batch's rate); the batched
+# strategy's extra, 4.8 s for 64 stacked weights of 19.5 M values (its multiply-adds differ from
+# the single forward's by 1 %), ~235 multiply-adds per stacked value (the U weights do not stay in
+# cache: written once, read back by the batched matmul). Rounded down, these put the loop first
+# at U = 8 and 64 on ViT-S and last on test_vit (as measured; the model puts test_vit's loop at
+# 9x (U = 8) to 28x (U = 64) the batched strategy's cost).
+LOOP_CALL_MACS = 1.5e7
+STACKED_WEIGHT_MACS = 200.0
 
 
 class UnknownTaskError(ValueError):
@@ -75,6 +96,20 @@ class MixedBatchAdapterError(MixedBatchError):
 
     def __reduce__(self):
         return type(self), (self.adapters,)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What the cost models need of one templated layer on an input of one row: ``positions``
+    (L), ``macs`` (P), ``num_templates`` (n), ``out_values`` (see ``layer_costs``) and
+    ``shares_products`` (False: only the grouped strategy applies)."""
+
+    positions: int
+    macs: int
+    num_templates: int
+    out_values: int
+    shares_products: bool = True
+    element_bytes: int = 4
 
 
 def layer_costs(batch_rows: int, positions: int, template_macs: int, num_templates: int,
@@ -106,6 +141,44 @@ def pick_strategy(*args, weight_bytes: int = 0, **kwargs) -> str:
     return min(costs, key=costs.get)
 
 
+def loop_costs(shapes: Sequence[LayerShape], batch_rows: int, distinct_tasks: int, widest_group: int,
+               calls: int) -> dict[str, float]:
+    """Cost of one mixed forward, in multiply-adds of its templated layers: ``"layers"``, each
+    layer with its ``pick_strategy`` choice, and ``"loop"``, one ordinary forward per task.
+
+    Args:
+        shapes: the templated layers of one forward (``LayerShape``, per row of input).
+        batch_rows: B; distinct_tasks: U; widest_group: m (see ``layer_costs``).
+        calls: module calls of one forward (the loop pays them once per task).
+
+    The parts of the network that are not templated cost the same either way and are left out.
+    The loop generates each task's weight once per layer and applies it to the task's rows (the
+    grouped strategy's multiply-adds) and pays ``LOOP_CALL_MACS`` per module call and task; the
+    per-layer strategies pay what ``layer_costs`` says, and the batched strategy in addition
+    ``STACKED_WEIGHT_MACS`` per value of the U weights it holds at once.
+    """
+    layers = 0.0
+    loop = float(distinct_tasks * calls * LOOP_CALL_MACS)
+    for s in shapes:
+        costs = layer_costs(batch_rows, s.positions, s.macs, s.num_templates, distinct_tasks, s.out_values,
+                            widest_group)
+        if not s.shares_products:
+            layers += costs["grouped"]
+        else:
+            if distinct_tasks * s.macs * s.element_bytes > BATCHED_MAX_BYTES:
+                costs.pop("batched")
+            pick = min(costs, key=costs.get)
+            layers += costs[pick] + (distinct_tasks * s.macs * STACKED_WEIGHT_MACS if pick == "batched" else 0.0)
+        loop += distinct_tasks * s.num_templates * s.macs + batch_rows * s.positions * s.macs
+    return {"layers": layers, "loop": loop}
+
+
+def pick_model_strategy(*args, **kwargs) -> str:
+    """``"loop"`` where ``loop_costs`` puts it below the per-layer strategies, else ``"layers"``."""
+    costs = loop_costs(*args, **kwargs)
+    return "loop" if costs["loop"] < costs["layers"] else "layers"
+
+
 @dataclass
 class Routing:
     """Which task each row of a mixed batch belongs to, set on the model's layers for one forward.
@@ -116,13 +189,17 @@ class Routing:
         rows: per distinct task, the (long) indices of its rows.
         inverse: (B,) where each row lands in ``torch.cat`` of the per-task groups.
         slot: (B,) each row's position within its task's group (``"batched"``).
-        strategy: ``"auto"`` (cost model) or a forced ``"shared"``/``"grouped"``.
+        strategy: ``"auto"`` (cost models) or a forced ``"shared"``/``"grouped"``/``"batched"``/
+            ``"loop"``.
         values: per module name, per distinct task, the tensors that differ between the tasks
             (``{"bias": ...}`` of templated layers, affine/statistics of norm layers).
-        picks: the strategy used per templated layer (filled in by the forward).
+        picks: the strategy used per templated layer (filled in by the forward; ``"loop"`` for
+            every layer when the forward ran task by task).
         members: ``id(module) -> name`` of the modules this routing applies to (the model's
             templated layers, task heads and norm layers); another model's modules called
             inside the same forward are not routed by it.
+        shapes: when not None, each templated layer call appends its ``LayerShape`` here (the
+            profile forward of the ``"loop"`` cost model).
     """
 
     tasks: list[str]
@@ -134,6 +211,7 @@ class Routing:
     values: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
     picks: dict[str, str] = field(default_factory=dict)
     members: dict[int, str] = field(default_factory=dict)
+    shapes: list[LayerShape] | None = None
 
     @classmethod
     def build(cls, tasks: Sequence[str], device: torch.device, strategy: str = "auto") -> "Routing":
@@ -149,6 +227,19 @@ class Routing:
             slot[r] = torch.arange(len(r))
         return cls(distinct, index.to(device), [r.to(device) for r in rows], inverse.to(device), slot.to(device),
                    strategy)
+
+    @classmethod
+    def single(cls, task: str, rows: int, device: torch.device, values: dict[str, list[dict[str, torch.Tensor]]],
+               members: dict[int, str], shapes: list[LayerShape] | None = None) -> "Routing":
+        """A batch of ``rows`` rows of one task, run as that task's ordinary forward (each
+        templated layer with the task's generated weight, each norm layer and head with the
+        task's tensors): one step of the ``"loop"`` strategy. ``values``: per module, the
+        task's own tensors (one slot); ``members`` as for the mixed batch."""
+        index = torch.zeros(rows, dtype=torch.long, device=device)
+        order = torch.arange(rows, device=device)
+        r = cls([task], index, [order], order, order, "grouped", values, {}, members, shapes)
+        r.__dict__["_contiguous"] = True
+        return r
 
     @property
     def widest(self) -> int:

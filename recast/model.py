@@ -38,10 +38,12 @@ from recast.layers import (
 )
 from recast.mixed import (
     STRATEGIES,
+    LayerShape,
     MixedBatchAdapterError,
     MixedBatchError,
     Routing,
     UnknownTaskError,
+    pick_model_strategy,
     route_of,
     routed,
     sort_order,
@@ -55,6 +57,30 @@ NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 _BATCH_NORM = nn.modules.batchnorm._BatchNorm
 # (weak reference to the model, routing) of the last mixed forward in this thread / task
 _LAST_ROUTING: ContextVar[tuple[weakref.ref, Routing] | None] = ContextVar("recast_last_routing", default=None)
+
+
+def _gather_rows(outs: list, routing: Routing):
+    """Per-task outputs of the ``"loop"`` strategy (pytrees alike, in ``routing.tasks`` order)
+    as one output in row order; tensors that differ in their last dimension only (heads of
+    different widths) are padded with -inf."""
+    flat = [torch.utils._pytree.tree_flatten(o) for o in outs]
+    spec = flat[0][1]
+    leaves = []
+    for i in range(len(flat[0][0])):
+        group = [f[0][i] if f[1] == spec else None for f in flat]
+        if not all(isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == len(r) for t, r in zip(group, routing.rows)):
+            raise MixedBatchError("mixed_strategy='loop' needs outputs with one row per input row (a tensor, or "
+                                  "tensors in one structure); this model's are not: use another strategy")
+        width = max(t.shape[-1] for t in group)
+        if any(t.shape[1:-1] != group[0].shape[1:-1] or (t.shape[-1] != width and not t.is_floating_point())
+               for t in group):
+            raise MixedBatchError("mixed_strategy='loop': the tasks' outputs differ in shape beyond the last "
+                                  "dimension: use another strategy")
+        group = [t if t.shape[-1] == width else
+                 torch.cat([t, t.new_full((*t.shape[:-1], width - t.shape[-1]), float("-inf"))], dim=-1)
+                 for t in group]
+        leaves.append(routing.regroup(group))
+    return torch.utils._pytree.tree_unflatten(leaves, spec)
 
 
 class HeadDetectionError(ValueError):
@@ -232,7 +258,7 @@ class RecastModel(nn.Module):
         self.tasks: list[str] = [base]
         self.active_task: str | None = None
         self._frozen = False
-        self.mixed_strategy = "auto"  # strategy of templated layers in mixed batches (recast.mixed)
+        self.mixed_strategy = "auto"  # strategy of mixed batches: recast.mixed.STRATEGIES
         route_norms(self.model, NORM_LAYERS, skip=self.head_name)
         if config.bn_stats == "per_task":
             live = self._live("bn_stats")
@@ -275,6 +301,9 @@ class RecastModel(nn.Module):
                 are read from their stores (no gradient: train those with ``set_task``).
                 Only the first positional argument is split by rows (it is sorted by task for
                 the forward, and outputs with its leading dimension are put back in row order).
+                ``mixed_strategy`` (default ``"auto"``) picks how (``recast.mixed``): per
+                templated layer, or ``"loop"``, one ordinary forward per task on its rows
+                (then each row is bit for bit its task's ``set_task`` + forward on those rows).
 
         Raises:
             UnknownTaskError: a name that is not a task (the known ones are listed).
@@ -287,6 +316,8 @@ class RecastModel(nn.Module):
         routing = self._routing(args, tasks)
         if routing is None:
             return self.model(*args, **kwargs)
+        if routing.strategy == "loop" or (routing.strategy == "auto" and self._loop_pays(args, kwargs, routing)):
+            return self._loop(args, kwargs, routing)
         if routing.contiguous:
             with self._mixed(routing):
                 return self.model(*args, **kwargs)
@@ -366,19 +397,95 @@ class RecastModel(nn.Module):
                     slot[attr] = values[key]
         return routing
 
-    @contextlib.contextmanager
-    def _mixed(self, routing: Routing):
-        """Route one forward: the model's templated layers, heads and norm layers read ``routing``
-        from a context-local (``recast.mixed.routed``); no module is modified, so concurrent
-        mixed forwards on this model are each right."""
-        members = routing.members
+    def _members(self, members: dict[int, str]) -> dict[int, str]:
+        """Fill ``members`` (a routing's): ``id -> name`` of the templated layers, task heads and
+        norm layers."""
         for path, m in self.model.named_modules():
             if isinstance(m, RECAST_LAYERS):
                 members[id(m)] = m.recast_name
             elif isinstance(m, (TaskHeads, *NORM_LAYERS)):
                 members[id(m)] = path
+        return members
+
+    @contextlib.contextmanager
+    def _mixed(self, routing: Routing):
+        """Route one forward: the model's templated layers, heads and norm layers read ``routing``
+        from a context-local (``recast.mixed.routed``); no module is modified, so concurrent
+        mixed forwards on this model are each right."""
+        self._members(routing.members)
         with routed(routing):
             yield routing
+
+    def _single_routing(self, routing: Routing, u: int, rows: int, shapes: list | None = None) -> Routing:
+        """The routing of the u-th task of ``routing`` alone, on ``rows`` rows."""
+        values = {module: [slots[u]] for module, slots in routing.values.items()}
+        if not routing.members:
+            self._members(routing.members)
+        return Routing.single(routing.tasks[u], rows, routing.index.device, values, routing.members, shapes)
+
+    def _loop(self, args: tuple, kwargs: dict, routing: Routing):
+        """The ``"loop"`` strategy: one forward per distinct task on its rows (the active task's
+        the ordinary forward, every other one under its own single-task routing, which computes
+        what ``set_task`` + forward computes, without switching anything), the outputs put back
+        in row order. Outputs of narrower heads are padded with -inf on the last dimension, as
+        ``TaskHeads`` pads them in the other strategies."""
+        x = args[0]
+        outs = []
+        for u, task in enumerate(routing.tasks):
+            xu = routing.select(x, u)
+            if task == self.active_task:
+                outs.append(self.model(xu, *args[1:], **kwargs))
+                continue
+            with routed(self._single_routing(routing, u, xu.shape[0])):
+                outs.append(self.model(xu, *args[1:], **kwargs))
+        routing.picks.update({name: "loop" for name, _ in self.recast_layers()})
+        return _gather_rows(outs, routing)
+
+    def _loop_pays(self, args: tuple, kwargs: dict, routing: Routing) -> bool:
+        """``auto``: whether the cost model (``recast.mixed.loop_costs``) puts the ``"loop"``
+        strategy below the per-layer strategies for this batch. Only in eval mode (in train mode
+        BatchNorm batch statistics and dropout would differ between one forward of the batch and
+        one per task), where the batch's tasks have heads of one width (the loop's outputs then
+        need no padding, whatever follows the head), and on CPU (where its constants were
+        measured: on a GPU a module call costs orders of magnitude more multiply-adds)."""
+        if args[0].device.type != "cpu" or self.training:
+            return False
+        heads = self.task_heads
+        if heads is not None:
+            own, base = heads.heads._modules, heads.heads._modules.get(heads.base_task)
+            if len({getattr(own.get(t, base), "out_features", None) for t in routing.tasks}) > 1:
+                return False
+        profile = self._profile(args, kwargs, routing)
+        if profile is None:
+            return False
+        shapes, calls, batch_norms = profile
+        if any(m.training for m in batch_norms):
+            return False
+        return pick_model_strategy(shapes, routing.batch, len(routing.tasks), routing.widest, calls) == "loop"
+
+    def _profile(self, args: tuple, kwargs: dict, routing: Routing) -> tuple[list[LayerShape], int, list] | None:
+        """The templated layers' shapes (per call, in call order), the module calls of one
+        forward (the leaf modules outside the task heads, plus one head) on rows shaped like
+        ``args[0]``'s, and the model's BatchNorm layers (whose mode ``_loop_pays`` checks); None when the model cannot run one row or its outputs do not have one row
+        per input row (then the loop cannot run or put them back). Found by one forward of the
+        first row (no gradient), once per row shape, dtype and device, cached on the model (a
+        concurrent first call may compute it twice, to the same result)."""
+        x = args[0]
+        key = (tuple(x.shape[1:]), x.dtype, str(x.device))
+        profiles = self.__dict__.setdefault("_profiles", {})
+        if key not in profiles:
+            shapes: list[LayerShape] = []
+            try:
+                with torch.no_grad(), routed(self._single_routing(routing, 0, 1, shapes)):
+                    out = self.model(x[:1], *args[1:], **kwargs)
+            except Exception:  # noqa: BLE001 - a model that cannot run one row is never looped
+                out = None
+            leaves = torch.utils._pytree.tree_leaves(out) if out is not None else []
+            ok = bool(leaves) and all(isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1 for t in leaves)
+            calls = 1 + sum(1 for _, m in self._ordinary_modules() if next(iter(m.children()), None) is None)
+            batch_norms = [m for m in self.model.modules() if isinstance(m, _BATCH_NORM)]
+            profiles[key] = (shapes, calls, batch_norms) if ok else None
+        return profiles[key]
 
     def _ordinary_modules(self) -> Iterator[tuple[str, nn.Module]]:
         """(path, module) of the network outside the task heads."""

@@ -135,8 +135,9 @@ def test_bench_multitask_tiny(tmp_path):
     assert {"date", "load_avg_1_5_15", "threads"} <= set(results["environment"])
     rows = {r["T"]: r for r in results["rows"]}
     assert set(rows) == {1, 3, 8} and "seconds" not in rows[8]  # T=8: memory only
-    assert set(rows[3]["seconds"]) == {"single", "mixed", "shared", "grouped", "batched", "task_by_task", "peft"}
+    assert set(rows[3]["seconds"]) == {"single", "mixed", "shared", "grouped", "batched", "loop", "task_by_task", "peft"}
     assert rows[3]["distinct_per_batch"] == 3 and set(rows[3]["picks"]) <= {"batched", "grouped", "shared"} and rows[3]["picks"]
+    assert rows[3]["fastest_forced"] in ("shared", "grouped", "batched", "loop") and rows[3]["auto_vs_fastest"] > 0
     assert rows[1]["picks"] == []  # one task: the ordinary forward
     for r in rows.values():
         m = r["memory"]

@@ -165,7 +165,7 @@ def _grads(rc, params):
     return {k: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for k, p in params.items()}
 
 
-@pytest.mark.parametrize("strategy", ["shared", "grouped", "batched"])
+@pytest.mark.parametrize("strategy", ["shared", "grouped", "batched", "loop"])
 @pytest.mark.parametrize("arch", ["vit", "resnet"])
 def test_mixed_batch_gives_each_task_its_own_gradients(request, arch, strategy):
     """One mixed batch == each task's rows alone (single-task forward on the sub-batch, summed

@@ -48,14 +48,16 @@ def _concurrent(rc, per_thread):
     return results
 
 
+@pytest.mark.parametrize("strategy", ["auto", "loop"])
 @pytest.mark.parametrize("arch", ["vit", "resnet"])
-def test_concurrent_mixed_forwards_are_each_bit_identical_to_alone(request, arch):
+def test_concurrent_mixed_forwards_are_each_bit_identical_to_alone(request, arch, strategy):
     if arch == "vit":
         rc = _vit(request.getfixturevalue("tiny_vit"), "recast_att_mlp")
     else:
         rc = _resnet(request.getfixturevalue("tiny_resnet"), bn_stats="per_task")
     # per-task biases and norms (and BatchNorm statistics): every kind of routed tensor
     rc = _with_tasks(rc, train_biases=True, train_norms=True).eval()
+    rc.mixed_strategy = strategy  # "loop": one single-task routing per task, each thread its own
     per_thread = [_requests(100 + k, CALLS) for k in range(THREADS)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one intra-op thread per forward (the same for alone and concurrent)
@@ -69,6 +71,11 @@ def test_concurrent_mixed_forwards_are_each_bit_identical_to_alone(request, arch
     finally:
         torch.set_num_threads(threads)
     assert rc.active_task == "a"  # nothing switched
+    if strategy == "loop":  # the calls did run the loop
+        x, tasks = next(r for reqs in per_thread for r in reqs if len(set(r[1]) - {"a"}) >= 2)
+        with torch.no_grad():
+            rc(x, tasks=tasks)
+        assert set(rc.last_routing.picks.values()) == {"loop"}
 
 
 def test_last_routing_is_per_thread(tiny_vit):
