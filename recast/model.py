@@ -451,10 +451,8 @@ class RecastModel(nn.Module):
         if args[0].device.type != "cpu" or self.training:
             return False
         heads = self.task_heads
-        if heads is not None:
-            own, base = heads.heads._modules, heads.heads._modules.get(heads.base_task)
-            if len({getattr(own.get(t, base), "out_features", None) for t in routing.tasks}) > 1:
-                return False
+        if heads is not None and len({heads.width(t) for t in routing.tasks}) > 1:  # packed tasks' heads too
+            return False
         profile = self._profile(args, kwargs, routing)
         if profile is None:
             return False

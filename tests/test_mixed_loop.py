@@ -162,3 +162,33 @@ def _perturb_all(rc):
         for _, layer in rc.recast_layers():
             for p in layer.coefs.values():
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def test_auto_reads_packed_tasks_head_widths():
+    """A served model's tasks are packed (no head module each): ``auto`` must see their widths,
+    looping where they are one width and not where they differ, with rows equal to the ones of
+    the same tasks added one by one."""
+    base = _token_rc(512)
+    g = torch.Generator().manual_seed(5)
+
+    def payload(classes):
+        own = {f"coefs.{n}": torch.randn(layer.coef_sets, layer.bank.num_templates, generator=g)
+               for n, layer in base.recast_layers()}
+        return {**own, "head.weight": torch.randn(classes, 512, generator=g) * 0.1,
+                "head.bias": torch.randn(classes, generator=g) * 0.1}
+
+    x = torch.randn(4, 16, 512, generator=torch.Generator().manual_seed(6))
+    for widths, looped in (((5, 5, 5, 5), True), ((5, 7, 5, 7), False)):
+        payloads = {f"p{i}": payload(w) for i, w in enumerate(widths)}
+        packed, one_by_one = _token_rc(512), _token_rc(512)
+        packed.add_packed_tasks(payloads)
+        for t, own in payloads.items():
+            one_by_one.load_task_tensors(t, own, num_classes=own["head.weight"].shape[0])
+        rows = list(payloads)
+        with torch.no_grad():
+            got = packed(x, tasks=rows)
+            picks = dict(packed.last_routing.picks)  # the calling thread's last mixed forward
+            want = one_by_one(x, tasks=rows)
+        assert ("loop" in picks.values()) is looped, (widths, picks)
+        assert picks == dict(one_by_one.last_routing.picks)
+        assert torch.equal(torch.isinf(got), torch.isinf(want)) and (got - want).abs().nan_to_num().max() <= 1e-5

@@ -50,7 +50,7 @@ def models():
     return one_by_one, packed, payloads
 
 
-@pytest.mark.parametrize("strategy", ["auto", "shared", "grouped", "batched"])
+@pytest.mark.parametrize("strategy", ["auto", "shared", "grouped", "batched", "loop"])
 def test_packed_mixed_forward_is_bit_identical_to_tasks_added_one_by_one(models, strategy):
     one_by_one, packed, payloads = models
     g = torch.Generator().manual_seed(1)
