@@ -292,6 +292,13 @@ def compare(args) -> dict:
             m = r[key]
             print(f"| {r['tasks']} | {key} | {m['rows_per_s']} | {m['rows_per_s_repeats']} | {m['p50_ms']} | {m['p99_ms']} | {m['errors']} | "
                   f"{m['wrong_rows']} | {r['uptime_before'].split('load average: ')[-1]} |")
+    failed = [f"T={r['tasks']} {key}: {r[key]['errors']} errors, {r[key]['wrong_rows']} wrong rows"
+              for r in results["runs"] for key in ("mlflow", "ray_cross_task", "ray_multiplexed")
+              if r[key]["errors"] or r[key]["wrong_rows"]]
+    if failed:  # no ratio of a server that did not answer right
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
+        raise SystemExit("bench_serving --compare: " + "; ".join(failed))
     if max(counts) in by_t:
         top = by_t[max(counts)]
         results["ratios"] = {"cross_vs_multiplexed": round(top["ray_cross_task"]["rows_per_s"] / top["ray_multiplexed"]["rows_per_s"], 2),

@@ -36,9 +36,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from benchmarks.concurrent import released_together
-from recast.io import load_payload
 from stages.jobs.backbones import load_backbone
-from stages.serving.pyfunc import payload_files
 
 MODEL_ID_HEADER = "serve_multiplexed_model_id"
 
@@ -61,12 +59,12 @@ class RecastMultiplexed:
 
     @serve.multiplexed(max_num_models_per_replica=8)
     async def get_model(self, task: str):
-        import mlflow
-
         self.loads += 1
         rc = load_backbone(self.cfg["arch"], self.base / "pretrain", self.base / "mimic").recast()
-        stem = payload_files(mlflow.artifacts.download_artifacts(artifact_uri=self.cfg["payloads"][task]))
-        load_payload(rc, stem, task=task)
+        # the task's tensors as the served version loaded them (its packs, already in this replica:
+        # no download per model load, so multiplexing pays only for building a model per task id)
+        own = self.served.rc.task_tensors(task)
+        rc.load_task_tensors(task, own, num_classes=self.served.rc.num_classes(task))
         rc.set_task(task)
         return rc.eval()
 
