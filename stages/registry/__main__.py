@@ -34,7 +34,7 @@ from mlflow.entities.model_registry import ModelVersion
 
 from recast.io import save_tensors, tensors_sha256
 from recast.machine import machine_record
-from stages.config.common import REPO_ROOT, read_params, resolve
+from stages.config.common import DEFAULT_PARAMS, read_params, resolve
 from stages.jobs.inputs import InputStore, backbone_bundle, banks_bundle, task_bundle
 from stages.jobs.results import JOB_SPEC_ARTIFACT, payload_sidecar
 from stages.jobs.train import dispatch
@@ -153,7 +153,7 @@ def experiment_link(name: str | None = None) -> str:
     Raises:
         LookupError: the store holds no such experiment.
     """
-    name = name or read_params(REPO_ROOT / "params.yaml")["runtime"]["experiment"]
+    name = name or read_params(DEFAULT_PARAMS)["runtime"]["experiment"]
     exp = make_client().get_experiment_by_name(name)
     if exp is None:
         raise LookupError(f"no MLflow experiment named {name!r} in {tracking_uri()}: run the pipeline first")
